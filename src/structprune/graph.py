@@ -1,0 +1,293 @@
+"""Prunable groups of coupled channels, and the surgery that removes them.
+
+This is the only module that knows about Torch-Pruning. It turns Torch-Pruning's
+DependencyGraph into plain data that the rest of structprune can read:
+
+* a :class:`Group` is a set of channels that must be removed together (for a residual stream,
+  every conv that writes into it and every layer that reads it);
+* its *producers* are the Conv/Linear layers whose outputs are those channels;
+* its *consumers* are the Conv/Linear layers that read them, each with the index map from a
+  group channel to the consumer's input features (one feature for a conv, ``H*W`` features for a
+  Linear after a Flatten), and the eval-mode scale of a BatchNorm directly after it.
+
+:meth:`PruningGraph.apply` writes optional replacement consumer weights for the kept channels and
+then removes the others for real (Torch-Pruning rewrites every coupled layer), so the pruned model
+is smaller and faster, not masked.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from .errors import StructPruneError
+
+_LINEAR_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+@dataclass
+class Producer:
+    """A layer whose outputs are the group's channels; ``channel_index[c]`` are its output rows for channel c."""
+
+    name: str
+    module: nn.Module
+    channel_index: Tensor  # (channels, rows_per_channel)
+
+
+@dataclass
+class Consumer:
+    """A Conv2d (groups=1) or Linear that reads the group's channels.
+
+    ``channel_index[c]`` are the consumer's input features fed by group channel c: one per channel
+    for a conv, ``H*W`` for a Linear after a Flatten. ``output_scale`` is γ/σ of a BatchNorm that
+    directly follows the consumer (ones when there is none), so that f includes that BatchNorm.
+    """
+
+    name: str
+    module: nn.Module
+    channel_index: Tensor  # (channels, features_per_channel)
+    output_scale: Tensor
+
+    @property
+    def kind(self) -> str:
+        return "conv" if isinstance(self.module, nn.Conv2d) else "linear"
+
+    def canonical_weight(self) -> Tensor:
+        """The weight as (out, channels, taps): taps are kernel positions (conv) or features (linear)."""
+        weight = self.module.weight.detach()
+        if self.kind == "conv":
+            kept = weight[:, self.channel_index[:, 0]]
+            return kept.reshape(weight.shape[0], kept.shape[1], -1)
+        columns = weight[:, self.channel_index.reshape(-1)]
+        return columns.reshape(weight.shape[0], *self.channel_index.shape)
+
+    def write_weight(self, channel_idx: Tensor, canonical: Tensor) -> None:
+        """Write ``canonical`` (out, len(channel_idx), taps) into the columns of ``channel_idx``."""
+        weight = self.module.weight
+        with torch.no_grad():
+            if self.kind == "conv":
+                cols = self.channel_index[channel_idx, 0]
+                weight[:, cols] = canonical.reshape(weight.shape[0], len(cols), *weight.shape[2:]).to(weight)
+            else:
+                cols = self.channel_index[channel_idx].reshape(-1)
+                weight[:, cols] = canonical.reshape(weight.shape[0], -1).to(weight)
+
+
+@dataclass
+class Group:
+    """Channels that must be pruned together, resolved against the model as it is now."""
+
+    name: str  # name of the root layer, the first producer Torch-Pruning found
+    channels: int
+    producers: list[Producer]
+    consumers: list[Consumer]
+    root: nn.Module = field(repr=False)
+    root_fn: object = field(repr=False)
+
+
+class PruningGraph:
+    """Groups of a model, shallow to deep, and physical removal of channels.
+
+    Parameters
+    ----------
+    model: the model to prune; it is modified in place by :meth:`apply`.
+    example_inputs: a batch the model accepts (a tensor, a tuple of tensors or a dict of kwargs).
+    ignored_layers: layers whose outputs must never lose channels, in addition to the output layers,
+        which are found automatically (no group containing them is offered).
+    """
+
+    def __init__(self, model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Module] = ()):
+        self.model = model
+        self.example_inputs = example_inputs
+        self._names = {module: name for name, module in model.named_modules()}
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.enable_grad():
+                self.dg = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
+        except Exception as exc:  # the user's forward, not ours: report it as bad input
+            raise StructPruneError(f"example_inputs: the model's forward pass failed on them ({exc})") from exc
+        finally:
+            model.train(was_training)
+        self.output_layers = self._find_output_layers()
+        ignored = list(ignored_layers) + self.output_layers
+        order = self._execution_order()
+        roots = []
+        for tp_group in self.dg.get_all_groups(ignored_layers=ignored, root_module_types=_LINEAR_LAYERS):
+            producers = [item.dep.target.module for item in tp_group if self._is_out(item)]
+            position = min(order.get(m, len(order)) for m in producers)
+            roots.append((position, tp_group[0].dep.target.module, tp_group[0].dep.handler))
+        roots.sort(key=lambda r: r[0])
+        self._roots = [(module, fn) for _, module, fn in roots]
+        self.skipped: list[tuple[str, str]] = []  # (group, reason)
+
+    # -- discovery -----------------------------------------------------------------------------
+
+    def groups(self) -> Iterator[Group]:
+        """Yield each prunable group, shallow to deep, resolved at the moment it is reached.
+
+        Resolving lazily matters: pruning one group shifts indices that later groups see (for
+        instance behind a concatenation), so a group is read off the model as it is when its turn comes.
+        Groups that cannot be pruned are skipped with a warning that names the layer.
+        """
+        for root, root_fn in self._roots:
+            group = self._resolve(root, root_fn)
+            if group is not None:
+                yield group
+
+    def all_groups(self) -> list[Group]:
+        """All prunable groups of the model as it is now (no pruning in between)."""
+        return list(self.groups())
+
+    def __len__(self) -> int:
+        return len(self._roots)
+
+    def _resolve(self, root: nn.Module, root_fn) -> Group | None:
+        pruner = self.dg.get_pruner_of_module(root)
+        channels = pruner.get_out_channels(root)
+        name = self._names.get(root, "?")
+        tp_group = self.dg.get_pruning_group(root, root_fn, list(range(channels)))
+        producers, consumers = [], []
+        for item in tp_group:
+            module = item.dep.target.module
+            if not isinstance(module, nn.Module):
+                continue
+            index = _channel_index(item.idxs, item.root_idxs, channels)
+            if index is None:
+                return self._skip(name, f"layer {self._names.get(module, module)} maps channels unevenly")
+            if self._is_out(item):
+                if isinstance(module, _LINEAR_LAYERS):
+                    producers.append(Producer(self._names[module], module, index))
+            elif self.dg.is_in_channel_pruning_fn(item.dep.handler):
+                if _is_pass_through(module):
+                    continue
+                if not (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)):
+                    return self._skip(name, f"consumer {self._names.get(module, module)} "
+                                            f"({type(module).__name__}) is not a Linear or an ungrouped Conv2d")
+                consumers.append(Consumer(self._names[module], module, index, self._output_scale(module)))
+        if not consumers:
+            return self._skip(name, "no Linear/Conv2d reads these channels")
+        return Group(name, channels, producers, consumers, root, root_fn)
+
+    def _skip(self, name: str, reason: str) -> None:
+        if (name, reason) not in self.skipped:
+            self.skipped.append((name, reason))
+            warnings.warn(f"structprune: group {name} is not pruned: {reason}", stacklevel=3)
+        return None
+
+    def _is_out(self, item) -> bool:
+        return self.dg.is_out_channel_pruning_fn(item.dep.handler)
+
+    def _output_scale(self, consumer: nn.Module) -> Tensor:
+        """γ/σ of a BatchNorm that reads the consumer's output directly, else ones."""
+        out_features = consumer.weight.shape[0]
+        node = self.dg.module2node.get(consumer)
+        for nxt in node.outputs if node is not None else []:
+            bn = nxt.module
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats:
+                scale = torch.rsqrt(bn.running_var.detach() + bn.eps)
+                if bn.weight is not None:
+                    scale = scale * bn.weight.detach()
+                return scale
+        return torch.ones(out_features, device=consumer.weight.device)
+
+    def _find_output_layers(self) -> list[nn.Module]:
+        """Conv/Linear layers whose outputs reach the model's output without passing another Conv/Linear."""
+        found = []
+        for module, node in self.dg.module2node.items():
+            if not isinstance(module, _LINEAR_LAYERS):
+                continue
+            stack, seen = list(node.outputs), set()
+            while stack:
+                nxt = stack.pop()
+                if id(nxt) in seen:
+                    continue
+                seen.add(id(nxt))
+                if isinstance(nxt.module, _LINEAR_LAYERS):
+                    continue
+                if not nxt.outputs:
+                    found.append(module)
+                    break
+                stack.extend(nxt.outputs)
+            if not node.outputs:
+                found.append(module)
+        return list(dict.fromkeys(found))
+
+    def _execution_order(self) -> dict[nn.Module, int]:
+        order: dict[nn.Module, int] = {}
+
+        def record(module: nn.Module, _inputs) -> None:
+            order.setdefault(module, len(order))
+
+        hooks = [m.register_forward_pre_hook(record) for m in self.model.modules() if isinstance(m, _LINEAR_LAYERS)]
+        try:
+            with torch.no_grad():
+                _forward(self.model, self.example_inputs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return order
+
+    # -- surgery -------------------------------------------------------------------------------
+
+    def apply(self, group: Group, keep_idx: Tensor, consumer_weights: dict[str, Tensor] | None = None) -> None:
+        """Keep ``keep_idx`` of ``group`` and physically remove every other channel.
+
+        ``consumer_weights`` maps a consumer name to its new canonical weight (out, len(keep_idx),
+        taps) for the kept channels (PFP's reweighting, least-squares refits).
+        """
+        keep_idx = torch.as_tensor(keep_idx, dtype=torch.long).cpu()
+        by_name = {c.name: c for c in group.consumers}
+        for name, weight in (consumer_weights or {}).items():
+            if name not in by_name:
+                raise StructPruneError(f"consumer_weights: {name!r} is not a consumer of group {group.name}")
+            by_name[name].write_weight(keep_idx, weight)
+        mask = torch.ones(group.channels, dtype=torch.bool)
+        mask[keep_idx] = False
+        prune_idx = mask.nonzero().flatten().tolist()
+        if not prune_idx:
+            return
+        tp_group = self.dg.get_pruning_group(group.root, group.root_fn, prune_idx)
+        tp_group.prune()
+
+    def history(self) -> list:
+        """Torch-Pruning's record of every removal, enough to replay the surgery on a fresh model."""
+        return [list(entry) for entry in self.dg.pruning_history()]
+
+    def replay(self, history: list) -> None:
+        """Redo recorded removals (see :meth:`history`) on this graph's model."""
+        self.dg.load_pruning_history([list(entry) for entry in history])
+
+
+def _forward(model: nn.Module, example_inputs):
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def _is_pass_through(module: nn.Module) -> bool:
+    """Layers that carry channels through one-to-one (their own parameters are pruned with the group)."""
+    if isinstance(module, nn.Conv2d):
+        return module.groups == module.in_channels == module.out_channels and module.groups > 1
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.PReLU,
+                               nn.modules.instancenorm._InstanceNorm))
+
+
+def _channel_index(idxs: Sequence[int], root_idxs: Sequence[int], channels: int) -> Tensor | None:
+    """(channels, k) table of a layer's indices per group channel; None if channels map to unequal counts."""
+    per_channel: list[list[int]] = [[] for _ in range(channels)]
+    for idx, root in zip(idxs, root_idxs, strict=False):
+        if root is None or root >= channels:
+            return None
+        per_channel[root].append(idx)
+    width = len(per_channel[0])
+    if width == 0 or any(len(p) != width for p in per_channel):
+        return None
+    return torch.tensor([sorted(p) for p in per_channel], dtype=torch.long)

@@ -1,0 +1,61 @@
+"""Size and speed of a model: parameters, MACs (Torch-Pruning's counter), latency, accuracy."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from .capture import batch_inputs
+from .graph import _forward
+
+
+def count(model: nn.Module, example_inputs) -> dict[str, int]:
+    """{"params": ..., "macs": ...} for one forward pass on ``example_inputs``."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    finally:
+        model.train(was_training)
+    return {"params": int(params), "macs": int(macs)}
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader: Iterable, device=None) -> float:
+    """Top-1 accuracy (%) over a loader of (inputs, targets)."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        for inputs, targets in loader:
+            logits = model(inputs.to(device))
+            correct += int((logits.argmax(dim=1) == targets.to(device)).sum())
+            total += len(targets)
+    finally:
+        model.train(was_training)
+    return 100.0 * correct / max(total, 1)
+
+
+@torch.no_grad()
+def latency(model: nn.Module, example_inputs, repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall time of one forward pass, in milliseconds."""
+    model.eval()
+    inputs = batch_inputs(example_inputs)
+    times = []
+    for i in range(warmup + repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        _forward(model, inputs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    times.sort()
+    return 1000.0 * times[len(times) // 2]

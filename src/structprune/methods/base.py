@@ -1,0 +1,108 @@
+"""The method contract: what a pruning method sees (a :class:`GroupView`) and returns (a :class:`Selection`).
+
+A method looks at one group at a time and never touches the model. Every consumer of the group is
+presented as a linear map on *rows*: one row per calibration sample and output position, holding,
+for each group channel, the values the consumer multiplies by its weights there (the kernel taps of
+a conv patch, or the ``H*W`` features a Linear reads after a Flatten). With ``Z`` the rows
+(M, C, K) and ``W`` the canonical weight (O, C, K), the consumer's output is
+``f(Z) = scale * (einsum('mck,ock->mo', Z, W) + bias)``, where ``scale`` is γ/σ of a BatchNorm
+directly after the consumer. Restricting f to a channel subset S means zeroing the other channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ConsumerView:
+    """One consumer of a group: its calibration inputs and its weights, read-only."""
+
+    name: str
+    inputs: Tensor  # (rows, channels, taps): the hidden representation as this consumer reads it
+    weight: Tensor  # (out, channels, taps)
+    bias: Tensor | None  # (out,)
+    output_scale: Tensor  # (out,)
+
+    def output(self, channel_idx: Tensor | None = None, weight: Tensor | None = None,
+               rows: slice = slice(None)) -> Tensor:
+        """f restricted to ``channel_idx`` (all channels when None), optionally with replacement weights.
+
+        ``weight`` has shape (out, len(channel_idx), taps). Output shape: (rows, out).
+        """
+        inputs = self.inputs[rows]
+        w = self.weight if weight is None else weight
+        if channel_idx is not None:
+            inputs = inputs[:, channel_idx]
+            if weight is None:
+                w = w[:, channel_idx]
+        out = torch.einsum("mck,ock->mo", inputs, w)
+        if self.bias is not None:
+            out = out + self.bias
+        return out * self.output_scale
+
+
+@dataclass(frozen=True)
+class ProducerView:
+    """A layer whose outputs are the group's channels: ``weight[c]`` is channel c's filter, flattened."""
+
+    name: str
+    module: nn.Module
+    weight: Tensor  # (channels, fan_in)
+
+
+@dataclass(frozen=True)
+class GroupView:
+    """Everything a method may read about one group, nothing it may mutate."""
+
+    name: str
+    channels: int
+    consumers: tuple[ConsumerView, ...]
+    producers: tuple[ProducerView, ...]
+    seed: int = 0
+
+    @property
+    def activation(self) -> Tensor:
+        """Aggregate activation of each channel: the sum of its hidden values over rows and taps, all consumers."""
+        return sum(c.inputs.sum(dim=(0, 2)) for c in self.consumers)
+
+    def generator(self) -> torch.Generator:
+        """A CPU generator seeded from the run's seed and the group's name, so selections are reproducible."""
+        gen = torch.Generator()
+        gen.manual_seed((self.seed * 1_000_003 + sum(map(ord, self.name)) * 7919) % (2**63))
+        return gen
+
+
+@dataclass
+class Selection:
+    """What a method chooses for a group.
+
+    keep_idx: sorted channel indices to keep, ``len == keep``.
+    consumer_weights: optional replacement canonical weights (out, keep, taps) per consumer name.
+    stats: per-group numbers for the report (residuals, bounds, iterations, ...).
+    """
+
+    keep_idx: Tensor
+    consumer_weights: dict[str, Tensor] | None = None
+    stats: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class Method(Protocol):
+    name: str
+    #: calibration samples used when the caller does not say (the paper's default for the method)
+    calib_samples: int
+    #: whether the method reads ``GroupView`` inputs; weight-only methods still get them for the report
+    data_informed: bool
+
+    def select(self, group: GroupView, keep: int) -> Selection: ...
+
+
+def top_k_sorted(scores: Tensor, k: int) -> Tensor:
+    """Indices of the k largest scores, ties broken by the lower index, returned in increasing order."""
+    order = torch.argsort(scores.double(), descending=True, stable=True)[:k]
+    return torch.sort(order).values
