@@ -106,17 +106,18 @@ class PruningGraph:
         self.example_inputs = example_inputs
         self._names = {module: name for name, module in model.named_modules()}
         was_training = model.training
-        model.eval()
+        model.eval()  # tracing must not update BatchNorm statistics (nor fail on a batch of one)
         try:
             with torch.enable_grad():
                 self.dg = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
+            order = self._execution_order()
         except Exception as exc:  # the user's forward, not ours: report it as bad input
-            raise StructPruneError(f"example_inputs: the model's forward pass failed on them ({exc})") from exc
+            raise StructPruneError(f"example_inputs: the model's forward pass failed on them "
+                                   f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
         finally:
             model.train(was_training)
         self.output_layers = self._find_output_layers()
         ignored = list(ignored_layers) + self.output_layers
-        order = self._execution_order()
         roots = []
         for tp_group in self.dg.get_all_groups(ignored_layers=ignored, root_module_types=_LINEAR_LAYERS):
             producers = [item.dep.target.module for item in tp_group if self._is_out(item)]
