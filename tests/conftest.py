@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
+import struct
+
 import pytest
 import torch
 from torch import nn
@@ -49,3 +52,24 @@ def calibration(shape, samples: int = 48, batch: int = 16, seed: int = 0) -> lis
 def tiny_mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def write_idx(path, array_bytes: bytes, dims: list[int]) -> None:
+    header = bytes([0, 0, 0x08, len(dims)]) + b"".join(struct.pack(">I", d) for d in dims)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array_bytes)
+
+
+@pytest.fixture
+def fmnist_dir(tmp_path):
+    """A 64-image Fashion-MNIST look-alike in the IDX format, so the CLI's real reader is exercised."""
+    root = tmp_path / "fmnist"
+    root.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    for split, n in (("train", 64), ("t10k", 32)):
+        labels = torch.randint(0, 10, (n,), generator=gen, dtype=torch.uint8)
+        images = (torch.rand(n, 28, 28, generator=gen) * 60).to(torch.uint8)
+        images += (labels * 19).to(torch.uint8)[:, None, None]  # class-dependent brightness: learnable
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", images.numpy().tobytes(), [n, 28, 28])
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", labels.numpy().tobytes(), [n])
+    return root

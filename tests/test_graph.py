@@ -1,0 +1,129 @@
+"""Groups, consumers and surgery on the layer patterns structprune must handle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import structprune
+from structprune.capture import capture
+from structprune.graph import PruningGraph
+from structprune.methods.base import Selection
+
+
+def groups_of(model, shape):
+    graph = PruningGraph(model.eval(), torch.randn(1, *shape))
+    return graph, {g.name: g for g in graph.all_groups()}
+
+
+def test_output_layer_is_never_a_group_and_first_layer_keeps_its_inputs():
+    model = structprune.models.create("lenet5")
+    graph, groups = groups_of(model, (1, 28, 28))
+    assert list(groups) == ["conv1", "conv2", "fc1", "fc2"]  # shallow to deep, no fc3
+    assert [graph._names[m] for m in graph.output_layers] == ["fc3"]
+    result = structprune.prune(model, [torch.randn(8, 1, 28, 28)], ratio=0.25, progress=False)
+    assert result.model.conv1.in_channels == 1
+    assert result.model.fc3.out_features == 10
+
+
+def test_conv_flatten_linear_maps_each_channel_to_its_spatial_features():
+    model = structprune.models.create("lenet5")
+    _, groups = groups_of(model, (1, 28, 28))
+    (fc1,) = groups["conv2"].consumers
+    assert fc1.name == "fc1" and fc1.channel_index.shape == (16, 25)
+    assert torch.equal(fc1.channel_index[3], torch.arange(75, 100))
+
+
+def test_residual_stream_couples_every_writer_and_reader():
+    model = structprune.models.create("resnet20", in_channels=1)
+    _, groups = groups_of(model, (1, 16, 16))
+    stem = groups["conv1"]
+    producers = {p.name for p in stem.producers}
+    consumers = {c.name for c in stem.consumers}
+    assert producers == {"conv1", "layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2"}
+    assert consumers == {"layer1.0.conv1", "layer1.1.conv1", "layer1.2.conv1", "layer2.0.conv1",
+                         "layer2.0.shortcut.0"}
+    stage2 = groups["layer2.0.shortcut.0"]  # a 1x1 shortcut conv writes into the stream
+    assert "layer2.0.shortcut.0" in {p.name for p in stage2.producers}
+
+
+def test_bottleneck_and_depthwise_groups():
+    bottleneck = structprune.models.create("resnet_cifar", depth=11, block="bottleneck", in_channels=1)
+    _, groups = groups_of(bottleneck, (1, 16, 16))
+    assert [c.name for c in groups["layer1.0.conv2"].consumers] == ["layer1.0.conv3"]
+    mobilenet = structprune.models.create("mobilenetv2", width_mult=0.25, in_channels=1)
+    _, groups = groups_of(mobilenet, (1, 16, 16))
+    expand = next(g for g in groups.values() if "features.4.block.0" in {p.name for p in g.producers})
+    # the depthwise conv carries the channels through; the 1x1 projection is the only consumer
+    assert {p.name for p in expand.producers} == {"features.4.block.0", "features.4.block.3"}
+    assert [c.name for c in expand.consumers] == ["features.4.block.6"]
+    result = structprune.prune(mobilenet, [torch.randn(8, 1, 16, 16)], ratio=0.5, progress=False)
+    dw = result.model.features[4].block[3]
+    assert dw.groups == dw.in_channels == dw.out_channels == expand.channels // 2
+
+
+def test_captured_rows_reproduce_the_consumer_output_including_batchnorm():
+    model = nn.Sequential(nn.Conv2d(2, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 4, 3, stride=2, padding=1),
+                          nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3)).eval()
+    with torch.no_grad():
+        model[3].running_var.uniform_(0.5, 2.0)
+        model[3].weight.uniform_(0.5, 2.0)
+    x = torch.randn(6, 2, 10, 10)
+    graph, groups = groups_of(model, (2, 10, 10))
+    view = capture(model, groups["0"], [x], memory_bytes=2**30)  # room for every position
+    (consumer,) = view.consumers
+    hidden = model[1](model[0](x))
+    conv_out = model[2](hidden) * model[3].weight[None, :, None, None] \
+        / torch.sqrt(model[3].running_var + model[3].eps)[None, :, None, None]
+    expected = conv_out.permute(0, 2, 3, 1).reshape(-1, 4)
+    assert torch.allclose(consumer.output(), expected, atol=1e-5)
+
+
+def test_capture_memory_bound_subsamples_positions():
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1), nn.Flatten(),
+                          nn.Linear(4 * 12 * 12, 2)).eval()
+    x = torch.randn(10, 1, 12, 12)
+    _, groups = groups_of(model, (1, 12, 12))
+    view = capture(model, groups["0"], [x], memory_bytes=4 * 8 * 9 * 50)  # 50 rows' worth
+    assert view.consumers[0].inputs.shape == (50, 8, 9)  # 5 positions from each of 10 samples
+
+
+def test_apply_writes_replacement_consumer_weights_for_the_kept_channels():
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)).eval()
+    original = model[2].weight.detach().clone()
+    graph, groups = groups_of(model, (6,))
+    group = groups["0"]
+    keep = torch.tensor([1, 3])
+    new = torch.full((2, 2, 1), 7.0)
+    graph.apply(group, keep, {"2": new})
+    assert model[0].out_features == 2 and model[2].in_features == 2
+    assert torch.equal(model[2].weight, torch.full((2, 2), 7.0))
+    assert not torch.equal(original[:, keep], model[2].weight)
+
+
+def test_pfp_rand_reweights_by_counts_over_draws_times_probability():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 4)).eval()
+    calib = [torch.randn(64, 10)]
+    result = structprune.prune(model, calib, method="pfp-rand", ratio=0.5, progress=False)
+    (layer,) = result.layers
+    assert layer["draws"] >= layer["kept"]
+    kept_rows = [next(i for i in range(20) if torch.equal(model[0].weight[i], row))
+                 for row in result.model[0].weight]
+    factors = result.model[2].weight / model[2].weight[:, kept_rows]
+    assert torch.allclose(factors, factors[0:1].expand_as(factors), atol=1e-5)  # one factor per column
+    assert (factors > 0).all()
+    assert not torch.allclose(factors, torch.ones_like(factors))
+
+
+def test_selection_contract_is_enforced():
+    class Broken:
+        name, calib_samples, data_informed = "broken", 8, False
+
+        def select(self, group, keep):
+            return Selection(keep_idx=torch.arange(keep + 1))
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    with pytest.raises(RuntimeError, match="expected 3 indices"):
+        structprune.prune(model, [torch.randn(8, 4)], method=Broken(), ratio=0.5, progress=False)
