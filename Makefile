@@ -1,0 +1,44 @@
+# Set-up on a fresh machine is two commands: `make demo` and `make test` (see README.md).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+FMNIST := /usr/share/datasets/fashion-mnist
+DEMO   := runs/demo
+
+.PHONY: install demo test lint clean-demo
+
+install: $(VENV)/.installed
+
+# torch is installed first, pinned: the CPU wheel of 2.13.0 is on disk here, and an unpinned torch
+# would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	@test -f $(FMNIST)/train-images-idx3-ubyte.gz || { \
+	  echo "installing Debian's dataset-fashion-mnist"; \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null || \
+	  { echo "could not install dataset-fashion-mnist (needs root and Debian's registry)"; exit 1; }; }
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+# Train LeNet-5 on Fashion-MNIST (3 epochs, ~15 s), prune it to half its channels with i-SpaSP, PFP
+# and magnitude, and print dense vs pruned accuracy, params, MACs and latency.
+demo: install
+	@mkdir -p $(DEMO)
+	@test -f $(DEMO)/lenet5.pt || $(VENV)/bin/structprune train --model lenet5 --epochs 3 --out $(DEMO)/lenet5.pt
+	@for m in ispasp pfp magnitude; do \
+	  test -f $(DEMO)/lenet5-$$m.pt || $(VENV)/bin/structprune prune $(DEMO)/lenet5.pt --method $$m --ratio 0.5 \
+	    --out $(DEMO)/lenet5-$$m.pt || exit 1; \
+	done
+	@echo; echo "LeNet-5 on Fashion-MNIST, every group pruned to 50% of its channels (no fine-tuning):"
+	@$(VENV)/bin/structprune eval $(DEMO)/lenet5.pt $(DEMO)/lenet5-ispasp.pt $(DEMO)/lenet5-pfp.pt \
+	  $(DEMO)/lenet5-magnitude.pt --json $(DEMO)/table.json --force
+	@echo "reports: $(DEMO)/*.json (rerun from scratch: make clean-demo demo)"
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check src tests
+
+clean-demo:
+	rm -rf $(DEMO)
