@@ -133,7 +133,8 @@ def prune(
     before = count(pruned, example_inputs)
 
     layers = []
-    bar = tqdm(total=len(graph), desc=f"pruning ({method.name})", unit="group", disable=None if progress else True)
+    bar = tqdm(total=len(graph), desc=f"pruning ({method.name})", unit="group",
+               disable=None if progress else True)  # None: shown on a terminal only
     for group in graph.groups():
         keep = keep_count(group.channels, ratio)
         entry = {"group": group.name, "channels": group.channels, "kept": keep,

@@ -41,7 +41,8 @@ def train(model: nn.Module, loader: Iterable, epochs: int, lr: float = 0.05, mom
     model.train()
     for epoch in range(epochs):
         total, batches = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=None if progress else True, leave=False)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
+                   disable=None if progress else True)  # None: shown on a terminal only
         for inputs, targets in bar:
             optimizer.zero_grad(set_to_none=True)
             loss = criterion(model(inputs.to(device)), targets.to(device))
