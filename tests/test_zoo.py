@@ -109,3 +109,17 @@ def test_same_seed_gives_the_same_selection(method):
     for a, b in zip(runs[0].model.state_dict().values(), runs[1].model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert [layer["kept"] for layer in runs[0].layers] == [layer["kept"] for layer in runs[1].layers]
+
+
+def test_pruning_a_pruned_model_again_saves_and_loads(tmp_path):
+    model, shape = make_zoo_model("resnet20")
+    first = structprune.prune(model, calibration(shape), method="ispasp", ratio=0.75, progress=False)
+    second = structprune.prune(first.model, calibration(shape), method="pfp", ratio=0.75, progress=False)
+    assert second.after["params"] < first.after["params"] < first.before["params"]
+    path = tmp_path / "twice.pt"
+    structprune.save(second, path)
+    loaded = structprune.load(path)
+    x = torch.randn(2, *shape)
+    assert torch.equal(loaded(x), second.model(x))
+    assert len(loaded.structprune_history) == len(second.model.structprune_history) > \
+        len(first.model.structprune_history) > 0

@@ -150,6 +150,7 @@ def prune(
             entry["relative_residual"] = 0.0
         layers.append(entry)
         bar.update(1)
+    bar.update(len(graph) - bar.n)  # groups skipped with a warning count as done
     bar.close()
 
     after = count(pruned, example_inputs)
