@@ -127,3 +127,21 @@ def test_selection_contract_is_enforced():
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
     with pytest.raises(RuntimeError, match="expected 3 indices"):
         structprune.prune(model, [torch.randn(8, 4)], method=Broken(), ratio=0.5, progress=False)
+
+
+def test_groups_touching_a_grouped_conv_are_skipped_with_a_warning_and_the_rest_pruned():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2),
+                          nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 8 * 8, 3))
+    x = torch.randn(8, 1, 8, 8)
+    with pytest.warns(UserWarning) as record:
+        result = structprune.prune(model, [x], ratio=0.5, progress=False)
+    messages = sorted(str(w.message) for w in record)
+    assert messages == [
+        "structprune: group 0 is not pruned: consumer 2 (Conv2d) is not a Linear or an ungrouped Conv2d",
+        "structprune: group 2 is not pruned: producer 2 is a grouped Conv2d (groups=2)",
+    ]
+    assert [s["group"] for s in result.skipped] == ["0", "2"]
+    assert [layer["group"] for layer in result.layers] == ["4"]
+    assert result.model[2].weight.shape == model[2].weight.shape  # the grouped conv is untouched
+    assert result.model[4].out_channels == 3 and result.model(x).shape == (8, 3)

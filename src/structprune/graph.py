@@ -162,6 +162,10 @@ class PruningGraph:
             if index is None:
                 return self._skip(name, f"layer {self._names.get(module, module)} maps channels unevenly")
             if self._is_out(item):
+                if isinstance(module, nn.Conv2d) and module.groups > 1 and not _is_pass_through(module):
+                    # removing outputs of a grouped conv would move channels across its groups
+                    return self._skip(name, f"producer {self._names[module]} is a grouped Conv2d "
+                                            f"(groups={module.groups})")
                 if isinstance(module, _LINEAR_LAYERS):
                     producers.append(Producer(self._names[module], module, index))
             elif self.dg.is_in_channel_pruning_fn(item.dep.handler):
