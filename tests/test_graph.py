@@ -21,7 +21,7 @@ def test_output_layer_is_never_a_group_and_first_layer_keeps_its_inputs():
     model = structprune.models.create("lenet5")
     graph, groups = groups_of(model, (1, 28, 28))
     assert list(groups) == ["conv1", "conv2", "fc1", "fc2"]  # shallow to deep, no fc3
-    assert [graph._names[m] for m in graph.output_layers] == ["fc3"]
+    assert [graph.name_of(m) for m in graph.output_layers] == ["fc3"]
     result = structprune.prune(model, [torch.randn(8, 1, 28, 28)], ratio=0.25, progress=False)
     assert result.model.conv1.in_channels == 1
     assert result.model.fc3.out_features == 10

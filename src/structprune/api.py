@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import methods as method_registry
-from .capture import DEFAULT_MEMORY_BYTES, _take, batch_size, capture, materialize
+from .capture import DEFAULT_MEMORY_BYTES, batch_size, capture, materialize, take_samples
 from .errors import StructPruneError
 from .graph import PruningGraph
 from .measure import count
@@ -128,7 +128,7 @@ def prune(
     torch.manual_seed(seed)
     batches = materialize(calib_loader, calib_samples or method.calib_samples, device)
     if example_inputs is None:
-        example_inputs = _take(batches[0], 1, device)
+        example_inputs = take_samples(batches[0], 1, device)
     graph = PruningGraph(pruned, example_inputs, [pruned.get_submodule(n) for n in ignored_names])
     before = count(pruned, example_inputs)
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import StructPruneError
-from .graph import Consumer, Group, _forward
+from .graph import Consumer, Group, run_forward
 from .methods.base import ConsumerView, GroupView, ProducerView
 
 DEFAULT_MEMORY_BYTES = 256 * 2**20
@@ -45,12 +45,12 @@ def batch_size(inputs) -> int:
     return inputs.shape[0]
 
 
-def _take(inputs, n: int, device):
-    """The first n samples of a batch, on ``device``."""
+def take_samples(inputs, n: int, device):
+    """The first n samples of a batch (tensor, tuple or dict of tensors), on ``device``."""
     if isinstance(inputs, dict):
-        return {k: _take(v, n, device) for k, v in inputs.items()}
+        return {k: take_samples(v, n, device) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_take(v, n, device) for v in inputs)
+        return type(inputs)(take_samples(v, n, device) for v in inputs)
     if isinstance(inputs, Tensor):
         return inputs[:n].to(device)
     return inputs
@@ -68,7 +68,7 @@ def materialize(calib_loader: Iterable, max_samples: int, device) -> list:
         n = min(batch_size(inputs), max_samples - seen)
         if n <= 0:
             break
-        batches.append(_take(inputs, n, device))
+        batches.append(take_samples(inputs, n, device))
         seen += n
         if seen >= max_samples:
             break
@@ -146,7 +146,7 @@ def capture(model: nn.Module, group: Group, batches: list, memory_bytes: int = D
     try:
         with torch.no_grad():
             for inputs in batches:
-                _forward(model, inputs)
+                run_forward(model, inputs)
     finally:
         model.train(was_training)
         for hook in hooks:

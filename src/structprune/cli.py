@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import inspect
 import json
 import sys
 import time
@@ -207,12 +206,9 @@ def cmd_train(args) -> int:
         raise StructPruneError(f"--epochs must be >= 0, got {args.epochs}")
     device = _device(args.device)
     channels, height, _ = data.shape(args.data)
-    kwargs = {}
-    factory_options = inspect.signature(models._REGISTRY[args.model]).parameters
-    if "input_size" in factory_options:
-        kwargs["input_size"] = height
+    kwargs = {"input_size": height} if models.accepts(args.model, "input_size") else {}
     if args.width_mult is not None:
-        if "width_mult" not in factory_options:
+        if not models.accepts(args.model, "width_mult"):
             raise StructPruneError(f"--width-mult: model {args.model} has no width multiplier")
         kwargs["width_mult"] = args.width_mult
     model = models.create(args.model, num_classes=data.classes(args.data), in_channels=channels, **kwargs).to(device)
@@ -315,8 +311,7 @@ def cmd_info(args) -> int:
         title = args.checkpoint
     else:
         channels, height, _ = data.shape(args.data)
-        kwargs = {"input_size": height} if "input_size" in inspect.signature(models._REGISTRY[args.model]).parameters \
-            else {}
+        kwargs = {"input_size": height} if models.accepts(args.model, "input_size") else {}
         model = models.create(args.model, num_classes=data.classes(args.data), in_channels=channels, **kwargs)
         example = _example(args.data)
         title = f"{args.model} (fresh, {args.data} inputs)"
@@ -329,7 +324,7 @@ def cmd_info(args) -> int:
     for i, group in enumerate(groups):
         print(f"| {i} | {group.name} | {group.channels} | {', '.join(p.name for p in group.producers)} | "
               f"{', '.join(c.name for c in group.consumers)} |")
-    outputs = ", ".join(graph._names[m] for m in graph.output_layers)
+    outputs = ", ".join(graph.name_of(m) for m in graph.output_layers)
     print(f"output layers (never pruned): {outputs}")
     for name, reason in graph.skipped:
         print(f"skipped: {name}: {reason}")

@@ -148,6 +148,9 @@ class PruningGraph:
     def __len__(self) -> int:
         return len(self._roots)
 
+    def name_of(self, module: nn.Module) -> str:
+        return self._names.get(module, type(module).__name__)
+
     def _resolve(self, root: nn.Module, root_fn) -> Group | None:
         pruner = self.dg.get_pruner_of_module(root)
         channels = pruner.get_out_channels(root)
@@ -232,7 +235,7 @@ class PruningGraph:
         hooks = [m.register_forward_pre_hook(record) for m in self.model.modules() if isinstance(m, _LINEAR_LAYERS)]
         try:
             with torch.no_grad():
-                _forward(self.model, self.example_inputs)
+                run_forward(self.model, self.example_inputs)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -269,7 +272,8 @@ class PruningGraph:
         self.dg.load_pruning_history([list(entry) for entry in history])
 
 
-def _forward(model: nn.Module, example_inputs):
+def run_forward(model: nn.Module, example_inputs):
+    """Call ``model`` on a tensor, a tuple of positional inputs or a dict of keyword inputs."""
     if isinstance(example_inputs, dict):
         return model(**example_inputs)
     if isinstance(example_inputs, (tuple, list)):

@@ -10,7 +10,7 @@ import torch_pruning as tp
 from torch import nn
 
 from .capture import batch_inputs
-from .graph import _forward
+from .graph import run_forward
 
 
 def count(model: nn.Module, example_inputs) -> dict[str, int]:
@@ -52,7 +52,7 @@ def latency(model: nn.Module, example_inputs, repeats: int = 20, warmup: int = 3
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         start = time.perf_counter()
-        _forward(model, inputs)
+        run_forward(model, inputs)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         if i >= warmup:

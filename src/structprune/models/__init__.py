@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from torch import nn
@@ -27,6 +28,13 @@ def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn
 
 def available() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def accepts(name: str, option: str) -> bool:
+    """Whether zoo model ``name`` takes the keyword ``option`` (e.g. "width_mult", "input_size")."""
+    if name not in _REGISTRY:
+        raise StructPruneError(f"model must be one of {', '.join(available())}; got {name!r}")
+    return option in inspect.signature(_REGISTRY[name]).parameters
 
 
 def create(name: str, num_classes: int = 10, in_channels: int = 1, **kwargs) -> nn.Module:
