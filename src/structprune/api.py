@@ -125,7 +125,6 @@ def prune(
     ignored_names = [_layer_name(layer, names) for layer in ignored_layers]
     pruned = copy.deepcopy(model).eval()
     device = next(pruned.parameters(), torch.empty(0)).device
-    torch.manual_seed(seed)
     batches = materialize(calib_loader, calib_samples or method.calib_samples, device)
     if example_inputs is None:
         example_inputs = take_samples(batches[0], 1, device)
