@@ -187,6 +187,14 @@ def _example(args_data: str) -> torch.Tensor:
     return torch.zeros(1, *data.shape(args_data))
 
 
+def _zoo_model(name: str, dataset: str, **kwargs):
+    """A fresh zoo model shaped for ``dataset``'s images and classes."""
+    channels, height, _ = data.shape(dataset)
+    if models.accepts(name, "input_size"):
+        kwargs["input_size"] = height
+    return models.create(name, num_classes=data.classes(dataset), in_channels=channels, **kwargs)
+
+
 def _check_fits(model, args, example: torch.Tensor) -> None:
     """The model must accept the data's images and have as many outputs as it has classes."""
     try:
@@ -205,13 +213,12 @@ def cmd_train(args) -> int:
     if args.epochs < 0:
         raise StructPruneError(f"--epochs must be >= 0, got {args.epochs}")
     device = _device(args.device)
-    channels, height, _ = data.shape(args.data)
-    kwargs = {"input_size": height} if models.accepts(args.model, "input_size") else {}
+    kwargs = {}
     if args.width_mult is not None:
         if not models.accepts(args.model, "width_mult"):
             raise StructPruneError(f"--width-mult: model {args.model} has no width multiplier")
         kwargs["width_mult"] = args.width_mult
-    model = models.create(args.model, num_classes=data.classes(args.data), in_channels=channels, **kwargs).to(device)
+    model = _zoo_model(args.model, args.data, **kwargs).to(device)
     train_loader = _loader(args, "train", shuffle=True, limit=args.limit)
     test_loader = _loader(args, "test")
     example = _example(args.data)
@@ -242,11 +249,10 @@ def cmd_prune(args) -> int:
     example = _example(args.data)
     _check_fits(model, args, example)
     options = dict(args.option)
-    method_options = methods.options(args.method)
-    unknown = sorted(set(options) - set(method_options))
-    if unknown:
-        raise StructPruneError(f"--option: method {args.method} has no option {', '.join(unknown)}; "
-                               f"its options are: {', '.join(method_options) or 'none'}")
+    try:  # validate the options before any data is read
+        methods.get(args.method, **options)
+    except StructPruneError as exc:
+        raise StructPruneError(f"--option: {exc}") from None
     calib = _loader(args, "train")
     test_loader = None if args.no_eval else _loader(args, "test", limit=args.limit)
     dense_accuracy = None if test_loader is None else measure.accuracy(model, test_loader, device)
@@ -310,9 +316,7 @@ def cmd_info(args) -> int:
             raise StructPruneError(f"{args.checkpoint} does not record its input shape")
         title = args.checkpoint
     else:
-        channels, height, _ = data.shape(args.data)
-        kwargs = {"input_size": height} if models.accepts(args.model, "input_size") else {}
-        model = models.create(args.model, num_classes=data.classes(args.data), in_channels=channels, **kwargs)
+        model = _zoo_model(args.model, args.data)
         example = _example(args.data)
         title = f"{args.model} (fresh, {args.data} inputs)"
     graph = PruningGraph(model, example)

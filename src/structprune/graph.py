@@ -154,7 +154,7 @@ class PruningGraph:
     def _resolve(self, root: nn.Module, root_fn) -> Group | None:
         pruner = self.dg.get_pruner_of_module(root)
         channels = pruner.get_out_channels(root)
-        name = self._names.get(root, "?")
+        name = self.name_of(root)
         tp_group = self.dg.get_pruning_group(root, root_fn, list(range(channels)))
         producers, consumers = [], []
         for item in tp_group:
@@ -163,21 +163,21 @@ class PruningGraph:
                 continue
             index = _channel_index(item.idxs, item.root_idxs, channels)
             if index is None:
-                return self._skip(name, f"layer {self._names.get(module, module)} maps channels unevenly")
+                return self._skip(name, f"layer {self.name_of(module)} maps channels unevenly")
             if self._is_out(item):
                 if isinstance(module, nn.Conv2d) and module.groups > 1 and not _is_pass_through(module):
                     # removing outputs of a grouped conv would move channels across its groups
-                    return self._skip(name, f"producer {self._names[module]} is a grouped Conv2d "
+                    return self._skip(name, f"producer {self.name_of(module)} is a grouped Conv2d "
                                             f"(groups={module.groups})")
                 if isinstance(module, _LINEAR_LAYERS):
-                    producers.append(Producer(self._names[module], module, index))
+                    producers.append(Producer(self.name_of(module), module, index))
             elif self.dg.is_in_channel_pruning_fn(item.dep.handler):
                 if _is_pass_through(module):
                     continue
                 if not (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)):
-                    return self._skip(name, f"consumer {self._names.get(module, module)} "
+                    return self._skip(name, f"consumer {self.name_of(module)} "
                                             f"({type(module).__name__}) is not a Linear or an ungrouped Conv2d")
-                consumers.append(Consumer(self._names[module], module, index, self._output_scale(module)))
+                consumers.append(Consumer(self.name_of(module), module, index, self._output_scale(module)))
         if not consumers:
             return self._skip(name, "no Linear/Conv2d reads these channels")
         return Group(name, channels, producers, consumers, root, root_fn)

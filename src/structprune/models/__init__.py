@@ -32,9 +32,13 @@ def available() -> list[str]:
 
 def accepts(name: str, option: str) -> bool:
     """Whether zoo model ``name`` takes the keyword ``option`` (e.g. "width_mult", "input_size")."""
+    return option in inspect.signature(_factory(name)).parameters
+
+
+def _factory(name: str) -> Callable[..., nn.Module]:
     if name not in _REGISTRY:
         raise StructPruneError(f"model must be one of {', '.join(available())}; got {name!r}")
-    return option in inspect.signature(_REGISTRY[name]).parameters
+    return _REGISTRY[name]
 
 
 def create(name: str, num_classes: int = 10, in_channels: int = 1, **kwargs) -> nn.Module:
@@ -50,14 +54,13 @@ def create(name: str, num_classes: int = 10, in_channels: int = 1, **kwargs) -> 
     in_channels: channels of the input images (1 for Fashion-MNIST, 3 for CIFAR).
     kwargs: family-specific options (``width_mult``, ``input_size``, ...).
     """
-    if name not in _REGISTRY:
-        raise StructPruneError(f"model must be one of {', '.join(available())}; got {name!r}")
+    factory = _factory(name)
     if num_classes < 1:
         raise StructPruneError(f"num_classes must be >= 1, got {num_classes}")
     if in_channels < 1:
         raise StructPruneError(f"in_channels must be >= 1, got {in_channels}")
     try:
-        model = _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+        model = factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
     except TypeError as exc:
         raise StructPruneError(f"model {name!r} does not accept these options: {exc}") from None
     model.structprune_arch = {
