@@ -48,7 +48,7 @@ def main() -> None:
                 net.load_state_dict(model.state_dict())
                 torch.cuda.synchronize()
                 start = time.perf_counter()
-                results[device] = structprune.prune(net, calib, method=method, ratio=args.ratio, progress=False)
+                results[device] = structprune.prune(net, calib, method=method, budget=args.ratio, progress=False)
                 torch.cuda.synchronize()
                 results[device].wall = time.perf_counter() - start
             cpu, cuda = results["cpu"], results["cuda"]

@@ -28,7 +28,7 @@ def test_train_prune_eval_info(tmp_path, capsys, fmnist_dir):
         assert all(0 <= layer["relative_residual"] for layer in report["layers"])
         assert structprune.load(pruned).conv2.out_channels == 8
     out = capsys.readouterr().out
-    assert "ispasp at ratio 0.5" in out
+    assert "ispasp (oneshot): params" in out
 
     table = tmp_path / "table.json"
     assert main(["eval", str(dense), str(tmp_path / "ispasp.pt"), "--data-dir", str(fmnist_dir),

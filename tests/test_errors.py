@@ -22,7 +22,7 @@ CALIB = [torch.randn(8, 4)]
 @pytest.mark.parametrize("ratio", [0, -0.5, 1.5, float("nan"), "half", True])
 def test_ratio_outside_unit_interval(ratio):
     with pytest.raises(StructPruneError, match=r"ratio must be in \(0, 1\]"):
-        structprune.prune(mlp(), CALIB, ratio=ratio, progress=False)
+        structprune.prune(mlp(), CALIB, budget=ratio, progress=False)
 
 
 def test_unknown_method_and_option():

@@ -22,7 +22,7 @@ def test_output_layer_is_never_a_group_and_first_layer_keeps_its_inputs():
     graph, groups = groups_of(model, (1, 28, 28))
     assert list(groups) == ["conv1", "conv2", "fc1", "fc2"]  # shallow to deep, no fc3
     assert [graph.name_of(m) for m in graph.output_layers] == ["fc3"]
-    result = structprune.prune(model, [torch.randn(8, 1, 28, 28)], ratio=0.25, progress=False)
+    result = structprune.prune(model, [torch.randn(8, 1, 28, 28)], budget=0.25, progress=False)
     assert result.model.conv1.in_channels == 1
     assert result.model.fc3.out_features == 10
 
@@ -58,7 +58,7 @@ def test_bottleneck_and_depthwise_groups():
     # the depthwise conv carries the channels through; the 1x1 projection is the only consumer
     assert {p.name for p in expand.producers} == {"features.4.block.0", "features.4.block.3"}
     assert [c.name for c in expand.consumers] == ["features.4.block.6"]
-    result = structprune.prune(mobilenet, [torch.randn(8, 1, 16, 16)], ratio=0.5, progress=False)
+    result = structprune.prune(mobilenet, [torch.randn(8, 1, 16, 16)], budget=0.5, progress=False)
     dw = result.model.features[4].block[3]
     assert dw.groups == dw.in_channels == dw.out_channels == expand.channels // 2
 
@@ -106,7 +106,7 @@ def test_pfp_rand_reweights_by_counts_over_draws_times_probability():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 4)).eval()
     calib = [torch.randn(64, 10)]
-    result = structprune.prune(model, calib, method="pfp-rand", ratio=0.5, progress=False)
+    result = structprune.prune(model, calib, method="pfp-rand", budget=0.5, progress=False)
     (layer,) = result.layers
     assert layer["draws"] >= layer["kept"]
     kept_rows = [next(i for i in range(20) if torch.equal(model[0].weight[i], row))
@@ -126,7 +126,7 @@ def test_selection_contract_is_enforced():
 
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
     with pytest.raises(RuntimeError, match="expected 3 indices"):
-        structprune.prune(model, [torch.randn(8, 4)], method=Broken(), ratio=0.5, progress=False)
+        structprune.prune(model, [torch.randn(8, 4)], method=Broken(), budget=0.5, progress=False)
 
 
 def test_groups_touching_a_grouped_conv_are_skipped_with_a_warning_and_the_rest_pruned():
@@ -135,7 +135,7 @@ def test_groups_touching_a_grouped_conv_are_skipped_with_a_warning_and_the_rest_
                           nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 8 * 8, 3))
     x = torch.randn(8, 1, 8, 8)
     with pytest.warns(UserWarning) as record:
-        result = structprune.prune(model, [x], ratio=0.5, progress=False)
+        result = structprune.prune(model, [x], budget=0.5, progress=False)
     messages = sorted(str(w.message) for w in record)
     assert messages == [
         "structprune: group 0 is not pruned: consumer 2 (Conv2d) is not a Linear or an ungrouped Conv2d",

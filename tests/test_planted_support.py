@@ -39,7 +39,7 @@ def calib(seed: int = 1) -> list:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_data_informed_methods_recover_planted_support(method, seed):
     net, planted = planted_net(seed)
-    result = structprune.prune(net, calib(), method=method, ratio=PLANTED / HIDDEN, progress=False)
+    result = structprune.prune(net, calib(), method=method, budget=PLANTED / HIDDEN, progress=False)
     (layer,) = result.layers
     assert layer["kept"] == PLANTED
     assert torch.equal(result.model[0].weight, net[0].weight[planted])
@@ -52,7 +52,7 @@ def test_data_informed_methods_recover_planted_support(method, seed):
 def test_magnitude_is_fooled_by_large_silent_units():
     """Guards the test above: with weights alone the planted set is not found."""
     net, planted = planted_net(0)
-    result = structprune.prune(net, calib(), method="magnitude", ratio=PLANTED / HIDDEN, progress=False)
+    result = structprune.prune(net, calib(), method="magnitude", budget=PLANTED / HIDDEN, progress=False)
     kept_rows = {tuple(row.tolist()) for row in result.model[0].weight}
     planted_rows = {tuple(net[0].weight[i].tolist()) for i in planted}
     assert kept_rows != planted_rows
@@ -60,7 +60,7 @@ def test_magnitude_is_fooled_by_large_silent_units():
 
 def test_ispasp_residual_history_ends_at_the_reported_residual():
     net, _ = planted_net(3)
-    result = structprune.prune(net, calib(), method="ispasp", ratio=0.1, progress=False)
+    result = structprune.prune(net, calib(), method="ispasp", budget=0.1, progress=False)
     (layer,) = result.layers
     assert 1 <= layer["iterations"] <= 20
     assert layer["residual_history"][-1] == pytest.approx(layer["relative_residual"], rel=1e-4)

@@ -20,7 +20,7 @@ METHODS = structprune.methods.available()
 def test_zoo_model_prunes_at_half_with_every_method(name, method):
     model, shape = make_zoo_model(name)
     x = torch.randn(4, *shape)
-    result = structprune.prune(model, calibration(shape), method=method, ratio=0.5, progress=False)
+    result = structprune.prune(model, calibration(shape), method=method, budget=0.5, progress=False)
     out = result.model(x)
     assert out.shape == model(x).shape
     assert torch.isfinite(out).all()
@@ -35,7 +35,7 @@ def test_ratio_one_keeps_every_channel_and_the_outputs(name):
     model, shape = make_zoo_model(name)
     x = torch.randn(4, *shape)
     for method in ("ispasp", "pfp-rand"):
-        result = structprune.prune(model, calibration(shape), method=method, ratio=1.0, progress=False)
+        result = structprune.prune(model, calibration(shape), method=method, budget=1.0, progress=False)
         assert result.after == result.before
         assert all(layer["kept"] == layer["channels"] for layer in result.layers)
         assert torch.allclose(result.model(x), model(x), atol=1e-6)
@@ -50,7 +50,7 @@ def test_ratio_close_to_one_rounds_up_to_every_channel():
 def test_input_model_is_not_modified():
     model, shape = make_zoo_model("resnet20")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    structprune.prune(model, calibration(shape), method="pfp-rand", ratio=0.3, progress=False)
+    structprune.prune(model, calibration(shape), method="pfp-rand", budget=0.3, progress=False)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
@@ -60,7 +60,7 @@ def test_save_then_load_in_a_fresh_process_gives_identical_outputs(tmp_path, met
     cases = {}
     for name in sorted(ZOO):
         model, shape = make_zoo_model(name)
-        result = structprune.prune(model, calibration(shape), method=method, ratio=0.5, progress=False)
+        result = structprune.prune(model, calibration(shape), method=method, budget=0.5, progress=False)
         x = torch.randn(3, *shape)
         path = tmp_path / f"{name}.pt"
         structprune.save(result, path)
@@ -104,7 +104,7 @@ def test_saving_refuses_to_overwrite_without_force(tmp_path):
 @pytest.mark.parametrize("method", ["ispasp", "pfp-rand", "random"])
 def test_same_seed_gives_the_same_selection(method):
     model, shape = make_zoo_model("resnet20")
-    runs = [structprune.prune(model, calibration(shape), method=method, ratio=0.4, seed=7, progress=False)
+    runs = [structprune.prune(model, calibration(shape), method=method, budget=0.4, seed=7, progress=False)
             for _ in range(2)]
     for a, b in zip(runs[0].model.state_dict().values(), runs[1].model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
@@ -113,8 +113,8 @@ def test_same_seed_gives_the_same_selection(method):
 
 def test_pruning_a_pruned_model_again_saves_and_loads(tmp_path):
     model, shape = make_zoo_model("resnet20")
-    first = structprune.prune(model, calibration(shape), method="ispasp", ratio=0.75, progress=False)
-    second = structprune.prune(first.model, calibration(shape), method="pfp", ratio=0.75, progress=False)
+    first = structprune.prune(model, calibration(shape), method="ispasp", budget=0.75, progress=False)
+    second = structprune.prune(first.model, calibration(shape), method="pfp", budget=0.75, progress=False)
     assert second.after["params"] < first.after["params"] < first.before["params"]
     path = tmp_path / "twice.pt"
     structprune.save(second, path)

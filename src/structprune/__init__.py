@@ -2,13 +2,15 @@
 
 >>> import structprune
 >>> sorted(structprune.methods.available())
-['ispasp', 'magnitude', 'pfp', 'pfp-rand', 'random']
+['bn-scale', 'fpgm', 'gfs', 'ispasp', 'magnitude', 'pfp', 'pfp-rand', 'pfp-top', 'random', 'taylor', 'thinet']
 """
 
-from . import methods, models
-from .api import PruneResult, keep_count, prune
+from . import allocate, methods, models
+from .allocate import PerLayer, Target, Uniform, keep_count
+from .api import PruneResult, prune
 from .checkpoint import load, save
 from .errors import StructPruneError
 
 __version__ = "0.1.0"
-__all__ = ["PruneResult", "StructPruneError", "keep_count", "load", "methods", "models", "prune", "save"]
+__all__ = ["PerLayer", "PruneResult", "StructPruneError", "Target", "Uniform", "allocate", "keep_count", "load",
+           "methods", "models", "prune", "save"]

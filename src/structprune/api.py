@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import copy
-import math
 import time
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import allocate
 from . import methods as method_registry
 from .capture import DEFAULT_MEMORY_BYTES, batch_size, capture, materialize, take_samples
 from .errors import StructPruneError
 from .graph import PruningGraph
-from .measure import count
+from .measure import count, output_sizes
 from .methods.base import GroupView, Method, Selection
+from .refit import refit as refit_selection
 
 
 @dataclass
@@ -27,29 +29,32 @@ class PruneResult:
     model: the pruned model (a new module; the input model is left as it was).
     layers: one dict per group, shallow to deep: name, channels, kept, relative_residual
         (‖Y − Ŷ‖/‖Y‖ of the group's consumers on the calibration rows), consumers, and the
-        method's own stats.
+        method's own stats. With ``refit``, relative_residual is the method's own selection and
+        relative_residual_refit the one after the least-squares refit.
+    budget: how the keep counts were found (for a target: the target, the achieved fraction, the error).
     before, after: {"params", "macs"} of the dense and the pruned model.
-    seconds: wall time of the pruning (capture + selection + surgery).
+    seconds: wall time of the pruning (allocation + capture + selection + surgery).
     skipped: groups left whole, with the reason.
     """
 
     model: nn.Module
     method: str
-    ratio: float
+    budget: dict
     layers: list[dict]
     before: dict[str, int]
     after: dict[str, int]
     seconds: float
     calib_samples: int
     seed: int
+    refit: bool = False
     skipped: list[dict] = field(default_factory=list)
     method_options: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """Everything but the model, JSON-ready."""
         return {
-            "method": self.method, "method_options": self.method_options, "ratio": self.ratio,
-            "calib_samples": self.calib_samples, "seed": self.seed, "seconds": self.seconds,
+            "method": self.method, "method_options": self.method_options, "budget": self.budget,
+            "refit": self.refit, "calib_samples": self.calib_samples, "seed": self.seed, "seconds": self.seconds,
             "before": self.before, "after": self.after,
             "params_ratio": self.after["params"] / max(self.before["params"], 1),
             "macs_ratio": self.after["macs"] / max(self.before["macs"], 1),
@@ -57,30 +62,28 @@ class PruneResult:
         }
 
 
-def keep_count(channels: int, ratio: float) -> int:
-    """Channels a group of ``channels`` keeps at keep-ratio ``ratio``: ⌈ratio·channels⌉, at least 1."""
-    return min(channels, max(1, math.ceil(ratio * channels - 1e-9)))
-
-
 def prune(
     model: nn.Module,
     calib_loader: Iterable,
     method: str | Method = "ispasp",
-    ratio: float = 0.5,
+    budget: float | dict | allocate.Budget = 0.5,
     example_inputs=None,
     *,
+    refit: bool = False,
+    round_to: int | None = None,
     calib_samples: int | None = None,
     ignored_layers: Sequence[str | nn.Module] = (),
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     seed: int = 0,
     progress: bool = True,
+    after_group: Callable[[nn.Module, str], None] | None = None,
+    loss_fn: Callable | None = None,
     **method_kwargs,
 ) -> PruneResult:
-    """Prune every prunable group of ``model`` to a fraction ``ratio`` of its channels.
+    """Prune the prunable groups of ``model`` to a budget, shallow to deep, in one pass.
 
-    Groups are pruned one after another, shallow to deep; each group's hidden representation is
-    captured from the network as already pruned upstream, and the dense target from the consumer
-    layers (not yet pruned on their input side) on those same inputs.
+    Each group's hidden representation is captured from the network as already pruned upstream, and
+    the dense target from the consumer layers (not yet pruned on their input side) on those same inputs.
 
     Parameters
     ----------
@@ -88,14 +91,24 @@ def prune(
     calib_loader: iterable of calibration batches: ``x``, ``(x, y)`` or dicts of keyword inputs.
         The first ``calib_samples`` samples are read once and reused for every group.
     method: a name from :func:`structprune.methods.available` or a Method instance.
-    ratio: fraction of each group's channels to keep, in (0, 1]; 1 keeps everything.
+    budget: a keep ratio in (0, 1] for every group (1 keeps everything), a dict of layer patterns to
+        ratios, or :class:`structprune.allocate.Target` (a fraction of MACs or params to keep, with
+        uniform or PFP allocation); see :mod:`structprune.allocate`.
     example_inputs: a batch for tracing the model; default: the first calibration sample.
-    calib_samples: calibration samples to use; default: the method's own (1,280 for i-SpaSP).
+    refit: after the method's selection, refit each consumer's weights on the kept channels by least
+        squares (:mod:`structprune.refit`); the report keeps both residuals.
+    round_to: round every keep count up to a multiple of this (hardware-friendly widths).
+    calib_samples: calibration samples to use; default: the method's own (1,280 for i-SpaSP, PFP's
+        ⌈3·ln(8·η·η*/δ)⌉ rule for PFP).
     ignored_layers: layers (names or modules of ``model``) whose outputs keep all channels.
         The output layer is always kept whole.
     memory_bytes: bound on the captured rows per consumer (see :mod:`structprune.capture`).
     seed: seeds sampling of positions and of randomised methods; the same seed gives the same result.
     progress: show a progress bar over groups.
+    after_group: called as ``after_group(model, group_name)`` after each group is pruned, e.g. to
+        fine-tune between groups (the sequential schedule, :mod:`structprune.schedule`).
+    loss_fn: ``loss_fn(outputs, targets)`` for methods that need loss gradients (taylor);
+        default cross-entropy.
     method_kwargs: options of the method, e.g. ``iterations=20`` for i-SpaSP.
 
     Examples
@@ -103,14 +116,13 @@ def prune(
     >>> import torch, structprune
     >>> net = structprune.models.create("lenet300")
     >>> data = [(torch.randn(64, 1, 28, 28), torch.zeros(64, dtype=torch.long))]
-    >>> result = structprune.prune(net, data, method="ispasp", ratio=0.5, progress=False)
+    >>> result = structprune.prune(net, data, method="ispasp", budget=0.5, progress=False)
     >>> result.after["params"] < result.before["params"]
     True
     """
     if not isinstance(model, nn.Module):
         raise StructPruneError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-        raise StructPruneError(f"ratio must be in (0, 1] (the fraction of channels kept), got {ratio!r}")
+    budget = allocate.as_budget(budget)
     if isinstance(method, str):
         method = method_registry.get(method, **method_kwargs)
     elif method_kwargs:
@@ -125,26 +137,41 @@ def prune(
     ignored_names = [_layer_name(layer, names) for layer in ignored_layers]
     pruned = copy.deepcopy(model).eval()
     device = next(pruned.parameters(), torch.empty(0)).device
-    batches = materialize(calib_loader, calib_samples or method.calib_samples, device)
+    if calib_samples is None:
+        calib_samples = _default_calib_samples(method, pruned, calib_loader, device, example_inputs)
+    batches, targets = materialize(calib_loader, calib_samples, device)
     if example_inputs is None:
         example_inputs = take_samples(batches[0], 1, device)
     graph = PruningGraph(pruned, example_inputs, [pruned.get_submodule(n) for n in ignored_names])
-    before = count(pruned, example_inputs)
+    sizer = allocate.Sizer(pruned, example_inputs, ignored_names, graph)
+    allocation = allocate.plan(budget, sizer, round_to, lambda: allocate.pfp_sensitivities(
+        pruned, graph, batches, memory_bytes, seed))
+    _warn_if_missed(allocation.info, budget)
+    needs_gradients = getattr(method, "needs_gradients", False)
+    if needs_gradients and any(t is None for t in targets):
+        raise StructPruneError(f"method {method.name} needs labelled calibration batches: (inputs, targets) pairs")
 
     layers = []
     bar = tqdm(total=len(graph), desc=f"pruning ({method.name})", unit="group",
                disable=None if progress else True)  # None: shown on a terminal only
     for group in graph.groups():
-        keep = keep_count(group.channels, ratio)
+        keep = allocation.keeps.get(group.name, group.channels)
         entry = {"group": group.name, "channels": group.channels, "kept": keep,
                  "consumers": [c.name for c in group.consumers]}
         if keep < group.channels:
-            view = capture(pruned, group, batches, memory_bytes=memory_bytes, seed=seed)
+            view = capture(pruned, group, batches, memory_bytes=memory_bytes, seed=seed,
+                           targets=targets if needs_gradients else None, loss_fn=loss_fn)
             selection = method.select(view, keep)
             _check_selection(selection, group.name, group.channels, keep)
             entry["relative_residual"] = relative_residual(view, selection)
             entry.update(selection.stats)
+            if refit:
+                selection, _ = refit_selection(view, selection)
+                entry["relative_residual_refit"] = relative_residual(view, selection)
+                entry.update(selection.stats)
             graph.apply(group, selection.keep_idx, selection.consumer_weights)
+            if after_group is not None:
+                after_group(pruned, group.name)
         else:
             entry["relative_residual"] = 0.0
         layers.append(entry)
@@ -156,11 +183,29 @@ def prune(
     pruned.structprune_history = list(getattr(model, "structprune_history", [])) + graph.history()
     pruned.structprune_example_input = _input_spec(example_inputs)
     return PruneResult(
-        model=pruned, method=method.name, ratio=float(ratio), layers=layers, before=before, after=after,
+        model=pruned, method=method.name, budget=allocation.info, layers=layers, before=sizer.dense, after=after,
         seconds=time.perf_counter() - start, calib_samples=sum(batch_size(b) for b in batches), seed=seed,
-        skipped=[{"group": g, "reason": r} for g, r in graph.skipped],
+        refit=refit, skipped=[{"group": g, "reason": r} for g, r in graph.skipped],
         method_options={k: v for k, v in vars(method).items() if not k.startswith("_") and k != "name"},
     )
+
+
+def _default_calib_samples(method: Method, model: nn.Module, calib_loader, device, example_inputs) -> int:
+    """The method's own calibration-set size; PFP's depends on the model's layer sizes."""
+    rule = getattr(method, "default_calib_samples", None)
+    if rule is None:
+        return method.calib_samples
+    if example_inputs is None:
+        example_inputs = take_samples(materialize(calib_loader, 1, device)[0][0], 1, device)
+    sizes = output_sizes(model, example_inputs)
+    return rule([s["elements"] for s in sizes.values()]) if sizes else method.calib_samples
+
+
+def _warn_if_missed(info: dict, budget) -> None:
+    if info.get("budget") == "target" and info["relative_error"] > budget.tolerance:
+        warnings.warn(f"structprune: the {info['metric']} target {info['target']} could not be met within "
+                      f"{budget.tolerance:.0%} with whole channels; the closest allocation keeps "
+                      f"{info['achieved']:.4f}", stacklevel=3)
 
 
 def relative_residual(view: GroupView, selection: Selection) -> float:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import StructPruneError
-from .graph import Consumer, Group, run_forward
+from .graph import Consumer, Group, Producer, run_forward
 from .methods.base import ConsumerView, GroupView, ProducerView
 
 DEFAULT_MEMORY_BYTES = 256 * 2**20
@@ -56,9 +56,12 @@ def take_samples(inputs, n: int, device):
     return inputs
 
 
-def materialize(calib_loader: Iterable, max_samples: int, device) -> list:
-    """Read up to ``max_samples`` calibration inputs once, so every group sees the same samples."""
-    batches, seen = [], 0
+def materialize(calib_loader: Iterable, max_samples: int, device) -> tuple[list, list]:
+    """Read up to ``max_samples`` calibration samples once, so every group sees the same samples.
+
+    Returns the model inputs of each batch and its targets (None for a batch without targets).
+    """
+    batches, targets, seen = [], [], 0
     try:
         iterator = iter(calib_loader)
     except TypeError:
@@ -69,12 +72,14 @@ def materialize(calib_loader: Iterable, max_samples: int, device) -> list:
         if n <= 0:
             break
         batches.append(take_samples(inputs, n, device))
+        target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+        targets.append(take_samples(target, n, device) if isinstance(target, Tensor) else None)
         seen += n
         if seen >= max_samples:
             break
     if seen == 0:
         raise StructPruneError("calib_loader yielded no samples: pass a loader with at least one batch")
-    return batches
+    return batches, targets
 
 
 class _RowCollector:
@@ -128,8 +133,12 @@ class _RowCollector:
 
 
 def capture(model: nn.Module, group: Group, batches: list, memory_bytes: int = DEFAULT_MEMORY_BYTES,
-            seed: int = 0) -> GroupView:
-    """Run the calibration batches through ``model`` and return the group's :class:`GroupView`."""
+            seed: int = 0, targets: list | None = None, loss_fn=None) -> GroupView:
+    """Run the calibration batches through ``model`` and return the group's :class:`GroupView`.
+
+    With ``targets`` (one per batch), the producers' ``weight_grad`` is the gradient of
+    ``loss_fn(model(inputs), targets)`` (default: cross-entropy) summed over the batches.
+    """
     samples = sum(batch_size(b) for b in batches)
     collectors, hooks = [], []
     gen = torch.Generator()
@@ -141,16 +150,21 @@ def capture(model: nn.Module, group: Group, batches: list, memory_bytes: int = D
         collector = _RowCollector(consumer, max(1, rows_cap // samples), gen)
         collectors.append(collector)
         hooks.append(consumer.module.register_forward_pre_hook(collector))
+    gradients = None if targets is None else _LossGradients(model, group, loss_fn)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            for inputs in batches:
-                run_forward(model, inputs)
+        with torch.set_grad_enabled(gradients is not None):
+            for i, inputs in enumerate(batches):
+                outputs = run_forward(model, inputs)
+                if gradients is not None:
+                    gradients.backward(outputs, targets[i])
     finally:
         model.train(was_training)
         for hook in hooks:
             hook.remove()
+        if gradients is not None:
+            gradients.restore()
     consumers = []
     for consumer, collector in zip(group.consumers, collectors, strict=False):
         bias = consumer.module.bias
@@ -162,8 +176,47 @@ def capture(model: nn.Module, group: Group, batches: list, memory_bytes: int = D
             output_scale=consumer.output_scale.float(),
         ))
     producers = tuple(
-        ProducerView(p.name, p.module, p.module.weight.detach()[p.channel_index].reshape(group.channels, -1).float())
-        for p in group.producers
+        ProducerView(p.name, p.module, _per_channel(p.module.weight.detach(), p, group.channels),
+                     None if gradients is None else _per_channel(gradients.grads[i], p, group.channels))
+        for i, p in enumerate(group.producers)
     )
+    bn_scale = None
+    if group.batchnorms:
+        bn_scale = sum(_per_channel(bn.module.weight.detach().abs(), bn, group.channels).sum(dim=1)
+                       for bn in group.batchnorms)
     return GroupView(name=group.name, channels=group.channels, consumers=tuple(consumers),
-                     producers=producers, seed=seed)
+                     producers=producers, seed=seed, bn_scale=bn_scale)
+
+
+def _per_channel(tensor: Tensor, layer: Producer, channels: int) -> Tensor:
+    """Rows of a producer's (or BatchNorm's) parameter that belong to each group channel, flattened."""
+    return tensor[layer.channel_index.to(tensor.device)].reshape(channels, -1).float()
+
+
+class _LossGradients:
+    """Accumulates the loss gradient of each producer weight over calibration batches."""
+
+    def __init__(self, model: nn.Module, group: Group, loss_fn):
+        self.loss_fn = loss_fn or nn.functional.cross_entropy
+        self.weights = [p.module.weight for p in group.producers]
+        self.grads = [torch.zeros_like(w) for w in self.weights]
+        self.saved = [(w, w.requires_grad, w.grad) for w in self.weights]
+        for w in self.weights:
+            w.requires_grad_(True)
+            w.grad = None
+
+    def backward(self, outputs, targets) -> None:
+        if targets is None:
+            raise StructPruneError("this method needs labelled calibration batches: (inputs, targets) pairs")
+        if isinstance(outputs, (tuple, list)):
+            outputs = outputs[0]
+        loss = self.loss_fn(outputs, targets)
+        grads = torch.autograd.grad(loss, self.weights, allow_unused=True)
+        for total, grad in zip(self.grads, grads, strict=False):
+            if grad is not None:
+                total += grad.detach()
+
+    def restore(self) -> None:
+        for weight, requires_grad, grad in self.saved:
+            weight.requires_grad_(requires_grad)
+            weight.grad = grad

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from . import checkpoint, data, measure, methods, models
+from . import allocate, checkpoint, data, measure, methods, models, report, schedule
 from .api import prune
 from .errors import StructPruneError
+from .finetune import TrainConfig, train
 from .graph import PruningGraph
 
 
@@ -40,6 +41,33 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def _fraction(text: str) -> float:
+    return _ratio(text)
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        return [_ratio(part) for part in text.split(",") if part.strip()]
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers in (0, 1]: {exc}") from None
+
+
+def _names(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in methods.available()]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; "
+                                         f"choose from {', '.join(methods.available())}")
+    return names
+
+
+def _layer_ratio(text: str) -> tuple[str, float]:
+    pattern, sep, raw = text.rpartition("=")
+    if not sep or not pattern:
+        raise argparse.ArgumentTypeError(f"must look like PATTERN=RATIO (e.g. 'layer3.*=0.25'), got {text!r}")
+    return pattern, _ratio(raw)
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -80,6 +108,71 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _add_train_args(p: argparse.ArgumentParser, epochs: int | None, what: str, lr: float = 0.05) -> None:
+    if epochs is not None:
+        p.add_argument("--epochs", type=int, default=epochs, help=f"{what} (default: {epochs})")
+        p.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run from the training state saved next to --out")
+    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr})")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD (Nesterov) momentum (default: 0.9)")
+    p.add_argument("--weight-decay", type=float, default=5e-4,
+                   help="weight decay on conv/linear weights, none on biases and norms (default: 5e-4)")
+    p.add_argument("--lr-schedule", default="cosine", choices=["cosine", "step"],
+                   help="cosine, or step (×0.1 at 50%% and 75%% of the run) (default: cosine)")
+    p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up (default: 0)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing (default: 0)")
+
+
+def _train_config(args, epochs: int) -> TrainConfig:
+    return TrainConfig(epochs=epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                       schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs,
+                       label_smoothing=args.label_smoothing)
+
+
+def _add_budget_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("budget (one of --ratio/--layer-ratio, --target-flops, --target-params)")
+    g.add_argument("--ratio", type=_ratio, default=None,
+                   help="fraction of each group's channels to keep, in (0, 1] (default: 0.5); with --layer-ratio, "
+                        "the ratio of groups no pattern matches (default there: 1)")
+    g.add_argument("--layer-ratio", type=_layer_ratio, action="append", default=[], metavar="PATTERN=RATIO",
+                   help="keep ratio of the groups whose name (or a producer's) matches PATTERN (fnmatch, "
+                        "first match wins), repeatable; see `structprune info` for the group names")
+    g.add_argument("--target-flops", type=_fraction, default=None,
+                   help="keep this fraction of the dense model's MACs, met on the real pruned model")
+    g.add_argument("--target-params", type=_fraction, default=None,
+                   help="keep this fraction of the dense model's parameters")
+    g.add_argument("--allocation", default="uniform", choices=["uniform", "pfp"],
+                   help="how a target is split among groups: one shared ratio, or PFP's δ-based allocation "
+                        "(default: uniform)")
+    g.add_argument("--delta", type=float, default=1e-16, help="PFP allocation's failure probability δ (default: 1e-16)")
+    g.add_argument("--round-to", type=_positive, default=None,
+                   help="round every kept width up to a multiple of N (e.g. 8 for tensor cores)")
+    p.add_argument("--refit", action="store_true",
+                   help="after the method's selection, refit the consumers on the kept channels by least squares")
+    p.add_argument("--calib-samples", type=_positive, default=None,
+                   help="calibration samples from the training split (default: the method's own: ispasp and gfs "
+                        "1280, pfp* ⌈3·ln(8·η·η*/δ)⌉, others 256)")
+    p.add_argument("--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, repeatable: ispasp iterations=20; pfp* max_rows=2048 delta=1e-16; "
+                        "magnitude norm=1|2")
+
+
+def _budget(args) -> allocate.Budget:
+    targets = [(m, v) for m, v in (("flops", args.target_flops), ("params", args.target_params)) if v is not None]
+    if len(targets) > 1:
+        raise StructPruneError("give only one of --target-flops and --target-params")
+    if targets:
+        if args.ratio is not None or args.layer_ratio:
+            raise StructPruneError("--ratio/--layer-ratio and --target-flops/--target-params exclude each other")
+        metric, fraction = targets[0]
+        return allocate.Target(fraction, metric, args.allocation, delta=args.delta)
+    if args.allocation != "uniform":
+        raise StructPruneError("--allocation pfp needs --target-flops or --target-params")
+    if args.layer_ratio:
+        return allocate.PerLayer(dict(args.layer_ratio), 1.0 if args.ratio is None else args.ratio)
+    return allocate.Uniform(0.5 if args.ratio is None else args.ratio)
+
+
 def _add_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output checkpoint (.pt); a JSON report is written next to it")
     p.add_argument("--force", action="store_true", help="overwrite --out and its report if they exist")
@@ -94,34 +187,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, choices=models.available(), help="architecture")
     p.add_argument("--width-mult", type=float, default=None,
                    help="channel width multiplier (vgg16, resnet*, mobilenetv2)")
-    p.add_argument("--epochs", type=int, default=3, help="training epochs (default: 3)")
-    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the cosine schedule (default: 0.05)")
-    p.add_argument("--weight-decay", type=float, default=5e-4,
-                   help="weight decay on conv/linear weights (default: 5e-4)")
+    _add_train_args(p, epochs=3, what="training epochs")
     _add_data_args(p, "train on the first N training samples only")
     _add_common(p)
     _add_output(p)
 
+    p = sub.add_parser("finetune", help="fine-tune a (pruned) checkpoint",
+                       description="Fine-tune a checkpoint on the training split; the training state is saved "
+                                   "after every epoch next to --out, and --resume continues an interrupted run.")
+    p.add_argument("checkpoint", help="checkpoint to fine-tune (it is not modified)")
+    _add_train_args(p, epochs=3, what="fine-tuning epochs", lr=0.01)
+    _add_data_args(p, "fine-tune on the first N training samples only")
+    _add_common(p)
+    _add_output(p)
+
     p = sub.add_parser("prune", help="prune a checkpoint and save the smaller model",
-                       description="Prune every prunable group of a checkpoint to --ratio of its channels, "
-                                   "shallow to deep, with a data-informed (ispasp, pfp, pfp-rand) or weight-only "
-                                   "(magnitude, random) method; channels are physically removed.")
+                       description="Prune a checkpoint's prunable groups, shallow to deep, to a budget (a keep "
+                                   "ratio, per-layer ratios, or a target fraction of MACs/params) with a "
+                                   "data-informed or weight-only method; channels are physically removed. "
+                                   "Optionally refit, fine-tune, and prune in steps (--schedule).")
     p.add_argument("checkpoint", help="checkpoint written by `structprune train` or structprune.save")
     p.add_argument("--method", default="ispasp", choices=methods.available(), help="pruning method (default: ispasp)")
-    p.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of each group's channels to keep, in (0, 1] "
-                                                             "(default: 0.5)")
-    p.add_argument("--calib-samples", type=_positive, default=None,
-                   help="calibration samples from the training split (default: the method's own: ispasp 1280, "
-                        "others 256)")
-    p.add_argument("--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                   help="method option, repeatable: ispasp iterations=20; pfp/pfp-rand max_rows=2048; "
-                        "magnitude norm=1|2")
+    _add_budget_args(p)
+    p.add_argument("--schedule", default="oneshot", choices=schedule.SCHEDULES,
+                   help="oneshot: one pass; sequential: fine-tune after every group (--layer-finetune-epochs); "
+                        "cascade: --steps passes towards the budget, fine-tuning after each (default: oneshot)")
+    p.add_argument("--steps", type=_positive, default=3, help="prune passes of the cascade schedule (default: 3)")
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="fine-tune epochs after pruning (after each step with cascade) (default: 0)")
+    p.add_argument("--layer-finetune-epochs", type=int, default=0,
+                   help="fine-tune epochs after each group (sequential schedule) (default: 0)")
+    _add_train_args(p, epochs=None, what="", lr=0.01)
+    p.add_argument("--train-limit", type=_positive, default=None,
+                   help="fine-tune on the first N training samples only (default: all)")
     p.add_argument("--ignore", action="append", default=[], metavar="LAYER",
                    help="layer name whose output channels are kept whole (repeatable); the output layer always is")
     p.add_argument("--no-eval", action="store_true", help="skip test accuracy before/after")
     _add_data_args(p, "evaluate on the first N test samples only")
     _add_common(p)
     _add_output(p)
+
+    p = sub.add_parser("compare", help="compare methods on one checkpoint at several targets",
+                       description="Prune one checkpoint with several methods to several targets (fractions of "
+                                   "the dense MACs or params), on the same calibration data; report accuracy "
+                                   "before and after an optional fine-tune and the pruning time, as Markdown, JSON "
+                                   "and a plot.")
+    p.add_argument("checkpoint", help="checkpoint to prune")
+    p.add_argument("--methods", type=_names, default=["ispasp", "pfp", "magnitude"],
+                   help="comma-separated methods (default: ispasp,pfp,magnitude)")
+    p.add_argument("--targets", type=_fractions, default=[0.7, 0.5, 0.3],
+                   help="comma-separated fractions of the dense MACs (or params) to keep (default: 0.7,0.5,0.3)")
+    p.add_argument("--metric", default="flops", choices=sorted(allocate.METRICS),
+                   help="what --targets measure (default: flops, i.e. MACs)")
+    p.add_argument("--allocation", default="uniform", choices=["uniform", "pfp"],
+                   help="how the target is split among groups (default: uniform)")
+    p.add_argument("--calib-samples", type=_positive, default=None,
+                   help="calibration samples for every method (default: each method's own)")
+    p.add_argument("--refit", action="store_true", help="least-squares refit of the consumers on the kept channels")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune each pruned model (default: 0)")
+    _add_train_args(p, epochs=None, what="", lr=0.01)
+    p.add_argument("--train-limit", type=_positive, default=None,
+                   help="fine-tune on the first N training samples only (default: all)")
+    p.add_argument("--out-dir", required=True, help="directory for compare.md, compare.json and compare.png")
+    p.add_argument("--force", action="store_true", help="overwrite the outputs in --out-dir if they exist")
+    _add_data_args(p, "evaluate on the first N test samples only")
+    _add_common(p)
 
     p = sub.add_parser("eval", help="accuracy, params, MACs and latency of checkpoints",
                        description="Print a table of test accuracy, parameters, MACs and CPU/GPU latency.")
@@ -147,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         torch.manual_seed(getattr(args, "seed", 0))
-        return {"train": cmd_train, "prune": cmd_prune, "eval": cmd_eval, "info": cmd_info}[args.command](args)
+        commands = {"train": cmd_train, "finetune": cmd_finetune, "prune": cmd_prune, "compare": cmd_compare,
+                    "eval": cmd_eval, "info": cmd_info}
+        return commands[args.command](args)
     except StructPruneError as exc:
         print(f"structprune {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -208,10 +340,33 @@ def _check_fits(model, args, example: torch.Tensor) -> None:
                                f"outputs {tuple(out.shape[1:])}")
 
 
-def cmd_train(args) -> int:
-    out, report_path = _check_outputs(args)
+def _state_path(out: Path) -> Path:
+    return out.with_name(out.name + ".state")
+
+
+def _check_state(args, out: Path) -> Path:
+    """The training-state file next to ``out``; an interrupted run's state is never silently discarded."""
+    state = _state_path(out)
+    if state.exists() and not args.resume and not args.force:
+        raise StructPruneError(f"{state} holds the state of an interrupted run: pass --resume to continue it "
+                               f"or --force to start over")
     if args.epochs < 0:
         raise StructPruneError(f"--epochs must be >= 0, got {args.epochs}")
+    return state
+
+
+def _fit(model, args, epochs: int, device, state_path: Path | None = None, resume: bool = False,
+         limit: int | None = None) -> tuple[list[float], int]:
+    """Train ``model`` in place on the training split; returns the epoch losses and the samples used."""
+    loader = _loader(args, "train", shuffle=True, limit=limit)
+    losses = train(model, loader, _train_config(args, epochs), device=device, progress=not args.no_progress,
+                   state_path=state_path, resume=resume)
+    return losses, len(loader.dataset)
+
+
+def cmd_train(args) -> int:
+    out, report_path = _check_outputs(args)
+    state = _check_state(args, out)
     device = _device(args.device)
     kwargs = {}
     if args.width_mult is not None:
@@ -219,56 +374,150 @@ def cmd_train(args) -> int:
             raise StructPruneError(f"--width-mult: model {args.model} has no width multiplier")
         kwargs["width_mult"] = args.width_mult
     model = _zoo_model(args.model, args.data, **kwargs).to(device)
-    train_loader = _loader(args, "train", shuffle=True, limit=args.limit)
-    test_loader = _loader(args, "test")
     example = _example(args.data)
     _check_fits(model, args, example)
-    from .finetune import train
-
     start = time.perf_counter()
-    losses = train(model, train_loader, args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-                   device=device, progress=not args.no_progress)
+    losses, samples = _fit(model, args, args.epochs, device, state, args.resume, limit=args.limit)
     seconds = time.perf_counter() - start
-    accuracy = measure.accuracy(model, test_loader, device)
+    accuracy = measure.accuracy(model, _loader(args, "test"), device)
     model.structprune_example_input = {"shape": list(example.shape), "dtype": "float32"}
     size = measure.count(model.cpu(), example)
     report = {"command": "train", "model": args.model, "arch": model.structprune_arch, "data": args.data,
-              "epochs": args.epochs, "train_samples": len(train_loader.dataset), "losses": losses,
+              "epochs": args.epochs, "train_samples": samples, "losses": losses,
               "test_accuracy": accuracy, **size, "train_seconds": seconds, "seed": args.seed}
-    checkpoint.save(model, out, force=args.force, extra={"report": report})
-    _write_json(report_path, report, args.force)
+    checkpoint.save(model, out, force=True, extra={"report": report})
+    _write_json(report_path, report, True)
     print(f"{args.model} on {args.data}: test accuracy {accuracy:.2f}%, {size['params']:,} params, "
           f"{size['macs']:,} MACs, trained in {seconds:.1f}s -> {out}")
     return 0
 
 
-def cmd_prune(args) -> int:
+def cmd_finetune(args) -> int:
     out, report_path = _check_outputs(args)
+    state = _check_state(args, out)
     device = _device(args.device)
     model = checkpoint.load(args.checkpoint).to(device)
     example = _example(args.data)
     _check_fits(model, args, example)
+    test_loader = _loader(args, "test")
+    before = measure.accuracy(model, test_loader, device)
+    start = time.perf_counter()
+    losses, _ = _fit(model, args, args.epochs, device, state, args.resume, limit=args.limit)
+    seconds = time.perf_counter() - start
+    after = measure.accuracy(model, test_loader, device)
+    report = {"command": "finetune", "checkpoint": str(args.checkpoint), "data": args.data, "epochs": args.epochs,
+              "config": vars(_train_config(args, args.epochs)), "losses": losses, "accuracy_before": before,
+              "accuracy_after": after, "finetune_seconds": seconds, "seed": args.seed}
+    checkpoint.save(model.cpu(), out, force=True, extra={"report": report})
+    _write_json(report_path, report, True)
+    print(f"fine-tuned {args.epochs} epochs: accuracy {before:.2f}% -> {after:.2f}% in {seconds:.1f}s -> {out}")
+    return 0
+
+
+def _method_options(args) -> dict:
     options = dict(args.option)
     try:  # validate the options before any data is read
         methods.get(args.method, **options)
     except StructPruneError as exc:
         raise StructPruneError(f"--option: {exc}") from None
+    return options
+
+
+def cmd_prune(args) -> int:
+    out, report_path = _check_outputs(args)
+    device = _device(args.device)
+    budget = _budget(args)
+    options = _method_options(args)
+    for flag in ("finetune_epochs", "layer_finetune_epochs"):
+        if getattr(args, flag) < 0:
+            raise StructPruneError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.schedule == "sequential" and args.layer_finetune_epochs == 0:
+        raise StructPruneError("--schedule sequential fine-tunes after every group: give --layer-finetune-epochs")
+    model = checkpoint.load(args.checkpoint).to(device)
+    example = _example(args.data)
+    _check_fits(model, args, example)
     calib = _loader(args, "train")
     test_loader = None if args.no_eval else _loader(args, "test", limit=args.limit)
-    dense_accuracy = None if test_loader is None else measure.accuracy(model, test_loader, device)
-    result = prune(model, calib, method=args.method, ratio=args.ratio, example_inputs=example.to(device),
-                   calib_samples=args.calib_samples, ignored_layers=args.ignore, seed=args.seed,
-                   progress=not args.no_progress, **options)
-    report = {"command": "prune", "checkpoint": str(args.checkpoint), "data": args.data, **result.to_dict()}
-    if test_loader is not None:
+    evaluate = None if test_loader is None else (lambda m: measure.accuracy(m, test_loader, device))
+    dense_accuracy = None if evaluate is None else evaluate(model)
+
+    def tune(epochs):
+        return None if epochs == 0 else (lambda m: _fit(m, args, epochs, device, limit=args.train_limit))
+
+    final, steps, results = schedule.run(
+        model, calib, args.method, budget, schedule=args.schedule, steps=args.steps,
+        finetune=tune(args.finetune_epochs), layer_finetune=tune(args.layer_finetune_epochs), evaluate=evaluate,
+        progress=not args.no_progress, example_inputs=example.to(device), refit=args.refit,
+        round_to=args.round_to, calib_samples=args.calib_samples, ignored_layers=args.ignore, seed=args.seed,
+        **options)
+    first, last = results[0], results[-1]
+    report = {"command": "prune", "checkpoint": str(args.checkpoint), "data": args.data, "schedule": args.schedule,
+              **last.to_dict(), "before": first.before, "seconds": sum(r.seconds for r in results),
+              "params_ratio": last.after["params"] / first.before["params"],
+              "macs_ratio": last.after["macs"] / first.before["macs"], "steps": steps}
+    if evaluate is not None:
         report["accuracy_before"] = dense_accuracy
-        report["accuracy_after"] = measure.accuracy(result.model, test_loader, device)
-    checkpoint.save(result.model.cpu(), out, force=args.force, extra={"report": report})
+        report["accuracy_after"] = evaluate(final)
+    checkpoint.save(final.cpu(), out, force=args.force, extra={"report": report})
     _write_json(report_path, report, args.force)
-    acc = "" if test_loader is None else (f", accuracy {report['accuracy_before']:.2f}% -> "
-                                          f"{report['accuracy_after']:.2f}%")
-    print(f"{args.method} at ratio {args.ratio}: params {result.before['params']:,} -> {result.after['params']:,}, "
-          f"MACs {result.before['macs']:,} -> {result.after['macs']:,}{acc}, {result.seconds:.1f}s -> {out}")
+    acc = "" if evaluate is None else (f", accuracy {report['accuracy_before']:.2f}% -> "
+                                       f"{report['accuracy_after']:.2f}%")
+    print(f"{args.method} ({args.schedule}): params {first.before['params']:,} -> {last.after['params']:,} "
+          f"({report['params_ratio']:.1%}), MACs {first.before['macs']:,} -> {last.after['macs']:,} "
+          f"({report['macs_ratio']:.1%}){acc}, pruned in {report['seconds']:.1f}s -> {out}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    out_dir = Path(args.out_dir)
+    outputs = [out_dir / f"compare.{ext}" for ext in ("md", "json", "png")]
+    for path in outputs:
+        if path.exists() and not args.force:
+            raise StructPruneError(f"--out-dir: {path} already exists; pass --force to overwrite it")
+    if args.finetune_epochs < 0:
+        raise StructPruneError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
+    device = _device(args.device)
+    model = checkpoint.load(args.checkpoint).to(device)
+    example = _example(args.data)
+    _check_fits(model, args, example)
+    calib = _loader(args, "train")  # the same samples, in the same order, for every method
+    test_loader = _loader(args, "test", limit=args.limit)
+    dense_accuracy = measure.accuracy(model, test_loader, device)
+    rows = []
+    for method in args.methods:
+        for target in args.targets:
+            budget = allocate.Target(target, args.metric, args.allocation)
+            result = prune(model, calib, method, budget, example_inputs=example.to(device), refit=args.refit,
+                           calib_samples=args.calib_samples, seed=args.seed, progress=not args.no_progress)
+            row = {"method": method, "target": target, "metric": args.metric, "allocation": args.allocation,
+                   "params": result.after["params"], "macs": result.after["macs"],
+                   "params_ratio": result.after["params"] / result.before["params"],
+                   "macs_ratio": result.after["macs"] / result.before["macs"],
+                   "prune_seconds": result.seconds, "calib_samples": result.calib_samples,
+                   "accuracy_pruned": measure.accuracy(result.model, test_loader, device)}
+            if args.finetune_epochs:
+                start = time.perf_counter()
+                _fit(result.model, args, args.finetune_epochs, device, limit=args.train_limit)
+                row["finetune_seconds"] = time.perf_counter() - start
+                row["accuracy_finetuned"] = measure.accuracy(result.model, test_loader, device)
+            rows.append(row)
+            print(f"{method} at {args.metric} {target}: accuracy {row['accuracy_pruned']:.2f}%"
+                  + (f" -> {row['accuracy_finetuned']:.2f}% fine-tuned" if "accuracy_finetuned" in row else "")
+                  + f", pruned in {result.seconds:.1f}s", file=sys.stderr)
+    table = report.compare_table(rows, dense_accuracy)
+    print(table)
+    title = f"{Path(args.checkpoint).name} on {args.data}"
+    payload = {"command": "compare", "checkpoint": str(args.checkpoint), "data": args.data,
+               "dense_accuracy": dense_accuracy, "finetune_epochs": args.finetune_epochs,
+               "refit": args.refit, "seed": args.seed, "device": str(device), "rows": rows}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_atomic(outputs[0], lambda tmp: Path(tmp).write_text(f"# {title}\n\n{table}\n"),
+                            force=args.force)
+    _write_json(outputs[1], payload, args.force)
+    checkpoint.write_atomic(outputs[2], lambda tmp: report.plot_compare(
+        rows, tmp, title, dense_accuracy, x="macs_ratio" if args.metric == "flops" else "params_ratio"),
+        force=args.force)
+    print(f"-> {', '.join(map(str, outputs))}")
     return 0
 
 
@@ -290,22 +539,10 @@ def cmd_eval(args) -> int:
             **size,
             "latency_ms_batch1": measure.latency(model, example.to(device)),
         })
-    print(format_table(rows))
+    print(report.eval_table(rows))
     if json_path is not None:
         _write_json(json_path, {"command": "eval", "data": args.data, "device": str(device), "rows": rows}, args.force)
     return 0
-
-
-def format_table(rows: list[dict]) -> str:
-    """A Markdown table of eval rows, with params and MACs relative to the first row."""
-    base = rows[0]
-    lines = ["| checkpoint | accuracy (%) | params | MACs | params kept | MACs kept | latency b=1 (ms) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for row in rows:
-        lines.append(f"| {row['checkpoint']} | {row['accuracy']:.2f} | {row['params']:,} | {row['macs']:,} | "
-                     f"{row['params'] / base['params']:.1%} | {row['macs'] / base['macs']:.1%} | "
-                     f"{row['latency_ms_batch1']:.3f} |")
-    return "\n".join(lines)
 
 
 def cmd_info(args) -> int:

@@ -1,9 +1,17 @@
-"""Training loop used by ``structprune train``: SGD with momentum and a cosine learning-rate schedule."""
+"""Training and fine-tuning: SGD (momentum, Nesterov), cosine or step schedule with linear warm-up,
+label smoothing, weight decay on Conv/Linear weights only, a checkpoint after every epoch and resume.
+
+Resuming from the state file continues with the same learning rate, optimizer momentum, data order
+and random state, so an interrupted run ends with the same weights as an uninterrupted one.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -12,6 +20,54 @@ from tqdm.auto import tqdm
 from .errors import StructPruneError
 
 _NO_DECAY = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of :func:`train`.
+
+    epochs: passes over the data. lr: peak learning rate. momentum, nesterov: SGD's.
+    weight_decay: on Conv/Linear weights (none on biases and normalisation layers).
+    schedule: "cosine" (to zero at the end) or "step" (× ``gamma`` at each of ``milestones``, given as
+        fractions of the run, default halfway and three quarters).
+    warmup_epochs: linear warm-up from lr/10 over this many epochs (may be fractional).
+    label_smoothing: of the cross-entropy loss.
+    """
+
+    epochs: int = 3
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.epochs, int) or self.epochs < 0:
+            raise StructPruneError(f"epochs must be a non-negative integer, got {self.epochs!r}")
+        if not self.lr > 0:
+            raise StructPruneError(f"lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise StructPruneError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.schedule not in ("cosine", "step"):
+            raise StructPruneError(f"schedule must be 'cosine' or 'step', got {self.schedule!r}")
+        if self.warmup_epochs < 0:
+            raise StructPruneError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if not 0 <= self.label_smoothing < 1:
+            raise StructPruneError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+    def lr_factor(self, step: int, steps_per_epoch: int) -> float:
+        """Multiplier of ``lr`` at optimizer step ``step``."""
+        total = max(1, self.epochs * steps_per_epoch)
+        warmup = self.warmup_epochs * steps_per_epoch
+        if step < warmup:
+            return 0.1 + 0.9 * step / warmup
+        if self.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        return self.gamma ** sum(step >= m * total for m in self.milestones)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -25,23 +81,29 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def train(model: nn.Module, loader: Iterable, epochs: int, lr: float = 0.05, momentum: float = 0.9,
-          weight_decay: float = 5e-4, label_smoothing: float = 0.0, device=None, progress: bool = True) -> list[float]:
-    """Train ``model`` in place for ``epochs`` epochs; returns the mean loss of each epoch."""
-    if epochs < 0:
-        raise StructPruneError(f"epochs must be >= 0, got {epochs}")
-    if lr <= 0:
-        raise StructPruneError(f"lr must be positive, got {lr}")
+def train(model: nn.Module, loader: Iterable, config: TrainConfig, device=None, progress: bool = True,
+          state_path: str | os.PathLike | None = None, resume: bool = False) -> list[float]:
+    """Train ``model`` in place; returns the mean loss of each epoch.
+
+    state_path: where to write the training state (weights, optimizer, schedule, random state) after
+        every epoch; removed when training ends.
+    resume: continue from ``state_path`` if it exists (the model must have the same structure).
+    """
     device = device or next(model.parameters()).device
-    optimizer = torch.optim.SGD(parameter_groups(model, weight_decay), lr=lr, momentum=momentum, nesterov=True)
-    steps = max(1, epochs * len(loader))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
-    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    losses = []
+    optimizer = torch.optim.SGD(parameter_groups(model, config.weight_decay), lr=config.lr,
+                                momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
+    steps_per_epoch = max(1, len(loader))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: config.lr_factor(step, steps_per_epoch))
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    losses: list[float] = []
+    first_epoch = 0
+    state_path = Path(state_path) if state_path is not None else None
+    if resume and state_path is not None and state_path.exists():
+        first_epoch, losses = _load_state(state_path, model, optimizer, schedule, loader, config)
     model.train()
-    for epoch in range(epochs):
+    for epoch in range(first_epoch, config.epochs):
         total, batches = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
                    disable=None if progress else True)  # None: shown on a terminal only
         for inputs, targets in bar:
             optimizer.zero_grad(set_to_none=True)
@@ -55,5 +117,45 @@ def train(model: nn.Module, loader: Iterable, epochs: int, lr: float = 0.05, mom
             batches += 1
             bar.set_postfix(loss=f"{total / batches:.3f}")
         losses.append(total / max(batches, 1))
+        if state_path is not None:
+            _save_state(state_path, epoch + 1, losses, model, optimizer, schedule, loader, config)
     model.eval()
+    if state_path is not None:
+        state_path.unlink(missing_ok=True)
     return losses
+
+
+def _sampler_generator(loader) -> torch.Generator | None:
+    return getattr(getattr(loader, "sampler", None), "generator", None)
+
+
+def _save_state(path: Path, epoch: int, losses, model, optimizer, schedule, loader, config) -> None:
+    from .checkpoint import write_atomic
+
+    generator = _sampler_generator(loader)
+    state = {"epoch": epoch, "losses": losses, "config": asdict(config), "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+             "torch_rng": torch.get_rng_state(),
+             "sampler_rng": None if generator is None else generator.get_state()}
+    write_atomic(path, lambda tmp: torch.save(state, tmp), force=True)
+
+
+def _load_state(path: Path, model, optimizer, schedule, loader, config) -> tuple[int, list[float]]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["config"] != asdict(config):
+            raise StructPruneError(f"--resume: {path} was written with other training options "
+                                   f"({state['config']}); rerun with the same options or without --resume")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+    except StructPruneError:
+        raise
+    except Exception as exc:
+        raise StructPruneError(f"--resume: training state {path} is unreadable or does not fit the model "
+                               f"({str(exc).splitlines()[0]}); delete it to start over") from None
+    torch.set_rng_state(state["torch_rng"])
+    generator = _sampler_generator(loader)
+    if generator is not None and state["sampler_rng"] is not None:
+        generator.set_state(state["sampler_rng"])
+    return int(state["epoch"]), list(state["losses"])

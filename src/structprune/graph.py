@@ -88,6 +88,7 @@ class Group:
     consumers: list[Consumer]
     root: nn.Module = field(repr=False)
     root_fn: object = field(repr=False)
+    batchnorms: list[Producer] = field(default_factory=list)  # BatchNorms on the group's channels
 
 
 class PruningGraph:
@@ -156,7 +157,7 @@ class PruningGraph:
         channels = pruner.get_out_channels(root)
         name = self.name_of(root)
         tp_group = self.dg.get_pruning_group(root, root_fn, list(range(channels)))
-        producers, consumers = [], []
+        producers, consumers, batchnorms = [], [], []
         for item in tp_group:
             module = item.dep.target.module
             if not isinstance(module, nn.Module):
@@ -171,6 +172,8 @@ class PruningGraph:
                                             f"(groups={module.groups})")
                 if isinstance(module, _LINEAR_LAYERS):
                     producers.append(Producer(self.name_of(module), module, index))
+                elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
+                    batchnorms.append(Producer(self.name_of(module), module, index))
             elif self.dg.is_in_channel_pruning_fn(item.dep.handler):
                 if _is_pass_through(module):
                     continue
@@ -180,7 +183,7 @@ class PruningGraph:
                 consumers.append(Consumer(self.name_of(module), module, index, self._output_scale(module)))
         if not consumers:
             return self._skip(name, "no Linear/Conv2d reads these channels")
-        return Group(name, channels, producers, consumers, root, root_fn)
+        return Group(name, channels, producers, consumers, root, root_fn, batchnorms)
 
     def _skip(self, name: str, reason: str) -> None:
         if (name, reason) not in self.skipped:

@@ -9,7 +9,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .capture import batch_inputs
+from .capture import batch_inputs, take_samples
 from .graph import run_forward
 
 
@@ -23,6 +23,33 @@ def count(model: nn.Module, example_inputs) -> dict[str, int]:
     finally:
         model.train(was_training)
     return {"params": int(params), "macs": int(macs)}
+
+
+@torch.no_grad()
+def output_sizes(model: nn.Module, example_inputs) -> dict[str, dict[str, int]]:
+    """Per Conv/Linear layer: output ``elements`` per sample and output ``positions`` per sample
+    (spatial positions of a conv, tokens of a Linear on sequences, 1 otherwise)."""
+    sizes, hooks = {}, []
+    names = {module: name for name, module in model.named_modules()}
+
+    def record(module: nn.Module, _inputs, output) -> None:
+        if isinstance(output, torch.Tensor) and output.dim() >= 1 and output.shape[0] > 0:
+            per_sample = output[0].numel()
+            channels = output.shape[1] if isinstance(module, nn.Conv2d) else output.shape[-1]
+            sizes[names[module]] = {"elements": per_sample, "positions": max(1, per_sample // max(channels, 1))}
+
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            hooks.append(module.register_forward_hook(record))
+    was_training = model.training
+    model.eval()
+    try:
+        run_forward(model, take_samples(example_inputs, 1, next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return sizes
 
 
 @torch.no_grad()

@@ -51,7 +51,7 @@ def _factory(name: str):
     return _REGISTRY[name]
 
 
-from . import ispasp, magnitude, pfp, random  # noqa: E402, F401
+from . import bn_scale, fpgm, gfs, ispasp, magnitude, pfp, random, taylor, thinet  # noqa: E402, F401
 
 __all__ = ["ConsumerView", "GroupView", "Method", "ProducerView", "Selection", "available", "get", "options",
            "register"]

@@ -16,6 +16,10 @@ Variants:
   (m' draws), then multiplies consumer column j by c_j/(m'·p_j), c_j the times j was drawn: the
   importance-sampling estimator whose error PFP bounds. Channels with p_j = 0 are only taken when fewer
   than ``keep`` channels have p_j > 0, with their weights unchanged.
+* ``pfp-top`` (hybrid): with m the number of draws whose expected number of distinct channels is
+  ``keep`` (Σ_j 1 − (1 − p_j)^m = keep), the channels with p_j ≥ 1/m — those sampling would almost
+  surely draw — are kept deterministically with their weights unchanged; the rest of the budget is
+  importance-sampled from the remaining channels (probabilities renormalised), reweighted as above.
 
 The sensitivities are computed in batches (rows × outputs × channels × taps at once), not one sample
 and one filter at a time as in torchprune. ``max_rows`` bounds the rows used per consumer (a seeded
@@ -23,6 +27,8 @@ random subset), which bounds the time: about 4·rows·out·channels·taps multip
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -57,16 +63,31 @@ def sensitivities(consumer: ConsumerView, max_rows: int, generator: torch.Genera
     return best
 
 
+def calibration_size(layer_outputs: list[int], delta: float) -> int:
+    """PFP's calibration-set size |S| = ⌈3·ln(8·η·η*/δ)⌉.
+
+    ``layer_outputs``: output elements per sample of each Conv/Linear layer; η is their sum, η* their max.
+    """
+    eta, eta_max = sum(layer_outputs), max(layer_outputs)
+    return max(1, math.ceil(3 * math.log(8 * eta * eta_max / delta)))
+
+
 class PFP:
-    calib_samples = 256
+    calib_samples = 256  # used only when the model's layer sizes are unknown
     data_informed = True
 
-    def __init__(self, name: str, sample: bool, max_rows: int = 2048):
+    def __init__(self, name: str, mode: str, max_rows: int = 2048, delta: float = 1e-16):
         if not isinstance(max_rows, int) or max_rows < 1:
             raise StructPruneError(f"max_rows must be a positive integer, got {max_rows!r}")
+        if not isinstance(delta, (int, float)) or not 0 < delta < 1:
+            raise StructPruneError(f"delta must be in (0, 1), got {delta!r}")
         self.name = name
-        self.sample = sample
+        self.mode = mode  # "top-k", "sample" or "hybrid"
         self.max_rows = max_rows
+        self.delta = float(delta)
+
+    def default_calib_samples(self, layer_outputs: list[int]) -> int:
+        return calibration_size(layer_outputs, self.delta)
 
     def scores(self, group: GroupView) -> Tensor:
         gen = group.generator()
@@ -77,17 +98,44 @@ class PFP:
         s = self.scores(group)
         total = float(s.sum())
         stats = {"sensitivity_sum": total}
-        if not self.sample or total <= 0:
+        if self.mode == "top-k" or total <= 0:
             return Selection(keep_idx=top_k_sorted(s, keep), stats=stats)
         prob = s / total
-        keep_idx, counts, draws = _sample_until_distinct(prob, keep, group.generator())
-        factor = torch.ones(keep, dtype=torch.float64)
+        factor = torch.ones(group.channels, dtype=torch.float64)
+        fixed = torch.zeros(group.channels, dtype=torch.bool)
+        if self.mode == "hybrid":
+            fixed = prob * draws_for_distinct(prob, keep) >= 1
+            if int(fixed.sum()) >= keep:
+                return Selection(keep_idx=top_k_sorted(s, keep), stats=stats)
+        rest = (~fixed).nonzero().flatten()
+        if float(prob[rest].sum()) <= 0:  # fewer channels matter on this data than the budget keeps
+            return Selection(keep_idx=top_k_sorted(s, keep), stats=stats)
+        rest_prob = prob[rest] / prob[rest].sum()
+        picked, counts, draws = _sample_until_distinct(rest_prob, keep - int(fixed.sum()), group.generator())
         sampled = counts > 0
-        factor[sampled] = counts[sampled] / (draws * prob[keep_idx][sampled])
-        weights = {c.name: c.weight[:, keep_idx.to(c.weight.device)] * factor.to(c.weight)[None, :, None]
+        factor[rest[picked[sampled]]] = counts[sampled] / (draws * rest_prob[picked][sampled])
+        keep_idx = torch.sort(torch.cat([fixed.nonzero().flatten(), rest[picked]])).values
+        weights = {c.name: c.weight[:, keep_idx.to(c.weight.device)] * factor[keep_idx].to(c.weight)[None, :, None]
                    for c in group.consumers}
-        stats.update(draws=draws)
+        stats.update(draws=draws, deterministic=int(fixed.sum()))
         return Selection(keep_idx=keep_idx, consumer_weights=weights, stats=stats)
+
+
+def draws_for_distinct(prob: Tensor, distinct: float) -> float:
+    """m such that m i.i.d. draws from ``prob`` give ``distinct`` distinct channels in expectation."""
+    def expected(m: float) -> float:
+        return float((1 - (1 - prob).pow(m)).sum())
+
+    positive = int((prob > 0).sum())
+    if distinct >= positive:
+        return float("inf")
+    low, high = 0.0, 1.0
+    while expected(high) < distinct:
+        high *= 2
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if expected(mid) < distinct else (low, mid)
+    return high
 
 
 def _sample_until_distinct(prob: Tensor, keep: int, generator: torch.Generator) -> tuple[Tensor, Tensor, int]:
@@ -116,12 +164,22 @@ def _sample_until_distinct(prob: Tensor, keep: int, generator: torch.Generator) 
 
 
 @register("pfp")
-def pfp(max_rows: int = 2048) -> PFP:
-    """Deterministic PFP: top channels by sensitivity. max_rows: calibration rows scored per consumer."""
-    return PFP("pfp", sample=False, max_rows=max_rows)
+def pfp(max_rows: int = 2048, delta: float = 1e-16) -> PFP:
+    """Deterministic PFP: top channels by sensitivity.
+
+    max_rows: calibration rows scored per consumer. delta: failure probability δ_S of PFP's calibration-set
+    size rule ⌈3·ln(8·η·η*/δ_S)⌉, the default number of calibration samples.
+    """
+    return PFP("pfp", mode="top-k", max_rows=max_rows, delta=delta)
 
 
 @register("pfp-rand")
-def pfp_rand(max_rows: int = 2048) -> PFP:
+def pfp_rand(max_rows: int = 2048, delta: float = 1e-16) -> PFP:
     """PFP with importance sampling and reweighting of the kept channels' consumer weights."""
-    return PFP("pfp-rand", sample=True, max_rows=max_rows)
+    return PFP("pfp-rand", mode="sample", max_rows=max_rows, delta=delta)
+
+
+@register("pfp-top")
+def pfp_top(max_rows: int = 2048, delta: float = 1e-16) -> PFP:
+    """Hybrid PFP: channels with p_j ≥ 1/m kept deterministically, the rest importance-sampled and reweighted."""
+    return PFP("pfp-top", mode="hybrid", max_rows=max_rows, delta=delta)

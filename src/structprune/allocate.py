@@ -1,0 +1,335 @@
+"""Budgets: how many channels each group keeps.
+
+A budget is one of
+
+* a number r in (0, 1]: every group keeps ⌈r·channels⌉ (:class:`Uniform`);
+* a dict of group-name patterns to keep ratios, e.g. ``{"layer3.*": 0.25, "*": 0.75}`` (:class:`PerLayer`);
+* :class:`Target`: a fraction of the dense model's MACs (``metric="flops"``) or parameters to keep,
+  met on the *real* pruned model (residual and concatenation coupling included). With
+  ``allocation="uniform"`` one keep ratio shared by all groups is searched; with ``allocation="pfp"``
+  the per-group counts follow PFP's δ-based rule (below) with one ε shared by all groups.
+
+Sizes are measured, not modelled: a candidate allocation is applied to a copy of the model (first-k
+channels; sizes do not depend on which channels) and counted with the same counter as the report.
+
+PFP allocation (Liebenwein et al., 2020). For group ℓ with channel sensitivities s_j on calibration
+data (see :mod:`structprune.methods.pfp`), S_ℓ = Σ_j s_j, p_j = s_j/S_ℓ, P_ℓ output positions and κ_ℓ
+taps of its consumer (the largest α over consumers):
+
+    α_ℓ = 2·3·ln(8·(P_ℓ + 1)·κ_ℓ/δ)
+    m_ℓ(ε) = max(1, ⌈3·(6 + 2ε)·α_ℓ·S_ℓ/ε²⌉)
+    keep_ℓ(ε) = clip(⌈Σ_j 1 − (1 − p_j)^m_ℓ⌉, 1, C_ℓ)
+
+keep_ℓ falls as ε grows; ε is found by bisection (in log ε) so that the pruned model meets the target.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .errors import StructPruneError
+from .graph import PruningGraph
+from .measure import count
+
+METRICS = {"flops": "macs", "params": "params"}
+
+
+@dataclass(frozen=True)
+class Uniform:
+    """Every group keeps ⌈ratio·channels⌉ channels."""
+
+    ratio: float
+
+    def __post_init__(self):
+        _check_ratio(self.ratio, "ratio")
+
+
+@dataclass(frozen=True)
+class PerLayer:
+    """Keep ratios by group: the first pattern (fnmatch, against the group's or a producer's name) that
+    matches a group gives its ratio; groups no pattern matches keep ``default``."""
+
+    ratios: dict
+    default: float = 1.0
+
+    def __post_init__(self):
+        if not self.ratios:
+            raise StructPruneError("per-layer budget: give at least one PATTERN=RATIO")
+        for pattern, ratio in self.ratios.items():
+            if not isinstance(pattern, str):
+                raise StructPruneError(f"per-layer budget: patterns must be strings, got {pattern!r}")
+            _check_ratio(ratio, f"ratio of {pattern!r}")
+        _check_ratio(self.default, "default ratio")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Keep ``fraction`` of the dense model's MACs (metric "flops") or parameters (metric "params").
+
+    allocation: "uniform" (one keep ratio for all groups) or "pfp" (PFP's δ-based per-group counts).
+    delta: PFP's failure probability δ (allocation "pfp" only).
+    tolerance: the pruned size must be within ``tolerance·fraction`` of the target; when no allocation of
+        whole channels gets that close, the closest one is used and the report says how far it is.
+    """
+
+    fraction: float
+    metric: str = "flops"
+    allocation: str = "uniform"
+    delta: float = 1e-16
+    tolerance: float = 0.01
+
+    def __post_init__(self):
+        _check_ratio(self.fraction, f"target {self.metric} fraction")
+        if self.metric not in METRICS:
+            raise StructPruneError(f"target metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        if self.allocation not in ("uniform", "pfp"):
+            raise StructPruneError(f"allocation must be 'uniform' or 'pfp', got {self.allocation!r}")
+        if not 0 < self.delta < 1:
+            raise StructPruneError(f"delta must be in (0, 1), got {self.delta!r}")
+        if not 0 < self.tolerance < 1:
+            raise StructPruneError(f"tolerance must be in (0, 1), got {self.tolerance!r}")
+
+
+Budget = Uniform | PerLayer | Target
+
+
+def as_budget(budget) -> Budget:
+    """A budget from a number (uniform ratio), a dict (per-layer ratios) or a budget object."""
+    if isinstance(budget, (Uniform, PerLayer, Target)):
+        return budget
+    if isinstance(budget, dict):
+        return PerLayer(dict(budget))
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        return Uniform(float(budget))
+    raise StructPruneError(f"budget: a keep ratio must be in (0, 1], or give a dict of layer patterns to ratios "
+                           f"or structprune.Target(...); got {budget!r}")
+
+
+def keep_count(channels: int, ratio: float, round_to: int | None = None) -> int:
+    """⌈ratio·channels⌉, rounded up to a multiple of ``round_to``, within [1, channels]."""
+    keep = max(1, math.ceil(ratio * channels - 1e-9))
+    return min(channels, _round_up(keep, round_to))
+
+
+def _round_up(keep: int, round_to: int | None) -> int:
+    return keep if not round_to else round_to * math.ceil(keep / round_to)
+
+
+def _check_ratio(value, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise StructPruneError(f"{what} must be in (0, 1] (the fraction kept), got {value!r}")
+
+
+class Sizer:
+    """Params and MACs of the model with given per-group keep counts, measured on a pruned copy.
+
+    ``graph`` is a :class:`PruningGraph` of ``model`` before any pruning; the model is copied here, so
+    the caller may prune it afterwards.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs, ignored_layers: list[str], graph: PruningGraph):
+        self.model = copy.deepcopy(model).eval()
+        self.example_inputs = example_inputs
+        self.ignored = list(ignored_layers)
+        groups = graph.all_groups()
+        self.groups = {g.name: g.channels for g in groups}
+        self.layer_names = {g.name: [g.name] + [p.name for p in g.producers] for g in groups}
+        self.dense = count(self.model, example_inputs)
+        self._cache: dict[tuple, dict[str, int]] = {}
+
+    def _graph(self, model: nn.Module) -> PruningGraph:
+        return PruningGraph(model, self.example_inputs, [model.get_submodule(n) for n in self.ignored])
+
+    def size(self, keeps: dict[str, int]) -> dict[str, int]:
+        key = tuple(keeps.get(name, channels) for name, channels in self.groups.items())
+        if key not in self._cache:
+            model = copy.deepcopy(self.model)
+            graph = self._graph(model)
+            for group in graph.groups():
+                graph.apply(group, torch.arange(keeps.get(group.name, group.channels)))
+            self._cache[key] = count(model, self.example_inputs)
+        return self._cache[key]
+
+    def fraction(self, keeps: dict[str, int], metric: str) -> float:
+        key = METRICS[metric]
+        return self.size(keeps)[key] / max(self.dense[key], 1)
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    """What PFP's allocation needs about one group (see the module docstring)."""
+
+    name: str
+    channels: int
+    prob: Tensor  # p_j
+    total: float  # S_ℓ
+    span: float  # (P_ℓ + 1)·κ_ℓ, the argument of α_ℓ's logarithm (largest over the group's consumers)
+
+
+@dataclass
+class Allocation:
+    """Keep counts per group, and how they were found."""
+
+    keeps: dict[str, int]
+    info: dict
+
+
+def plan(budget: Budget, sizer: Sizer, round_to: int | None = None,
+         sensitivities: Callable[[], list[LayerSensitivity]] | None = None) -> Allocation:
+    """Per-group keep counts for ``budget``.
+
+    ``sensitivities`` computes PFP's per-group statistics on demand (only for ``Target(allocation="pfp")``).
+    """
+    if round_to is not None and (not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1):
+        raise StructPruneError(f"round_to must be a positive integer, got {round_to!r}")
+    groups = sizer.groups
+    if isinstance(budget, Uniform):
+        keeps = {name: keep_count(c, budget.ratio, round_to) for name, c in groups.items()}
+        return Allocation(keeps, {"budget": "uniform", "ratio": budget.ratio})
+    if isinstance(budget, PerLayer):
+        return Allocation(_per_layer(budget, sizer, round_to), {"budget": "per-layer", "ratios": budget.ratios,
+                                                                "default": budget.default})
+    if budget.allocation == "uniform":
+        keeps = _search_uniform(budget, sizer, round_to)
+    else:
+        if sensitivities is None:
+            raise StructPruneError("PFP allocation needs calibration data")
+        keeps = _search_pfp(budget, sizer, round_to, sensitivities())
+    achieved = sizer.fraction(keeps, budget.metric)
+    info = {"budget": "target", "metric": budget.metric, "allocation": budget.allocation,
+            "target": budget.fraction, "achieved": achieved,
+            "relative_error": abs(achieved - budget.fraction) / budget.fraction,
+            "size_evaluations": len(sizer._cache)}
+    if budget.allocation == "pfp":
+        info["delta"] = budget.delta
+    return Allocation(keeps, info)
+
+
+def _per_layer(budget: PerLayer, sizer: Sizer, round_to: int | None) -> dict[str, int]:
+    names = sizer.layer_names
+    used = set()
+    keeps = {}
+    for group, channels in sizer.groups.items():
+        ratio = budget.default
+        for pattern, value in budget.ratios.items():
+            if any(fnmatch.fnmatchcase(n, pattern) for n in names[group]):
+                ratio = value
+                used.add(pattern)
+                break
+        keeps[group] = keep_count(channels, ratio, round_to)
+    unused = [p for p in budget.ratios if p not in used]
+    if unused:
+        raise StructPruneError(f"per-layer budget: {', '.join(map(repr, unused))} matches no prunable group; "
+                               f"the groups are: {', '.join(sizer.groups)}")
+    return keeps
+
+
+def _closest(candidates: list[dict[str, int]], budget: Target, sizer: Sizer) -> dict[str, int]:
+    return min(candidates, key=lambda k: abs(sizer.fraction(k, budget.metric) - budget.fraction))
+
+
+def _within(keeps: dict[str, int], budget: Target, sizer: Sizer) -> bool:
+    return abs(sizer.fraction(keeps, budget.metric) - budget.fraction) <= budget.tolerance * budget.fraction
+
+
+def _search_uniform(budget: Target, sizer: Sizer, round_to: int | None) -> dict[str, int]:
+    """The keep ratio shared by all groups whose real size is closest to the target.
+
+    Keep counts only change at ratios k/C, so the search bisects over those breakpoints; if the two
+    neighbouring breakpoints straddle the target by more than the tolerance, the groups that differ
+    between them are grown one at a time from the smaller one.
+    """
+    groups = sizer.groups
+    ratios = sorted({k / c for c in groups.values() for k in range(1, c + 1)})
+
+    def keeps_at(ratio: float) -> dict[str, int]:
+        return {name: keep_count(c, ratio, round_to) for name, c in groups.items()}
+
+    low, high = 0, len(ratios) - 1  # invariant: fraction(ratios[low]) <= target or low == 0
+    if sizer.fraction(keeps_at(ratios[high]), budget.metric) <= budget.fraction:
+        return keeps_at(ratios[high])
+    while high - low > 1:
+        mid = (low + high) // 2
+        if sizer.fraction(keeps_at(ratios[mid]), budget.metric) <= budget.fraction:
+            low = mid
+        else:
+            high = mid
+    return _refine(keeps_at(ratios[low]), keeps_at(ratios[high]), budget, sizer, round_to or 1)
+
+
+def _refine(below: dict[str, int], above: dict[str, int], budget: Target, sizer: Sizer,
+            step: int = 1) -> dict[str, int]:
+    """The closest to the target of ``below``, ``above`` and, if neither is within the tolerance, the
+    allocations met on the way from ``below`` to ``above``: each group in turn (shallow to deep) grows by
+    ``step`` channels while that stays under the target."""
+    candidates = [below, above]
+    current = dict(below)
+    for name in sizer.groups:
+        while current[name] < above[name] and not _within(_closest(candidates, budget, sizer), budget, sizer):
+            grown = {**current, name: min(above[name], current[name] + step)}
+            candidates.append(grown)
+            if sizer.fraction(grown, budget.metric) > budget.fraction:
+                break  # overshoots: leave this group, try growing the next one
+            current = grown
+    return _closest(candidates, budget, sizer)
+
+
+def pfp_keep(layer: LayerSensitivity, epsilon: float, delta: float) -> int:
+    """keep_ℓ(ε) of PFP's allocation (module docstring)."""
+    if layer.total <= 0:
+        return 1
+    alpha = 6 * math.log(8 * layer.span / delta)
+    draws = max(1.0, math.ceil(3 * (6 + 2 * epsilon) * alpha * layer.total / epsilon**2))
+    expected = float((1 - (1 - layer.prob.double()).pow(draws)).sum())
+    return min(layer.channels, max(1, math.ceil(expected - 1e-9)))
+
+
+def _search_pfp(budget: Target, sizer: Sizer, round_to: int | None,
+                layers: list[LayerSensitivity]) -> dict[str, int]:
+    """One ε for all groups, by bisection in log ε, so that the pruned size meets the target."""
+    def keeps_at(log_eps: float) -> dict[str, int]:
+        eps = math.exp(log_eps)
+        return {layer.name: min(layer.channels, _round_up(pfp_keep(layer, eps, budget.delta), round_to))
+                for layer in layers}
+
+    low, high = math.log(1e-4), math.log(1e8)  # small ε keeps everything, large ε keeps one per group
+    if sizer.fraction(keeps_at(low), budget.metric) <= budget.fraction:
+        return keeps_at(low)
+    if sizer.fraction(keeps_at(high), budget.metric) > budget.fraction:
+        return keeps_at(high)  # the target is below the smallest model PFP allocates: the closest one
+    for _ in range(60):
+        mid = (low + high) / 2
+        if sizer.fraction(keeps_at(mid), budget.metric) > budget.fraction:
+            low = mid
+        else:
+            high = mid
+        if high - low < 1e-6:
+            break
+    return _refine(keeps_at(high), keeps_at(low), budget, sizer, round_to or 1)
+
+
+def pfp_sensitivities(model: nn.Module, graph: PruningGraph, batches: list, memory_bytes: int, seed: int,
+                      max_rows: int = 2048) -> list[LayerSensitivity]:
+    """PFP's per-group statistics on the model as it is (dense), for :func:`plan`."""
+    from .capture import capture
+    from .measure import output_sizes
+    from .methods.pfp import sensitivities
+
+    positions = {name: size["positions"] for name, size in output_sizes(model, batches[0]).items()}
+    layers = []
+    for group in graph.groups():
+        view = capture(model, group, batches, memory_bytes=memory_bytes, seed=seed)
+        gen = view.generator()
+        scores = torch.stack([sensitivities(c, max_rows, gen).cpu() for c in view.consumers]).amax(dim=0).double()
+        total = float(scores.sum())
+        prob = scores / total if total > 0 else torch.full_like(scores, 1 / len(scores))
+        span = max((positions.get(c.name, 1) + 1) * c.weight.shape[2] for c in view.consumers)
+        layers.append(LayerSensitivity(group.name, group.channels, prob, total, float(span)))
+    return layers

@@ -1,0 +1,75 @@
+"""Reports: Markdown tables and matplotlib plots of evaluations and comparisons."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def eval_table(rows: list[dict]) -> str:
+    """A Markdown table of ``structprune eval`` rows, with params and MACs relative to the first row."""
+    base = rows[0]
+    lines = ["| checkpoint | accuracy (%) | params | MACs | params kept | MACs kept | latency b=1 (ms) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['checkpoint']} | {row['accuracy']:.2f} | {row['params']:,} | {row['macs']:,} | "
+                     f"{row['params'] / base['params']:.1%} | {row['macs'] / base['macs']:.1%} | "
+                     f"{row['latency_ms_batch1']:.3f} |")
+    return "\n".join(lines)
+
+
+def compare_table(rows: list[dict], dense_accuracy: float | None) -> str:
+    """A Markdown table of ``structprune compare`` rows (one per method and target)."""
+    tuned = any("accuracy_finetuned" in r for r in rows)
+    head = "| method | target | MACs kept | params kept | accuracy pruned (%) |"
+    rule = "|---|---:|---:|---:|---:|"
+    if tuned:
+        head += " accuracy fine-tuned (%) |"
+        rule += "---:|"
+    lines = [head + " prune time (s) |", rule + "---:|"]
+    if dense_accuracy is not None:
+        lines.append(f"| dense | 1.00 | 100.0% | 100.0% | {dense_accuracy:.2f} |" + (" |" if tuned else "") + " |")
+    for r in rows:
+        line = (f"| {r['method']} | {r['target']:.2f} | {r['macs_ratio']:.1%} | {r['params_ratio']:.1%} | "
+                f"{_num(r.get('accuracy_pruned'))} |")
+        if tuned:
+            line += f" {_num(r.get('accuracy_finetuned'))} |"
+        lines.append(line + f" {r['prune_seconds']:.2f} |")
+    return "\n".join(lines)
+
+
+def _num(value) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def plot_compare(rows: list[dict], path: str | os.PathLike, title: str, dense_accuracy: float | None = None,
+                 x: str = "macs_ratio") -> Path:
+    """Accuracy vs remaining MACs (or params) per method, pruned (solid) and fine-tuned (dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods: Sequence[str] = list(dict.fromkeys(r["method"] for r in rows))
+    for i, method in enumerate(methods):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r[x])
+        color = f"C{i % 10}"
+        if any(r.get("accuracy_pruned") is not None for r in mine):
+            ax.plot([r[x] for r in mine], [r["accuracy_pruned"] for r in mine], "o-", color=color, label=method)
+        if any("accuracy_finetuned" in r for r in mine):
+            ax.plot([r[x] for r in mine], [r["accuracy_finetuned"] for r in mine], "s--", color=color,
+                    label=f"{method} (fine-tuned)")
+    if dense_accuracy is not None:
+        ax.axhline(dense_accuracy, color="black", linestyle=":", label="dense")
+    ax.set_xlabel("remaining MACs (fraction of dense)" if x == "macs_ratio" else "remaining params (fraction)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
