@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 import structprune
 from structprune.cli import main
 
@@ -50,9 +52,89 @@ def test_info_on_a_fresh_zoo_model(capsys):
 
 
 def test_every_command_has_help(capsys):
-    for command in ("train", "prune", "eval", "info"):
+    for command in ("train", "finetune", "prune", "compare", "eval", "info"):
         try:
             main([command, "--help"])
         except SystemExit as exc:
             assert exc.code == 0
         assert "usage: structprune " + command in capsys.readouterr().out
+
+
+def _trained(tmp_path, fmnist_dir):
+    dense = tmp_path / "lenet5.pt"
+    assert main(["train", "--model", "lenet5", "--data-dir", str(fmnist_dir), "--epochs", "1", "--batch-size", "16",
+                 "--out", str(dense), "--no-progress"]) == 0
+    return dense
+
+
+def test_prune_to_a_flops_target_with_a_cascade(tmp_path, fmnist_dir):
+    dense = _trained(tmp_path, fmnist_dir)
+    out = tmp_path / "cascade.pt"
+    assert main(["prune", str(dense), "--method", "magnitude", "--target-flops", "0.5", "--schedule", "cascade",
+                 "--steps", "3", "--finetune-epochs", "1", "--batch-size", "16", "--data-dir", str(fmnist_dir),
+                 "--out", str(out), "--no-progress"]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [step["step"] for step in report["steps"]] == [1, 2, 3]
+    assert all("accuracy_finetuned" in step for step in report["steps"])
+    assert report["macs_ratio"] == report["steps"][-1]["macs_ratio"]
+    assert abs(report["macs_ratio"] - 0.5) < 0.05
+    assert structprune.load(out)(structprune.checkpoint.example_input(structprune.load(out))).shape == (1, 10)
+
+
+def test_prune_budget_flags_are_validated(tmp_path, fmnist_dir, capsys):
+    dense = _trained(tmp_path, fmnist_dir)
+    common = ["--data-dir", str(fmnist_dir), "--out", str(tmp_path / "x.pt"), "--no-progress"]
+    for flags, message in [
+        (["--ratio", "0.5", "--target-flops", "0.5"], "exclude each other"),
+        (["--target-flops", "0.5", "--target-params", "0.5"], "only one of"),
+        (["--allocation", "pfp"], "needs --target-flops"),
+        (["--schedule", "sequential"], "--layer-finetune-epochs"),
+        (["--layer-ratio", "nothing*=0.5"], "matches no prunable group"),
+    ]:
+        assert main(["prune", str(dense), *flags, *common]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_compare_writes_table_json_and_plot(tmp_path, fmnist_dir, capsys):
+    dense = _trained(tmp_path, fmnist_dir)
+    out_dir = tmp_path / "cmp"
+    args = ["compare", str(dense), "--methods", "ispasp,magnitude,thinet", "--targets", "0.7,0.4",
+            "--calib-samples", "32", "--finetune-epochs", "1", "--batch-size", "16", "--data-dir", str(fmnist_dir),
+            "--out-dir", str(out_dir), "--no-progress"]
+    assert main(args) == 0
+    payload = json.loads((out_dir / "compare.json").read_text())
+    assert [(r["method"], r["target"]) for r in payload["rows"]] == [
+        (m, t) for m in ("ispasp", "magnitude", "thinet") for t in (0.7, 0.4)]
+    assert all({"accuracy_pruned", "accuracy_finetuned", "prune_seconds", "macs_ratio"} <= set(r)
+               for r in payload["rows"])
+    assert (out_dir / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| thinet | 0.40 |" in (out_dir / "compare.md").read_text()
+    assert main(args) == 2 and "already exists" in capsys.readouterr().err  # nothing overwritten
+
+
+def test_finetune_resumes_an_interrupted_run(tmp_path, fmnist_dir, capsys, monkeypatch):
+    dense = _trained(tmp_path, fmnist_dir)
+    args = ["finetune", str(dense), "--epochs", "2", "--batch-size", "16", "--data-dir", str(fmnist_dir),
+            "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "ref.pt")]) == 0
+
+    import structprune.finetune as finetune
+
+    real_save = finetune._save_state
+
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+
+    monkeypatch.setattr(finetune, "_save_state", save_then_die)
+    out = tmp_path / "tuned.pt"
+    assert main(args + ["--out", str(out)]) == 130
+    monkeypatch.setattr(finetune, "_save_state", real_save)
+    assert not out.exists() and (tmp_path / "tuned.pt.state").exists()
+    assert main(args + ["--out", str(out)]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert main(args + ["--out", str(out), "--resume"]) == 0
+    ref, tuned = structprune.load(tmp_path / "ref.pt"), structprune.load(out)
+    for a, b in zip(ref.state_dict().values(), tuned.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

@@ -35,7 +35,7 @@ def calib(seed: int = 1) -> list:
     return [(torch.randn(256, INPUTS, generator=gen), torch.zeros(256, dtype=torch.long))]
 
 
-@pytest.mark.parametrize("method", ["ispasp", "pfp", "pfp-rand"])
+@pytest.mark.parametrize("method", ["ispasp", "pfp", "pfp-rand", "pfp-top", "gfs", "thinet"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_data_informed_methods_recover_planted_support(method, seed):
     net, planted = planted_net(seed)
@@ -43,7 +43,7 @@ def test_data_informed_methods_recover_planted_support(method, seed):
     (layer,) = result.layers
     assert layer["kept"] == PLANTED
     assert torch.equal(result.model[0].weight, net[0].weight[planted])
-    if method != "pfp-rand":  # pfp-rand reweights the consumer, so only the kept set is exact
+    if method not in ("pfp-rand", "pfp-top"):  # these reweight the consumer: only the kept set is exact
         x = calib(seed + 10)[0][0]
         assert torch.allclose(result.model(x), net(x), atol=1e-5)
         assert layer["relative_residual"] < 1e-6

@@ -70,6 +70,6 @@ def plot_compare(rows: list[dict], path: str | os.PathLike, title: str, dense_ac
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
     return path

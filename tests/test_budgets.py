@@ -1,0 +1,80 @@
+"""Budgets: FLOPs/params targets are met on the real pruned model, per-layer patterns, PFP allocation, round_to."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import structprune
+from conftest import calibration, make_zoo_model
+from structprune import PerLayer, StructPruneError, Target, allocate, models
+
+
+def full_width(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return models.create(name, num_classes=10, in_channels=1).eval()
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
+@pytest.mark.parametrize("metric, target", [("flops", 0.5), ("flops", 0.3), ("params", 0.6)])
+def test_target_lands_within_one_percent(name, metric, target):
+    model = full_width(name)
+    result = structprune.prune(model, calibration((1, 28, 28), samples=8), "magnitude", Target(target, metric),
+                               progress=False)
+    key = allocate.METRICS[metric]
+    measured = result.after[key] / result.before[key]
+    assert abs(measured - target) <= 0.01 * target
+    assert result.budget["achieved"] == pytest.approx(measured)
+    assert structprune.measure.count(result.model, torch.zeros(1, 1, 28, 28)) == result.after
+
+
+def test_pfp_allocation_meets_target_with_uneven_layers():
+    model, shape = make_zoo_model("resnet20")
+    result = structprune.prune(model, calibration(shape, samples=16), "pfp", Target(0.5, allocation="pfp"),
+                               calib_samples=16, progress=False)
+    assert result.budget["allocation"] == "pfp"
+    assert abs(result.after["macs"] / result.before["macs"] - 0.5) <= 0.05  # width 0.5: one channel is ~1%
+    ratios = {layer["kept"] / layer["channels"] for layer in result.layers}
+    assert len(ratios) > 2  # PFP gives layers different ratios
+
+
+def test_pfp_keep_count_falls_as_epsilon_grows():
+    prob = torch.softmax(torch.randn(64, generator=torch.Generator().manual_seed(0)), 0).double()
+    layer = allocate.LayerSensitivity("x", 64, prob, total=3.0, span=100.0)
+    keeps = [allocate.pfp_keep(layer, eps, 1e-16) for eps in (0.01, 0.1, 1, 10, 100, 1e4)]
+    assert keeps == sorted(keeps, reverse=True) and keeps[0] == 64 and keeps[-1] < 64
+
+
+def test_per_layer_patterns_first_match_wins():
+    model, shape = make_zoo_model("resnet20")
+    budget = PerLayer({"layer3.*": 0.25, "layer*.conv1": 0.5})
+    result = structprune.prune(model, calibration(shape), "magnitude", budget, progress=False)
+    kept = {layer["group"]: (layer["kept"], layer["channels"]) for layer in result.layers}
+    assert kept["layer3.1.conv1"] == (8, 32)  # 0.25 of 32: layer3.* comes first
+    assert kept["layer1.1.conv1"] == (4, 8)
+    assert kept["conv1"] == (8, 8)  # matched by nothing: default keeps all
+
+
+def test_per_layer_pattern_matching_nothing_is_an_error():
+    model, shape = make_zoo_model("lenet5")
+    with pytest.raises(StructPruneError, match="'nope.*' matches no prunable group; the groups are: conv1"):
+        structprune.prune(model, calibration(shape), "magnitude", {"nope.*": 0.5}, progress=False)
+
+
+def test_round_to_gives_multiples():
+    model, shape = make_zoo_model("vgg16")
+    result = structprune.prune(model, calibration(shape), "magnitude", 0.3, round_to=4, progress=False)
+    assert all(layer["kept"] % 4 == 0 or layer["kept"] == layer["channels"] for layer in result.layers)
+
+
+def test_bad_budgets_are_clear():
+    for bad, match in [(lambda: Target(0.5, metric="latency"), "metric must be one of flops, params"),
+                       (lambda: Target(1.5), r"must be in \(0, 1\]"),
+                       (lambda: Target(0.5, allocation="greedy"), "allocation must be"),
+                       (lambda: PerLayer({}), "at least one"),
+                       (lambda: PerLayer({"a": 2}), r"ratio of 'a' must be in \(0, 1\]")]:
+        with pytest.raises(StructPruneError, match=match):
+            bad()
+    model, shape = make_zoo_model("lenet5")
+    with pytest.raises(StructPruneError, match="round_to must be a positive integer"):
+        structprune.prune(model, calibration(shape), "magnitude", 0.5, round_to=0, progress=False)
