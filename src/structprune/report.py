@@ -51,7 +51,7 @@ def plot_compare(rows: list[dict], path: str | os.PathLike, title: str, dense_ac
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     methods: Sequence[str] = list(dict.fromkeys(r["method"] for r in rows))
     for i, method in enumerate(methods):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r[x])
@@ -67,7 +67,7 @@ def plot_compare(rows: list[dict], path: str | os.PathLike, title: str, dense_ac
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120, format="png")
