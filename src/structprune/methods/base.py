@@ -45,23 +45,32 @@ class ConsumerView:
             out = out + self.bias
         return out * self.output_scale
 
-    def contribution_gram(self, chunk_elements: int = 2**24) -> Tensor:
+    def contribution_gram(self, max_pairs: int = 65536, generator: torch.Generator | None = None) -> Tensor:
         """Gram matrix (C, C), float64, of the channels' contributions to the output.
 
         Channel c contributes ``x_c[m, o] = scale[o] * Σ_k Z[m, c, k] W[o, c, k]`` to the output, so
         ``‖Y − f(H_S)‖² = Σ_{i, j ∉ S} G[i, j]`` for any kept set S (the bias cancels). Greedy selection
-        on G (ThiNet, GFS) is then exact and costs O(C²) per step instead of a pass over the data.
+        on G (ThiNet, GFS) is then exact and costs O(C) per step instead of a pass over the data.
+        With more than ``max_pairs`` (row, output) pairs, G is estimated from that many pairs drawn
+        uniformly (ThiNet samples them the same way), scaled to the full sum; the cost is
+        O(pairs·C·(taps + C)).
         """
-        rows, channels, taps = self.inputs.shape
+        rows, channels, _ = self.inputs.shape
         out = self.weight.shape[0]
+        if rows * out <= max_pairs:
+            row_idx = torch.arange(rows).repeat_interleave(out)
+            out_idx = torch.arange(out).repeat(rows)
+        else:
+            pairs = torch.randint(0, rows * out, (max_pairs,), generator=generator)
+            row_idx, out_idx = pairs // out, pairs % out
         gram = torch.zeros(channels, channels, dtype=torch.float64, device=self.inputs.device)
-        chunk = max(1, chunk_elements // max(out * channels * max(taps, 1), 1))
-        for start in range(0, rows, chunk):
-            z = self.inputs[start:start + chunk]
-            contribution = torch.einsum("mck,ock->moc", z, self.weight) * self.output_scale[None, :, None]
-            flat = contribution.reshape(-1, channels).double()
-            gram += flat.T @ flat
-        return gram.cpu()
+        chunk = max(1, 2**23 // self.inputs[0].numel())
+        for start in range(0, len(row_idx), chunk):
+            r = row_idx[start:start + chunk].to(self.inputs.device)
+            o = out_idx[start:start + chunk].to(self.inputs.device)
+            x = (self.inputs[r] * self.weight[o]).sum(dim=2) * self.output_scale[o, None]  # (pairs, C)
+            gram += x.double().T @ x.double()
+        return (gram * (rows * out / len(row_idx))).cpu()
 
 
 @dataclass(frozen=True)

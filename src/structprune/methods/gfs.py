@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import StructPruneError
 from . import register
 from .base import GroupView, Selection
 
@@ -25,8 +26,14 @@ class GFS:
     calib_samples = 1280
     data_informed = True
 
+    def __init__(self, max_pairs: int = 65536):
+        if not isinstance(max_pairs, int) or max_pairs < 1:
+            raise StructPruneError(f"max_pairs must be a positive integer, got {max_pairs!r}")
+        self.max_pairs = max_pairs
+
     def select(self, group: GroupView, keep: int) -> Selection:
-        gram = sum(c.contribution_gram() for c in group.consumers)
+        gen = group.generator()
+        gram = sum(c.contribution_gram(self.max_pairs, gen) for c in group.consumers)
         channels = group.channels
         kept = torch.zeros(channels, dtype=torch.bool)
         # residual(S) = 1ᵀG1 − 2·Σ_{i∈S} (G1)_i + 1_SᵀG1_S; adding i changes it by −2(G1)_i + 2(G1_S)_i + G_ii
@@ -43,6 +50,9 @@ class GFS:
 
 
 @register("gfs")
-def gfs() -> GFS:
-    """Grow the kept set greedily, each time adding the channel that most reduces the output residual."""
-    return GFS()
+def gfs(max_pairs: int = 65536) -> GFS:
+    """Grow the kept set greedily, each time adding the channel that most reduces the output residual.
+
+    max_pairs: (calibration row, output unit) pairs the residual is computed on (sampled when there are more).
+    """
+    return GFS(max_pairs)

@@ -6,7 +6,7 @@ already removed, changes the consumer's output least on calibration data:
     T = ∅;  repeat C − keep times:  T ← T ∪ {argmin_i ‖Σ_{j ∈ T ∪ {i}} x_j‖²}
 
 where x_j is channel j's contribution to the consumer outputs (all calibration rows and output units;
-the paper samples a few of them). With G the Gram matrix of the contributions the objective is
+the paper samples some of them: ``max_pairs``). With G the Gram matrix of the contributions the objective is
 1_Tᵀ G 1_T, so every step is exact and O(C). The paper's optional least-squares rescaling of the kept
 channels is ``prune(..., refit=True)``.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import StructPruneError
 from . import register
 from .base import GroupView, Selection
 
@@ -24,8 +25,14 @@ class ThiNet:
     calib_samples = 256
     data_informed = True
 
+    def __init__(self, max_pairs: int = 65536):
+        if not isinstance(max_pairs, int) or max_pairs < 1:
+            raise StructPruneError(f"max_pairs must be a positive integer, got {max_pairs!r}")
+        self.max_pairs = max_pairs
+
     def select(self, group: GroupView, keep: int) -> Selection:
-        gram = sum(c.contribution_gram() for c in group.consumers)
+        gen = group.generator()
+        gram = sum(c.contribution_gram(self.max_pairs, gen) for c in group.consumers)
         channels = group.channels
         removed = torch.zeros(channels, dtype=torch.bool)
         cross = torch.zeros(channels, dtype=torch.float64)  # G 1_T
@@ -41,6 +48,10 @@ class ThiNet:
 
 
 @register("thinet")
-def thinet() -> ThiNet:
-    """Greedily remove the channels that change the consumer output least."""
-    return ThiNet()
+def thinet(max_pairs: int = 65536) -> ThiNet:
+    """Greedily remove the channels that change the consumer output least.
+
+    max_pairs: (calibration row, output unit) pairs the contribution statistics are computed on (sampled
+    when there are more).
+    """
+    return ThiNet(max_pairs)
