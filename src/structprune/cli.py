@@ -11,6 +11,7 @@ import ast
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -272,9 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (skipped groups, missed targets) as one line each, without the source line."""
+    text = str(message)
+    print(text if text.startswith("structprune") else f"warning: {text}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.showwarning = _one_line_warning
     try:
         torch.manual_seed(getattr(args, "seed", 0))
         commands = {"train": cmd_train, "finetune": cmd_finetune, "prune": cmd_prune, "compare": cmd_compare,
