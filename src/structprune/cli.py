@@ -44,10 +44,6 @@ def _positive(text: str) -> int:
     return value
 
 
-def _fraction(text: str) -> float:
-    return _ratio(text)
-
-
 def _fractions(text: str) -> list[float]:
     try:
         return [_ratio(part) for part in text.split(",") if part.strip()]
@@ -138,9 +134,9 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layer-ratio", type=_layer_ratio, action="append", default=[], metavar="PATTERN=RATIO",
                    help="keep ratio of the groups whose name (or a producer's) matches PATTERN (fnmatch, "
                         "first match wins), repeatable; see `structprune info` for the group names")
-    g.add_argument("--target-flops", type=_fraction, default=None,
+    g.add_argument("--target-flops", type=_ratio, default=None,
                    help="keep this fraction of the dense model's MACs, met on the real pruned model")
-    g.add_argument("--target-params", type=_fraction, default=None,
+    g.add_argument("--target-params", type=_ratio, default=None,
                    help="keep this fraction of the dense model's parameters")
     g.add_argument("--allocation", default="uniform", choices=["uniform", "pfp"],
                    help="how a target is split among groups: one shared ratio, or PFP's δ-based allocation "
