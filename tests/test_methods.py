@@ -53,8 +53,7 @@ def test_refit_never_increases_reconstruction_error(method, name):
     for view in _views(name):
         keep = max(1, view.channels // 3)
         selection = chooser.select(view, keep)
-        _, stats = refit(view, selection)
-        for consumer_stats in stats["refit"].values():
+        for consumer_stats in refit(view, selection).stats["refit"].values():
             assert consumer_stats["error_after"] <= consumer_stats["error_before"] * (1 + 1e-9)
 
 

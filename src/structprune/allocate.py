@@ -130,12 +130,12 @@ def _check_ratio(value, what: str) -> None:
 class Sizer:
     """Params and MACs of the model with given per-group keep counts, measured on a pruned copy.
 
-    ``graph`` is a :class:`PruningGraph` of ``model`` before any pruning; the model is copied here, so
-    the caller may prune it afterwards.
+    ``model`` must stay as it is while the Sizer is used (each evaluation prunes a fresh copy of it);
+    ``graph`` is a :class:`PruningGraph` of a model with the same structure, before any pruning.
     """
 
     def __init__(self, model: nn.Module, example_inputs, ignored_layers: list[str], graph: PruningGraph):
-        self.model = copy.deepcopy(model).eval()
+        self.model = model
         self.example_inputs = example_inputs
         self.ignored = list(ignored_layers)
         groups = graph.all_groups()
@@ -320,14 +320,13 @@ def pfp_sensitivities(model: nn.Module, graph: PruningGraph, batches: list, memo
     """PFP's per-group statistics on the model as it is (dense), for :func:`plan`."""
     from .capture import capture
     from .measure import output_sizes
-    from .methods.pfp import sensitivities
+    from .methods.pfp import group_sensitivities
 
     positions = {name: size["positions"] for name, size in output_sizes(model, batches[0]).items()}
     layers = []
     for group in graph.groups():
         view = capture(model, group, batches, memory_bytes=memory_bytes, seed=seed)
-        gen = view.generator()
-        scores = torch.stack([sensitivities(c, max_rows, gen).cpu() for c in view.consumers]).amax(dim=0).double()
+        scores = group_sensitivities(view, max_rows)
         total = float(scores.sum())
         prob = scores / total if total > 0 else torch.full_like(scores, 1 / len(scores))
         span = max((positions.get(c.name, 1) + 1) * c.weight.shape[2] for c in view.consumers)

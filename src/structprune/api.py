@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from . import allocate
 from . import methods as method_registry
 from .capture import DEFAULT_MEMORY_BYTES, batch_size, capture, materialize, take_samples
-from .errors import StructPruneError
+from .errors import StructPruneError, check_positive_int
 from .graph import PruningGraph
 from .measure import count, output_sizes
 from .methods.base import GroupView, Method, Selection
@@ -127,8 +127,8 @@ def prune(
         method = method_registry.get(method, **method_kwargs)
     elif method_kwargs:
         raise StructPruneError("method options can only be given with a method name, not a Method instance")
-    if calib_samples is not None and (not isinstance(calib_samples, int) or calib_samples < 1):
-        raise StructPruneError(f"calib_samples must be a positive integer, got {calib_samples!r}")
+    if calib_samples is not None:
+        check_positive_int(calib_samples, "calib_samples")
     if memory_bytes < 1:
         raise StructPruneError(f"memory_bytes must be positive, got {memory_bytes!r}")
 
@@ -143,7 +143,7 @@ def prune(
     if example_inputs is None:
         example_inputs = take_samples(batches[0], 1, device)
     graph = PruningGraph(pruned, example_inputs, [pruned.get_submodule(n) for n in ignored_names])
-    sizer = allocate.Sizer(pruned, example_inputs, ignored_names, graph)
+    sizer = allocate.Sizer(model, example_inputs, ignored_names, graph)  # model: the caller's, never pruned
     allocation = allocate.plan(budget, sizer, round_to, lambda: allocate.pfp_sensitivities(
         pruned, graph, batches, memory_bytes, seed))
     _warn_if_missed(allocation.info, budget)
@@ -166,9 +166,9 @@ def prune(
             entry["relative_residual"] = relative_residual(view, selection)
             entry.update(selection.stats)
             if refit:
-                selection, _ = refit_selection(view, selection)
+                selection = refit_selection(view, selection)
                 entry["relative_residual_refit"] = relative_residual(view, selection)
-                entry.update(selection.stats)
+                entry["refit"] = selection.stats["refit"]
             graph.apply(group, selection.keep_idx, selection.consumer_weights)
             if after_group is not None:
                 after_group(pruned, group.name)

@@ -105,11 +105,23 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _add_train_args(p: argparse.ArgumentParser, epochs: int | None, what: str, lr: float = 0.05) -> None:
-    if epochs is not None:
-        p.add_argument("--epochs", type=int, default=epochs, help=f"{what} (default: {epochs})")
-        p.add_argument("--resume", action="store_true",
-                       help="continue an interrupted run from the training state saved next to --out")
+def _add_training_run_args(p: argparse.ArgumentParser, what: str, lr: float) -> None:
+    """train and finetune: --epochs, --resume and the optimiser's options."""
+    p.add_argument("--epochs", type=int, default=3, help=f"{what} (default: 3)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from the training state saved next to --out")
+    _add_train_args(p, lr)
+
+
+def _add_finetune_args(p: argparse.ArgumentParser, when: str) -> None:
+    """prune and compare: an optional fine-tune of the pruned model, on part of the training split."""
+    p.add_argument("--finetune-epochs", type=int, default=0, help=f"fine-tune epochs {when} (default: 0)")
+    p.add_argument("--train-limit", type=_positive, default=None,
+                   help="fine-tune on the first N training samples only (default: all)")
+    _add_train_args(p, lr=0.01)
+
+
+def _add_train_args(p: argparse.ArgumentParser, lr: float) -> None:
     p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr})")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD (Nesterov) momentum (default: 0.9)")
     p.add_argument("--weight-decay", type=float, default=5e-4,
@@ -184,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, choices=models.available(), help="architecture")
     p.add_argument("--width-mult", type=float, default=None,
                    help="channel width multiplier (vgg16, resnet*, mobilenetv2)")
-    _add_train_args(p, epochs=3, what="training epochs")
+    _add_training_run_args(p, "training epochs", lr=0.05)
     _add_data_args(p, "train on the first N training samples only")
     _add_common(p)
     _add_output(p)
@@ -193,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tune a checkpoint on the training split; the training state is saved "
                                    "after every epoch next to --out, and --resume continues an interrupted run.")
     p.add_argument("checkpoint", help="checkpoint to fine-tune (it is not modified)")
-    _add_train_args(p, epochs=3, what="fine-tuning epochs", lr=0.01)
+    _add_training_run_args(p, "fine-tuning epochs", lr=0.01)
     _add_data_args(p, "fine-tune on the first N training samples only")
     _add_common(p)
     _add_output(p)
@@ -210,13 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="oneshot: one pass; sequential: fine-tune after every group (--layer-finetune-epochs); "
                         "cascade: --steps passes towards the budget, fine-tuning after each (default: oneshot)")
     p.add_argument("--steps", type=_positive, default=3, help="prune passes of the cascade schedule (default: 3)")
-    p.add_argument("--finetune-epochs", type=int, default=0,
-                   help="fine-tune epochs after pruning (after each step with cascade) (default: 0)")
+    _add_finetune_args(p, "after pruning (after each step with cascade)")
     p.add_argument("--layer-finetune-epochs", type=int, default=0,
                    help="fine-tune epochs after each group (sequential schedule) (default: 0)")
-    _add_train_args(p, epochs=None, what="", lr=0.01)
-    p.add_argument("--train-limit", type=_positive, default=None,
-                   help="fine-tune on the first N training samples only (default: all)")
     p.add_argument("--ignore", action="append", default=[], metavar="LAYER",
                    help="layer name whose output channels are kept whole (repeatable); the output layer always is")
     p.add_argument("--no-eval", action="store_true", help="skip test accuracy before/after")
@@ -241,10 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-samples", type=_positive, default=None,
                    help="calibration samples for every method (default: each method's own)")
     p.add_argument("--refit", action="store_true", help="least-squares refit of the consumers on the kept channels")
-    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune each pruned model (default: 0)")
-    _add_train_args(p, epochs=None, what="", lr=0.01)
-    p.add_argument("--train-limit", type=_positive, default=None,
-                   help="fine-tune on the first N training samples only (default: all)")
+    _add_finetune_args(p, "of each pruned model")
     p.add_argument("--out-dir", required=True, help="directory for compare.md, compare.json and compare.png")
     p.add_argument("--force", action="store_true", help="overwrite the outputs in --out-dir if they exist")
     _add_data_args(p, "evaluate on the first N test samples only")

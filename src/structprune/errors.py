@@ -6,3 +6,9 @@ class StructPruneError(ValueError):
 
     The CLI prints it as one line and exits with status 2; the Python API lets it propagate.
     """
+
+
+def check_positive_int(value, name: str) -> None:
+    """Raise :class:`StructPruneError` naming ``name`` unless ``value`` is an integer >= 1."""
+    if not isinstance(value, int) or value < 1:
+        raise StructPruneError(f"{name} must be a positive integer, got {value!r}")

@@ -21,25 +21,24 @@ from .methods.base import ConsumerView, GroupView, Selection
 MAX_FEATURES = 8192
 
 
-def refit(view: GroupView, selection: Selection, max_features: int = MAX_FEATURES) -> tuple[Selection, dict]:
-    """``selection`` with least-squares consumer weights, and per-consumer stats for the report."""
+def refit(view: GroupView, selection: Selection, max_features: int = MAX_FEATURES) -> Selection:
+    """``selection`` with least-squares consumer weights; ``stats["refit"]`` says, per consumer, what it did."""
     chosen = dict(selection.consumer_weights or {})
-    weights, stats = {}, {"refit": {}}
+    weights, report = {}, {}
     for consumer in view.consumers:
         keep_idx = selection.keep_idx.to(consumer.inputs.device)
         start = chosen.get(consumer.name, consumer.weight[:, keep_idx])
         before = _error(consumer, keep_idx, start)
         if len(keep_idx) * consumer.weight.shape[2] > max_features:
             weights[consumer.name] = start
-            stats["refit"][consumer.name] = "skipped: too many kept inputs"
+            report[consumer.name] = "skipped: too many kept inputs"
             continue
         fitted = _least_squares(consumer, keep_idx)
         after = _error(consumer, keep_idx, fitted)
         better = after < before
         weights[consumer.name] = fitted if better else start
-        stats["refit"][consumer.name] = {"error_before": before, "error_after": min(after, before),
-                                         "applied": better}
-    return Selection(selection.keep_idx, weights, {**selection.stats, **stats}), stats
+        report[consumer.name] = {"error_before": before, "error_after": min(after, before), "applied": better}
+    return Selection(selection.keep_idx, weights, {**selection.stats, "refit": report})
 
 
 def _least_squares(consumer: ConsumerView, keep_idx: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import allocate
 from .api import PruneResult, prune
-from .errors import StructPruneError
+from .errors import StructPruneError, check_positive_int
 
 SCHEDULES = ("oneshot", "sequential", "cascade")
 
@@ -59,8 +59,7 @@ def run(model: nn.Module, calib_loader: Iterable, method: str = "ispasp", budget
     """
     if schedule not in SCHEDULES:
         raise StructPruneError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-    if not isinstance(steps, int) or steps < 1:
-        raise StructPruneError(f"steps must be a positive integer, got {steps!r}")
+    check_positive_int(steps, "steps")
     if schedule == "sequential" and layer_finetune is None:
         raise StructPruneError("the sequential schedule fine-tunes after each group: give layer_finetune "
                                "(--layer-finetune-epochs on the command line)")

@@ -104,6 +104,11 @@ class GroupView:
         """Aggregate activation of each channel: the sum of its hidden values over rows and taps, all consumers."""
         return sum(c.inputs.sum(dim=(0, 2)) for c in self.consumers)
 
+    def contribution_gram(self, max_pairs: int) -> Tensor:
+        """Σ over consumers of :meth:`ConsumerView.contribution_gram` (pairs sampled with :meth:`generator`)."""
+        gen = self.generator()
+        return sum(c.contribution_gram(max_pairs, gen) for c in self.consumers)
+
     def generator(self) -> torch.Generator:
         """A CPU generator seeded from the run's seed and the group's name, so selections are reproducible."""
         gen = torch.Generator()

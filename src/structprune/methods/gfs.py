@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import StructPruneError
+from ..errors import check_positive_int
 from . import register
 from .base import GroupView, Selection
 
@@ -27,13 +27,11 @@ class GFS:
     data_informed = True
 
     def __init__(self, max_pairs: int = 65536):
-        if not isinstance(max_pairs, int) or max_pairs < 1:
-            raise StructPruneError(f"max_pairs must be a positive integer, got {max_pairs!r}")
+        check_positive_int(max_pairs, "max_pairs")
         self.max_pairs = max_pairs
 
     def select(self, group: GroupView, keep: int) -> Selection:
-        gen = group.generator()
-        gram = sum(c.contribution_gram(self.max_pairs, gen) for c in group.consumers)
+        gram = group.contribution_gram(self.max_pairs)
         channels = group.channels
         kept = torch.zeros(channels, dtype=torch.bool)
         # residual(S) = 1ᵀG1 − 2·Σ_{i∈S} (G1)_i + 1_SᵀG1_S; adding i changes it by −2(G1)_i + 2(G1_S)_i + G_ii

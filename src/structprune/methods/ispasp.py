@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import StructPruneError
+from ..errors import check_positive_int
 from . import register
 from .base import GroupView, Selection, top_k_sorted
 
@@ -31,8 +31,7 @@ class ISpaSP:
     data_informed = True
 
     def __init__(self, iterations: int = 20):
-        if not isinstance(iterations, int) or iterations < 1:
-            raise StructPruneError(f"iterations must be a positive integer, got {iterations!r}")
+        check_positive_int(iterations, "iterations")
         self.iterations = iterations
 
     def select(self, group: GroupView, keep: int) -> Selection:

@@ -33,7 +33,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..errors import StructPruneError
+from ..errors import StructPruneError, check_positive_int
 from . import register
 from .base import ConsumerView, GroupView, Selection, top_k_sorted
 
@@ -72,13 +72,19 @@ def calibration_size(layer_outputs: list[int], delta: float) -> int:
     return max(1, math.ceil(3 * math.log(8 * eta * eta_max / delta)))
 
 
+def group_sensitivities(group: GroupView, max_rows: int) -> Tensor:
+    """s_j of each channel of a group: the maximum over its consumers (float64, CPU)."""
+    gen = group.generator()
+    per_consumer = [sensitivities(c, max_rows, gen).cpu() for c in group.consumers]
+    return torch.stack(per_consumer).amax(dim=0).double()
+
+
 class PFP:
     calib_samples = 256  # used only when the model's layer sizes are unknown
     data_informed = True
 
     def __init__(self, name: str, mode: str, max_rows: int = 2048, delta: float = 1e-16):
-        if not isinstance(max_rows, int) or max_rows < 1:
-            raise StructPruneError(f"max_rows must be a positive integer, got {max_rows!r}")
+        check_positive_int(max_rows, "max_rows")
         if not isinstance(delta, (int, float)) or not 0 < delta < 1:
             raise StructPruneError(f"delta must be in (0, 1), got {delta!r}")
         self.name = name
@@ -90,9 +96,7 @@ class PFP:
         return calibration_size(layer_outputs, self.delta)
 
     def scores(self, group: GroupView) -> Tensor:
-        gen = group.generator()
-        per_consumer = [sensitivities(c, self.max_rows, gen).cpu() for c in group.consumers]
-        return torch.stack(per_consumer).amax(dim=0).double()
+        return group_sensitivities(group, self.max_rows)
 
     def select(self, group: GroupView, keep: int) -> Selection:
         s = self.scores(group)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import StructPruneError
+from ..errors import check_positive_int
 from . import register
 from .base import GroupView, Selection
 
@@ -26,13 +26,11 @@ class ThiNet:
     data_informed = True
 
     def __init__(self, max_pairs: int = 65536):
-        if not isinstance(max_pairs, int) or max_pairs < 1:
-            raise StructPruneError(f"max_pairs must be a positive integer, got {max_pairs!r}")
+        check_positive_int(max_pairs, "max_pairs")
         self.max_pairs = max_pairs
 
     def select(self, group: GroupView, keep: int) -> Selection:
-        gen = group.generator()
-        gram = sum(c.contribution_gram(self.max_pairs, gen) for c in group.consumers)
+        gram = group.contribution_gram(self.max_pairs)
         channels = group.channels
         removed = torch.zeros(channels, dtype=torch.bool)
         cross = torch.zeros(channels, dtype=torch.float64)  # G 1_T
