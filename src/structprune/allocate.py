@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import StructPruneError
-from .graph import PruningGraph
+from .graph import PruningGraph, build_graph
 from .measure import count
 
 METRICS = {"flops": "macs", "params": "params"}
@@ -131,7 +131,8 @@ class Sizer:
     """Params and MACs of the model with given per-group keep counts, measured on a pruned copy.
 
     ``model`` must stay as it is while the Sizer is used (each evaluation prunes a fresh copy of it);
-    ``graph`` is a :class:`PruningGraph` of a model with the same structure, before any pruning.
+    ``graph`` is the graph (:func:`structprune.graph.build_graph`) of a model with the same structure,
+    before any pruning.
     """
 
     def __init__(self, model: nn.Module, example_inputs, ignored_layers: list[str], graph: PruningGraph):
@@ -145,7 +146,7 @@ class Sizer:
         self._cache: dict[tuple, dict[str, int]] = {}
 
     def _graph(self, model: nn.Module) -> PruningGraph:
-        return PruningGraph(model, self.example_inputs, [model.get_submodule(n) for n in self.ignored])
+        return build_graph(model, self.example_inputs, [model.get_submodule(n) for n in self.ignored])
 
     def size(self, keeps: dict[str, int]) -> dict[str, int]:
         key = tuple(keeps.get(name, channels) for name, channels in self.groups.items())

@@ -16,7 +16,7 @@ from . import allocate
 from . import methods as method_registry
 from .capture import DEFAULT_MEMORY_BYTES, batch_size, capture, materialize, take_samples
 from .errors import StructPruneError, check_positive_int
-from .graph import PruningGraph
+from .graph import build_graph
 from .measure import count, output_sizes
 from .methods.base import GroupView, Method, Selection
 from .refit import refit as refit_selection
@@ -142,7 +142,7 @@ def prune(
     batches, targets = materialize(calib_loader, calib_samples, device)
     if example_inputs is None:
         example_inputs = take_samples(batches[0], 1, device)
-    graph = PruningGraph(pruned, example_inputs, [pruned.get_submodule(n) for n in ignored_names])
+    graph = build_graph(pruned, example_inputs, [pruned.get_submodule(n) for n in ignored_names])
     sizer = allocate.Sizer(model, example_inputs, ignored_names, graph)  # model: the caller's, never pruned
     allocation = allocate.plan(budget, sizer, round_to, lambda: allocate.pfp_sensitivities(
         pruned, graph, batches, memory_bytes, seed))

@@ -2,12 +2,14 @@
 
 Memory bound
 ------------
-For a consumer reading C group channels with K taps each (K = kernel positions of a conv, or the
-``H*W`` features of a Linear after a Flatten), at most ``max(samples, memory_bytes / (4*C*K))``
-rows are kept, where a row is one output position of one sample. A Linear on a (N, features)
-input has one row per sample. A conv output has many positions per sample: each sample contributes
-``max(1, rows_cap // samples)`` positions drawn at random (seeded), and only the patches at those
-positions are ever materialised, so peak memory is about ``4*C*K*rows`` bytes per consumer plus one
+For a consumer reading C group channels with K taps each (K = kernel positions of a conv, the
+``H*W`` features of a Linear after a Flatten, or the head size of an attention head), at most
+``max(samples, memory_bytes / (4*C*K))`` rows are kept, where a row is one output position of one
+sample. A Linear on a (N, features) input has one row per sample; on a (N, L, features) sequence,
+one per token (padding tokens, those with a 0 in the batch's ``attention_mask``, are left out).
+A conv output has many positions per sample. Each sample contributes ``max(1, rows_cap // samples)``
+positions (tokens) drawn at random (seeded), and only the patches at those positions are ever
+materialised, so peak memory is about ``4*C*K*rows`` bytes per consumer plus one
 calibration batch's activations. Defaults: 1,280 samples (i-SpaSP's released recipe) and 256 MiB.
 """
 
@@ -90,6 +92,7 @@ class _RowCollector:
         self.rows_per_sample = rows_per_sample
         self.generator = generator
         self.chunks: list[Tensor] = []
+        self.token_mask: Tensor | None = None  # (N, L) attention mask of the batch, when it has one
 
     def __call__(self, module: nn.Module, args) -> None:
         x = args[0].detach()
@@ -108,6 +111,9 @@ class _RowCollector:
 
     def _linear_rows(self, x: Tensor) -> Tensor:
         samples = x.shape[0]
+        mask = self.token_mask
+        if mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
+            x = x[mask.to(x.device) != 0]  # padding tokens are not part of the representation
         x = x.reshape(-1, x.shape[-1])
         rows = self._pick(x.shape[0], samples * self.rows_per_sample, x.device)
         return x[rows][:, self.consumer.channel_index.to(x.device)]
@@ -156,6 +162,9 @@ def capture(model: nn.Module, group: Group, batches: list, memory_bytes: int = D
     try:
         with torch.set_grad_enabled(gradients is not None):
             for i, inputs in enumerate(batches):
+                mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+                for collector in collectors:
+                    collector.token_mask = mask
                 outputs = run_forward(model, inputs)
                 if gradients is not None:
                     gradients.backward(outputs, targets[i])

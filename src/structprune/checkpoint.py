@@ -53,10 +53,16 @@ def save(model_or_result, path: str | os.PathLike, *, force: bool = False, extra
     """Save a model (or a :class:`~structprune.PruneResult`'s model) to ``path``.
 
     ``extra`` is stored alongside (the CLI keeps its report there). Existing files are kept unless ``force``.
+    A Hugging Face model is saved as a ``save_pretrained`` directory at ``path`` instead
+    (:func:`structprune.models.hf_bert.save_pretrained`).
     """
     model = getattr(model_or_result, "model", model_or_result)
     if not isinstance(model, nn.Module):
         raise StructPruneError(f"save expects a model or a PruneResult, got {type(model_or_result).__name__}")
+    if hasattr(model, "save_pretrained") and hasattr(model, "config"):
+        from .models import hf_bert
+
+        return hf_bert.save_pretrained(model, path, force=force, extra=extra)
     arch = getattr(model, "structprune_arch", None)
     history = list(getattr(model, "structprune_history", []))
     example = getattr(model, "structprune_example_input", None)
@@ -96,7 +102,13 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> n
 
     >>> import structprune  # doctest: +SKIP
     >>> model = structprune.load("lenet5-ispasp.pt")  # doctest: +SKIP
+
+    A directory is read as a Hugging Face model (:func:`structprune.models.hf_bert.load_pretrained`).
     """
+    if Path(path).is_dir():
+        from .models import hf_bert
+
+        return hf_bert.load_pretrained(path).to(map_location)
     checkpoint = read(path)
     if "module" in checkpoint:
         model = checkpoint["module"]

@@ -21,7 +21,7 @@ from . import allocate, checkpoint, data, measure, methods, models, report, sche
 from .api import prune
 from .errors import StructPruneError
 from .finetune import TrainConfig, train
-from .graph import PruningGraph
+from .graph import build_graph
 
 
 def _ratio(text: str) -> float:
@@ -182,6 +182,19 @@ def _budget(args) -> allocate.Budget:
     return allocate.Uniform(0.5 if args.ratio is None else args.ratio)
 
 
+def hf_parts() -> tuple[str, ...]:
+    from .models.hf_bert import PARTS
+
+    return PARTS
+
+
+def _parts(text: str) -> list[str]:
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts or any(p not in hf_parts() for p in parts):
+        raise argparse.ArgumentTypeError(f"must be heads, ffn or heads,ffn; got {text!r}")
+    return list(dict.fromkeys(parts))
+
+
 def _add_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output checkpoint (.pt); a JSON report is written next to it")
     p.add_argument("--force", action="store_true", help="overwrite --out and its report if they exist")
@@ -215,9 +228,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    "ratio, per-layer ratios, or a target fraction of MACs/params) with a "
                                    "data-informed or weight-only method; channels are physically removed. "
                                    "Optionally refit, fine-tune, and prune in steps (--schedule).")
-    p.add_argument("checkpoint", help="checkpoint written by `structprune train` or structprune.save")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint written by `structprune train` or structprune.save")
     p.add_argument("--method", default="ispasp", choices=methods.available(), help="pruning method (default: ispasp)")
     _add_budget_args(p)
+    g = p.add_argument_group("Hugging Face BERT-family models (instead of a checkpoint; "
+                             "needs structprune[transformers])")
+    g.add_argument("--hf-model", default=None, metavar="DIR",
+                   help="a local model directory (config.json, safetensors, tokenizer); --out is then a directory "
+                        "written with save_pretrained")
+    g.add_argument("--prune", type=_parts, default=list(hf_parts()), metavar="PARTS",
+                   help="what to prune: heads, ffn or heads,ffn (default: heads,ffn); groups are named "
+                        "LAYER.attention (heads) and LAYER.intermediate (FFN neurons) for --layer-ratio")
+    g.add_argument("--text", default=None, metavar="PATH",
+                   help="English text for calibration and the held-out similarity: a file (one sentence per "
+                        "line, or %%-separated blocks) or a directory of fortune files (default: Debian's "
+                        "fortunes, /usr/share/games/fortunes); 80%% calibrates, 20%% is held out")
+    g.add_argument("--max-length", type=_positive, default=128,
+                   help="tokens per sentence at most; MACs are counted for one sequence of this length (default: 128)")
     p.add_argument("--schedule", default="oneshot", choices=schedule.SCHEDULES,
                    help="oneshot: one pass; sequential: fine-tune after every group (--layer-finetune-epochs); "
                         "cascade: --steps passes towards the budget, fine-tuning after each (default: oneshot)")
@@ -269,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("checkpoint", nargs="?", help="checkpoint to inspect")
     src.add_argument("--model", choices=models.available(), help="inspect a fresh zoo model instead")
+    src.add_argument("--hf-model", metavar="DIR", help="inspect a local Hugging Face BERT-family model directory "
+                                                       "(sizes counted for one sequence of 128 tokens)")
     p.add_argument("--data", default="fashion-mnist", choices=sorted(data.DATASETS),
                    help="dataset whose input shape --model is built for (default: fashion-mnist)")
     return parser
@@ -433,6 +462,10 @@ def _method_options(args) -> dict:
 
 
 def cmd_prune(args) -> int:
+    if (args.checkpoint is None) == (args.hf_model is None):
+        raise StructPruneError("give either a checkpoint or --hf-model DIR")
+    if args.hf_model is not None:
+        return cmd_prune_hf(args)
     out, report_path = _check_outputs(args)
     device = _device(args.device)
     budget = _budget(args)
@@ -474,6 +507,55 @@ def cmd_prune(args) -> int:
     print(f"{args.method} ({args.schedule}): params {first.before['params']:,} -> {last.after['params']:,} "
           f"({report['params_ratio']:.1%}), MACs {first.before['macs']:,} -> {last.after['macs']:,} "
           f"({report['macs_ratio']:.1%}){acc}, pruned in {report['seconds']:.1f}s -> {out}")
+    return 0
+
+
+def cmd_prune_hf(args) -> int:
+    """prune --hf-model: heads and/or FFN neurons of a BERT-family model, judged by the cosine similarity
+    of its sentence embeddings to the dense model's on held-out text."""
+    from .data import text
+    from .models import hf_bert
+
+    out, report_path = _check_outputs(args)
+    unsupported = [flag for flag, on in (("--schedule", args.schedule != "oneshot"),
+                                         ("--finetune-epochs", args.finetune_epochs != 0),
+                                         ("--layer-finetune-epochs", args.layer_finetune_epochs != 0)) if on]
+    if unsupported:
+        raise StructPruneError(f"{', '.join(unsupported)}: not available with --hf-model (one-shot pruning only)")
+    device = _device(args.device)
+    budget = _budget(args)
+    options = _method_options(args)
+    calib_text, held_out = text.split(text.read(args.text), seed=args.seed)
+    transformers = hf_bert.transformers_module()
+    transformers.utils.logging.disable_progress_bar()  # its per-file loading bars; ours shows the pruning
+    model = hf_bert.load_pretrained(args.hf_model).to(device)
+    if not hf_bert.is_supported(model):
+        raise StructPruneError(f"--hf-model {args.hf_model}: {type(model).__name__} has no BERT-style encoder layers")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.hf_model)
+    except Exception as exc:
+        raise StructPruneError(f"--hf-model {args.hf_model}: no usable tokenizer there ({exc})") from None
+    ignored = [n for part in hf_parts() if part not in args.prune for n in hf_bert.part_names(model, part)]
+    calib = text.TokenBatches(calib_text, tokenizer, args.batch_size, args.max_length, device)
+    test = text.TokenBatches(held_out[:args.limit], tokenizer, args.batch_size, args.max_length, device)
+    example = {k: v.to(device) for k, v in tokenizer(calib_text[:1], padding="max_length", truncation=True,
+                                                        max_length=args.max_length, return_tensors="pt").items()}
+    dense_embeddings = measure.sentence_embeddings(model, test)
+    result = prune(model, calib, args.method, budget, example, refit=args.refit, round_to=args.round_to,
+                   calib_samples=args.calib_samples, ignored_layers=ignored + list(args.ignore), seed=args.seed,
+                   progress=not args.no_progress, **options)
+    similarity = measure.embedding_similarity(dense_embeddings, measure.sentence_embeddings(result.model, test))
+    report = {"command": "prune", "hf_model": str(args.hf_model), "prune": args.prune,
+              "text": args.text or str(text.FORTUNES), "calibration_sentences": result.calib_samples,
+              "held_out_sentences": len(test.texts), "max_length": args.max_length, **result.to_dict(),
+              "layer_sizes": hf_bert.layer_sizes(result.model), "embedding_cosine_similarity": similarity}
+    hf_bert.save_pretrained(result.model.cpu(), out, force=args.force, tokenizer=tokenizer, extra={"report": report})
+    _write_json(report_path, report, args.force)
+    print(f"{args.method} ({'+'.join(args.prune)}): params {result.before['params']:,} -> "
+          f"{result.after['params']:,} ({report['params_ratio']:.1%}), MACs at {args.max_length} tokens "
+          f"{result.before['macs']:,} -> {result.after['macs']:,} ({report['macs_ratio']:.1%}), embedding "
+          f"cosine similarity to the dense model {similarity:.4f} on {len(test.texts)} held-out sentences, "
+          f"pruned in {result.seconds:.1f}s -> {out}")
     return 0
 
 
@@ -555,7 +637,17 @@ def cmd_eval(args) -> int:
 
 
 def cmd_info(args) -> int:
-    if args.checkpoint:
+    if args.hf_model:
+        from .models import hf_bert
+
+        model = hf_bert.load_pretrained(args.hf_model)
+        if not hf_bert.is_supported(model):
+            raise StructPruneError(f"--hf-model {args.hf_model}: {type(model).__name__} has no BERT-style "
+                                   f"encoder layers")
+        example = {"input_ids": torch.zeros(1, 128, dtype=torch.long),
+                   "attention_mask": torch.ones(1, 128, dtype=torch.long)}
+        title = args.hf_model
+    elif args.checkpoint:
         model = checkpoint.load(args.checkpoint)
         example = checkpoint.example_input(model)
         if example is None:
@@ -565,7 +657,7 @@ def cmd_info(args) -> int:
         model = _zoo_model(args.model, args.data)
         example = _example(args.data)
         title = f"{args.model} (fresh, {args.data} inputs)"
-    graph = PruningGraph(model, example)
+    graph = build_graph(model, example)
     groups = graph.all_groups()
     size = measure.count(model, example)
     print(f"{title}: {size['params']:,} params, {size['macs']:,} MACs, {len(groups)} prunable groups")
@@ -574,8 +666,9 @@ def cmd_info(args) -> int:
     for i, group in enumerate(groups):
         print(f"| {i} | {group.name} | {group.channels} | {', '.join(p.name for p in group.producers)} | "
               f"{', '.join(c.name for c in group.consumers)} |")
-    outputs = ", ".join(graph.name_of(m) for m in graph.output_layers)
-    print(f"output layers (never pruned): {outputs}")
+    if hasattr(graph, "output_layers"):
+        outputs = ", ".join(graph.name_of(m) for m in graph.output_layers)
+        print(f"output layers (never pruned): {outputs}")
     for name, reason in graph.skipped:
         print(f"skipped: {name}: {reason}")
     return 0

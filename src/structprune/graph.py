@@ -275,6 +275,16 @@ class PruningGraph:
         self.dg.load_pruning_history([list(entry) for entry in history])
 
 
+def build_graph(model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Module] = ()):
+    """The graph for ``model``: BERT-family encoders get heads and FFN groups
+    (:class:`structprune.models.hf_bert.TransformerGraph`), everything else a :class:`PruningGraph`."""
+    from .models import hf_bert
+
+    if hf_bert.is_supported(model):
+        return hf_bert.TransformerGraph(model, example_inputs, ignored_layers)
+    return PruningGraph(model, example_inputs, ignored_layers)
+
+
 def run_forward(model: nn.Module, example_inputs):
     """Call ``model`` on a tensor, a tuple of positional inputs or a dict of keyword inputs."""
     if isinstance(example_inputs, dict):

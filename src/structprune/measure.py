@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import time
 from collections.abc import Iterable
 
@@ -14,15 +16,35 @@ from .graph import run_forward
 
 
 def count(model: nn.Module, example_inputs) -> dict[str, int]:
-    """{"params": ..., "macs": ...} for one forward pass on ``example_inputs``."""
+    """{"params": ..., "macs": ...} for one forward pass on ``example_inputs``.
+
+    MACs are Torch-Pruning's count over layers; for BERT-family models the attention products
+    (Q·Kᵀ and A·V, 2·L²·heads·head_size per layer and sample), which no layer performs, are added.
+    """
+    from .models import hf_bert
+
     was_training = model.training
     model.eval()
+    hooks, attention = [], []
+    for _, layer in hf_bert.encoder_layers(model):
+        attn = layer.attention.self
+        hooks.append(attn.register_forward_pre_hook(
+            lambda m, args, kwargs: attention.append(_attention_macs(m, args, kwargs)), with_kwargs=True))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # its notes on keyword-only inputs
             macs, params = tp.utils.count_ops_and_params(model, example_inputs)
     finally:
         model.train(was_training)
-    return {"params": int(params), "macs": int(macs)}
+        for hook in hooks:
+            hook.remove()
+    return {"params": int(params), "macs": int(macs) + sum(attention)}
+
+
+def _attention_macs(attn: nn.Module, args, kwargs) -> int:
+    hidden = args[0] if args else kwargs["hidden_states"]
+    tokens = hidden.shape[-2] if hidden.dim() == 3 else 1
+    samples = hidden.shape[0] if hidden.dim() == 3 else 1
+    return 2 * samples * tokens * tokens * attn.num_attention_heads * attn.attention_head_size
 
 
 @torch.no_grad()
@@ -86,3 +108,29 @@ def latency(model: nn.Module, example_inputs, repeats: int = 20, warmup: int = 3
             times.append(time.perf_counter() - start)
     times.sort()
     return 1000.0 * times[len(times) // 2]
+
+
+@torch.no_grad()
+def sentence_embeddings(model: nn.Module, batches: Iterable[dict]) -> torch.Tensor:
+    """Unit-length sentence embeddings: the mean of the last hidden states over real (unmasked) tokens,
+    as sentence-transformers' all-MiniLM-L6-v2 computes them. (N, hidden) on the CPU."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for batch in batches:
+            hidden = run_forward(model, batch)
+            hidden = getattr(hidden, "last_hidden_state", hidden)
+            if isinstance(hidden, (tuple, list)):
+                hidden = hidden[0]
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+            out.append(nn.functional.normalize(pooled.float(), dim=-1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def embedding_similarity(reference: torch.Tensor, embeddings: torch.Tensor) -> float:
+    """Mean cosine similarity of matching rows of two unit-length embedding matrices."""
+    return float((reference * embeddings).sum(dim=1).mean())

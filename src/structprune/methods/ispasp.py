@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import check_positive_int
+from ..errors import StructPruneError, check_positive_int
 from . import register
 from .base import GroupView, Selection, top_k_sorted
+
+PROXIES = ("paper", "contribution")
 
 
 class ISpaSP:
@@ -30,14 +32,20 @@ class ISpaSP:
     calib_samples = 1280
     data_informed = True
 
-    def __init__(self, iterations: int = 20):
+    def __init__(self, iterations: int = 20, proxy: str = "paper"):
         check_positive_int(iterations, "iterations")
+        if proxy not in PROXIES:
+            raise StructPruneError(f"ispasp proxy must be one of {', '.join(PROXIES)}, got {proxy!r}")
         self.iterations = iterations
+        self.proxy = proxy
 
     def select(self, group: GroupView, keep: int) -> Selection:
         dense = [c.output() for c in group.consumers]
         dense_norm = max(sum(float(y.square().sum()) for y in dense) ** 0.5, 1e-30)
-        activation = group.activation
+        if self.proxy == "paper":
+            activation = group.activation
+        else:  # ‖x_c‖: the size of each channel's contribution to the consumers' outputs
+            activation = sum(contribution_norms(c) for c in group.consumers)
         support = torch.empty(0, dtype=torch.long)
         history = []  # relative residual ‖Y − f(H_S)‖/‖Y‖ of S after each iteration that changed S
         for step in range(self.iterations + 1):
@@ -49,8 +57,11 @@ class ISpaSP:
                 break
             # gradient of ½‖R‖² w.r.t. each consumer's input rows, summed over rows and taps:
             # Σ_m R[m] first, then back through the (linear) consumer and its BatchNorm scale
-            gradient = sum(torch.einsum("o,ock->c", c.output_scale * r.sum(dim=0), c.weight).double().cpu()
-                           for c, r in zip(group.consumers, residuals, strict=False))
+            if self.proxy == "paper":
+                gradient = sum(torch.einsum("o,ock->c", c.output_scale * r.sum(dim=0), c.weight).double().cpu()
+                               for c, r in zip(group.consumers, residuals, strict=False))
+            else:  # ⟨x_c, R⟩ row by row: the correlation of each channel's contribution with the residual
+                gradient = sum(residual_correlation(c, r) for c, r in zip(group.consumers, residuals, strict=False))
             omega = top_k_sorted(gradient, min(2 * keep, group.channels))
             merged = torch.unique(torch.cat([omega, support]))
             new_support = merged[top_k_sorted(activation[merged.to(activation.device)].cpu(), keep)]
@@ -60,7 +71,33 @@ class ISpaSP:
         return Selection(keep_idx=support, stats={"iterations": len(history), "residual_history": history})
 
 
+def contribution_norms(consumer, chunk: int = 4096) -> torch.Tensor:
+    """‖x_c‖ for every channel c, x_c[m, o] = scale[o]·Σ_k Z[m, c, k]·W[o, c, k] its contribution to the output.
+
+    ‖x_c‖² = Σ_m z_mcᵀ Q_c z_mc with Q_c = W_cᵀ diag(scale²) W_c (taps × taps), so no (rows, C, out)
+    tensor is ever formed.
+    """
+    q = torch.einsum("ock,o,ocl->ckl", consumer.weight, consumer.output_scale.square(), consumer.weight)
+    out = torch.zeros(consumer.inputs.shape[1], dtype=torch.float64)
+    for start in range(0, consumer.inputs.shape[0], chunk):
+        z = consumer.inputs[start:start + chunk]
+        out += torch.einsum("mck,ckl,mcl->c", z, q, z).double().cpu()
+    return out.clamp(min=0).sqrt()
+
+
+def residual_correlation(consumer, residual, chunk: int = 4096) -> torch.Tensor:
+    """⟨x_c, R⟩ for every channel c (see :func:`contribution_norms`), computed through the taps."""
+    out = torch.zeros(consumer.inputs.shape[1], dtype=torch.float64)
+    for start in range(0, consumer.inputs.shape[0], chunk):
+        back = torch.einsum("mo,ock->mck", residual[start:start + chunk] * consumer.output_scale, consumer.weight)
+        out += (consumer.inputs[start:start + chunk] * back).sum(dim=(0, 2)).double().cpu()
+    return out
+
+
 @register("ispasp")
-def ispasp(iterations: int = 20) -> ISpaSP:
-    """iterations: T, the number of identify-merge-threshold rounds (20 in the paper's code)."""
-    return ISpaSP(iterations)
+def ispasp(iterations: int = 20, proxy: str = "paper") -> ISpaSP:
+    """iterations: T, the number of identify-merge-threshold rounds (20 in the paper's code).
+    proxy: "paper" (the released code: signed gradient summed over rows, ranking by aggregate activation)
+    or "contribution" (for signed representations such as attention heads and GELU FFNs: the correlation
+    ⟨x_c, R⟩ of each channel's contribution x_c with the residual, ranking by ‖x_c‖)."""
+    return ISpaSP(iterations, proxy)
