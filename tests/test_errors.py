@@ -32,6 +32,8 @@ def test_unknown_method_and_option():
         structprune.prune(mlp(), CALIB, method="ispasp", iters=3, progress=False)
     with pytest.raises(StructPruneError, match="iterations must be a positive integer"):
         structprune.methods.get("ispasp", iterations=0)
+    with pytest.raises(StructPruneError, match="proxy must be one of paper, contribution"):
+        structprune.methods.get("ispasp", proxy="abs")
 
 
 def test_unknown_model():

@@ -49,6 +49,32 @@ def test_data_informed_methods_recover_planted_support(method, seed):
         assert layer["relative_residual"] < 1e-6
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ispasp_contribution_proxy_recovers_planted_support(seed):
+    net, planted = planted_net(seed)
+    result = structprune.prune(net, calib(), method="ispasp", budget=PLANTED / HIDDEN, progress=False,
+                               proxy="contribution")
+    assert torch.equal(result.model[0].weight, net[0].weight[planted])
+    assert result.layers[0]["relative_residual"] < 1e-6
+
+
+def test_contribution_statistics_match_the_explicit_contributions():
+    """‖x_c‖ and ⟨x_c, R⟩ computed through the taps equal the ones from the explicit (rows, C, out) tensor."""
+    from structprune.methods.base import ConsumerView
+    from structprune.methods.ispasp import contribution_norms, residual_correlation
+
+    gen = torch.Generator().manual_seed(0)
+    consumer = ConsumerView("conv", inputs=torch.randn(50, 6, 9, generator=gen),
+                            weight=torch.randn(4, 6, 9, generator=gen), bias=torch.randn(4, generator=gen),
+                            output_scale=torch.rand(4, generator=gen) + 0.5)
+    x = torch.einsum("mck,ock->mco", consumer.inputs, consumer.weight) * consumer.output_scale
+    residual = torch.randn(50, 4, generator=gen)
+    assert torch.allclose(contribution_norms(consumer, chunk=7), x.double().square().sum(dim=(0, 2)).sqrt(),
+                          rtol=1e-5)
+    assert torch.allclose(residual_correlation(consumer, residual, chunk=7),
+                          torch.einsum("mco,mo->c", x, residual).double(), rtol=1e-4, atol=1e-4)
+
+
 def test_magnitude_is_fooled_by_large_silent_units():
     """Guards the test above: with weights alone the planted set is not found."""
     net, planted = planted_net(0)

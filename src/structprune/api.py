@@ -16,7 +16,7 @@ from . import allocate
 from . import methods as method_registry
 from .capture import DEFAULT_MEMORY_BYTES, batch_size, capture, materialize, take_samples
 from .errors import StructPruneError, check_positive_int
-from .graph import build_graph
+from .graph import build_graph, run_forward
 from .measure import count, output_sizes
 from .methods.base import GroupView, Method, Selection
 from .refit import refit as refit_selection
@@ -136,10 +136,13 @@ def prune(
     names = {module: name for name, module in model.named_modules()}
     ignored_names = [_layer_name(layer, names) for layer in ignored_layers]
     pruned = copy.deepcopy(model).eval()
-    device = next(pruned.parameters(), torch.empty(0)).device
+    first = next(pruned.parameters(), torch.empty(0))
+    device, dtype = first.device, first.dtype  # calibration data is moved and cast to the model's
+    if example_inputs is not None:
+        example_inputs = take_samples(example_inputs, None, device, dtype)
     if calib_samples is None:
         calib_samples = _default_calib_samples(method, pruned, calib_loader, device, example_inputs)
-    batches, targets = materialize(calib_loader, calib_samples, device)
+    batches, targets = materialize(calib_loader, calib_samples, device, dtype)
     if example_inputs is None:
         example_inputs = take_samples(batches[0], 1, device)
     graph = build_graph(pruned, example_inputs, [pruned.get_submodule(n) for n in ignored_names])
@@ -170,6 +173,7 @@ def prune(
                 entry["relative_residual_refit"] = relative_residual(view, selection)
                 entry["refit"] = selection.stats["refit"]
             graph.apply(group, selection.keep_idx, selection.consumer_weights)
+            _check_forward(pruned, example_inputs, group.name)
             if after_group is not None:
                 after_group(pruned, group.name)
         else:
@@ -196,9 +200,25 @@ def _default_calib_samples(method: Method, model: nn.Module, calib_loader, devic
     if rule is None:
         return method.calib_samples
     if example_inputs is None:
-        example_inputs = take_samples(materialize(calib_loader, 1, device)[0][0], 1, device)
+        example_inputs = take_samples(materialize(calib_loader, 1, device, model_dtype(model))[0][0], 1, device)
     sizes = output_sizes(model, example_inputs)
     return rule([s["elements"] for s in sizes.values()]) if sizes else method.calib_samples
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters(), torch.empty(0)).dtype
+
+
+def _check_forward(model: nn.Module, example_inputs, group: str) -> None:
+    """A removal that leaves the model unable to run (a custom layer Torch-Pruning misread) is named here,
+    not as a shape error deep inside torch later."""
+    try:
+        with torch.no_grad():
+            run_forward(model, example_inputs)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StructPruneError(f"pruning group {group} broke the model's forward pass ({first}); keep it whole "
+                               f"with ignored_layers=[{group!r}] (--ignore {group})") from None
 
 
 def _warn_if_missed(info: dict, budget) -> None:

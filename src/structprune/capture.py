@@ -47,21 +47,26 @@ def batch_size(inputs) -> int:
     return inputs.shape[0]
 
 
-def take_samples(inputs, n: int, device):
-    """The first n samples of a batch (tensor, tuple or dict of tensors), on ``device``."""
+def take_samples(inputs, n: int | None, device, dtype: torch.dtype | None = None):
+    """The first n samples (all when None) of a batch (tensor, tuple or dict of tensors), on ``device``;
+    floating-point tensors are cast to ``dtype`` when given (the model's), integer ones (token ids,
+    labels) are left as they are."""
     if isinstance(inputs, dict):
-        return {k: take_samples(v, n, device) for k, v in inputs.items()}
+        return {k: take_samples(v, n, device, dtype) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
-        return type(inputs)(take_samples(v, n, device) for v in inputs)
+        return type(inputs)(take_samples(v, n, device, dtype) for v in inputs)
     if isinstance(inputs, Tensor):
-        return inputs[:n].to(device)
+        inputs = inputs[:n] if n is not None else inputs
+        return inputs.to(device, dtype if dtype is not None and inputs.is_floating_point() else None)
     return inputs
 
 
-def materialize(calib_loader: Iterable, max_samples: int, device) -> tuple[list, list]:
+def materialize(calib_loader: Iterable, max_samples: int, device, dtype: torch.dtype | None = None
+                ) -> tuple[list, list]:
     """Read up to ``max_samples`` calibration samples once, so every group sees the same samples.
 
-    Returns the model inputs of each batch and its targets (None for a batch without targets).
+    Returns the model inputs of each batch (on ``device``, floating-point inputs cast to ``dtype``) and
+    its targets (None for a batch without targets).
     """
     batches, targets, seen = [], [], 0
     try:
@@ -73,7 +78,7 @@ def materialize(calib_loader: Iterable, max_samples: int, device) -> tuple[list,
         n = min(batch_size(inputs), max_samples - seen)
         if n <= 0:
             break
-        batches.append(take_samples(inputs, n, device))
+        batches.append(take_samples(inputs, n, device, dtype))
         target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
         targets.append(take_samples(target, n, device) if isinstance(target, Tensor) else None)
         seen += n

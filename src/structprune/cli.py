@@ -162,8 +162,8 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="calibration samples from the training split (default: the method's own: ispasp and gfs "
                         "1280, pfp* ⌈3·ln(8·η·η*/δ)⌉, others 256)")
     p.add_argument("--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                   help="method option, repeatable: ispasp iterations=20; pfp* max_rows=2048 delta=1e-16; "
-                        "magnitude norm=1|2")
+                   help="method option, repeatable: ispasp iterations=20 proxy=paper|contribution; "
+                        "pfp* max_rows=2048 delta=1e-16; magnitude norm=1|2")
 
 
 def _budget(args) -> allocate.Budget:

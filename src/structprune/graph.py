@@ -106,6 +106,7 @@ class PruningGraph:
         self.model = model
         self.example_inputs = example_inputs
         self._names = {module: name for name, module in model.named_modules()}
+        self._param_names = {param: name for name, param in model.named_parameters()}
         was_training = model.training
         model.eval()  # tracing must not update BatchNorm statistics (nor fail on a batch of one)
         try:
@@ -160,6 +161,10 @@ class PruningGraph:
         producers, consumers, batchnorms = [], [], []
         for item in tp_group:
             module = item.dep.target.module
+            if isinstance(module, nn.Parameter) and module.dim() > 1:
+                # a custom layer's own weight matrix: Torch-Pruning has to guess which dimension to cut
+                return self._skip(name, f"custom layer parameter {self._param_names.get(module, '?')} "
+                                        f"{tuple(module.shape)} is not a Conv/Linear/norm weight")
             if not isinstance(module, nn.Module):
                 continue
             index = _channel_index(item.idxs, item.root_idxs, channels)
