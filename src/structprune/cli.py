@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from . import allocate, checkpoint, data, measure, methods, models, report, schedule
 from .api import prune
 from .errors import StructPruneError
-from .finetune import TrainConfig, train
+from .finetune import ShardedBatches, TrainConfig, cuda_device_for, init_distributed, process, train
 from .graph import build_graph
 
 
@@ -315,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _one_line_warning
     try:
         torch.manual_seed(getattr(args, "seed", 0))
+        if process().distributed and args.command not in ("train", "finetune"):
+            raise StructPruneError("only train and finetune run under torchrun (DDP); run the other commands "
+                                   "in one process")
         commands = {"train": cmd_train, "finetune": cmd_finetune, "prune": cmd_prune, "compare": cmd_compare,
                     "eval": cmd_eval, "info": cmd_info}
         return commands[args.command](args)
@@ -324,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"structprune {args.command}: interrupted; no output was written", file=sys.stderr)
         return 130
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 # -- commands ------------------------------------------------------------------------------------
@@ -395,17 +401,31 @@ def _check_state(args, out: Path) -> Path:
 
 def _fit(model, args, epochs: int, device, state_path: Path | None = None, resume: bool = False,
          limit: int | None = None) -> tuple[list[float], int]:
-    """Train ``model`` in place on the training split; returns the epoch losses and the samples used."""
-    loader = _loader(args, "train", shuffle=True, limit=limit)
+    """Train ``model`` in place on the training split; returns the epoch losses and the samples used.
+
+    The same global batches for one process or N under torchrun (each reads its share)."""
+    dataset = data.load(args.data, split="train", root=args.data_dir, limit=limit, seed=args.seed)
+    loader = ShardedBatches(dataset, args.batch_size, seed=args.seed)
     losses = train(model, loader, _train_config(args, epochs), device=device, progress=not args.no_progress,
                    state_path=state_path, resume=resume)
-    return losses, len(loader.dataset)
+    return losses, len(dataset)
+
+
+def _training_device(args) -> torch.device:
+    """--device, or under torchrun with CUDA the GPU of this process (cuda:LOCAL_RANK)."""
+    device = _device(args.device)
+    proc = process()
+    if proc.distributed and device.type == "cuda":
+        device = cuda_device_for(proc)
+        torch.cuda.set_device(device)
+    init_distributed(device)
+    return device
 
 
 def cmd_train(args) -> int:
     out, report_path = _check_outputs(args)
     state = _check_state(args, out)
-    device = _device(args.device)
+    device = _training_device(args)
     kwargs = {}
     if args.width_mult is not None:
         if not models.accepts(args.model, "width_mult"):
@@ -417,6 +437,8 @@ def cmd_train(args) -> int:
     start = time.perf_counter()
     losses, samples = _fit(model, args, args.epochs, device, state, args.resume, limit=args.limit)
     seconds = time.perf_counter() - start
+    if not process().is_main:
+        return 0  # rank 0 evaluates, saves and reports
     accuracy = measure.accuracy(model, _loader(args, "test"), device)
     model.structprune_example_input = {"shape": list(example.shape), "dtype": "float32"}
     size = measure.count(model.cpu(), example)
@@ -433,7 +455,7 @@ def cmd_train(args) -> int:
 def cmd_finetune(args) -> int:
     out, report_path = _check_outputs(args)
     state = _check_state(args, out)
-    device = _device(args.device)
+    device = _training_device(args)
     model = checkpoint.load(args.checkpoint).to(device)
     example = _example(args.data)
     _check_fits(model, args, example)
@@ -442,6 +464,8 @@ def cmd_finetune(args) -> int:
     start = time.perf_counter()
     losses, _ = _fit(model, args, args.epochs, device, state, args.resume, limit=args.limit)
     seconds = time.perf_counter() - start
+    if not process().is_main:
+        return 0
     after = measure.accuracy(model, test_loader, device)
     report = {"command": "finetune", "checkpoint": str(args.checkpoint), "data": args.data, "epochs": args.epochs,
               "config": vars(_train_config(args, args.epochs)), "losses": losses, "accuracy_before": before,

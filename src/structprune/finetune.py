@@ -3,6 +3,14 @@ label smoothing, weight decay on Conv/Linear weights only, a checkpoint after ev
 
 Resuming from the state file continues with the same learning rate, optimizer momentum, data order
 and random state, so an interrupted run ends with the same weights as an uninterrupted one.
+
+Distributed data parallel: launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment),
+:func:`train` joins the process group (nccl on CUDA, gloo on the CPU) and wraps the model in
+``DistributedDataParallel``. With :class:`ShardedBatches` every process reads its share of the same
+*global* batches a single process would read (same seed, same order), and the loss is scaled so
+that the averaged gradient is the gradient of the global batch's mean loss: N processes train like
+one, up to floating point. (BatchNorm statistics stay per process, as in plain DDP, so models with
+BatchNorm match only approximately.) Only rank 0 shows progress and writes the state file.
 """
 
 from __future__ import annotations
@@ -14,7 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import Dataset, TensorDataset, default_collate
 from tqdm.auto import tqdm
 
 from .errors import StructPruneError
@@ -81,6 +91,86 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+@dataclass(frozen=True)
+class Process:
+    """This process's place in a (torchrun) job: rank 0 of 1 when not distributed."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def process() -> Process:
+    """The rank, world size and local rank torchrun sets in the environment (rank 0 of 1 otherwise)."""
+    try:
+        return Process(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                       int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError:
+        raise StructPruneError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (set by torchrun)") from None
+
+
+def init_distributed(device: torch.device) -> Process:
+    """Join torchrun's process group (nccl for CUDA, gloo for the CPU) if launched by it; idempotent."""
+    proc = process()
+    if proc.distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return proc
+
+
+def cuda_device_for(proc: Process) -> torch.device:
+    """One GPU per process on a node: cuda:LOCAL_RANK."""
+    return torch.device("cuda", proc.local_rank)
+
+
+class ShardedBatches:
+    """Shuffled batches of a dataset, the same global batches in every process, each process reading
+    its share (samples ``rank::world`` of each global batch).
+
+    The order is a function of ``seed`` and the epoch (:meth:`set_epoch`), so a resumed run reads what
+    the uninterrupted one would have. A last global batch with fewer samples than processes is dropped.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, shuffle: bool = True,
+                 proc: Process | None = None):
+        if batch_size < 1:
+            raise StructPruneError(f"batch_size must be positive, got {batch_size}")
+        self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
+        self.proc = proc or process()
+        if batch_size < self.proc.world:
+            raise StructPruneError(f"the global batch size {batch_size} is smaller than the {self.proc.world} "
+                                   f"processes; give --batch-size >= {self.proc.world}")
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _global_batches(self) -> list[Tensor]:
+        n = len(self.dataset)
+        order = (torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+                 if self.shuffle else torch.arange(n))
+        batches = list(order.split(self.batch_size))
+        return [b for b in batches if len(b) >= self.proc.world]
+
+    def __len__(self) -> int:
+        return len(self._global_batches())
+
+    def __iter__(self):
+        for batch in self._global_batches():
+            mine = batch[self.proc.rank::self.proc.world]
+            if isinstance(self.dataset, TensorDataset):
+                yield tuple(t[mine] for t in self.dataset.tensors)
+            else:
+                yield default_collate([self.dataset[int(i)] for i in mine])
+
+
 def train(model: nn.Module, loader: Iterable, config: TrainConfig, device=None, progress: bool = True,
           state_path: str | os.PathLike | None = None, resume: bool = False) -> list[float]:
     """Train ``model`` in place; returns the mean loss of each epoch.
@@ -88,13 +178,20 @@ def train(model: nn.Module, loader: Iterable, config: TrainConfig, device=None, 
     state_path: where to write the training state (weights, optimizer, schedule, random state) after
         every epoch; removed when training ends.
     resume: continue from ``state_path`` if it exists (the model must have the same structure).
+
+    Under torchrun the model is trained with DistributedDataParallel (see the module docstring); give a
+    :class:`ShardedBatches` loader so that each process reads its share of the data.
     """
-    device = device or next(model.parameters()).device
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    proc = init_distributed(device)
+    net = model
+    if proc.distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(parameter_groups(model, config.weight_decay), lr=config.lr,
                                 momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
     steps_per_epoch = max(1, len(loader))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: config.lr_factor(step, steps_per_epoch))
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing, reduction="sum")
     losses: list[float] = []
     first_epoch = 0
     state_path = Path(state_path) if state_path is not None else None
@@ -102,25 +199,39 @@ def train(model: nn.Module, loader: Iterable, config: TrainConfig, device=None, 
         first_epoch, losses = _load_state(state_path, model, optimizer, schedule, loader, config)
     model.train()
     for epoch in range(first_epoch, config.epochs):
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
         total, batches = 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
-                   disable=None if progress else True)  # None: shown on a terminal only
+                   disable=None if progress and proc.is_main else True)  # None: shown on a terminal only
         for inputs, targets in bar:
             optimizer.zero_grad(set_to_none=True)
-            loss = criterion(model(inputs.to(device)), targets.to(device))
+            count = torch.tensor([float(len(targets))], device=device)
+            if proc.distributed:  # the global batch's size: every process scales to its mean
+                dist.all_reduce(count)
+            loss_sum = criterion(net(inputs.to(device)), targets.to(device))
+            loss = loss_sum * (proc.world / count[0])  # DDP averages over processes: the global mean's gradient
             if not torch.isfinite(loss):
                 raise StructPruneError(f"training diverged (loss {loss.item()}) in epoch {epoch + 1}; lower --lr")
             loss.backward()
             optimizer.step()
             schedule.step()
-            total += loss.item()
+            mean = loss_sum.detach() / count[0]
+            if proc.distributed:  # the global batch's mean loss, for the log
+                mean = mean * count[0]
+                dist.all_reduce(mean)
+                mean = mean / count[0]
+            total += mean.item()
             batches += 1
             bar.set_postfix(loss=f"{total / batches:.3f}")
         losses.append(total / max(batches, 1))
         if state_path is not None:
-            _save_state(state_path, epoch + 1, losses, model, optimizer, schedule, loader, config)
+            if proc.is_main:
+                _save_state(state_path, epoch + 1, losses, model, optimizer, schedule, loader, config)
+            if proc.distributed:
+                dist.barrier()
     model.eval()
-    if state_path is not None:
+    if state_path is not None and proc.is_main:
         state_path.unlink(missing_ok=True)
     return losses
 

@@ -1,0 +1,61 @@
+"""Fine-tuning under torchrun: 2 CPU processes with gloo train like one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from torch.utils.data import TensorDataset
+
+import structprune
+from structprune.finetune import Process, ShardedBatches
+
+TRAIN = ["train", "--model", "lenet300", "--data", "synthetic", "--epochs", "2", "--limit", "301",
+         "--batch-size", "64", "--device", "cpu", "--no-progress"]
+
+
+def test_shards_of_every_process_make_up_the_single_process_batches():
+    dataset = TensorDataset(torch.arange(103).float(), torch.arange(103))
+    single = ShardedBatches(dataset, 16, seed=3, proc=Process(0, 1))
+    shards = [ShardedBatches(dataset, 16, seed=3, proc=Process(r, 3, r)) for r in range(3)]
+    for epoch in (0, 1):
+        for loader in (single, *shards):
+            loader.set_epoch(epoch)
+        whole = [y for _, y in single]
+        parts = list(zip(*[[y for _, y in shard] for shard in shards], strict=True))
+        assert len(whole) == len(parts) == 7  # 6 full batches and the last one of 7 samples
+        for batch, pieces in zip(whole, parts, strict=True):
+            assert sorted(torch.cat(pieces).tolist()) == sorted(batch.tolist())
+    single.set_epoch(0)
+    first = [y.tolist() for _, y in single]
+    single.set_epoch(1)
+    assert [y.tolist() for _, y in single] != first  # reshuffled every epoch
+
+
+def test_torchrun_two_gloo_processes_match_one_process(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "structprune", *TRAIN, "--out", str(tmp_path / "ddp.pt")],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert ddp.stdout.count("test accuracy") == 1  # rank 0 reports, the other rank stays quiet
+    one = subprocess.run([sys.executable, "-m", "structprune", *TRAIN, "--out", str(tmp_path / "one.pt")],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-2000:]
+    a, b = structprune.load(tmp_path / "ddp.pt").state_dict(), structprune.load(tmp_path / "one.pt").state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    losses = [json.loads((tmp_path / f"{n}.json").read_text())["losses"] for n in ("ddp", "one")]
+    assert all(abs(x - y) < 1e-5 for x, y in zip(*losses, strict=True))
+    assert losses[0][1] < losses[0][0]  # it did train
+
+
+def test_prune_refuses_to_run_under_torchrun(monkeypatch, capsys, tmp_path):
+    from structprune import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    code = cli.main(["prune", str(tmp_path / "x.pt"), "--out", str(tmp_path / "y.pt")])
+    assert code == 2 and "only train and finetune run under torchrun" in capsys.readouterr().err
