@@ -138,3 +138,39 @@ def test_finetune_resumes_an_interrupted_run(tmp_path, fmnist_dir, capsys, monke
     ref, tuned = structprune.load(tmp_path / "ref.pt"), structprune.load(out)
     for a, b in zip(ref.state_dict().values(), tuned.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_cascade_resumes_after_an_interruption_with_the_same_result(tmp_path, fmnist_dir, capsys, monkeypatch):
+    dense = _trained(tmp_path, fmnist_dir)
+    args = ["prune", str(dense), "--method", "ispasp", "--target-flops", "0.4", "--schedule", "cascade",
+            "--steps", "3", "--finetune-epochs", "1", "--train-limit", "512", "--calib-samples", "64",
+            "--batch-size", "32", "--limit", "256", "--data-dir", str(fmnist_dir), "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "ref.pt")]) == 0
+
+    import structprune.cli as cli
+
+    real_fit, calls = cli._fit, []
+
+    def killed_in_step_two(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed during the second step's fine-tune
+        return real_fit(*a, **k)
+
+    monkeypatch.setattr(cli, "_fit", killed_in_step_two)
+    out = tmp_path / "cut.pt"
+    assert main(args + ["--out", str(out)]) == 130
+    assert "rerun the same command with --resume" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_fit", real_fit)
+    assert not out.exists() and (tmp_path / "cut.pt.state").exists()
+    assert main(args + ["--out", str(out)]) == 2 and "pass --resume" in capsys.readouterr().err
+    assert main(args + ["--out", str(out), "--resume", "--steps", "4"]) == 2
+    assert "other options" in capsys.readouterr().err
+    assert main(args + ["--out", str(out), "--resume"]) == 0
+    assert not (tmp_path / "cut.pt.state").exists()
+    ref, cut = structprune.load(tmp_path / "ref.pt"), structprune.load(out)
+    for a, b in zip(ref.state_dict().values(), cut.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    steps = [json.loads(p.with_suffix(".json").read_text())["steps"] for p in (tmp_path / "ref.pt", out)]
+    assert [s["macs"] for s in steps[0]] == [s["macs"] for s in steps[1]]
+    assert [s["accuracy_finetuned"] for s in steps[0]] == [s["accuracy_finetuned"] for s in steps[1]]

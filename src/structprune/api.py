@@ -50,6 +50,13 @@ class PruneResult:
     skipped: list[dict] = field(default_factory=list)
     method_options: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_dict(cls, d: dict, model: nn.Module | None = None) -> PruneResult:
+        """The inverse of :meth:`to_dict` (the model is not part of it: pass it, or get None)."""
+        return cls(model=model, method=d["method"], budget=d["budget"], layers=d["layers"], before=d["before"],
+                   after=d["after"], seconds=d["seconds"], calib_samples=d["calib_samples"], seed=d["seed"],
+                   refit=d["refit"], skipped=d["skipped"], method_options=d["method_options"])
+
     def to_dict(self) -> dict:
         """Everything but the model, JSON-ready."""
         return {

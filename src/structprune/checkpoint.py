@@ -63,16 +63,22 @@ def save(model_or_result, path: str | os.PathLike, *, force: bool = False, extra
         from .models import hf_bert
 
         return hf_bert.save_pretrained(model, path, force=force, extra=extra)
+    checkpoint = pack(model, extra)
+    return write_atomic(path, lambda tmp: torch.save(checkpoint, tmp), force=force)
+
+
+def pack(model: nn.Module, extra: dict | None = None) -> dict:
+    """The checkpoint dict of ``model`` (what :func:`save` writes; :func:`unpack` rebuilds it)."""
     arch = getattr(model, "structprune_arch", None)
     history = list(getattr(model, "structprune_history", []))
     example = getattr(model, "structprune_example_input", None)
     checkpoint = {"format": FORMAT, "version": VERSION, "arch": arch, "history": history,
                   "example_input": example, "extra": extra or {}}
     if arch is not None and (example is not None or not history):
-        checkpoint["state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        checkpoint["state_dict"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     else:
         checkpoint["module"] = model  # not rebuildable from the zoo: store the module itself
-    return write_atomic(path, lambda tmp: torch.save(checkpoint, tmp), force=force)
+    return checkpoint
 
 
 def read(path: str | os.PathLike) -> dict:
@@ -109,7 +115,11 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> n
         from .models import hf_bert
 
         return hf_bert.load_pretrained(path).to(map_location)
-    checkpoint = read(path)
+    return unpack(read(path), str(path)).to(map_location).eval()
+
+
+def unpack(checkpoint: dict, source: str = "checkpoint") -> nn.Module:
+    """The model of a checkpoint dict (see :func:`pack`), on the CPU."""
     if "module" in checkpoint:
         model = checkpoint["module"]
     else:
@@ -117,11 +127,11 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> n
         try:
             model.load_state_dict(checkpoint["state_dict"])
         except RuntimeError as exc:
-            raise StructPruneError(f"checkpoint {path}: weights do not fit the rebuilt model: "
+            raise StructPruneError(f"{source}: weights do not fit the rebuilt model: "
                                    f"{str(exc).splitlines()[0]}") from None
     model.structprune_history = list(checkpoint.get("history", []))
     model.structprune_example_input = checkpoint.get("example_input")
-    return model.to(map_location).eval()
+    return model
 
 
 def rebuild(checkpoint: dict) -> nn.Module:

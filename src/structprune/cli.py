@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="oneshot: one pass; sequential: fine-tune after every group (--layer-finetune-epochs); "
                         "cascade: --steps passes towards the budget, fine-tuning after each (default: oneshot)")
     p.add_argument("--steps", type=_positive, default=3, help="prune passes of the cascade schedule (default: 3)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted cascade after its last finished step (state saved next to --out)")
     _add_finetune_args(p, "after pruning (after each step with cascade)")
     p.add_argument("--layer-finetune-epochs", type=int, default=0,
                    help="fine-tune epochs after each group (sequential schedule) (default: 0)")
@@ -325,7 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"structprune {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"structprune {args.command}: interrupted; no output was written", file=sys.stderr)
+        out = getattr(args, "out", None)
+        state = _state_path(Path(out)) if out else None
+        hint = (f"; {state} holds the progress: rerun the same command with --resume"
+                if state is not None and state.exists() else "")
+        print(f"structprune {args.command}: interrupted; no output was written{hint}", file=sys.stderr)
         return 130
     finally:
         if torch.distributed.is_initialized():
@@ -389,12 +395,12 @@ def _state_path(out: Path) -> Path:
 
 
 def _check_state(args, out: Path) -> Path:
-    """The training-state file next to ``out``; an interrupted run's state is never silently discarded."""
+    """The state file next to ``out``; an interrupted run's state is never silently discarded."""
     state = _state_path(out)
     if state.exists() and not args.resume and not args.force:
         raise StructPruneError(f"{state} holds the state of an interrupted run: pass --resume to continue it "
                                f"or --force to start over")
-    if args.epochs < 0:
+    if getattr(args, "epochs", 0) < 0:
         raise StructPruneError(f"--epochs must be >= 0, got {args.epochs}")
     return state
 
@@ -491,6 +497,7 @@ def cmd_prune(args) -> int:
     if args.hf_model is not None:
         return cmd_prune_hf(args)
     out, report_path = _check_outputs(args)
+    state = _check_state(args, out)
     device = _device(args.device)
     budget = _budget(args)
     options = _method_options(args)
@@ -515,6 +522,9 @@ def cmd_prune(args) -> int:
         finetune=tune(args.finetune_epochs), layer_finetune=tune(args.layer_finetune_epochs), evaluate=evaluate,
         progress=not args.no_progress, example_inputs=example.to(device), refit=args.refit,
         round_to=args.round_to, calib_samples=args.calib_samples, ignored_layers=args.ignore, seed=args.seed,
+        state_path=state, resume=args.resume, state_key=repr((args.checkpoint, args.data, args.finetune_epochs,
+                                                                args.layer_finetune_epochs, args.train_limit,
+                                                                vars(_train_config(args, 1)))),
         **options)
     first, last = results[0], results[-1]
     report = {"command": "prune", "checkpoint": str(args.checkpoint), "data": args.data, "schedule": args.schedule,

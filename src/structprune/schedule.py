@@ -8,17 +8,26 @@
 
 In every schedule, each group's hidden representation is captured from the network as pruned so far.
 :func:`run` returns the final model and one report entry per prune pass.
+
+With ``state_path``, the cascade writes its state after every step (the model as pruned and
+fine-tuned so far, the reports, the random state); ``resume=True`` continues after the last finished
+step. Every step is a deterministic function of the model it starts from, the data and the seed (the
+fine-tune's data order depends only on the seed and the epoch), so a resumed run ends with the same
+model as an uninterrupted one; a step that was cut off is redone from its start.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
+from pathlib import Path
 
+import torch
 from torch import nn
 
-from . import allocate
+from . import allocate, checkpoint
 from .api import PruneResult, prune
 from .errors import StructPruneError, check_positive_int
 
@@ -49,12 +58,17 @@ def run(model: nn.Module, calib_loader: Iterable, method: str = "ispasp", budget
         schedule: str = "oneshot", steps: int = 3, finetune: Callable[[nn.Module], None] | None = None,
         layer_finetune: Callable[[nn.Module], None] | None = None,
         evaluate: Callable[[nn.Module], float] | None = None, progress: bool = True,
+        state_path: str | os.PathLike | None = None, resume: bool = False, state_key: str = "",
         **prune_kwargs) -> tuple[nn.Module, list[dict], list[PruneResult]]:
     """Prune ``model`` with a schedule; returns the final model, the step reports and each pass's result.
 
     finetune: trains a model in place; called after the pass (oneshot, sequential) or after each step
         (cascade). layer_finetune: called after each group (sequential only).
     evaluate: returns a model's accuracy; recorded before and after each fine-tune.
+    state_path, resume: the cascade's state after each step, and continuing from it (module docstring);
+        the state file is removed when the schedule ends. Results of steps finished before a resume
+        carry no model. state_key: the caller's options that a resumed run must share (e.g. the
+        fine-tune's), checked with the method, budget, schedule and prune options.
     prune_kwargs: passed to :func:`structprune.prune` (refit, round_to, calib_samples, seed, ...).
     """
     if schedule not in SCHEDULES:
@@ -68,7 +82,12 @@ def run(model: nn.Module, calib_loader: Iterable, method: str = "ispasp", budget
     reports, results = [], []
     current = model
     passes = steps if schedule == "cascade" else 1
-    for i in range(1, passes + 1):
+    state_path = Path(state_path) if state_path is not None else None
+    signature = _signature(method, budget, schedule, steps, prune_kwargs) + state_key
+    if resume and state_path is not None and state_path.exists():
+        current, reports, results = _load_state(state_path, signature)
+        current = current.to(next(model.parameters(), torch.empty(0)).device)  # where the caller's model is
+    for i in range(len(results) + 1, passes + 1):
         step = budget if schedule != "cascade" else step_budget(
             budget, i, steps, results[0].before if results else None, results[-1].after if results else None)
         result = prune(current, calib_loader, method, step, progress=progress, after_group=after_group,
@@ -88,4 +107,40 @@ def run(model: nn.Module, calib_loader: Iterable, method: str = "ispasp", budget
         reports.append(entry)
         results.append(result)
         current = result.model
+        if state_path is not None and i < passes:
+            _save_state(state_path, signature, current, reports, results)
+    if state_path is not None:
+        state_path.unlink(missing_ok=True)
     return current, reports, results
+
+
+def _signature(method, budget, schedule: str, steps: int, prune_kwargs: dict) -> str:
+    """What must not change between an interrupted run and its resumption."""
+    plain = (int, float, str, bool, type(None))
+    options = {k: v for k, v in sorted(prune_kwargs.items())
+               if isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v))}
+    return repr((getattr(method, "name", method), budget, schedule, steps, options))
+
+
+def _save_state(path: Path, signature: str, model: nn.Module, reports: list, results: list) -> None:
+    state = {"signature": signature, "model": checkpoint.pack(model), "reports": reports,
+             "results": [r.to_dict() for r in results], "torch_rng": torch.get_rng_state()}
+    checkpoint.write_atomic(path, lambda tmp: torch.save(state, tmp), force=True)
+
+
+def _load_state(path: Path, signature: str) -> tuple[nn.Module, list, list]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        model = checkpoint.unpack(state["model"], str(path))
+    except StructPruneError:
+        raise
+    except Exception as exc:
+        raise StructPruneError(f"--resume: schedule state {path} is unreadable ({str(exc).splitlines()[0]}); "
+                               f"delete it to start over") from None
+    if state.get("signature") != signature:
+        raise StructPruneError(f"--resume: {path} was written by a run with other options ({state.get('signature')}); "
+                               f"rerun with the same options, or delete it to start over")
+    torch.set_rng_state(state["torch_rng"])
+    results = [PruneResult.from_dict(d) for d in state["results"]]
+    results[-1].model = model
+    return model.eval(), list(state["reports"]), results
