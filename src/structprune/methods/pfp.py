@@ -41,7 +41,12 @@ _CHUNK_ELEMENTS = 2**24
 
 
 def sensitivities(consumer: ConsumerView, max_rows: int, generator: torch.Generator) -> Tensor:
-    """s_j of each channel for one consumer (see the module docstring)."""
+    """s_j of each channel for one consumer (see the module docstring).
+
+    With everything non-negative, max over i, κ, p of A'[p, j, κ]·W[i, j, κ]/T[p, i] is computed as
+    max over p, κ of A'[p, j, κ]·M[p, j, κ], where T = A'·Wᵀ (one matrix product) and
+    M[p, j, κ] = max_i W[i, j, κ]/T[p, i]: a (max, ×) product, the only rows × out × channels × taps pass.
+    """
     inputs = consumer.inputs
     if inputs.shape[0] > max_rows:
         rows = torch.randperm(inputs.shape[0], generator=generator)[:max_rows].to(inputs.device)
@@ -53,13 +58,15 @@ def sensitivities(consumer: ConsumerView, max_rows: int, generator: torch.Genera
     chunk = max(1, _CHUNK_ELEMENTS // (out * channels * taps))
     best = torch.zeros(channels, device=weight.device)
     for part in parts:
+        a = part.reshape(part.shape[0], channels * taps)
         for w in weight_parts:
-            for start in range(0, part.shape[0], chunk):
-                a = part[start:start + chunk]
-                contribution = a[:, None] * w[None]  # (rows, out, channels, taps)
-                total = contribution.sum(dim=(2, 3), keepdim=True)
-                ratio = torch.where(total > 1e-12, contribution / total.clamp(min=1e-12), 0.0)
-                best = torch.maximum(best, ratio.amax(dim=(0, 1, 3)))
+            w = w.reshape(out, channels * taps)
+            total = a @ w.T  # (rows, out): Σ_{k, κ'} W±[i, k, κ']·A'[k, κ', p]
+            inverse = torch.where(total > 1e-12, 1 / total.clamp(min=1e-12), 0.0)
+            for start in range(0, a.shape[0], chunk):
+                m = (inverse[start:start + chunk, :, None] * w[None]).amax(dim=1)  # (rows, channels·taps)
+                ratio = (a[start:start + chunk] * m).reshape(-1, channels, taps)
+                best = torch.maximum(best, ratio.amax(dim=(0, 2)))
     return best
 
 
