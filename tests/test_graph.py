@@ -145,3 +145,38 @@ def test_groups_touching_a_grouped_conv_are_skipped_with_a_warning_and_the_rest_
     assert [layer["group"] for layer in result.layers] == ["4"]
     assert result.model[2].weight.shape == model[2].weight.shape  # the grouped conv is untouched
     assert result.model[4].out_channels == 3 and result.model(x).shape == (8, 3)
+
+
+def test_rows_stay_bounded_however_many_calibration_samples():
+    """memory_bytes caps the captured rows even with far more samples than rows (each batch its share)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+    graph = PruningGraph(net, torch.randn(1, 1, 12, 12))
+    group = graph.all_groups()[0]
+    batches = [torch.randn(100, 1, 12, 12) for _ in range(10)]
+    rows_cap = 300
+    view = capture(net, group, batches, memory_bytes=4 * 6 * 9 * rows_cap)
+    assert rows_cap <= view.consumers[0].inputs.shape[0] <= rows_cap + len(batches)
+
+
+def test_streamed_calibration_gives_the_same_result_and_rejects_a_shuffling_loader():
+    torch.manual_seed(0)
+    net = structprune.models.create("lenet5")
+    images = torch.randn(200, 1, 28, 28)
+    loader = [(images[i:i + 64], torch.zeros(len(images[i:i + 64]), dtype=torch.long)) for i in range(0, 200, 64)]
+    for method in ("ispasp", "pfp", "taylor"):
+        kept = structprune.prune(net, loader, method, 0.5, calib_samples=150, progress=False)
+        streamed = structprune.prune(net, loader, method, 0.5, calib_samples=150, stream=True, progress=False)
+        assert [entry["relative_residual"] for entry in kept.layers] == \
+            [entry["relative_residual"] for entry in streamed.layers]
+        for a, b in zip(kept.model.state_dict().values(), streamed.model.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+
+    class Shuffled:
+        def __iter__(self):
+            order = torch.randperm(200)
+            for i in range(0, 200, 50):
+                yield images[order[i:i + 50]], torch.zeros(50, dtype=torch.long)
+
+    with pytest.raises(structprune.StructPruneError, match="same samples every pass"):
+        structprune.prune(net, Shuffled(), "ispasp", 0.5, stream=True, progress=False)

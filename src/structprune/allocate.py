@@ -30,9 +30,13 @@ import fnmatch
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .capture import Calibration
 
 from .errors import StructPruneError
 from .graph import PruningGraph, build_graph
@@ -316,17 +320,17 @@ def _search_pfp(budget: Target, sizer: Sizer, round_to: int | None,
     return _refine(keeps_at(high), keeps_at(low), budget, sizer, round_to or 1)
 
 
-def pfp_sensitivities(model: nn.Module, graph: PruningGraph, batches: list, memory_bytes: int, seed: int,
+def pfp_sensitivities(model: nn.Module, graph: PruningGraph, calib: Calibration, memory_bytes: int, seed: int,
                       max_rows: int = 2048) -> list[LayerSensitivity]:
     """PFP's per-group statistics on the model as it is (dense), for :func:`plan`."""
     from .capture import capture
     from .measure import output_sizes
     from .methods.pfp import group_sensitivities
 
-    positions = {name: size["positions"] for name, size in output_sizes(model, batches[0]).items()}
+    positions = {name: size["positions"] for name, size in output_sizes(model, calib.first()).items()}
     layers = []
     for group in graph.groups():
-        view = capture(model, group, batches, memory_bytes=memory_bytes, seed=seed)
+        view = capture(model, group, calib, memory_bytes=memory_bytes, seed=seed)
         scores = group_sensitivities(view, max_rows)
         total = float(scores.sum())
         prob = scores / total if total > 0 else torch.full_like(scores, 1 / len(scores))

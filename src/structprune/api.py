@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from . import allocate
 from . import methods as method_registry
-from .capture import DEFAULT_MEMORY_BYTES, batch_size, capture, materialize, take_samples
+from .capture import DEFAULT_MEMORY_BYTES, Calibration, capture, materialize, take_samples
 from .errors import StructPruneError, check_positive_int
 from .graph import build_graph, run_forward
 from .measure import count, output_sizes
@@ -81,6 +81,7 @@ def prune(
     calib_samples: int | None = None,
     ignored_layers: Sequence[str | nn.Module] = (),
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
+    stream: bool = False,
     seed: int = 0,
     progress: bool = True,
     after_group: Callable[[nn.Module, str], None] | None = None,
@@ -110,6 +111,9 @@ def prune(
     ignored_layers: layers (names or modules of ``model``) whose outputs keep all channels.
         The output layer is always kept whole.
     memory_bytes: bound on the captured rows per consumer (see :mod:`structprune.capture`).
+    stream: do not keep the calibration samples in memory; re-read ``calib_loader`` for every group
+        (it must give the same samples each pass: no shuffling). Memory then stays bounded however
+        large the calibration set; each group costs one pass over it.
     seed: seeds sampling of positions and of randomised methods; the same seed gives the same result.
     progress: show a progress bar over groups.
     after_group: called as ``after_group(model, group_name)`` after each group is pruned, e.g. to
@@ -149,16 +153,16 @@ def prune(
         example_inputs = take_samples(example_inputs, None, device, dtype)
     if calib_samples is None:
         calib_samples = _default_calib_samples(method, pruned, calib_loader, device, example_inputs)
-    batches, targets = materialize(calib_loader, calib_samples, device, dtype)
+    calib = Calibration(calib_loader, calib_samples, device, dtype, stream=stream)
     if example_inputs is None:
-        example_inputs = take_samples(batches[0], 1, device)
+        example_inputs = take_samples(calib.first(), 1, device)
     graph = build_graph(pruned, example_inputs, [pruned.get_submodule(n) for n in ignored_names])
     sizer = allocate.Sizer(model, example_inputs, ignored_names, graph)  # model: the caller's, never pruned
     allocation = allocate.plan(budget, sizer, round_to, lambda: allocate.pfp_sensitivities(
-        pruned, graph, batches, memory_bytes, seed))
+        pruned, graph, calib, memory_bytes, seed))
     _warn_if_missed(allocation.info, budget)
     needs_gradients = getattr(method, "needs_gradients", False)
-    if needs_gradients and any(t is None for t in targets):
+    if needs_gradients and not calib.labelled:
         raise StructPruneError(f"method {method.name} needs labelled calibration batches: (inputs, targets) pairs")
 
     layers = []
@@ -169,8 +173,8 @@ def prune(
         entry = {"group": group.name, "channels": group.channels, "kept": keep,
                  "consumers": [c.name for c in group.consumers]}
         if keep < group.channels:
-            view = capture(pruned, group, batches, memory_bytes=memory_bytes, seed=seed,
-                           targets=targets if needs_gradients else None, loss_fn=loss_fn)
+            view = capture(pruned, group, calib, memory_bytes=memory_bytes, seed=seed, loss_fn=loss_fn,
+                           gradients=needs_gradients)
             selection = method.select(view, keep)
             _check_selection(selection, group.name, group.channels, keep)
             entry["relative_residual"] = relative_residual(view, selection)
@@ -195,7 +199,7 @@ def prune(
     pruned.structprune_example_input = _input_spec(example_inputs)
     return PruneResult(
         model=pruned, method=method.name, budget=allocation.info, layers=layers, before=sizer.dense, after=after,
-        seconds=time.perf_counter() - start, calib_samples=sum(batch_size(b) for b in batches), seed=seed,
+        seconds=time.perf_counter() - start, calib_samples=calib.samples, seed=seed,
         refit=refit, skipped=[{"group": g, "reason": r} for g, r in graph.skipped],
         method_options={k: v for k, v in vars(method).items() if not k.startswith("_") and k != "name"},
     )

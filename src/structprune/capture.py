@@ -4,18 +4,24 @@ Memory bound
 ------------
 For a consumer reading C group channels with K taps each (K = kernel positions of a conv, the
 ``H*W`` features of a Linear after a Flatten, or the head size of an attention head), at most
-``max(samples, memory_bytes / (4*C*K))`` rows are kept, where a row is one output position of one
-sample. A Linear on a (N, features) input has one row per sample; on a (N, L, features) sequence,
-one per token (padding tokens, those with a 0 in the batch's ``attention_mask``, are left out).
-A conv output has many positions per sample. Each sample contributes ``max(1, rows_cap // samples)``
-positions (tokens) drawn at random (seeded), and only the patches at those positions are ever
-materialised, so peak memory is about ``4*C*K*rows`` bytes per consumer plus one
-calibration batch's activations. Defaults: 1,280 samples (i-SpaSP's released recipe) and 256 MiB.
+``rows_cap = memory_bytes / (4*C*K)`` rows are kept (plus at most one per batch from rounding), where
+a row is one output position of one sample. A Linear on a (N, features) input has one row per
+sample; on a (N, L, features) sequence, one per token (padding tokens, those with a 0 in the batch's
+``attention_mask``, are left out); a conv output has one per output position. While ``rows_cap`` is
+at least the number of samples, each sample contributes ``rows_cap // samples`` rows drawn at
+random (seeded); beyond that, each batch contributes its share of ``rows_cap``. Only the patches at
+the drawn positions are ever materialised, so peak memory is about ``memory_bytes`` per consumer
+plus one calibration batch's activations, however many samples there are.
+
+The calibration samples themselves are kept in memory (read once, so every group sees the same
+samples) unless ``stream=True`` (:class:`Calibration`): then each pass re-reads the loader and only one
+batch is in memory at a time. Defaults: 1,280 samples (i-SpaSP's released recipe) and 256 MiB.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -89,12 +95,97 @@ def materialize(calib_loader: Iterable, max_samples: int, device, dtype: torch.d
     return batches, targets
 
 
+class Calibration:
+    """The calibration samples every group is captured on.
+
+    In memory (default): the first ``max_samples`` samples are read once and kept on the model's device.
+    Streamed (``stream=True``): nothing is kept; every pass re-reads ``loader`` (which must then give the
+    same samples in the same order each time: a DataLoader without shuffling, a list, ...) and moves
+    one batch at a time to the device, so memory does not grow with the calibration set.
+    Iterating yields (inputs, targets) per batch (targets None when the batch has none).
+    """
+
+    def __init__(self, loader: Iterable, max_samples: int, device, dtype: torch.dtype | None = None,
+                 stream: bool = False):
+        self.loader, self.max_samples, self.device, self.dtype, self.stream = loader, max_samples, device, dtype, stream
+        self._batches: list | None = None
+        if stream:
+            self.samples, self._fingerprint = 0, None
+            for inputs, _ in self._read():
+                self._fingerprint = self._fingerprint if self.samples else _fingerprint(inputs)
+                self.samples += batch_size(inputs)
+            if self.samples == 0:
+                raise StructPruneError("calib_loader yielded no samples: pass a loader with at least one batch")
+        else:
+            self._batches = list(zip(*materialize(loader, max_samples, device, dtype), strict=True))
+            self.samples = sum(batch_size(inputs) for inputs, _ in self._batches)
+
+    @classmethod
+    def of(cls, batches: list, targets: list | None = None) -> Calibration:
+        """In-memory calibration from batches already on the model's device (and their targets)."""
+        calib = cls.__new__(cls)
+        calib.loader, calib.max_samples, calib.device, calib.dtype, calib.stream = batches, None, None, None, False
+        calib._batches = list(zip(batches, targets or [None] * len(batches), strict=True))
+        calib.samples = sum(batch_size(b) for b in batches)
+        return calib
+
+    def _read(self) -> Iterator[tuple]:
+        seen = 0
+        try:
+            iterator = iter(self.loader)
+        except TypeError:
+            raise StructPruneError(f"calib_loader must be iterable, got {type(self.loader).__name__}") from None
+        for batch in iterator:
+            inputs = batch_inputs(batch)
+            n = min(batch_size(inputs), self.max_samples - seen)
+            if n <= 0:
+                break
+            target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+            yield (take_samples(inputs, n, self.device, self.dtype),
+                   take_samples(target, n, self.device) if isinstance(target, Tensor) else None)
+            seen += n
+            if seen >= self.max_samples:
+                break
+
+    def __iter__(self) -> Iterator[tuple]:
+        if self._batches is not None:
+            yield from self._batches
+            return
+        seen = 0
+        for inputs, target in self._read():
+            if seen == 0 and _fingerprint(inputs) != self._fingerprint:
+                seen = -1
+                break
+            seen += batch_size(inputs)
+            yield inputs, target
+        if seen != self.samples:
+            raise StructPruneError("stream: the calibration loader gave other samples on this pass than on the "
+                                   "first; a streamed loader must give the same samples every pass (no shuffling)")
+
+    def first(self):
+        """The inputs of the first batch."""
+        return next(iter(self))[0]
+
+    @property
+    def labelled(self) -> bool:
+        return all(target is not None for _, target in self)
+
+
+def _fingerprint(inputs) -> float:
+    """A cheap checksum of a batch, to notice a streamed loader that shuffles."""
+    if isinstance(inputs, dict):
+        inputs = next(iter(inputs.values()))
+    if isinstance(inputs, (tuple, list)):
+        inputs = inputs[0]
+    return float(inputs.double().sum())
+
+
 class _RowCollector:
     """Forward pre-hook that turns a consumer's input into rows (M, C, K) at sampled positions."""
 
-    def __init__(self, consumer: Consumer, rows_per_sample: int, generator: torch.Generator):
+    def __init__(self, consumer: Consumer, rows_cap: int, samples: int, generator: torch.Generator):
         self.consumer = consumer
-        self.rows_per_sample = rows_per_sample
+        self.rows_cap, self.samples = rows_cap, samples
         self.generator = generator
         self.chunks: list[Tensor] = []
         self.token_mask: Tensor | None = None  # (N, L) attention mask of the batch, when it has one
@@ -109,6 +200,13 @@ class _RowCollector:
         else:
             self.chunks.append(self._linear_rows(x))
 
+    def _wanted(self, n: int) -> int:
+        """Rows to keep from a batch of n samples: the same whole number per sample while the cap allows
+        one row per sample or more, else the batch's share of the cap (bounded however many samples)."""
+        if self.rows_cap >= self.samples:
+            return n * (self.rows_cap // self.samples)
+        return math.ceil(self.rows_cap * n / self.samples)
+
     def _pick(self, total: int, wanted: int, device) -> Tensor:
         if wanted >= total:
             return torch.arange(total, device=device)
@@ -120,7 +218,7 @@ class _RowCollector:
         if mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
             x = x[mask.to(x.device) != 0]  # padding tokens are not part of the representation
         x = x.reshape(-1, x.shape[-1])
-        rows = self._pick(x.shape[0], samples * self.rows_per_sample, x.device)
+        rows = self._pick(x.shape[0], self._wanted(samples), x.device)
         return x[rows][:, self.consumer.channel_index.to(x.device)]
 
     def _conv_rows(self, conv: nn.Conv2d, x: Tensor) -> Tensor:
@@ -134,7 +232,7 @@ class _RowCollector:
         n, _, h, w = x.shape
         (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
         out_h, out_w = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
-        positions = self._pick(n * out_h * out_w, n * self.rows_per_sample, x.device)
+        positions = self._pick(n * out_h * out_w, self._wanted(n), x.device)
         sample, rest = positions // (out_h * out_w), positions % (out_h * out_w)
         top, left = (rest // out_w) * sh, (rest % out_w) * sw
         dy = (torch.arange(kh, device=x.device) * dh).repeat_interleave(kw)
@@ -143,36 +241,39 @@ class _RowCollector:
         return patches.transpose(1, 2).contiguous()
 
 
-def capture(model: nn.Module, group: Group, batches: list, memory_bytes: int = DEFAULT_MEMORY_BYTES,
-            seed: int = 0, targets: list | None = None, loss_fn=None) -> GroupView:
-    """Run the calibration batches through ``model`` and return the group's :class:`GroupView`.
+def capture(model: nn.Module, group: Group, calib: Calibration | list, memory_bytes: int = DEFAULT_MEMORY_BYTES,
+            seed: int = 0, targets: list | None = None, loss_fn=None, gradients: bool = False) -> GroupView:
+    """Run the calibration samples through ``model`` and return the group's :class:`GroupView`.
 
-    With ``targets`` (one per batch), the producers' ``weight_grad`` is the gradient of
+    ``calib``: a :class:`Calibration`, or a list of input batches (with ``targets``, one per batch).
+    With ``gradients`` (or ``targets`` given), the producers' ``weight_grad`` is the gradient of
     ``loss_fn(model(inputs), targets)`` (default: cross-entropy) summed over the batches.
     """
-    samples = sum(batch_size(b) for b in batches)
+    if not isinstance(calib, Calibration):
+        calib = Calibration.of(calib, targets)
+        gradients = gradients or targets is not None
+    samples = calib.samples
     collectors, hooks = [], []
     gen = torch.Generator()
     gen.manual_seed(seed)
     for consumer in group.consumers:
         features = consumer.channel_index.numel() * (
             consumer.module.weight[0, 0].numel() if consumer.kind == "conv" else 1)
-        rows_cap = max(samples, memory_bytes // (4 * features))
-        collector = _RowCollector(consumer, max(1, rows_cap // samples), gen)
+        collector = _RowCollector(consumer, max(1, memory_bytes // (4 * features)), samples, gen)
         collectors.append(collector)
         hooks.append(consumer.module.register_forward_pre_hook(collector))
-    gradients = None if targets is None else _LossGradients(model, group, loss_fn)
+    gradients = _LossGradients(model, group, loss_fn) if gradients else None
     was_training = model.training
     model.eval()
     try:
         with torch.set_grad_enabled(gradients is not None):
-            for i, inputs in enumerate(batches):
+            for inputs, target in calib:
                 mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
                 for collector in collectors:
                     collector.token_mask = mask
                 outputs = run_forward(model, inputs)
                 if gradients is not None:
-                    gradients.backward(outputs, targets[i])
+                    gradients.backward(outputs, target)
     finally:
         model.train(was_training)
         for hook in hooks:

@@ -161,6 +161,9 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-samples", type=_positive, default=None,
                    help="calibration samples from the training split (default: the method's own: ispasp and gfs "
                         "1280, pfp* ⌈3·ln(8·η·η*/δ)⌉, others 256)")
+    p.add_argument("--stream", action="store_true",
+                   help="keep no calibration samples in memory: re-read them for every group (bounded memory "
+                        "for large calibration sets; one pass over them per group)")
     p.add_argument("--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="method option, repeatable: ispasp iterations=20 proxy=paper|contribution; "
                         "pfp* max_rows=2048 delta=1e-16; magnitude norm=1|2")
@@ -522,9 +525,9 @@ def cmd_prune(args) -> int:
         finetune=tune(args.finetune_epochs), layer_finetune=tune(args.layer_finetune_epochs), evaluate=evaluate,
         progress=not args.no_progress, example_inputs=example.to(device), refit=args.refit,
         round_to=args.round_to, calib_samples=args.calib_samples, ignored_layers=args.ignore, seed=args.seed,
-        state_path=state, resume=args.resume, state_key=repr((args.checkpoint, args.data, args.finetune_epochs,
-                                                                args.layer_finetune_epochs, args.train_limit,
-                                                                vars(_train_config(args, 1)))),
+        stream=args.stream, state_path=state, resume=args.resume,
+        state_key=repr((args.checkpoint, args.data, args.finetune_epochs, args.layer_finetune_epochs, args.train_limit,
+                        vars(_train_config(args, 1)))),
         **options)
     first, last = results[0], results[-1]
     report = {"command": "prune", "checkpoint": str(args.checkpoint), "data": args.data, "schedule": args.schedule,
@@ -577,7 +580,7 @@ def cmd_prune_hf(args) -> int:
     dense_embeddings = measure.sentence_embeddings(model, test)
     result = prune(model, calib, args.method, budget, example, refit=args.refit, round_to=args.round_to,
                    calib_samples=args.calib_samples, ignored_layers=ignored + list(args.ignore), seed=args.seed,
-                   progress=not args.no_progress, **options)
+                   stream=args.stream, progress=not args.no_progress, **options)
     similarity = measure.embedding_similarity(dense_embeddings, measure.sentence_embeddings(result.model, test))
     report = {"command": "prune", "hf_model": str(args.hf_model), "prune": args.prune,
               "text": args.text or str(text.FORTUNES), "calibration_sentences": result.calib_samples,
