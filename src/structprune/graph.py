@@ -257,12 +257,7 @@ class PruningGraph:
         ``consumer_weights`` maps a consumer name to its new canonical weight (out, len(keep_idx),
         taps) for the kept channels (PFP's reweighting, least-squares refits).
         """
-        keep_idx = torch.as_tensor(keep_idx, dtype=torch.long).cpu()
-        by_name = {c.name: c for c in group.consumers}
-        for name, weight in (consumer_weights or {}).items():
-            if name not in by_name:
-                raise StructPruneError(f"consumer_weights: {name!r} is not a consumer of group {group.name}")
-            by_name[name].write_weight(keep_idx, weight)
+        keep_idx = write_consumer_weights(group, keep_idx, consumer_weights)
         mask = torch.ones(group.channels, dtype=torch.bool)
         mask[keep_idx] = False
         prune_idx = mask.nonzero().flatten().tolist()
@@ -278,6 +273,18 @@ class PruningGraph:
     def replay(self, history: list) -> None:
         """Redo recorded removals (see :meth:`history`) on this graph's model."""
         self.dg.load_pruning_history([list(entry) for entry in history])
+
+
+def write_consumer_weights(group: Group, keep_idx, consumer_weights: dict[str, Tensor] | None) -> Tensor:
+    """Write replacement canonical weights into the kept columns of the named consumers (before the
+    removal, by either graph); returns ``keep_idx`` as a CPU LongTensor."""
+    keep_idx = torch.as_tensor(keep_idx, dtype=torch.long).cpu()
+    by_name = {c.name: c for c in group.consumers}
+    for name, weight in (consumer_weights or {}).items():
+        if name not in by_name:
+            raise StructPruneError(f"consumer_weights: {name!r} is not a consumer of group {group.name}")
+        by_name[name].write_weight(keep_idx, weight)
+    return keep_idx
 
 
 def build_graph(model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Module] = ()):

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import StructPruneError
-from ..graph import Consumer, Group, Producer
+from ..graph import Consumer, Group, Producer, write_consumer_weights
 
 HEADS, FFN = "heads", "ffn"
 PARTS = (HEADS, FFN)
@@ -62,19 +62,21 @@ def part_names(model: nn.Module, part: str) -> list[str]:
 
 
 def _is_bert_layer(module: nn.Module) -> bool:
-    attention = getattr(module, "attention", None)
-    self_attn = getattr(attention, "self", None)
-    linear = lambda m, *path: isinstance(_get(m, *path), nn.Linear)  # noqa: E731
-    return (self_attn is not None and all(linear(self_attn, p) for p in ("query", "key", "value"))
+    self_attn = _get(module, "attention", "self")
+    return (all(_is_linear(module, "attention", "self", p) for p in ("query", "key", "value"))
             and hasattr(self_attn, "attention_head_size") and hasattr(self_attn, "num_attention_heads")
-            and linear(attention, "output", "dense") and linear(module, "intermediate", "dense")
-            and linear(module, "output", "dense"))
+            and _is_linear(module, "attention", "output", "dense") and _is_linear(module, "intermediate", "dense")
+            and _is_linear(module, "output", "dense"))
 
 
 def _get(module, *path):
     for attr in path:
         module = getattr(module, attr, None)
     return module
+
+
+def _is_linear(module, *path) -> bool:
+    return isinstance(_get(module, *path), nn.Linear)
 
 
 class TransformerGraph:
@@ -143,12 +145,7 @@ class TransformerGraph:
 
     def apply(self, group: Group, keep_idx: Tensor, consumer_weights: dict[str, Tensor] | None = None) -> None:
         """Keep ``keep_idx`` (heads or neurons) of ``group``; write replacement consumer weights first."""
-        keep_idx = torch.as_tensor(keep_idx, dtype=torch.long).cpu()
-        by_name = {c.name: c for c in group.consumers}
-        for name, weight in (consumer_weights or {}).items():
-            if name not in by_name:
-                raise StructPruneError(f"consumer_weights: {name!r} is not a consumer of group {group.name}")
-            by_name[name].write_weight(keep_idx, weight)
+        keep_idx = write_consumer_weights(group, keep_idx, consumer_weights)
         if len(keep_idx) == group.channels:
             return
         rows = group.producers[0].channel_index[keep_idx].reshape(-1)
