@@ -67,14 +67,11 @@ def take_samples(inputs, n: int | None, device, dtype: torch.dtype | None = None
     return inputs
 
 
-def materialize(calib_loader: Iterable, max_samples: int, device, dtype: torch.dtype | None = None
-                ) -> tuple[list, list]:
-    """Read up to ``max_samples`` calibration samples once, so every group sees the same samples.
-
-    Returns the model inputs of each batch (on ``device``, floating-point inputs cast to ``dtype``) and
-    its targets (None for a batch without targets).
-    """
-    batches, targets, seen = [], [], 0
+def read_batches(calib_loader: Iterable, max_samples: int, device, dtype: torch.dtype | None = None
+                 ) -> Iterator[tuple]:
+    """(inputs, targets) of each batch until ``max_samples`` samples, on ``device``, floating-point inputs
+    cast to ``dtype`` (targets None for a batch without them)."""
+    seen = 0
     try:
         iterator = iter(calib_loader)
     except TypeError:
@@ -84,15 +81,24 @@ def materialize(calib_loader: Iterable, max_samples: int, device, dtype: torch.d
         n = min(batch_size(inputs), max_samples - seen)
         if n <= 0:
             break
-        batches.append(take_samples(inputs, n, device, dtype))
         target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
-        targets.append(take_samples(target, n, device) if isinstance(target, Tensor) else None)
+        yield (take_samples(inputs, n, device, dtype),
+               take_samples(target, n, device) if isinstance(target, Tensor) else None)
         seen += n
         if seen >= max_samples:
             break
-    if seen == 0:
+
+
+def materialize(calib_loader: Iterable, max_samples: int, device, dtype: torch.dtype | None = None
+                ) -> tuple[list, list]:
+    """Read up to ``max_samples`` calibration samples once, so every group sees the same samples.
+
+    Returns the model inputs of each batch and its targets (see :func:`read_batches`).
+    """
+    pairs = list(read_batches(calib_loader, max_samples, device, dtype))
+    if not pairs:
         raise StructPruneError("calib_loader yielded no samples: pass a loader with at least one batch")
-    return batches, targets
+    return [inputs for inputs, _ in pairs], [target for _, target in pairs]
 
 
 class Calibration:
@@ -130,22 +136,7 @@ class Calibration:
         return calib
 
     def _read(self) -> Iterator[tuple]:
-        seen = 0
-        try:
-            iterator = iter(self.loader)
-        except TypeError:
-            raise StructPruneError(f"calib_loader must be iterable, got {type(self.loader).__name__}") from None
-        for batch in iterator:
-            inputs = batch_inputs(batch)
-            n = min(batch_size(inputs), self.max_samples - seen)
-            if n <= 0:
-                break
-            target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
-            yield (take_samples(inputs, n, self.device, self.dtype),
-                   take_samples(target, n, self.device) if isinstance(target, Tensor) else None)
-            seen += n
-            if seen >= self.max_samples:
-                break
+        return read_batches(self.loader, self.max_samples, self.device, self.dtype)
 
     def __iter__(self) -> Iterator[tuple]:
         if self._batches is not None:
