@@ -1,0 +1,133 @@
+"""Speed: pruning wall time of i-SpaSP, PFP and GFS, and measured CPU latency of pruned vs dense models.
+
+(a) Pruning time. ResNet-20 and ResNet-56 (CIFAR layout, 3×32×32 inputs), pruned to keep 50% of
+their MACs (one shared keep ratio) on the same 1,280 random calibration images, with i-SpaSP, PFP,
+PFP's δ-allocation, and GFS (structprune's greedy forward selection on the layer residual). Weights
+are random (He init, BatchNorm statistics at their initial values): the time depends on the
+shapes, not on training. The i-SpaSP paper reports orders of magnitude over *provable* greedy
+baselines that re-evaluate the network for each candidate; structprune's GFS evaluates each
+candidate on the layer's Gram matrix, so it is a much stronger baseline in time.
+
+(b) Latency. Every zoo CNN at full width, dense and pruned to 50% and 30% of its MACs (magnitude
+selection: latency depends only on the shapes), median CPU time of a forward pass at batch 1 and 64
+(after warm-up), next to the MACs ratio. The issue's target: speed-up ≥ 0.8 × dense MACs / pruned MACs
+at batch 64.
+
+    python benchmarks/speed.py --out-dir benchmarks/results      # ~15 min on 2 CPU cores; --part time|latency
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import warnings
+from datetime import date
+from pathlib import Path
+
+import torch
+
+import structprune
+from structprune.measure import latency
+
+
+def calibration(samples: int = 1280, batch: int = 128) -> list:
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randn(min(batch, samples - i), 3, 32, 32, generator=gen),
+             torch.zeros(min(batch, samples - i), dtype=torch.long)) for i in range(0, samples, batch)]
+
+
+def pruning_times(models: list[str], methods: list[tuple[str, dict]], calib: list) -> list[dict]:
+    rows = []
+    for name in models:
+        torch.manual_seed(0)
+        model = structprune.models.create(name, in_channels=3).eval()
+        for label, options in methods:
+            options = dict(options)
+            method = options.pop("method", label)
+            budget = structprune.Target(0.5, "flops", allocation=options.pop("allocation", "uniform"))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = structprune.prune(model, calib, method, budget, calib_samples=1280, progress=False,
+                                           **options)
+            rows.append({"model": name, "method": label, "seconds": result.seconds,
+                         "macs_ratio": result.after["macs"] / result.before["macs"]})
+            print(f"{name} {label}: {result.seconds:.1f}s, MACs {rows[-1]['macs_ratio']:.1%}", flush=True)
+    return rows
+
+
+def latencies(models: list[str], fractions: list[float], calib: list, repeats: int) -> list[dict]:
+    rows = []
+    for name in models:
+        torch.manual_seed(0)
+        size = {"input_size": 32} if structprune.models.accepts(name, "input_size") else {}
+        dense = structprune.models.create(name, in_channels=3, **size).eval()
+        base = {b: latency(dense, torch.randn(b, 3, 32, 32), repeats=repeats, warmup=5) for b in (1, 64)}
+        for fraction in fractions:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = structprune.prune(dense, calib[:1], "magnitude", structprune.Target(fraction, "flops"),
+                                           progress=False)
+            macs_ratio = result.after["macs"] / result.before["macs"]
+            row = {"model": name, "target": fraction, "macs_ratio": macs_ratio,
+                   "params_ratio": result.after["params"] / result.before["params"]}
+            for b in (1, 64):
+                ms = latency(result.model, torch.randn(b, 3, 32, 32), repeats=repeats, warmup=5)
+                row[f"dense_ms_b{b}"], row[f"pruned_ms_b{b}"] = base[b], ms
+                row[f"speedup_b{b}"] = base[b] / ms
+            row["speedup_target_b64"] = 0.8 / macs_ratio
+            row["met_b64"] = row["speedup_b64"] >= row["speedup_target_b64"]
+            rows.append(row)
+            print(f"{name} {fraction}: MACs {macs_ratio:.1%}, b1 {base[1]:.2f}->{row['pruned_ms_b1']:.2f} ms, "
+                  f"b64 {base[64]:.1f}->{row['pruned_ms_b64']:.1f} ms (x{row['speedup_b64']:.2f}, "
+                  f"target x{row['speedup_target_b64']:.2f})", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", help="directory for speed_time.{json,md} and speed_latency.{json,md}")
+    parser.add_argument("--repeats", type=int, default=30, help="timed forward passes per latency (default: 30)")
+    parser.add_argument("--part", choices=["time", "latency", "all"], default="all",
+                        help="(a) pruning time, (b) latency, or both (default: all)")
+    args = parser.parse_args()
+    calib = calibration()
+    meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+            "torch": torch.__version__, "command": "python " + " ".join(sys.argv)}
+    head = f"{meta['date']}, {meta['machine']}, torch {meta['torch']}; `{meta['command']}`"
+    if args.part in ("time", "all"):
+        timing = pruning_times(["resnet20", "resnet56"], [("ispasp", {}), ("pfp", {}),
+                                                          ("pfp δ-allocation", {"method": "pfp", "allocation": "pfp"}),
+                                                          ("gfs", {})], calib)
+        lines = [head, "", "(a) pruning wall time to 50% of the MACs, 1,280 calibration images", "",
+                 "| model | method | seconds | MACs kept |", "|---|---|---:|---:|"]
+        lines += [f"| {r['model']} | {r['method']} | {r['seconds']:.1f} | {r['macs_ratio']:.1%} |" for r in timing]
+        _write(args.out_dir, "speed_time", {"meta": meta, "rows": timing}, lines)
+    if args.part in ("latency", "all"):
+        lat = latencies(["lenet5", "vgg16", "resnet20", "resnet56", "mobilenetv2"], [0.5, 0.3], calib, args.repeats)
+        lines = [head, "", "(b) CPU latency, dense → pruned (median of the timed passes)", "",
+                 "| model | MACs kept | params kept | batch 1 (ms) | batch 64 (ms) | speed-up b64 | "
+                 "target 0.8×MACs⁻¹ | met |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+        lines += [f"| {r['model']} | {r['macs_ratio']:.1%} | {r['params_ratio']:.1%} | {r['dense_ms_b1']:.2f} → "
+                  f"{r['pruned_ms_b1']:.2f} | {r['dense_ms_b64']:.1f} → {r['pruned_ms_b64']:.1f} | "
+                  f"×{r['speedup_b64']:.2f} | ×{r['speedup_target_b64']:.2f} | {'yes' if r['met_b64'] else 'no'} |"
+                  for r in lat]
+        _write(args.out_dir, "speed_latency", {"meta": meta, "rows": lat}, lines)
+
+
+def _write(out_dir: str | None, name: str, payload: dict, lines: list[str]) -> None:
+    text = "\n".join(lines) + "\n"
+    print(text, flush=True)
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+        (out / f"{name}.md").write_text(text)
+
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    main()
+    print(f"total {time.perf_counter() - start:.0f}s")
