@@ -547,6 +547,16 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _hf_model(path: str):
+    """A BERT-family model from a local directory, or a clear error."""
+    from .models import hf_bert
+
+    model = hf_bert.load_pretrained(path)
+    if not hf_bert.is_supported(model):
+        raise StructPruneError(f"--hf-model {path}: {type(model).__name__} has no BERT-style encoder layers")
+    return model
+
+
 def cmd_prune_hf(args) -> int:
     """prune --hf-model: heads and/or FFN neurons of a BERT-family model, judged by the cosine similarity
     of its sentence embeddings to the dense model's on held-out text."""
@@ -565,9 +575,7 @@ def cmd_prune_hf(args) -> int:
     calib_text, held_out = text.split(text.read(args.text), seed=args.seed)
     transformers = hf_bert.transformers_module()
     transformers.utils.logging.disable_progress_bar()  # its per-file loading bars; ours shows the pruning
-    model = hf_bert.load_pretrained(args.hf_model).to(device)
-    if not hf_bert.is_supported(model):
-        raise StructPruneError(f"--hf-model {args.hf_model}: {type(model).__name__} has no BERT-style encoder layers")
+    model = _hf_model(args.hf_model).to(device)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.hf_model)
     except Exception as exc:
@@ -675,12 +683,7 @@ def cmd_eval(args) -> int:
 
 def cmd_info(args) -> int:
     if args.hf_model:
-        from .models import hf_bert
-
-        model = hf_bert.load_pretrained(args.hf_model)
-        if not hf_bert.is_supported(model):
-            raise StructPruneError(f"--hf-model {args.hf_model}: {type(model).__name__} has no BERT-style "
-                                   f"encoder layers")
+        model = _hf_model(args.hf_model)
         example = {"input_ids": torch.zeros(1, 128, dtype=torch.long),
                    "attention_mask": torch.ones(1, 128, dtype=torch.long)}
         title = args.hf_model

@@ -216,12 +216,10 @@ def train(model: nn.Module, loader: Iterable, config: TrainConfig, device=None, 
             loss.backward()
             optimizer.step()
             schedule.step()
-            mean = loss_sum.detach() / count[0]
-            if proc.distributed:  # the global batch's mean loss, for the log
-                mean = mean * count[0]
-                dist.all_reduce(mean)
-                mean = mean / count[0]
-            total += mean.item()
+            summed = loss_sum.detach()
+            if proc.distributed:  # the global batch's loss, for the log
+                dist.all_reduce(summed)
+            total += (summed / count[0]).item()
             batches += 1
             bar.set_postfix(loss=f"{total / batches:.3f}")
         losses.append(total / max(batches, 1))

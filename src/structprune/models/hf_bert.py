@@ -58,7 +58,11 @@ def part_names(model: nn.Module, part: str) -> list[str]:
     if part not in PARTS:
         raise StructPruneError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
     suffix = "attention" if part == HEADS else "intermediate"
-    return [f"{name}.{suffix}" if name else suffix for name, _ in encoder_layers(model)]
+    return [_group_name(name, suffix) for name, _ in encoder_layers(model)]
+
+
+def _group_name(layer_name: str, suffix: str) -> str:
+    return f"{layer_name}.{suffix}" if layer_name else suffix
 
 
 def _is_bert_layer(module: nn.Module) -> bool:
@@ -109,7 +113,7 @@ class TransformerGraph:
                 inside = [layer, scope, *scope.modules()] if part == HEADS else [
                     layer, layer.intermediate, layer.intermediate.dense, layer.output.dense]
                 if part in self.parts and not any(id(m) in ignored for m in inside):
-                    self._roots.append((f"{name}.{suffix}" if name else suffix, part, layer))
+                    self._roots.append((_group_name(name, suffix), part, layer))
         if not self._roots:
             raise StructPruneError("the model has no BERT-style encoder layer left to prune "
                                    "(every group is ignored, or the model is not BERT-family)")
@@ -209,24 +213,18 @@ def resize(model: nn.Module, sizes: list[dict[str, int]]) -> None:
     layers = encoder_layers(model)
     if len(layers) != len(sizes):
         raise StructPruneError(f"{CONFIG_KEY} lists {len(sizes)} layers but the model has {len(layers)}")
-    for (_, layer), size in zip(layers, sizes, strict=True):
+    wanted = {}
+    for (name, layer), size in zip(layers, sizes, strict=True):
         attn = layer.attention.self
         heads, inter = int(size["num_attention_heads"]), int(size["intermediate_size"])
         if not 1 <= heads <= attn.num_attention_heads or not 1 <= inter <= layer.intermediate.dense.out_features:
             raise StructPruneError(f"{CONFIG_KEY}: sizes {size} do not fit a layer with "
                                    f"{attn.num_attention_heads} heads and {layer.intermediate.dense.out_features} "
                                    f"FFN neurons")
-        _keep_rows_count(attn.query, heads * attn.attention_head_size)
-        _keep_rows_count(attn.key, heads * attn.attention_head_size)
-        _keep_rows_count(attn.value, heads * attn.attention_head_size)
-        _keep_columns(layer.attention.output.dense, torch.arange(heads * attn.attention_head_size))
-        attn.num_attention_heads, attn.all_head_size = heads, heads * attn.attention_head_size
-        _keep_rows_count(layer.intermediate.dense, inter)
-        _keep_columns(layer.output.dense, torch.arange(inter))
-
-
-def _keep_rows_count(linear: nn.Linear, n: int) -> None:
-    _keep_rows(linear, torch.arange(n))
+        wanted[_group_name(name, "attention")], wanted[_group_name(name, "intermediate")] = heads, inter
+    graph = TransformerGraph(model)
+    for group in graph.groups():  # the same surgery as pruning, keeping the first channels
+        graph.apply(group, torch.arange(wanted[group.name]))
 
 
 def transformers_module():
