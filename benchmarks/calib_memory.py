@@ -23,9 +23,9 @@ import subprocess
 import sys
 import time
 from datetime import date
-from pathlib import Path
 
 import torch
+from results_io import write_results
 
 
 class GeneratedImages:
@@ -91,11 +91,8 @@ def main() -> None:
     lines.append(f"\nSame selections and residuals streamed and in memory: {'yes' if same else 'NO'}.")
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out_dir:
-        out = Path(args.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "calib_memory.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-        (out / "calib_memory.md").write_text(text)
+    out = write_results(args.out_dir, "calib_memory", {"meta": meta, "rows": rows}, text)
+    if out is not None:
         import matplotlib
 
         matplotlib.use("Agg")

@@ -18,7 +18,6 @@ faster for smaller p.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import sys
@@ -27,6 +26,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from results_io import write_results
 from torch import nn
 
 import structprune
@@ -105,11 +105,8 @@ def main() -> None:
             lines.append(f"| {width} | {p} | {1 - 2 / p:.2f} | {row[0]:.2f} | {row[1]:.2f} | {row[2]:.2f} | {at} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out_dir:
-        out = Path(args.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "ispasp_synthetic.json").write_text(json.dumps({"meta": meta, "curves": curves}, indent=2) + "\n")
-        (out / "ispasp_synthetic.md").write_text(text)
+    out = write_results(args.out_dir, "ispasp_synthetic", {"meta": meta, "curves": curves}, text)
+    if out is not None:
         plot(curves, out / "ispasp_synthetic.png")
 
 

@@ -19,15 +19,14 @@ at batch 64.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
 import warnings
 from datetime import date
-from pathlib import Path
 
 import torch
+from results_io import write_results
 
 import structprune
 from structprune.measure import latency
@@ -120,11 +119,7 @@ def main() -> None:
 def _write(out_dir: str | None, name: str, payload: dict, lines: list[str]) -> None:
     text = "\n".join(lines) + "\n"
     print(text, flush=True)
-    if out_dir:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-        (out / f"{name}.md").write_text(text)
+    write_results(out_dir, name, payload, text)
 
 
 if __name__ == "__main__":
