@@ -19,11 +19,13 @@ at batch 64.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
 import warnings
 from datetime import date
+from pathlib import Path
 
 import torch
 from results_io import write_results
@@ -87,11 +89,18 @@ def latencies(models: list[str], fractions: list[float], calib: list, repeats: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", help="directory for speed_time.{json,md} and speed_latency.{json,md}")
+    parser.add_argument("--out-dir", help="directory for speed_time.{json,md,png} and speed_latency.{json,md,png}")
     parser.add_argument("--repeats", type=int, default=30, help="timed forward passes per latency (default: 30)")
     parser.add_argument("--part", choices=["time", "latency", "all"], default="all",
                         help="(a) pruning time, (b) latency, or both (default: all)")
+    parser.add_argument("--replot", action="store_true", help="only redraw the PNGs from the JSON in --out-dir")
     args = parser.parse_args()
+    if args.replot:
+        for name, draw in (("speed_time", plot_time), ("speed_latency", plot_latency)):
+            path = Path(args.out_dir or ".") / f"{name}.json"
+            if path.exists():
+                draw(json.loads(path.read_text())["rows"], path.with_suffix(".png"))
+        return
     calib = calibration()
     meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
             "torch": torch.__version__, "command": "python " + " ".join(sys.argv)}
@@ -103,7 +112,8 @@ def main() -> None:
         lines = [head, "", "(a) pruning wall time to 50% of the MACs, 1,280 calibration images", "",
                  "| model | method | seconds | MACs kept |", "|---|---|---:|---:|"]
         lines += [f"| {r['model']} | {r['method']} | {r['seconds']:.1f} | {r['macs_ratio']:.1%} |" for r in timing]
-        _write(args.out_dir, "speed_time", {"meta": meta, "rows": timing}, lines)
+        if _write(args.out_dir, "speed_time", {"meta": meta, "rows": timing}, lines):
+            plot_time(timing, Path(args.out_dir) / "speed_time.png")
     if args.part in ("latency", "all"):
         lat = latencies(["lenet5", "vgg16", "resnet20", "resnet56", "mobilenetv2"], [0.5, 0.3], calib, args.repeats)
         lines = [head, "", "(b) CPU latency, dense → pruned (median of the timed passes)", "",
@@ -113,13 +123,63 @@ def main() -> None:
                   f"{r['pruned_ms_b1']:.2f} | {r['dense_ms_b64']:.1f} → {r['pruned_ms_b64']:.1f} | "
                   f"×{r['speedup_b64']:.2f} | ×{r['speedup_target_b64']:.2f} | {'yes' if r['met_b64'] else 'no'} |"
                   for r in lat]
-        _write(args.out_dir, "speed_latency", {"meta": meta, "rows": lat}, lines)
+        if _write(args.out_dir, "speed_latency", {"meta": meta, "rows": lat}, lines):
+            plot_latency(lat, Path(args.out_dir) / "speed_latency.png")
 
 
-def _write(out_dir: str | None, name: str, payload: dict, lines: list[str]) -> None:
+def _write(out_dir: str | None, name: str, payload: dict, lines: list[str]) -> Path | None:
     text = "\n".join(lines) + "\n"
     print(text, flush=True)
-    write_results(out_dir, name, payload, text)
+    return write_results(out_dir, name, payload, text)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_time(rows: list[dict], path: Path) -> None:
+    """Pruning seconds per method, grouped by model."""
+    plt = _pyplot()
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        seconds = [next((r["seconds"] for r in rows if r["model"] == m and r["method"] == method), 0) for m in models]
+        ax.bar([j + i * width for j in range(len(models))], seconds, width, label=method, color=f"C{i}")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models))], models)
+    ax.set_ylabel("pruning wall time (s)")
+    ax.set_title("Pruning to 50% of the MACs, 1,280 calibration images (CPU)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_latency(rows: list[dict], path: Path) -> None:
+    """Measured batch-64 speed-up against the MACs ratio, with the ideal and the 0.8× target lines."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    top = max(1 / r["macs_ratio"] for r in rows) * 1.05
+    ax.plot([1, top], [1, top], "k-", lw=0.8, label="speed-up = dense/pruned MACs")
+    ax.plot([1, top], [0.8, 0.8 * top], "k:", lw=0.8, label="target: 0.8 × that")
+    for i, model in enumerate(dict.fromkeys(r["model"] for r in rows)):
+        mine = [r for r in rows if r["model"] == model]
+        ax.plot([1 / r["macs_ratio"] for r in mine], [r["speedup_b64"] for r in mine], "o", color=f"C{i}",
+                label=model)
+    ax.set_xlabel("dense MACs / pruned MACs")
+    ax.set_ylabel("measured speed-up at batch 64 (CPU)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
