@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 DEMO   := runs/demo
 
-.PHONY: install demo test lint clean-demo bench-bert
+.PHONY: install demo test lint clean-demo bench-bert bench-fmnist checkpoints
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,17 @@ bench-bert: install
 	@test -d /usr/share/games/fortunes || (apt-get update -qq && apt-get install -y -qq fortunes) >/dev/null
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
 	$(PY) benchmarks/bert.py --out-dir benchmarks/results
+
+# Fashion-MNIST (benchmarks/README.md): the 7 methods (+ i-SpaSP/PFP with refit) and Torch-Pruning's
+# magnitude/Taylor/BN-scale/LAMP on the committed LeNet-300-100, LeNet-5 and ResNet-20 checkpoints (~45 min).
+bench-fmnist: install
+	$(PY) benchmarks/fmnist.py --out-dir benchmarks/results
+
+# Retrain the checkpoints the Fashion-MNIST benchmark uses (~25 min; benchmarks/checkpoints/README.md).
+checkpoints: install
+	$(VENV)/bin/structprune train --model lenet300 --epochs 20 --seed 0 --out benchmarks/checkpoints/lenet300-fmnist.pt --force
+	$(VENV)/bin/structprune train --model lenet5 --epochs 20 --seed 0 --out benchmarks/checkpoints/lenet5-fmnist.pt --force
+	$(VENV)/bin/structprune train --model resnet20 --epochs 15 --seed 0 --out benchmarks/checkpoints/resnet20-fmnist.pt --force
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -1,0 +1,57 @@
+"""Smoke tests of the benchmark harnesses' own logic (the benchmarks themselves are not part of the test run)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import structprune
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+fmnist = pytest.importorskip("fmnist")
+
+
+def _calib(n=64):
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randn(32, 1, 28, 28, generator=gen), torch.randint(0, 10, (32,), generator=gen))
+            for _ in range(n // 32)]
+
+
+@pytest.mark.parametrize("method", ["tp-magnitude", "tp-taylor", "tp-bn-scale", "tp-lamp"])
+def test_torch_pruning_reference_meets_the_same_macs_target(method):
+    torch.manual_seed(0)
+    dense = structprune.models.create("resnet20", in_channels=1, num_classes=10).eval()
+    calib = _calib()
+    example = calib[0][0][:1]
+    macs = structprune.measure.count(dense, example)["macs"]
+    model, seconds = fmnist.torch_pruning(dense, calib, example, method, 0.5, macs)
+    pruned = structprune.measure.count(model, example)["macs"]
+    assert 0.45 * macs <= pruned <= 0.5 * macs  # just under the target, by the same counter
+    assert seconds > 0
+    assert model(example).shape == (1, 10)
+    assert structprune.measure.count(dense, example)["macs"] == macs  # the dense model is untouched
+    assert all(p.grad is None for p in model.parameters())
+
+
+def _row(method, target, macs, before, after):
+    return {"method": method, "family": "structprune", "target": target, "macs_ratio": macs, "params_ratio": macs,
+            "prune_seconds": 1.0, "accuracy_pruned": before, "accuracy_finetuned": after}
+
+
+def test_tables_apply_pfp_protocol_and_state_the_targets():
+    rows = [_row("ispasp", 0.5, 0.5, 80.0, 91.0), _row("ispasp", 0.3, 0.3, 60.0, 90.6),
+            _row("pfp", 0.5, 0.5, 75.0, 90.0), _row("pfp", 0.3, 0.3, 50.0, 88.0),
+            _row("tp-magnitude", 0.5, 0.5, 68.0, 90.5), _row("tp-magnitude", 0.3, 0.3, 40.0, 87.0)]
+    payload = {"meta": {"date": "d", "machine": "m", "torch": "t", "torch_pruning": "tp", "command": "c",
+                        "calib_samples": 1280, "finetune": {"epochs": 1, "lr": 0.01, "schedule": "cosine",
+                                                            "batch_size": 128}},
+               "models": {"resnet20": {"checkpoint": "x.pt", "dense_accuracy": 91.0, "params": 1, "macs": 1,
+                                       "finetune_images": 10, "test_images": 10, "rows": rows}}}
+    text = fmnist.tables(payload)
+    assert "| ispasp | 30.0% | 30.0% | 90.60 |" in text  # smallest within 0.5 points of 91.0
+    assert "| pfp | none | | |" in text
+    assert "ispasp ≥ Torch-Pruning magnitude + 10 points: 80.00% vs 68.00% (+12.00) — **met**" in text
+    assert "pfp ≥ Torch-Pruning magnitude + 10 points: 75.00% vs 68.00% (+7.00) — **not met**" in text
+    assert "(tp-magnitude, 90.50%): 91.00% — **met**" in text
+    assert "(tp-magnitude, 90.50%): 90.00% — **not met**" in text
