@@ -7,7 +7,7 @@ every method and every target fraction of the dense MACs:
 * measure test accuracy (all 10,000 test images), remaining MACs and params with the same counter
   (``structprune.measure.count``), and the pruning wall time;
 * fine-tune the pruned model the same fixed short way (one epoch of SGD, lr 0.01 cosine, on the
-  first N training images: all 60,000 for the LeNets, 20,000 for ResNet-20) and measure accuracy again.
+  first N training images: all 60,000 for the LeNets, 10,000 for ResNet-20) and measure accuracy again.
 
 structprune's methods: i-SpaSP, PFP, magnitude, FPGM, ThiNet, GFS, random (uniform allocation: one keep
 ratio shared by all groups, found so that the pruned model meets the target), and i-SpaSP and PFP followed
@@ -54,7 +54,7 @@ THEIRS = ["tp-magnitude", "tp-taylor", "tp-bn-scale", "tp-lamp"]
 MODELS = {  # targets (fractions of the dense MACs) and training images for the fixed fine-tune
     "lenet300": {"targets": [0.5, 0.3, 0.2, 0.1, 0.05], "finetune_limit": 60000},
     "lenet5": {"targets": [0.7, 0.5, 0.3, 0.2, 0.1], "finetune_limit": 60000},
-    "resnet20": {"targets": [0.7, 0.5, 0.3], "finetune_limit": 20000},
+    "resnet20": {"targets": [0.7, 0.5, 0.3], "finetune_limit": 10000},
 }
 CALIB_SAMPLES = 1280
 FINETUNE = TrainConfig(epochs=1, lr=0.01)
