@@ -47,7 +47,7 @@ bench-bert: install
 	$(PY) benchmarks/bert.py --out-dir benchmarks/results
 
 # Fashion-MNIST (benchmarks/README.md): the 7 methods (+ i-SpaSP/PFP with refit) and Torch-Pruning's
-# magnitude/Taylor/BN-scale/LAMP on the committed LeNet-300-100, LeNet-5 and ResNet-20 checkpoints (~45 min).
+# magnitude/Taylor/BN-scale/LAMP on the committed LeNet-300-100, LeNet-5 and ResNet-20 checkpoints (~40 min).
 bench-fmnist: install
 	$(PY) benchmarks/fmnist.py --out-dir benchmarks/results
 

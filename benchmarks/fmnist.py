@@ -19,7 +19,7 @@ use), each with its ``pruning_ratio`` bisected so that the same counter gives th
 PFP's protocol (Liebenwein et al., 2020): the smallest model (over the targets run) whose fine-tuned
 accuracy is within 0.5 points of the dense one.
 
-    python benchmarks/fmnist.py --out-dir benchmarks/results                 # ~45 min on 2 CPU cores
+    python benchmarks/fmnist.py --out-dir benchmarks/results                 # ~40 min on 2 CPU cores
     python benchmarks/fmnist.py --out-dir /tmp/fm --models lenet300 --smoke  # seconds
 
 Rows of the models and methods not run are kept from an existing ``fmnist.json`` in ``--out-dir``, so
