@@ -14,13 +14,13 @@ ratio shared by all groups, found so that the pruned model meets the target), an
 by structprune's least-squares refit of the consumers (``+refit``). Torch-Pruning's (from PyPI,
 its ``MetaPruner``): magnitude (L2), Taylor (|w·∂L/∂w| on the same calibration images), BN-scale (only
 where there is BatchNorm: ResNet-20) with a uniform ratio, and LAMP with global pruning (its intended
-use), each with its ``pruning_ratio`` bisected so that the same counter gives the same MACs target.
+use), each with its ``pruning_ratio`` searched so that the same counter gives the same MACs target.
 
 PFP's protocol (Liebenwein et al., 2020): the smallest model (over the targets run) whose fine-tuned
 accuracy is within 0.5 points of the dense one.
 
     python benchmarks/fmnist.py --out-dir benchmarks/results                 # ~40 min on 2 CPU cores
-    python benchmarks/fmnist.py --out-dir /tmp/fm --models lenet300 --smoke  # seconds
+    python benchmarks/fmnist.py --out-dir /tmp/fm --models lenet300 --smoke  # under a minute
 
 Rows of the models and methods not run are kept from an existing ``fmnist.json`` in ``--out-dir``, so
 models and methods can be run a few at a time; ``--replot`` redraws the table and plot from the JSON.
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated (default: all three)")
     parser.add_argument("--methods", default=",".join(OURS + THEIRS), help="comma-separated (default: all)")
     parser.add_argument("--smoke", action="store_true",
-                        help="a seconds-long run: two targets, 256 test images, fine-tune on 512 images")
+                        help="a quick run (LeNet-300: under a minute): two targets, 256 test images, fine-tune on 512")
     parser.add_argument("--replot", action="store_true", help="only redraw fmnist.md/.png from --out-dir/fmnist.json")
     args = parser.parse_args()
     out = Path(args.out_dir)
@@ -76,6 +76,8 @@ def main() -> None:
             sys.exit(f"--replot: {out / 'fmnist.json'} does not exist")
         save(out, previous)
         return
+    if args.smoke and previous is not None and not previous["meta"].get("smoke"):
+        sys.exit(f"--smoke would overwrite the full results in {out / 'fmnist.json'}; give another --out-dir")
     models = args.models.split(",")
     methods = args.methods.split(",")
     for name in models:
@@ -103,9 +105,7 @@ def main() -> None:
         order = OURS + THEIRS
         result["rows"] = sorted(kept + result["rows"], key=lambda r: (order.index(r["method"]), -r["target"]))
         payload["models"][name] = result
-        if not args.smoke:  # keep what is done if a later model fails
-            save(out, payload)
-    save(out, payload)
+        save(out, payload)  # after every model: what is done stays if a later one fails
 
 
 def run_model(name: str, methods: list[str], smoke: bool) -> dict:
