@@ -25,7 +25,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from results_io import write_results
+from results_io import pyplot, write_results
 
 import structprune
 from structprune.data import text
@@ -169,10 +169,7 @@ def table(rows: list[dict], meta: dict) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     methods = list(dict.fromkeys(r["method"] for r in rows[1:]))

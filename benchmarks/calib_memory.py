@@ -25,7 +25,7 @@ import time
 from datetime import date
 
 import torch
-from results_io import write_results
+from results_io import pyplot, write_results
 
 
 class GeneratedImages:
@@ -93,11 +93,7 @@ def main() -> None:
     print(text)
     out = write_results(args.out_dir, "calib_memory", {"meta": meta, "rows": rows}, text)
     if out is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         for stream, label in ((False, "in memory"), (True, "streamed")):
             pts = [(r["samples"], r["peak_rss_mib"]) for r in rows if r["stream"] == stream]

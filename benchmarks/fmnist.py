@@ -39,7 +39,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from results_io import write_results
+from results_io import pyplot, write_results
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -312,10 +312,7 @@ def targets_met(payload: dict) -> list[str]:
 
 
 def plot(payload: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     models = list(payload["models"])
     panels = [("macs_ratio", "accuracy_pruned", "pruned, no fine-tune"),

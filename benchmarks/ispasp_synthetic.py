@@ -26,7 +26,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from results_io import write_results
+from results_io import pyplot, write_results
 from torch import nn
 
 import structprune
@@ -111,10 +111,7 @@ def main() -> None:
 
 
 def plot(curves: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))

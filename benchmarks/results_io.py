@@ -1,4 +1,5 @@
-"""Where every benchmark puts its results: NAME.json (meta + data) and NAME.md (the printed table)."""
+"""Where every benchmark puts its results: NAME.json (meta + data) and NAME.md (the printed table); pyplot for
+the NAME.png plots."""
 
 from __future__ import annotations
 
@@ -16,3 +17,13 @@ def write_results(out_dir: str | Path | None, name: str, payload: dict, text: st
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out / f"{name}.md").write_text(text)
     return out
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only; no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -15,7 +15,7 @@ multiple of 8 (``round_to=8``), median CPU time of a forward pass at batch 1 and
 the MACs ratio. The issue's target: speed-up ≥ 0.8 × dense MACs / pruned MACs
 at batch 64.
 
-    python benchmarks/speed.py --out-dir benchmarks/results      # ~15 min on 2 CPU cores; --part time|latency
+    python benchmarks/speed.py --out-dir benchmarks/results      # ~20 min on 2 CPU cores; --part time|latency
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from results_io import write_results
+from results_io import pyplot, write_results
 
 import structprune
 from structprune.measure import latency
@@ -145,18 +145,9 @@ def _write(out_dir: str | None, name: str, payload: dict, lines: list[str]) -> P
     return write_results(out_dir, name, payload, text)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_time(rows: list[dict], path: Path) -> None:
     """Pruning seconds per method, grouped by model."""
-    plt = _pyplot()
+    plt = pyplot()
     models = list(dict.fromkeys(r["model"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -176,7 +167,7 @@ def plot_time(rows: list[dict], path: Path) -> None:
 
 def plot_latency(rows: list[dict], path: Path) -> None:
     """Measured batch-64 speed-up against the MACs ratio, with the ideal and the 0.8× target lines."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     top = max(1 / r["macs_ratio"] for r in rows) * 1.05
     ax.plot([1, top], [1, top], "k-", lw=0.8, label="speed-up = dense/pruned MACs")
