@@ -108,7 +108,8 @@ class Calibration:
     Streamed (``stream=True``): nothing is kept; every pass re-reads ``loader`` (which must then give the
     same samples in the same order each time: a DataLoader without shuffling, a list, ...) and moves
     one batch at a time to the device, so memory does not grow with the calibration set.
-    Iterating yields (inputs, targets) per batch (targets None when the batch has none).
+    Iterating yields (inputs, targets) per batch (targets None when the batch has none);
+    ``samples`` counts the samples and ``labelled`` says whether every batch has targets.
     """
 
     def __init__(self, loader: Iterable, max_samples: int, device, dtype: torch.dtype | None = None,
@@ -116,15 +117,16 @@ class Calibration:
         self.loader, self.max_samples, self.device, self.dtype, self.stream = loader, max_samples, device, dtype, stream
         self._batches: list | None = None
         if stream:
-            self.samples, self._fingerprint = 0, None
-            for inputs, _ in self._read():
+            self.samples, self.labelled, self._fingerprint = 0, True, None
+            for inputs, target in self._read():
                 self._fingerprint = self._fingerprint if self.samples else _fingerprint(inputs)
                 self.samples += batch_size(inputs)
+                self.labelled = self.labelled and target is not None
             if self.samples == 0:
                 raise StructPruneError("calib_loader yielded no samples: pass a loader with at least one batch")
         else:
             self._batches = list(zip(*materialize(loader, max_samples, device, dtype), strict=True))
-            self.samples = sum(batch_size(inputs) for inputs, _ in self._batches)
+            self._count_batches()
 
     @classmethod
     def of(cls, batches: list, targets: list | None = None) -> Calibration:
@@ -132,8 +134,12 @@ class Calibration:
         calib = cls.__new__(cls)
         calib.loader, calib.max_samples, calib.device, calib.dtype, calib.stream = batches, None, None, None, False
         calib._batches = list(zip(batches, targets or [None] * len(batches), strict=True))
-        calib.samples = sum(batch_size(b) for b in batches)
+        calib._count_batches()
         return calib
+
+    def _count_batches(self) -> None:
+        self.samples = sum(batch_size(inputs) for inputs, _ in self._batches)
+        self.labelled = all(target is not None for _, target in self._batches)
 
     def _read(self) -> Iterator[tuple]:
         return read_batches(self.loader, self.max_samples, self.device, self.dtype)
@@ -156,10 +162,6 @@ class Calibration:
     def first(self):
         """The inputs of the first batch."""
         return next(iter(self))[0]
-
-    @property
-    def labelled(self) -> bool:
-        return all(target is not None for _, target in self)
 
 
 def _fingerprint(inputs) -> float:
