@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from results_io import pyplot, write_results
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 import structprune
 from structprune import data
@@ -118,7 +118,8 @@ def run_model(name: str, methods: list[str], smoke: bool) -> dict:
     x, y = train_set.tensors
     calib = [(x[i:i + 128], y[i:i + 128]) for i in range(0, CALIB_SAMPLES, 128)]
     example = x[:1]
-    finetune_set = data.load("fashion-mnist", "train", limit=512 if smoke else spec["finetune_limit"])
+    limit = 512 if smoke else spec["finetune_limit"]
+    finetune_set = TensorDataset(x[:limit], y[:limit])
     size = structprune.measure.count(dense, example)
     dense_accuracy = structprune.measure.accuracy(dense, test)
     print(f"{name}: dense {dense_accuracy:.2f}%, {size['params']:,} params, {size['macs']:,} MACs", flush=True)
@@ -163,7 +164,7 @@ def torch_pruning(dense: nn.Module, calib: list, example, method: str, target: f
     prune (gradients, graph, importance and removal; the search is this harness's cost, not the tool's)."""
     import torch_pruning as tp
 
-    grads = _gradients(dense, calib) if method == "tp-taylor" else None
+    grads, grad_seconds = _gradients(dense, calib) if method == "tp-taylor" else (None, 0.0)
 
     def run(ratio: float):
         start = time.perf_counter()
@@ -181,7 +182,7 @@ def torch_pruning(dense: nn.Module, calib: list, example, method: str, target: f
                                       global_pruning=method == "tp-lamp", max_pruning_ratio=0.95,
                                       ignored_layers=[output])
         pruner.step()
-        seconds = time.perf_counter() - start + (grads["_seconds"] if grads else 0.0)
+        seconds = time.perf_counter() - start + grad_seconds
         model.zero_grad(set_to_none=True)
         return model, seconds, structprune.measure.count(model, example)["macs"]
 
@@ -210,15 +211,14 @@ def torch_pruning(dense: nn.Module, calib: list, example, method: str, target: f
     return best[:2]
 
 
-def _gradients(model: nn.Module, calib: list) -> dict:
-    """Summed cross-entropy gradients over the calibration batches (what Taylor needs), by parameter name."""
+def _gradients(model: nn.Module, calib: list) -> tuple[dict, float]:
+    """Summed cross-entropy gradients over the calibration batches (what Taylor needs), by parameter name,
+    and the seconds they took."""
     start = time.perf_counter()
     model = copy.deepcopy(model).eval()
     for inputs, targets in calib:
         nn.functional.cross_entropy(model(inputs), targets, reduction="sum").backward()
-    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
-    grads["_seconds"] = time.perf_counter() - start
-    return grads
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters()}, time.perf_counter() - start
 
 
 def _tp_version() -> str:
