@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from . import allocate
 from . import methods as method_registry
 from .capture import DEFAULT_MEMORY_BYTES, Calibration, capture, materialize, take_samples
-from .errors import StructPruneError, check_positive_int
+from .errors import StructPruneError, check_positive_int, first_line
 from .graph import build_graph, run_forward
 from .measure import count, output_sizes
 from .methods.base import GroupView, Method, Selection
@@ -35,6 +35,7 @@ class PruneResult:
     before, after: {"params", "macs"} of the dense and the pruned model.
     seconds: wall time of the pruning (allocation + capture + selection + surgery).
     skipped: groups left whole, with the reason.
+    warnings: every warning the pruning gave (also shown as Python warnings), for the report.
     """
 
     model: nn.Module
@@ -49,13 +50,15 @@ class PruneResult:
     refit: bool = False
     skipped: list[dict] = field(default_factory=list)
     method_options: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, d: dict, model: nn.Module | None = None) -> PruneResult:
         """The inverse of :meth:`to_dict` (the model is not part of it: pass it, or get None)."""
         return cls(model=model, method=d["method"], budget=d["budget"], layers=d["layers"], before=d["before"],
                    after=d["after"], seconds=d["seconds"], calib_samples=d["calib_samples"], seed=d["seed"],
-                   refit=d["refit"], skipped=d["skipped"], method_options=d["method_options"])
+                   refit=d["refit"], skipped=d["skipped"], method_options=d["method_options"],
+                   warnings=list(d.get("warnings", [])))
 
     def to_dict(self) -> dict:
         """Everything but the model, JSON-ready."""
@@ -65,7 +68,7 @@ class PruneResult:
             "before": self.before, "after": self.after,
             "params_ratio": self.after["params"] / max(self.before["params"], 1),
             "macs_ratio": self.after["macs"] / max(self.before["macs"], 1),
-            "layers": self.layers, "skipped": self.skipped,
+            "layers": self.layers, "skipped": self.skipped, "warnings": self.warnings,
         }
 
 
@@ -131,6 +134,22 @@ def prune(
     >>> result.after["params"] < result.before["params"]
     True
     """
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = _prune(model, calib_loader, method, budget, example_inputs, refit=refit, round_to=round_to,
+                            calib_samples=calib_samples, ignored_layers=ignored_layers, memory_bytes=memory_bytes,
+                            stream=stream, seed=seed, progress=progress, after_group=after_group, loss_fn=loss_fn,
+                            **method_kwargs)
+    finally:
+        for w in caught:  # shown to the caller as usual, and ours kept for the report
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    result.warnings = list(dict.fromkeys(str(w.message) for w in caught if str(w.message).startswith("structprune")))
+    return result
+
+
+def _prune(model, calib_loader, method, budget, example_inputs, *, refit, round_to, calib_samples, ignored_layers,
+           memory_bytes, stream, seed, progress, after_group, loss_fn, **method_kwargs) -> PruneResult:
     if not isinstance(model, nn.Module):
         raise StructPruneError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     budget = allocate.as_budget(budget)
@@ -161,6 +180,8 @@ def prune(
     allocation = allocate.plan(budget, sizer, round_to, lambda: allocate.pfp_sensitivities(
         pruned, graph, calib, memory_bytes, seed))
     _warn_if_missed(allocation.info, budget)
+    _warn_if_clamped(allocation.keeps, sizer.groups, budget)
+    _warn_if_nothing_to_prune(pruned, sizer.groups, ignored_names)
     needs_gradients = getattr(method, "needs_gradients", False)
     if needs_gradients and not calib.labelled:
         raise StructPruneError(f"method {method.name} needs labelled calibration batches: (inputs, targets) pairs")
@@ -227,16 +248,47 @@ def _check_forward(model: nn.Module, example_inputs, group: str) -> None:
         with torch.no_grad():
             run_forward(model, example_inputs)
     except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise StructPruneError(f"pruning group {group} broke the model's forward pass ({first}); keep it whole "
                                f"with ignored_layers=[{group!r}] (--ignore {group})") from None
 
 
 def _warn_if_missed(info: dict, budget) -> None:
     if info.get("budget") == "target" and info["relative_error"] > budget.tolerance:
-        warnings.warn(f"structprune: the {info['metric']} target {info['target']} could not be met within "
-                      f"{budget.tolerance:.0%} with whole channels; the closest allocation keeps "
-                      f"{info['achieved']:.4f}", stacklevel=3)
+        warnings.warn(missed_target(info["metric"], info["target"], info["achieved"], budget.tolerance),
+                      stacklevel=4)
+
+
+def missed_target(metric: str, target: float, achieved: float, tolerance: float) -> str:
+    """The warning for a size target that whole channels cannot meet."""
+    return (f"structprune: the {metric} target {target:.4g} could not be met within {tolerance:.0%} with whole "
+            f"channels; the closest allocation keeps {achieved:.4f}")
+
+
+def _warn_if_clamped(keeps: dict[str, int], channels: dict[str, int], budget) -> None:
+    """A ratio so small that it rounds to no channel keeps one per group: say so rather than silently."""
+    if isinstance(budget, allocate.Target):
+        return
+    ratio = budget.ratio if isinstance(budget, allocate.Uniform) else None
+    clamped = [name for name, keep in keeps.items()
+               if keep == 1 and ratio is not None and ratio * channels[name] < 0.5]
+    if clamped:
+        warnings.warn(f"structprune: ratio {ratio:g} rounds to no channel in {len(clamped)} group(s) "
+                      f"({', '.join(clamped[:3])}{', ...' if len(clamped) > 3 else ''}); each keeps 1 channel, "
+                      f"the minimum", stacklevel=4)
+
+
+def _warn_if_nothing_to_prune(model: nn.Module, groups: dict[str, int], ignored: list[str]) -> None:
+    if not groups and ignored:
+        warnings.warn(f"structprune: every prunable group is ignored ({', '.join(ignored[:3])}"
+                      f"{', ...' if len(ignored) > 3 else ''}); nothing was pruned", stacklevel=4)
+    elif not groups:
+        others = sorted({type(m).__name__ for m in model.modules()
+                         if not isinstance(m, (nn.Linear, nn.Conv2d)) and any(
+                             p.dim() > 1 for p in m.parameters(recurse=False))})
+        found = f" (layers of type {', '.join(others)} are not pruned)" if others else ""
+        warnings.warn(f"structprune: the model has no prunable group: structprune removes channels between "
+                      f"Linear and Conv2d layers{found}; nothing was pruned", stacklevel=4)
 
 
 def relative_residual(view: GroupView, selection: Selection) -> float:

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from .errors import StructPruneError
+from .errors import StructPruneError, first_line
 from .graph import Consumer, Group, Producer, run_forward
 from .methods.base import ConsumerView, GroupView, ProducerView
 
@@ -318,7 +318,17 @@ class _LossGradients:
             raise StructPruneError("this method needs labelled calibration batches: (inputs, targets) pairs")
         if isinstance(outputs, (tuple, list)):
             outputs = outputs[0]
-        loss = self.loss_fn(outputs, targets)
+        if self.loss_fn is nn.functional.cross_entropy and not targets.is_floating_point() and outputs.dim() >= 2:
+            classes = outputs.shape[1]
+            if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= classes):
+                raise StructPruneError(f"calibration labels must be class indices in [0, {classes}) for a model "
+                                       f"with {classes} outputs; got labels from {int(targets.min())} to "
+                                       f"{int(targets.max())}")
+        try:
+            loss = self.loss_fn(outputs, targets)
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+            raise StructPruneError(f"loss_fn failed on the model's outputs {tuple(outputs.shape)} and the "
+                                   f"calibration targets {tuple(targets.shape)}: {first_line(exc)}") from None
         grads = torch.autograd.grad(loss, self.weights, allow_unused=True)
         for total, grad in zip(self.grads, grads, strict=False):
             if grad is not None:

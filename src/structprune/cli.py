@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from . import allocate, checkpoint, data, measure, methods, models, report, schedule
 from .api import prune
-from .errors import StructPruneError
+from .errors import StructPruneError, first_line
 from .finetune import ShardedBatches, TrainConfig, cuda_device_for, init_distributed, process, train
 from .graph import build_graph
 
@@ -198,6 +198,14 @@ def _parts(text: str) -> list[str]:
     return list(dict.fromkeys(parts))
 
 
+def _add_trust(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow a checkpoint that holds pickled Python objects (structprune 0.1 files of models "
+                        "outside the zoo, a pytorch_model.bin that is more than tensors) or names a constructor "
+                        "that is not an nn.Module class: loading such a file can run any code in it, so only for "
+                        "files from a source you trust (default: refused)")
+
+
 def _add_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output checkpoint (.pt); a JSON report is written next to it")
     p.add_argument("--force", action="store_true", help="overwrite --out and its report if they exist")
@@ -224,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_run_args(p, "fine-tuning epochs", lr=0.01)
     _add_data_args(p, "fine-tune on the first N training samples only")
     _add_common(p)
+    _add_trust(p)
     _add_output(p)
 
     p = sub.add_parser("prune", help="prune a checkpoint and save the smaller model",
@@ -262,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip test accuracy before/after")
     _add_data_args(p, "evaluate on the first N test samples only")
     _add_common(p)
+    _add_trust(p)
     _add_output(p)
 
     p = sub.add_parser("compare", help="compare methods on one checkpoint at several targets",
@@ -284,8 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune_args(p, "of each pruned model")
     p.add_argument("--out-dir", required=True, help="directory for compare.md, compare.json and compare.png")
     p.add_argument("--force", action="store_true", help="overwrite the outputs in --out-dir if they exist")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted compare: keep the runs already in --out-dir/compare.json "
+                        "(written after every run) and do only the missing ones; the options must be the same")
     _add_data_args(p, "evaluate on the first N test samples only")
     _add_common(p)
+    _add_trust(p)
 
     p = sub.add_parser("eval", help="accuracy, params, MACs and latency of checkpoints",
                        description="Print a table of test accuracy, parameters, MACs and CPU/GPU latency.")
@@ -294,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite --json if it exists")
     _add_data_args(p, "evaluate on the first N test samples only")
     _add_common(p)
+    _add_trust(p)
 
     p = sub.add_parser("info", help="list the prunable groups of a model",
                        description="List the prunable groups of a checkpoint (or a zoo model): channels, "
@@ -305,6 +320,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "(sizes counted for one sequence of 128 tokens)")
     p.add_argument("--data", default="fashion-mnist", choices=sorted(data.DATASETS),
                    help="dataset whose input shape --model is built for (default: fashion-mnist)")
+    _add_trust(p)
+
+    p = sub.add_parser("convert", help="rewrite a checkpoint in the current safe format",
+                       description="Read a checkpoint (a structprune 0.1 file that stores a pickled model needs "
+                                   "--trust-checkpoint) and write it as tensors plus JSON, which load without "
+                                   "running code; the new file is read back and must give the same weights.")
+    p.add_argument("checkpoint", help="checkpoint to convert (it is not modified)")
+    p.add_argument("out", help="the converted checkpoint")
+    p.add_argument("--arch", default=None, metavar="MODULE:NAME",
+                   help="the model's importable class (or factory), when its class needs arguments to be rebuilt")
+    p.add_argument("--arch-kwargs", default="{}", metavar="JSON",
+                   help="keyword arguments of --arch, as a JSON object (default: {})")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    _add_trust(p)
     return parser
 
 
@@ -324,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             raise StructPruneError("only train and finetune run under torchrun (DDP); run the other commands "
                                    "in one process")
         commands = {"train": cmd_train, "finetune": cmd_finetune, "prune": cmd_prune, "compare": cmd_compare,
-                    "eval": cmd_eval, "info": cmd_info}
+                    "eval": cmd_eval, "info": cmd_info, "convert": cmd_convert}
         return commands[args.command](args)
     except StructPruneError as exc:
         print(f"structprune {args.command}: error: {exc}", file=sys.stderr)
@@ -347,14 +376,26 @@ def _report_path(out: Path) -> Path:
     return out.with_suffix(".json") if out.suffix != ".json" else out.with_suffix(".report.json")
 
 
-def _check_outputs(args) -> tuple[Path, Path]:
-    """Refuse early (before any work) to overwrite outputs without --force."""
+def _check_outputs(args, *inputs) -> tuple[Path, Path]:
+    """Refuse early (before any work) outputs that cannot be written, that exist (without --force) or that
+    are one of the command's inputs (even with --force: an input is never overwritten)."""
     out = Path(args.out)
     report = _report_path(out)
     for path in (out, report):
-        if path.exists() and not args.force:
-            raise StructPruneError(f"--out: {path} already exists; pass --force to overwrite it")
+        _refuse_input(path, inputs)
+        checkpoint.check_output(path, args.force, what="--out:")
     return out, report
+
+
+def _refuse_input(path: Path, inputs) -> None:
+    for source in inputs:
+        if source is not None and path.resolve() == Path(source).resolve():
+            raise StructPruneError(f"--out: {path} is the input {source}; write the result to another path "
+                                   f"(an input is never overwritten, even with --force)")
+
+
+def _load(path, args):
+    return checkpoint.load(path, trust_checkpoint=args.trust_checkpoint)
 
 
 def _write_json(path: Path, payload: dict, force: bool) -> None:
@@ -387,7 +428,7 @@ def _check_fits(model, args, example: torch.Tensor) -> None:
             out = model.eval()(example.to(next(model.parameters()).device))
     except Exception as exc:
         raise StructPruneError(f"--data {args.data}: the model does not accept its {tuple(example.shape[1:])} "
-                               f"inputs ({str(exc).splitlines()[0]})") from None
+                               f"inputs ({first_line(exc)})") from None
     if out.dim() != 2 or out.shape[1] != data.classes(args.data):
         raise StructPruneError(f"--data {args.data}: it has {data.classes(args.data)} classes but the model "
                                f"outputs {tuple(out.shape[1:])}")
@@ -403,8 +444,8 @@ def _check_state(args, out: Path) -> Path:
     if state.exists() and not args.resume and not args.force:
         raise StructPruneError(f"{state} holds the state of an interrupted run: pass --resume to continue it "
                                f"or --force to start over")
-    if getattr(args, "epochs", 0) < 0:
-        raise StructPruneError(f"--epochs must be >= 0, got {args.epochs}")
+    if getattr(args, "epochs", 1) < 1:
+        raise StructPruneError(f"--epochs must be at least 1, got {args.epochs}")
     return state
 
 
@@ -462,10 +503,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    out, report_path = _check_outputs(args)
+    out, report_path = _check_outputs(args, args.checkpoint)
     state = _check_state(args, out)
     device = _training_device(args)
-    model = checkpoint.load(args.checkpoint).to(device)
+    model = _load(args.checkpoint, args).to(device)
     example = _example(args.data)
     _check_fits(model, args, example)
     test_loader = _loader(args, "test")
@@ -499,7 +540,7 @@ def cmd_prune(args) -> int:
         raise StructPruneError("give either a checkpoint or --hf-model DIR")
     if args.hf_model is not None:
         return cmd_prune_hf(args)
-    out, report_path = _check_outputs(args)
+    out, report_path = _check_outputs(args, args.checkpoint)
     state = _check_state(args, out)
     device = _device(args.device)
     budget = _budget(args)
@@ -509,7 +550,7 @@ def cmd_prune(args) -> int:
             raise StructPruneError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.schedule == "sequential" and args.layer_finetune_epochs == 0:
         raise StructPruneError("--schedule sequential fine-tunes after every group: give --layer-finetune-epochs")
-    model = checkpoint.load(args.checkpoint).to(device)
+    model = _load(args.checkpoint, args).to(device)
     example = _example(args.data)
     _check_fits(model, args, example)
     calib = _loader(args, "train")
@@ -533,7 +574,8 @@ def cmd_prune(args) -> int:
     report = {"command": "prune", "checkpoint": str(args.checkpoint), "data": args.data, "schedule": args.schedule,
               **last.to_dict(), "before": first.before, "seconds": sum(r.seconds for r in results),
               "params_ratio": last.after["params"] / first.before["params"],
-              "macs_ratio": last.after["macs"] / first.before["macs"], "steps": steps}
+              "macs_ratio": last.after["macs"] / first.before["macs"], "steps": steps,
+              "warnings": list(dict.fromkeys(w for r in results for w in r.warnings))}
     if evaluate is not None:
         report["accuracy_before"] = dense_accuracy
         report["accuracy_after"] = evaluate(final)
@@ -547,11 +589,11 @@ def cmd_prune(args) -> int:
     return 0
 
 
-def _hf_model(path: str):
+def _hf_model(path: str, trust_checkpoint: bool = False):
     """A BERT-family model from a local directory, or a clear error."""
     from .models import hf_bert
 
-    model = hf_bert.load_pretrained(path)
+    model = hf_bert.load_pretrained(path, trust_checkpoint=trust_checkpoint)
     if not hf_bert.is_supported(model):
         raise StructPruneError(f"--hf-model {path}: {type(model).__name__} has no BERT-style encoder layers")
     return model
@@ -563,7 +605,7 @@ def cmd_prune_hf(args) -> int:
     from .data import text
     from .models import hf_bert
 
-    out, report_path = _check_outputs(args)
+    out, report_path = _check_outputs(args, args.hf_model)
     unsupported = [flag for flag, on in (("--schedule", args.schedule != "oneshot"),
                                          ("--finetune-epochs", args.finetune_epochs != 0),
                                          ("--layer-finetune-epochs", args.layer_finetune_epochs != 0)) if on]
@@ -575,7 +617,7 @@ def cmd_prune_hf(args) -> int:
     calib_text, held_out = text.split(text.read(args.text), seed=args.seed)
     transformers = hf_bert.transformers_module()
     transformers.utils.logging.disable_progress_bar()  # its per-file loading bars; ours shows the pruning
-    model = _hf_model(args.hf_model).to(device)
+    model = _hf_model(args.hf_model, args.trust_checkpoint).to(device)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.hf_model)
     except Exception as exc:
@@ -607,21 +649,35 @@ def cmd_prune_hf(args) -> int:
 def cmd_compare(args) -> int:
     out_dir = Path(args.out_dir)
     outputs = [out_dir / f"compare.{ext}" for ext in ("md", "json", "png")]
+    if outputs[1].exists() and not (args.force or args.resume):
+        raise StructPruneError(f"--out-dir: {outputs[1]} already exists; pass --resume to continue an interrupted "
+                               f"compare, or --force to start over")
     for path in outputs:
-        if path.exists() and not args.force:
-            raise StructPruneError(f"--out-dir: {path} already exists; pass --force to overwrite it")
+        _refuse_input(path, [args.checkpoint])
+        if not (args.resume and path == outputs[1]):
+            checkpoint.check_output(path, args.force or args.resume, what="--out-dir:")
     if args.finetune_epochs < 0:
         raise StructPruneError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
     device = _device(args.device)
-    model = checkpoint.load(args.checkpoint).to(device)
+    options = {"checkpoint": str(args.checkpoint), "data": args.data, "limit": args.limit, "metric": args.metric,
+               "allocation": args.allocation, "refit": args.refit, "calib_samples": args.calib_samples,
+               "finetune_epochs": args.finetune_epochs, "train_limit": args.train_limit, "seed": args.seed,
+               "train": vars(_train_config(args, max(args.finetune_epochs, 1)))}
+    rows = _finished_rows(outputs[1], options) if args.resume else []
+    model = _load(args.checkpoint, args).to(device)
     example = _example(args.data)
     _check_fits(model, args, example)
     calib = _loader(args, "train")  # the same samples, in the same order, for every method
     test_loader = _loader(args, "test", limit=args.limit)
     dense_accuracy = measure.accuracy(model, test_loader, device)
-    rows = []
+    title = f"{Path(args.checkpoint).name} on {args.data}"
+    payload = {"command": "compare", **options, "dense_accuracy": dense_accuracy, "device": str(device),
+               "complete": False, "rows": rows}
+    done = {(r["method"], r["target"]) for r in rows}
     for method in args.methods:
         for target in args.targets:
+            if (method, target) in done:
+                continue
             budget = allocate.Target(target, args.metric, args.allocation)
             result = prune(model, calib, method, budget, example_inputs=example.to(device), refit=args.refit,
                            calib_samples=args.calib_samples, seed=args.seed, progress=not args.no_progress)
@@ -630,43 +686,59 @@ def cmd_compare(args) -> int:
                    "params_ratio": result.after["params"] / result.before["params"],
                    "macs_ratio": result.after["macs"] / result.before["macs"],
                    "prune_seconds": result.seconds, "calib_samples": result.calib_samples,
-                   "accuracy_pruned": measure.accuracy(result.model, test_loader, device)}
+                   "accuracy_pruned": measure.accuracy(result.model, test_loader, device),
+                   "warnings": result.warnings}
             if args.finetune_epochs:
                 start = time.perf_counter()
                 _fit(result.model, args, args.finetune_epochs, device, limit=args.train_limit)
                 row["finetune_seconds"] = time.perf_counter() - start
                 row["accuracy_finetuned"] = measure.accuracy(result.model, test_loader, device)
             rows.append(row)
+            _write_json(outputs[1], payload, True)  # every finished run is on disk: Ctrl-C loses only the current
             print(f"{method} at {args.metric} {target}: accuracy {row['accuracy_pruned']:.2f}%"
                   + (f" -> {row['accuracy_finetuned']:.2f}% fine-tuned" if "accuracy_finetuned" in row else "")
                   + f", pruned in {result.seconds:.1f}s", file=sys.stderr)
+    order = {(m, t): i for i, (m, t) in enumerate((m, t) for m in args.methods for t in args.targets)}
+    rows.sort(key=lambda r: order.get((r["method"], r["target"]), len(order)))
     table = report.compare_table(rows, dense_accuracy)
     print(table)
-    title = f"{Path(args.checkpoint).name} on {args.data}"
-    payload = {"command": "compare", "checkpoint": str(args.checkpoint), "data": args.data,
-               "dense_accuracy": dense_accuracy, "finetune_epochs": args.finetune_epochs,
-               "refit": args.refit, "seed": args.seed, "device": str(device), "rows": rows}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_atomic(outputs[0], lambda tmp: Path(tmp).write_text(f"# {title}\n\n{table}\n"),
-                            force=args.force)
-    _write_json(outputs[1], payload, args.force)
+    payload["complete"] = True
+    _write_json(outputs[1], payload, True)
+    checkpoint.write_atomic(outputs[0], lambda tmp: Path(tmp).write_text(f"# {title}\n\n{table}\n"), force=True)
     checkpoint.write_atomic(outputs[2], lambda tmp: report.plot_compare(
         rows, tmp, title, dense_accuracy, x="macs_ratio" if args.metric == "flops" else "params_ratio"),
-        force=args.force)
+        force=True)
     print(f"-> {', '.join(map(str, outputs))}")
     return 0
 
 
+def _finished_rows(path: Path, options: dict) -> list[dict]:
+    """The runs an interrupted compare left in ``path``, if it ran with the same options."""
+    if not path.exists():
+        return []
+    try:
+        previous = json.loads(path.read_text())
+        rows = list(previous["rows"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StructPruneError(f"--resume: {path} is not a compare result ({exc}); delete it to start over") from None
+    differing = sorted(k for k, v in options.items() if json.loads(json.dumps(v, default=str)) != previous.get(k))
+    if differing:
+        raise StructPruneError(f"--resume: {path} was written with other options ({', '.join(differing)}); rerun "
+                               f"with the same options, or without --resume (and --force) to start over")
+    return rows
+
+
 def cmd_eval(args) -> int:
     json_path = Path(args.json_out) if args.json_out else None
-    if json_path is not None and json_path.exists() and not args.force:
-        raise StructPruneError(f"--json: {json_path} already exists; pass --force to overwrite it")
+    if json_path is not None:
+        _refuse_input(json_path, args.checkpoints)
+        checkpoint.check_output(json_path, args.force, what="--json:")
     device = _device(args.device)
     test_loader = _loader(args, "test", limit=args.limit)
     example = _example(args.data)
     rows = []
     for path in args.checkpoints:
-        model = checkpoint.load(path).to(device)
+        model = _load(path, args).to(device)
         _check_fits(model, args, example)
         size = measure.count(model, example.to(device))
         rows.append({
@@ -683,12 +755,12 @@ def cmd_eval(args) -> int:
 
 def cmd_info(args) -> int:
     if args.hf_model:
-        model = _hf_model(args.hf_model)
+        model = _hf_model(args.hf_model, args.trust_checkpoint)
         example = {"input_ids": torch.zeros(1, 128, dtype=torch.long),
                    "attention_mask": torch.ones(1, 128, dtype=torch.long)}
         title = args.hf_model
     elif args.checkpoint:
-        model = checkpoint.load(args.checkpoint)
+        model = _load(args.checkpoint, args)
         example = checkpoint.example_input(model)
         if example is None:
             raise StructPruneError(f"{args.checkpoint} does not record its input shape")
@@ -712,6 +784,44 @@ def cmd_info(args) -> int:
     for name, reason in graph.skipped:
         print(f"skipped: {name}: {reason}")
     return 0
+
+
+def cmd_convert(args) -> int:
+    out = Path(args.out)
+    _refuse_input(out, [args.checkpoint])
+    checkpoint.check_output(out, args.force, what="OUT")
+    try:
+        arch_kwargs = json.loads(args.arch_kwargs)
+    except ValueError as exc:
+        raise StructPruneError(f"--arch-kwargs must be a JSON object: {exc}") from None
+    if not isinstance(arch_kwargs, dict):
+        raise StructPruneError(f"--arch-kwargs must be a JSON object, got {args.arch_kwargs!r}")
+    source = checkpoint.read(args.checkpoint, trust_checkpoint=args.trust_checkpoint)
+    model = checkpoint.unpack(source, str(args.checkpoint), trust_checkpoint=args.trust_checkpoint)
+    if args.arch is not None:
+        models.create(args.arch, **arch_kwargs)  # import and build it once: a bad spec fails here, clearly
+        model.structprune_arch = {"import": args.arch, "kwargs": arch_kwargs}
+    packed = checkpoint.pack(model, source.get("extra") or {})
+
+    def write_checked(tmp: str) -> None:  # read back before it replaces anything
+        torch.save(packed, tmp)
+        try:
+            same = _same_weights(model, checkpoint.load(tmp, trust_checkpoint=args.trust_checkpoint))
+            why = "the weights read back differ"
+        except StructPruneError as exc:
+            same, why = False, str(exc)
+        if not same:
+            raise StructPruneError(f"the converted model could not be read back as the same model ({why}); nothing "
+                                   f"was written. Give the model's class with --arch MODULE:NAME (and --arch-kwargs)")
+
+    checkpoint.write_atomic(out, write_checked, force=args.force)
+    print(f"{args.checkpoint} -> {out} (tensors and JSON, {len(model.state_dict())} tensors, same weights)")
+    return 0
+
+
+def _same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
 
 
 if __name__ == "__main__":

@@ -12,3 +12,9 @@ def check_positive_int(value, name: str) -> None:
     """Raise :class:`StructPruneError` naming ``name`` unless ``value`` is an integer >= 1."""
     if not isinstance(value, int) or value < 1:
         raise StructPruneError(f"{name} must be a positive integer, got {value!r}")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 from tqdm.auto import tqdm
 
-from .errors import StructPruneError
+from .checkpoint import load_tensors
+from .errors import StructPruneError, first_line
 
 _NO_DECAY = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
@@ -251,7 +252,7 @@ def _save_state(path: Path, epoch: int, losses, model, optimizer, schedule, load
 
 def _load_state(path: Path, model, optimizer, schedule, loader, config) -> tuple[int, list[float]]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_tensors(path, what="state", advice="Delete it to start over.")
         if state["config"] != asdict(config):
             raise StructPruneError(f"--resume: {path} was written with other training options "
                                    f"({state['config']}); rerun with the same options or without --resume")
@@ -262,7 +263,7 @@ def _load_state(path: Path, model, optimizer, schedule, loader, config) -> tuple
         raise
     except Exception as exc:
         raise StructPruneError(f"--resume: training state {path} is unreadable or does not fit the model "
-                               f"({str(exc).splitlines()[0]}); delete it to start over") from None
+                               f"({first_line(exc)}); delete it to start over") from None
     torch.set_rng_state(state["torch_rng"])
     generator = _sampler_generator(loader)
     if generator is not None and state["sampler_rng"] is not None:

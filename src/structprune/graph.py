@@ -25,7 +25,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from .errors import StructPruneError
+from .errors import StructPruneError, first_line
 
 _LINEAR_LAYERS = (nn.Linear, nn.Conv2d)
 
@@ -115,7 +115,7 @@ class PruningGraph:
             order = self._execution_order()
         except Exception as exc:  # the user's forward, not ours: report it as bad input
             raise StructPruneError(f"example_inputs: the model's forward pass failed on them "
-                                   f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+                                   f"({first_line(exc)})") from exc
         finally:
             model.train(was_training)
         self.output_layers = self._find_output_layers()

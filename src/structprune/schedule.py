@@ -18,8 +18,11 @@ model as an uninterrupted one; a step that was cut off is redone from its start.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -28,8 +31,8 @@ import torch
 from torch import nn
 
 from . import allocate, checkpoint
-from .api import PruneResult, prune
-from .errors import StructPruneError, check_positive_int
+from .api import PruneResult, missed_target, prune
+from .errors import StructPruneError, check_positive_int, first_line
 
 SCHEDULES = ("oneshot", "sequential", "cascade")
 
@@ -90,8 +93,13 @@ def run(model: nn.Module, calib_loader: Iterable, method: str = "ispasp", budget
     for i in range(len(results) + 1, passes + 1):
         step = budget if schedule != "cascade" else step_budget(
             budget, i, steps, results[0].before if results else None, results[-1].after if results else None)
-        result = prune(current, calib_loader, method, step, progress=progress, after_group=after_group,
-                       **prune_kwargs)
+        with warnings.catch_warnings():
+            if passes > 1:  # a step's own target is an intermediate one: the user's is checked at the end
+                warnings.filterwarnings("ignore", message=_MISSED)
+            result = prune(current, calib_loader, method, step, progress=progress, after_group=after_group,
+                           **prune_kwargs)
+        if passes > 1:
+            result.warnings = [w for w in result.warnings if not re.match(_MISSED, w)]
         dense = (results[0] if results else result).before
         entry = {"step": i, "schedule": schedule, "budget": result.budget, "params": result.after["params"],
                  "macs": result.after["macs"], "params_ratio": result.after["params"] / dense["params"],
@@ -109,9 +117,24 @@ def run(model: nn.Module, calib_loader: Iterable, method: str = "ispasp", budget
         current = result.model
         if state_path is not None and i < passes:
             _save_state(state_path, signature, current, reports, results)
+    if passes > 1 and isinstance(budget, allocate.Target):
+        _check_final_target(budget, results)
     if state_path is not None:
         state_path.unlink(missing_ok=True)
     return current, reports, results
+
+
+_MISSED = r"structprune: the \w+ target"
+
+
+def _check_final_target(budget: allocate.Target, results: list[PruneResult]) -> None:
+    """The cascade's end against the user's target (a fraction of the dense model), warned in those terms."""
+    key = allocate.METRICS[budget.metric]
+    achieved = results[-1].after[key] / max(results[0].before[key], 1)
+    if abs(achieved - budget.fraction) > budget.tolerance * budget.fraction:
+        message = missed_target(budget.metric, budget.fraction, achieved, budget.tolerance)
+        warnings.warn(message, stacklevel=3)
+        results[-1].warnings.append(message)
 
 
 def _signature(method, budget, schedule: str, steps: int, prune_kwargs: dict) -> str:
@@ -123,24 +146,31 @@ def _signature(method, budget, schedule: str, steps: int, prune_kwargs: dict) ->
 
 
 def _save_state(path: Path, signature: str, model: nn.Module, reports: list, results: list) -> None:
-    state = {"signature": signature, "model": checkpoint.pack(model), "reports": reports,
-             "results": [r.to_dict() for r in results], "torch_rng": torch.get_rng_state()}
+    """Tensors and JSON only (see :mod:`structprune.checkpoint`): loading it never runs code from the file."""
+    progress = json.dumps({"signature": signature, "reports": reports, "results": [r.to_dict() for r in results]},
+                          default=str)
+    state = {"format": "structprune-schedule", "progress": progress, "model": checkpoint.pack(model),
+             "torch_rng": torch.get_rng_state()}
     checkpoint.write_atomic(path, lambda tmp: torch.save(state, tmp), force=True)
 
 
 def _load_state(path: Path, signature: str) -> tuple[nn.Module, list, list]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        model = checkpoint.unpack(state["model"], str(path))
+        state = checkpoint.load_tensors(path, what="state", advice="Delete it to start over.")
+        progress = json.loads(state["progress"])
+        packed = checkpoint.unwrap(state["model"], path)
+        model = checkpoint.unpack(packed, str(path))
+        rng = state["torch_rng"]
     except StructPruneError:
         raise
     except Exception as exc:
-        raise StructPruneError(f"--resume: schedule state {path} is unreadable ({str(exc).splitlines()[0]}); "
-                               f"delete it to start over") from None
-    if state.get("signature") != signature:
-        raise StructPruneError(f"--resume: {path} was written by a run with other options ({state.get('signature')}); "
-                               f"rerun with the same options, or delete it to start over")
-    torch.set_rng_state(state["torch_rng"])
-    results = [PruneResult.from_dict(d) for d in state["results"]]
+        raise StructPruneError(f"--resume: schedule state {path} is unreadable or was not written by this version "
+                               f"({first_line(exc)}); delete it to start over") from None
+    if progress.get("signature") != signature:
+        raise StructPruneError(f"--resume: {path} was written by a run with other options "
+                               f"({progress.get('signature')}); rerun with the same options, or delete it to "
+                               f"start over")
+    torch.set_rng_state(rng)
+    results = [PruneResult.from_dict(d) for d in progress["results"]]
     results[-1].model = model
-    return model.eval(), list(state["reports"]), results
+    return model.eval(), list(progress["reports"]), results

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable
 
 from torch import nn
@@ -41,20 +42,27 @@ def _factory(name: str) -> Callable[..., nn.Module]:
     return _REGISTRY[name]
 
 
-def create(name: str, num_classes: int = 10, in_channels: int = 1, **kwargs) -> nn.Module:
-    """Build a zoo model by name.
+def create(name: str, num_classes: int | None = None, in_channels: int | None = None, *, trusted: bool = True,
+           **kwargs) -> nn.Module:
+    """Build a zoo model by name, or any ``nn.Module`` by its import path.
 
     The returned module remembers how it was built (``model.structprune_arch``), which is what
     lets :func:`structprune.load` rebuild a pruned copy in a fresh process.
 
     Parameters
     ----------
-    name: one of :func:`available`.
-    num_classes: outputs of the classifier.
-    in_channels: channels of the input images (1 for Fashion-MNIST, 3 for CIFAR).
+    name: one of :func:`available`, or ``"package.module:qualname"`` of an ``nn.Module`` class or of a
+        function returning one (called with the given keyword options, which must be JSON data).
+    num_classes: outputs of the classifier (zoo default 10).
+    in_channels: channels of the input images (zoo default 1: Fashion-MNIST; 3 for CIFAR).
+    trusted: whether ``name`` comes from the caller (True) or from a file (see :mod:`structprune.checkpoint`).
     kwargs: family-specific options (``width_mult``, ``input_size``, ...).
     """
+    if ":" in name:
+        return _from_import(name, trusted, num_classes=num_classes, in_channels=in_channels, **kwargs)
     factory = _factory(name)
+    num_classes = 10 if num_classes is None else num_classes
+    in_channels = 1 if in_channels is None else in_channels
     if num_classes < 1:
         raise StructPruneError(f"num_classes must be >= 1, got {num_classes}")
     if in_channels < 1:
@@ -67,6 +75,26 @@ def create(name: str, num_classes: int = 10, in_channels: int = 1, **kwargs) -> 
         "name": name,
         "kwargs": {"num_classes": num_classes, "in_channels": in_channels, **kwargs},
     }
+    return model
+
+
+def _from_import(spec: str, trusted: bool, **kwargs) -> nn.Module:
+    from ..checkpoint import resolve_constructor
+
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        json.dumps(kwargs, allow_nan=False)
+    except (TypeError, ValueError):
+        raise StructPruneError(f"the options of {spec} must be JSON data (numbers, strings, lists, dicts), "
+                               f"so that a checkpoint can record them; got {kwargs!r}") from None
+    constructor = resolve_constructor(spec, trusted)
+    try:
+        model = constructor(**kwargs)
+    except TypeError as exc:
+        raise StructPruneError(f"{spec} does not accept these options: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise StructPruneError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    model.structprune_arch = {"import": spec, "kwargs": kwargs}
     return model
 
 

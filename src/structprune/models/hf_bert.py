@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..errors import StructPruneError
+from ..errors import StructPruneError, first_line
 from ..graph import Consumer, Group, Producer, write_consumer_weights
 
 HEADS, FFN = "heads", "ffn"
@@ -267,29 +267,41 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, force: bool = 
     return path
 
 
-def load_pretrained(path: str | os.PathLike, model_class=None) -> nn.Module:
+def load_pretrained(path: str | os.PathLike, model_class=None, *, trust_checkpoint: bool = False) -> nn.Module:
     """Load a Hugging Face model directory, pruned by structprune or not, in eval mode.
 
     The architecture comes from the config (``architectures``; or pass ``model_class``), the
-    per-layer sizes from ``structprune_layers``, the weights from the safetensors files.
+    per-layer sizes from ``structprune_layers``, the weights from the safetensors files. A directory
+    with only pickled weights (``pytorch_model.bin``) is read tensors-only; one whose pickle holds
+    anything else is refused unless ``trust_checkpoint`` (it could run code).
     """
     transformers = transformers_module()
     path = Path(path)
     if not (path / "config.json").is_file():
         raise StructPruneError(f"{path} is not a Hugging Face model directory (no config.json)")
-    config = transformers.AutoConfig.from_pretrained(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except Exception as exc:
+        raise StructPruneError(f"{path}/config.json is not a usable config ({first_line(exc)})") from None
     sizes = getattr(config, CONFIG_KEY, None)
     if model_class is None:
         names = getattr(config, "architectures", None) or []
         model_class = getattr(transformers, names[0], None) if names else transformers.AutoModel
         if model_class is None:
             raise StructPruneError(f"{path}: transformers has no class {names[0]!r}; pass model_class")
-    if not sizes:
-        return model_class.from_pretrained(path).eval()
+    state = _read_weights(path, trust_checkpoint)  # read here, never by transformers' own (pickle) loader
     model = model_class._from_config(config) if hasattr(model_class, "_from_config") else model_class(config)
-    resize(model, sizes)
-    state = _read_weights(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    if sizes:
+        resize(model, sizes)
+    _load_weights(model, state, path)
+    return model.eval()
+
+
+def _load_weights(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise StructPruneError(f"{path}: weights do not fit the model: {first_line(exc)}") from None
     if unexpected:
         raise StructPruneError(f"{path}: weights not in the model: {', '.join(unexpected[:5])}")
     if missing:  # save_pretrained leaves out tied weights (e.g. an MLM decoder); tying restores them
@@ -299,23 +311,34 @@ def load_pretrained(path: str | os.PathLike, model_class=None) -> nn.Module:
                   or model.get_parameter(k).data_ptr() not in loaded]
         if untied:
             raise StructPruneError(f"{path}: weights missing from the checkpoint: {', '.join(untied[:5])}")
-    return model.eval()
 
 
-def _read_weights(path: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
+def _read_weights(path: Path, trust_checkpoint: bool = False) -> dict[str, Tensor]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
+    elif (path / "pytorch_model.bin").is_file():
+        return _read_pickled_weights(path / "pytorch_model.bin", trust_checkpoint)
     else:
         raise StructPruneError(f"{path}: no model.safetensors (save with save_pretrained's safetensors format)")
+    from safetensors.torch import load_file
+
     state = {}
     for name in files:
         try:
             state.update(load_file(path / name))
         except Exception as exc:
             raise StructPruneError(f"{path / name} is not readable (truncated or corrupted?): {exc}") from None
+    return state
+
+
+def _read_pickled_weights(file: Path, trust_checkpoint: bool) -> dict[str, Tensor]:
+    """A ``pytorch_model.bin``: tensors only, unless the caller trusts the file."""
+    from ..checkpoint import load_tensors
+
+    state = load_tensors(file, trust_checkpoint)
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise StructPruneError(f"{file} does not hold a dict of tensors (a state dict)")
     return state
