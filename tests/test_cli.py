@@ -20,7 +20,7 @@ def test_train_prune_eval_info(tmp_path, capsys, fmnist_dir):
     for method in ("ispasp", "pfp"):
         pruned = tmp_path / f"{method}.pt"
         assert main(["prune", str(dense), "--method", method, "--ratio", "0.5", "--data-dir", str(fmnist_dir),
-                     "--calib-samples", "32", "-o", "max_rows=512" if method == "pfp" else "iterations=5",
+                     "--calib-samples", "32", "-o", "delta=1e-6" if method == "pfp" else "iterations=5",
                      "--out", str(pruned), "--no-progress"]) == 0
         report = json.loads(pruned.with_suffix(".json").read_text())
         assert report["method"] == method and report["calib_samples"] == 32

@@ -139,10 +139,12 @@ class Sizer:
     before any pruning.
     """
 
-    def __init__(self, model: nn.Module, example_inputs, ignored_layers: list[str], graph: PruningGraph):
+    def __init__(self, model: nn.Module, example_inputs, ignored_layers: list[str], graph: PruningGraph,
+                 scope: str = "all"):
         self.model = model
         self.example_inputs = example_inputs
         self.ignored = list(ignored_layers)
+        self.scope = scope
         groups = graph.all_groups()
         self.groups = {g.name: g.channels for g in groups}
         self.layer_names = {g.name: [g.name] + [p.name for p in g.producers] for g in groups}
@@ -150,7 +152,7 @@ class Sizer:
         self._cache: dict[tuple, dict[str, int]] = {}
 
     def _graph(self, model: nn.Module) -> PruningGraph:
-        return build_graph(model, self.example_inputs, [model.get_submodule(n) for n in self.ignored])
+        return build_graph(model, self.example_inputs, [model.get_submodule(n) for n in self.ignored], self.scope)
 
     def size(self, keeps: dict[str, int]) -> dict[str, int]:
         key = tuple(keeps.get(name, channels) for name, channels in self.groups.items())
@@ -321,17 +323,19 @@ def _search_pfp(budget: Target, sizer: Sizer, round_to: int | None,
 
 
 def pfp_sensitivities(model: nn.Module, graph: PruningGraph, calib: Calibration, memory_bytes: int, seed: int,
-                      max_rows: int = 2048) -> list[LayerSensitivity]:
-    """PFP's per-group statistics on the model as it is (dense), for :func:`plan`."""
+                      samples: int | None = None) -> list[LayerSensitivity]:
+    """PFP's per-group statistics on the model as it is (dense), for :func:`plan`; sensitivities over every
+    position of the first ``samples`` calibration samples (all when None)."""
     from .capture import capture
     from .measure import output_sizes
     from .methods.pfp import group_sensitivities
 
+    samples = calib.samples if samples is None else samples
     positions = {name: size["positions"] for name, size in output_sizes(model, calib.first()).items()}
     layers = []
     for group in graph.groups():
-        view = capture(model, group, calib, memory_bytes=memory_bytes, seed=seed)
-        scores = group_sensitivities(view, max_rows)
+        view = capture(model, group, calib, memory_bytes=memory_bytes, seed=seed, sensitivity_samples=samples)
+        scores = group_sensitivities(view)
         total = float(scores.sum())
         prob = scores / total if total > 0 else torch.full_like(scores, 1 / len(scores))
         span = max((positions.get(c.name, 1) + 1) * c.weight.shape[2] for c in view.consumers)

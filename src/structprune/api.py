@@ -19,7 +19,11 @@ from .errors import StructPruneError, check_positive_int, first_line
 from .graph import build_graph, run_forward
 from .measure import count, output_sizes
 from .methods.base import GroupView, Method, Selection
+from .recalibrate import has_batchnorm, recalibrate_batchnorm
 from .refit import refit as refit_selection
+
+#: default cap on the calibration samples the recovery (refit, BatchNorm recalibration) reads
+RECOVERY_SAMPLES = 2048
 
 
 @dataclass
@@ -33,7 +37,10 @@ class PruneResult:
         relative_residual_refit the one after the least-squares refit.
     budget: how the keep counts were found (for a target: the target, the achieved fraction, the error).
     before, after: {"params", "macs"} of the dense and the pruned model.
-    seconds: wall time of the pruning (allocation + capture + selection + surgery).
+    seconds: wall time of the pruning (allocation + capture + selection + refit + surgery + recalibration).
+    calib_samples, recovery_samples: samples the selection and the recovery read.
+    recalibration: what the BatchNorm recalibration did (None when it did not run).
+    scope: "all" or "inner" (see :func:`prune`).
     skipped: groups left whole, with the reason.
     warnings: every warning the pruning gave (also shown as Python warnings), for the report.
     """
@@ -48,6 +55,9 @@ class PruneResult:
     calib_samples: int
     seed: int
     refit: bool = False
+    recovery_samples: int = 0
+    recalibration: dict | None = None
+    scope: str = "all"
     skipped: list[dict] = field(default_factory=list)
     method_options: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -57,14 +67,18 @@ class PruneResult:
         """The inverse of :meth:`to_dict` (the model is not part of it: pass it, or get None)."""
         return cls(model=model, method=d["method"], budget=d["budget"], layers=d["layers"], before=d["before"],
                    after=d["after"], seconds=d["seconds"], calib_samples=d["calib_samples"], seed=d["seed"],
-                   refit=d["refit"], skipped=d["skipped"], method_options=d["method_options"],
+                   refit=d["refit"], recovery_samples=d.get("recovery_samples", d["calib_samples"]),
+                   recalibration=d.get("recalibration"), scope=d.get("scope", "all"), skipped=d["skipped"],
+                   method_options=d["method_options"],
                    warnings=list(d.get("warnings", [])))
 
     def to_dict(self) -> dict:
         """Everything but the model, JSON-ready."""
         return {
             "method": self.method, "method_options": self.method_options, "budget": self.budget,
-            "refit": self.refit, "calib_samples": self.calib_samples, "seed": self.seed, "seconds": self.seconds,
+            "refit": self.refit, "recalibration": self.recalibration, "scope": self.scope,
+            "calib_samples": self.calib_samples, "recovery_samples": self.recovery_samples, "seed": self.seed,
+            "seconds": self.seconds,
             "before": self.before, "after": self.after,
             "params_ratio": self.after["params"] / max(self.before["params"], 1),
             "macs_ratio": self.after["macs"] / max(self.before["macs"], 1),
@@ -79,9 +93,12 @@ def prune(
     budget: float | dict | allocate.Budget = 0.5,
     example_inputs=None,
     *,
-    refit: bool = False,
+    refit: bool = True,
+    recalibrate: bool | None = None,
+    scope: str = "all",
     round_to: int | None = None,
     calib_samples: int | None = None,
+    recovery_samples: int | None = None,
     ignored_layers: Sequence[str | nn.Module] = (),
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     stream: bool = False,
@@ -91,26 +108,36 @@ def prune(
     loss_fn: Callable | None = None,
     **method_kwargs,
 ) -> PruneResult:
-    """Prune the prunable groups of ``model`` to a budget, shallow to deep, in one pass.
+    """Prune the prunable groups of ``model`` to a budget, shallow to deep, in one pass, and recover.
 
     Each group's hidden representation is captured from the network as already pruned upstream, and
     the dense target from the consumer layers (not yet pruned on their input side) on those same inputs.
+    The default pipeline is: the method's selection → least-squares reconstruction of the consumers
+    (``refit``) → BatchNorm recalibration (``recalibrate``); ``refit=False, recalibrate=False`` is the
+    method's bare one-shot step.
 
     Parameters
     ----------
     model: a trained ``nn.Module``; it is copied, never modified.
     calib_loader: iterable of calibration batches: ``x``, ``(x, y)`` or dicts of keyword inputs.
-        The first ``calib_samples`` samples are read once and reused for every group.
+        The first ``max(calib_samples, recovery_samples)`` samples are read once and reused for every group.
     method: a name from :func:`structprune.methods.available` or a Method instance.
     budget: a keep ratio in (0, 1] for every group (1 keeps everything), a dict of layer patterns to
         ratios, or :class:`structprune.allocate.Target` (a fraction of MACs or params to keep, with
         uniform or PFP allocation); see :mod:`structprune.allocate`.
     example_inputs: a batch for tracing the model; default: the first calibration sample.
-    refit: after the method's selection, refit each consumer's weights on the kept channels by least
-        squares (:mod:`structprune.refit`); the report keeps both residuals.
+    refit: after the method's selection, refit each consumer's weights (and bias) on the kept channels by
+        least squares (:mod:`structprune.refit`); the report keeps both residuals. Default on.
+    recalibrate: after pruning, recompute every BatchNorm's running statistics on the recovery samples
+        (:mod:`structprune.recalibrate`). Default (None): on when the model has BatchNorm.
+    scope: "all" prunes every group; "inner" only channels that no residual stream shares (block-internal
+        ones, as the i-SpaSP paper prunes); residual streams are then kept whole.
     round_to: round every keep count up to a multiple of this (hardware-friendly widths).
-    calib_samples: calibration samples to use; default: the method's own (1,280 for i-SpaSP, PFP's
-        ⌈3·ln(8·η·η*/δ)⌉ rule for PFP).
+    calib_samples: calibration samples the method selects on; default: the method's own (1,280 for
+        i-SpaSP, PFP's ⌈3·ln(8·η·η*/δ)⌉ rule for PFP, 256 for the rest).
+    recovery_samples: calibration samples the refit and the recalibration use (the first ones of
+        ``calib_loader``, of which the selection's are the first ``calib_samples``); default: all the
+        loader gives, up to :data:`RECOVERY_SAMPLES` (and at least ``calib_samples``).
     ignored_layers: layers (names or modules of ``model``) whose outputs keep all channels.
         The output layer is always kept whole.
     memory_bytes: bound on the captured rows per consumer (see :mod:`structprune.capture`).
@@ -137,10 +164,11 @@ def prune(
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = _prune(model, calib_loader, method, budget, example_inputs, refit=refit, round_to=round_to,
-                            calib_samples=calib_samples, ignored_layers=ignored_layers, memory_bytes=memory_bytes,
-                            stream=stream, seed=seed, progress=progress, after_group=after_group, loss_fn=loss_fn,
-                            **method_kwargs)
+            result = _prune(model, calib_loader, method, budget, example_inputs, refit=refit,
+                            recalibrate=recalibrate, scope=scope, round_to=round_to, calib_samples=calib_samples,
+                            recovery_samples=recovery_samples, ignored_layers=ignored_layers,
+                            memory_bytes=memory_bytes, stream=stream, seed=seed, progress=progress,
+                            after_group=after_group, loss_fn=loss_fn, **method_kwargs)
     finally:
         for w in caught:  # shown to the caller as usual, and ours kept for the report
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
@@ -148,8 +176,9 @@ def prune(
     return result
 
 
-def _prune(model, calib_loader, method, budget, example_inputs, *, refit, round_to, calib_samples, ignored_layers,
-           memory_bytes, stream, seed, progress, after_group, loss_fn, **method_kwargs) -> PruneResult:
+def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recalibrate, scope, round_to,
+           calib_samples, recovery_samples, ignored_layers, memory_bytes, stream, seed, progress, after_group,
+           loss_fn, **method_kwargs) -> PruneResult:
     if not isinstance(model, nn.Module):
         raise StructPruneError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     budget = allocate.as_budget(budget)
@@ -159,6 +188,8 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, round_
         raise StructPruneError("method options can only be given with a method name, not a Method instance")
     if calib_samples is not None:
         check_positive_int(calib_samples, "calib_samples")
+    if recovery_samples is not None:
+        check_positive_int(recovery_samples, "recovery_samples")
     if memory_bytes < 1:
         raise StructPruneError(f"memory_bytes must be positive, got {memory_bytes!r}")
 
@@ -172,13 +203,17 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, round_
         example_inputs = take_samples(example_inputs, None, device, dtype)
     if calib_samples is None:
         calib_samples = _default_calib_samples(method, pruned, calib_loader, device, example_inputs)
-    calib = Calibration(calib_loader, calib_samples, device, dtype, stream=stream)
+    recovers = refit or recalibrate or (recalibrate is None and has_batchnorm(pruned))
+    if recovery_samples is None:
+        recovery_samples = max(calib_samples, RECOVERY_SAMPLES) if recovers else calib_samples
+    calib = Calibration(calib_loader, max(calib_samples, recovery_samples), device, dtype, stream=stream)
+    selection_samples = min(calib_samples, calib.samples)
     if example_inputs is None:
         example_inputs = take_samples(calib.first(), 1, device)
-    graph = build_graph(pruned, example_inputs, [pruned.get_submodule(n) for n in ignored_names])
-    sizer = allocate.Sizer(model, example_inputs, ignored_names, graph)  # model: the caller's, never pruned
+    graph = build_graph(pruned, example_inputs, [pruned.get_submodule(n) for n in ignored_names], scope)
+    sizer = allocate.Sizer(model, example_inputs, ignored_names, graph, scope)  # model: the caller's, never pruned
     allocation = allocate.plan(budget, sizer, round_to, lambda: allocate.pfp_sensitivities(
-        pruned, graph, calib, memory_bytes, seed))
+        pruned, graph, calib, memory_bytes, seed, selection_samples))
     _warn_if_missed(allocation.info, budget)
     _warn_if_clamped(allocation.keeps, sizer.groups, budget)
     _warn_if_nothing_to_prune(pruned, sizer.groups, ignored_names)
@@ -195,8 +230,10 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, round_
                  "consumers": [c.name for c in group.consumers]}
         if keep < group.channels:
             view = capture(pruned, group, calib, memory_bytes=memory_bytes, seed=seed, loss_fn=loss_fn,
-                           gradients=needs_gradients)
-            selection = method.select(view, keep)
+                           gradients=needs_gradients,
+                           sensitivity_samples=selection_samples if getattr(method, "needs_sensitivity", False)
+                           else 0)
+            selection = method.select(view.restrict(selection_samples), keep)
             _check_selection(selection, group.name, group.channels, keep)
             entry["relative_residual"] = relative_residual(view, selection)
             entry.update(selection.stats)
@@ -204,7 +241,7 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, round_
                 selection = refit_selection(view, selection)
                 entry["relative_residual_refit"] = relative_residual(view, selection)
                 entry["refit"] = selection.stats["refit"]
-            graph.apply(group, selection.keep_idx, selection.consumer_weights)
+            graph.apply(group, selection.keep_idx, selection.consumer_weights, selection.consumer_biases)
             _check_forward(pruned, example_inputs, group.name)
             if after_group is not None:
                 after_group(pruned, group.name)
@@ -214,14 +251,20 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, round_
         bar.update(1)
     bar.update(len(graph) - bar.n)  # groups skipped with a warning count as done
     bar.close()
+    recalibration = None
+    pruned_any = any(layer["kept"] < layer["channels"] for layer in layers)
+    if pruned_any and (recalibrate or (recalibrate is None and has_batchnorm(pruned))):
+        recalibration = recalibrate_batchnorm(pruned, calib)
 
     after = count(pruned, example_inputs)
     pruned.structprune_history = list(getattr(model, "structprune_history", [])) + graph.history()
     pruned.structprune_example_input = _input_spec(example_inputs)
+    skipped = [{"group": g, "reason": r} for g, r in graph.skipped]
+    skipped += [{"group": g, "reason": "residual stream (scope='inner')"} for g in getattr(graph, "out_of_scope", [])]
     return PruneResult(
         model=pruned, method=method.name, budget=allocation.info, layers=layers, before=sizer.dense, after=after,
-        seconds=time.perf_counter() - start, calib_samples=calib.samples, seed=seed,
-        refit=refit, skipped=[{"group": g, "reason": r} for g, r in graph.skipped],
+        seconds=time.perf_counter() - start, calib_samples=selection_samples, seed=seed,
+        refit=refit, recovery_samples=calib.samples, recalibration=recalibration, scope=scope, skipped=skipped,
         method_options={k: v for k, v in vars(method).items() if not k.startswith("_") and k != "name"},
     )
 
@@ -293,12 +336,12 @@ def _warn_if_nothing_to_prune(model: nn.Module, groups: dict[str, int], ignored:
 
 def relative_residual(view: GroupView, selection: Selection) -> float:
     """‖Y − Ŷ‖/‖Y‖ over all consumers of the group, Ŷ using only the kept channels (and new weights)."""
-    weights = selection.consumer_weights or {}
+    weights, biases = selection.consumer_weights or {}, selection.consumer_biases or {}
     sq_error = sq_dense = 0.0
     for consumer in view.consumers:
         dense = consumer.output()
         kept = selection.keep_idx.to(dense.device)
-        approx = consumer.output(kept, weight=weights.get(consumer.name))
+        approx = consumer.output(kept, weight=weights.get(consumer.name), bias=biases.get(consumer.name))
         sq_error += float((dense - approx).square().sum())
         sq_dense += float(dense.square().sum())
     return (sq_error / sq_dense) ** 0.5 if sq_dense > 0 else 0.0

@@ -31,6 +31,7 @@ from .graph import Consumer, Group, Producer, run_forward
 from .methods.base import ConsumerView, GroupView, ProducerView
 
 DEFAULT_MEMORY_BYTES = 256 * 2**20
+_SCORE_ELEMENTS = 2**22  # input elements (× taps) scored at once for PFP's sensitivities
 
 
 def batch_inputs(batch):
@@ -174,13 +175,22 @@ def _fingerprint(inputs) -> float:
 
 
 class _RowCollector:
-    """Forward pre-hook that turns a consumer's input into rows (M, C, K) at sampled positions."""
+    """Forward pre-hook on one consumer: turns its input into rows (M, C, K) at sampled positions, and
+    keeps what needs every position: per-sample sums of each channel and, when asked, PFP's sensitivities
+    over every position of the first ``sensitivity_samples`` samples."""
 
-    def __init__(self, consumer: Consumer, rows_cap: int, samples: int, generator: torch.Generator):
+    def __init__(self, consumer: Consumer, rows_cap: int, samples: int, generator: torch.Generator,
+                 sensitivity_samples: int = 0):
         self.consumer = consumer
         self.rows_cap, self.samples = rows_cap, samples
         self.generator = generator
+        self.sensitivity_samples = sensitivity_samples
         self.chunks: list[Tensor] = []
+        self.masks: list[Tensor] = []  # (rows, taps) real-position taps of conv rows
+        self.row_samples: list[Tensor] = []
+        self.sums: list[Tensor] = []  # (batch, channels) per-sample channel sums
+        self.sensitivity: Tensor | None = None
+        self.seen = 0  # samples seen so far
         self.token_mask: Tensor | None = None  # (N, L) attention mask of the batch, when it has one
 
     def __call__(self, module: nn.Module, args) -> None:
@@ -188,10 +198,35 @@ class _RowCollector:
         if not torch.isfinite(x).all():
             raise StructPruneError(f"calibration data: NaN or Inf activations reach layer {self.consumer.name}; "
                                    f"check the model and the input normalisation")
+        batch = x.shape[0]
         if self.consumer.kind == "conv":
-            self.chunks.append(self._conv_rows(module, x))
+            self._conv_rows(module, x)
         else:
-            self.chunks.append(self._linear_rows(x))
+            self._linear_rows(x)
+        scored = min(batch, self.sensitivity_samples - self.seen)
+        if scored > 0:
+            self._score(module, x[:scored])
+        self.seen += batch
+
+    def _score(self, module: nn.Module, x: Tensor) -> None:
+        """PFP's sensitivities on every row of ``x``, a few samples at a time (bounded memory)."""
+        from .methods.pfp import consumer_sensitivity
+
+        per_sample = max(1, x[0].numel() * (module.weight[0, 0].numel() if self.consumer.kind == "conv" else 1))
+        step = max(1, _SCORE_ELEMENTS // per_sample)
+        weight = self.consumer.module.weight.detach()
+        features = self.consumer.input_features()
+        for start in range(0, x.shape[0], step):
+            chunk = x[start:start + step]
+            rows = _all_rows(module, chunk, self.consumer.kind, self._mask(chunk.shape[0], chunk))
+            s = consumer_sensitivity(rows, weight.reshape(weight.shape[0], -1), features)
+            self.sensitivity = s if self.sensitivity is None else torch.maximum(self.sensitivity, s)
+
+    def _mask(self, n: int, x: Tensor) -> Tensor | None:
+        mask = self.token_mask
+        if mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
+            return mask[:n].to(x.device) != 0
+        return None
 
     def _wanted(self, n: int) -> int:
         """Rows to keep from a batch of n samples: the same whole number per sample while the cap allows
@@ -205,42 +240,82 @@ class _RowCollector:
             return torch.arange(total, device=device)
         return torch.randperm(total, generator=self.generator)[:wanted].sort().values.to(device)
 
-    def _linear_rows(self, x: Tensor) -> Tensor:
-        samples = x.shape[0]
-        mask = self.token_mask
-        if mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
-            x = x[mask.to(x.device) != 0]  # padding tokens are not part of the representation
-        x = x.reshape(-1, x.shape[-1])
-        rows = self._pick(x.shape[0], self._wanted(samples), x.device)
-        return x[rows][:, self.consumer.channel_index.to(x.device)]
+    def _keep(self, rows: Tensor, sample: Tensor, mask: Tensor | None = None) -> None:
+        self.chunks.append(rows)
+        self.row_samples.append(sample.cpu() + self.seen)
+        if mask is not None:
+            self.masks.append(mask)
 
-    def _conv_rows(self, conv: nn.Conv2d, x: Tensor) -> Tensor:
-        x = x[:, self.consumer.channel_index[:, 0].to(x.device)]
-        if isinstance(conv.padding, str):  # "same"/"valid": resolve to numbers
-            pad = [(d * (k - 1)) // 2 if conv.padding == "same" else 0
-                   for k, d in zip(conv.kernel_size, conv.dilation, strict=False)]
+    def _linear_rows(self, x: Tensor) -> None:
+        samples = x.shape[0]
+        index = self.consumer.channel_index.to(x.device)
+        mask = self._mask(samples, x)
+        if x.dim() == 3:
+            sample = torch.arange(samples, device=x.device)[:, None].expand(x.shape[:2])
+            if mask is not None:
+                x, sample = x[mask], sample[mask]
+            else:
+                x, sample = x.reshape(-1, x.shape[-1]), sample.reshape(-1)
         else:
-            pad = list(conv.padding)
+            x, sample = x.reshape(samples, -1), torch.arange(samples, device=x.device)
+        per_sample = torch.zeros(samples, x.shape[-1], dtype=torch.float64, device=x.device)
+        per_sample.index_add_(0, sample, x.double())
+        self.sums.append(per_sample[:, index].sum(dim=2).cpu())
+        rows = self._pick(x.shape[0], self._wanted(samples), x.device)
+        self._keep(x[rows][:, index], sample[rows])
+
+    def _conv_rows(self, conv: nn.Conv2d, x: Tensor) -> None:
+        x = x[:, self.consumer.channel_index[:, 0].to(x.device)]
+        self.sums.append(x.double().sum(dim=(2, 3)).cpu())
+        pad = _padding(conv)
+        h, w = x.shape[2:]
         x = nn.functional.pad(x, (pad[1], pad[1], pad[0], pad[0]))
-        n, _, h, w = x.shape
+        n = x.shape[0]
         (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
-        out_h, out_w = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+        out_h, out_w = _out_size(h + 2 * pad[0], kh, sh, dh), _out_size(w + 2 * pad[1], kw, sw, dw)
         positions = self._pick(n * out_h * out_w, self._wanted(n), x.device)
         sample, rest = positions // (out_h * out_w), positions % (out_h * out_w)
         top, left = (rest // out_w) * sh, (rest % out_w) * sw
         dy = (torch.arange(kh, device=x.device) * dh).repeat_interleave(kw)
         dx = (torch.arange(kw, device=x.device) * dw).repeat(kh)
-        patches = x[sample[:, None], :, top[:, None] + dy, left[:, None] + dx]  # (rows, taps, C)
-        return patches.transpose(1, 2).contiguous()
+        ys, xs = top[:, None] + dy, left[:, None] + dx  # (rows, taps) in padded coordinates
+        patches = x[sample[:, None], :, ys, xs]  # (rows, taps, C)
+        real = (ys >= pad[0]) & (ys < pad[0] + h) & (xs >= pad[1]) & (xs < pad[1] + w)
+        self._keep(patches.transpose(1, 2).contiguous(), sample, real.cpu())
+
+
+def _padding(conv: nn.Conv2d) -> list[int]:
+    if isinstance(conv.padding, str):  # "same"/"valid": resolve to numbers
+        return [(d * (k - 1)) // 2 if conv.padding == "same" else 0
+                for k, d in zip(conv.kernel_size, conv.dilation, strict=False)]
+    return list(conv.padding)
+
+
+def _out_size(size: int, kernel: int, stride: int, dilation: int) -> int:
+    return (size - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _all_rows(module: nn.Module, x: Tensor, kind: str, token_mask: Tensor | None) -> Tensor:
+    """Every row of a consumer's *whole* input (all its input features, not only a group's), flattened as
+    the layer's weight is: (rows, C_in·K) patches of a conv (zero padding included), (rows, features) of a
+    Linear (padding tokens left out)."""
+    if kind == "linear":
+        return x[token_mask] if token_mask is not None else x.reshape(-1, x.shape[-1])
+    cols = nn.functional.unfold(x, module.kernel_size, dilation=module.dilation, padding=_padding(module),
+                                stride=module.stride)  # (N, C·K, L)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
 def capture(model: nn.Module, group: Group, calib: Calibration | list, memory_bytes: int = DEFAULT_MEMORY_BYTES,
-            seed: int = 0, targets: list | None = None, loss_fn=None, gradients: bool = False) -> GroupView:
+            seed: int = 0, targets: list | None = None, loss_fn=None, gradients: bool = False,
+            sensitivity_samples: int = 0) -> GroupView:
     """Run the calibration samples through ``model`` and return the group's :class:`GroupView`.
 
     ``calib``: a :class:`Calibration`, or a list of input batches (with ``targets``, one per batch).
     With ``gradients`` (or ``targets`` given), the producers' ``weight_grad`` is the gradient of
     ``loss_fn(model(inputs), targets)`` (default: cross-entropy) summed over the batches.
+    ``sensitivity_samples``: compute PFP's sensitivities (:func:`structprune.methods.pfp.consumer_sensitivity`)
+    over every position of the first this many samples, against the consumer's whole input.
     """
     if not isinstance(calib, Calibration):
         calib = Calibration.of(calib, targets)
@@ -252,7 +327,8 @@ def capture(model: nn.Module, group: Group, calib: Calibration | list, memory_by
     for consumer in group.consumers:
         features = consumer.channel_index.numel() * (
             consumer.module.weight[0, 0].numel() if consumer.kind == "conv" else 1)
-        collector = _RowCollector(consumer, max(1, memory_bytes // (4 * features)), samples, gen)
+        collector = _RowCollector(consumer, max(1, memory_bytes // (4 * features)), samples, gen,
+                                  sensitivity_samples)
         collectors.append(collector)
         hooks.append(consumer.module.register_forward_pre_hook(collector))
     gradients = _LossGradients(model, group, loss_fn) if gradients else None
@@ -282,6 +358,11 @@ def capture(model: nn.Module, group: Group, calib: Calibration | list, memory_by
             weight=consumer.canonical_weight().float(),
             bias=None if bias is None else bias.detach().float(),
             output_scale=consumer.output_scale.float(),
+            output_shift=consumer.output_shift.float(),
+            tap_mask=torch.cat(collector.masks) if collector.masks else None,
+            row_sample=torch.cat(collector.row_samples),
+            sample_sums=torch.cat(collector.sums),
+            sensitivity=None if collector.sensitivity is None else collector.sensitivity.cpu().double(),
         ))
     producers = tuple(
         ProducerView(p.name, p.module, _per_channel(p.module.weight.detach(), p, group.channels),

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .errors import StructPruneError, first_line
 
 _LINEAR_LAYERS = (nn.Linear, nn.Conv2d)
+SCOPES = ("all", "inner")
 
 
 @dataclass
@@ -44,14 +45,16 @@ class Consumer:
     """A Conv2d (groups=1) or Linear that reads the group's channels.
 
     ``channel_index[c]`` are the consumer's input features fed by group channel c: one per channel
-    for a conv, ``H*W`` for a Linear after a Flatten. ``output_scale`` is γ/σ of a BatchNorm that
-    directly follows the consumer (ones when there is none), so that f includes that BatchNorm.
+    for a conv, ``H*W`` for a Linear after a Flatten. ``output_scale`` is γ/σ and ``output_shift``
+    β − γμ/σ of a BatchNorm that directly follows the consumer (ones and zeros when there is none),
+    so that f includes that BatchNorm.
     """
 
     name: str
     module: nn.Module
     channel_index: Tensor  # (channels, features_per_channel)
     output_scale: Tensor
+    output_shift: Tensor
 
     @property
     def kind(self) -> str:
@@ -65,6 +68,14 @@ class Consumer:
             return kept.reshape(weight.shape[0], kept.shape[1], -1)
         columns = weight[:, self.channel_index.reshape(-1)]
         return columns.reshape(weight.shape[0], *self.channel_index.shape)
+
+    def input_features(self) -> Tensor:
+        """(channels, features) indices into the flattened weight's columns (in_features of a Linear, in·taps
+        of a conv) that read each group channel."""
+        if self.kind == "linear":
+            return self.channel_index
+        taps = self.module.weight[0, 0].numel()
+        return self.channel_index[:, :1] * taps + torch.arange(taps)
 
     def write_weight(self, channel_idx: Tensor, canonical: Tensor) -> None:
         """Write ``canonical`` (out, len(channel_idx), taps) into the columns of ``channel_idx``."""
@@ -89,6 +100,8 @@ class Group:
     root: nn.Module = field(repr=False)
     root_fn: object = field(repr=False)
     batchnorms: list[Producer] = field(default_factory=list)  # BatchNorms on the group's channels
+    #: whether the channels are added to other layers' outputs (a residual stream), not block-internal
+    residual: bool = False
 
 
 class PruningGraph:
@@ -100,9 +113,15 @@ class PruningGraph:
     example_inputs: a batch the model accepts (a tensor, a tuple of tensors or a dict of kwargs).
     ignored_layers: layers whose outputs must never lose channels, in addition to the output layers,
         which are found automatically (no group containing them is offered).
+    scope: "all" offers every group; "inner" only groups whose channels no residual stream shares
+        (no addition of several layers' outputs: block-internal channels, as the i-SpaSP paper prunes).
+        The groups left out are listed in ``out_of_scope``.
     """
 
-    def __init__(self, model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Module] = ()):
+    def __init__(self, model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Module] = (),
+                 scope: str = "all"):
+        if scope not in SCOPES:
+            raise StructPruneError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
         self.model = model
         self.example_inputs = example_inputs
         self._names = {module: name for name, module in model.named_modules()}
@@ -121,7 +140,11 @@ class PruningGraph:
         self.output_layers = self._find_output_layers()
         ignored = list(ignored_layers) + self.output_layers
         roots = []
+        self.out_of_scope: list[str] = []
         for tp_group in self.dg.get_all_groups(ignored_layers=ignored, root_module_types=_LINEAR_LAYERS):
+            if scope == "inner" and _is_residual(tp_group):
+                self.out_of_scope.append(self.name_of(tp_group[0].dep.target.module))
+                continue
             producers = [item.dep.target.module for item in tp_group if self._is_out(item)]
             position = min(order.get(m, len(order)) for m in producers)
             roots.append((position, tp_group[0].dep.target.module, tp_group[0].dep.handler))
@@ -185,10 +208,10 @@ class PruningGraph:
                 if not (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)):
                     return self._skip(name, f"consumer {self.name_of(module)} "
                                             f"({type(module).__name__}) is not a Linear or an ungrouped Conv2d")
-                consumers.append(Consumer(self.name_of(module), module, index, self._output_scale(module)))
+                consumers.append(Consumer(self.name_of(module), module, index, *self._output_affine(module)))
         if not consumers:
             return self._skip(name, "no Linear/Conv2d reads these channels")
-        return Group(name, channels, producers, consumers, root, root_fn, batchnorms)
+        return Group(name, channels, producers, consumers, root, root_fn, batchnorms, _is_residual(tp_group))
 
     def _skip(self, name: str, reason: str) -> None:
         if (name, reason) not in self.skipped:
@@ -199,18 +222,15 @@ class PruningGraph:
     def _is_out(self, item) -> bool:
         return self.dg.is_out_channel_pruning_fn(item.dep.handler)
 
-    def _output_scale(self, consumer: nn.Module) -> Tensor:
-        """γ/σ of a BatchNorm that reads the consumer's output directly, else ones."""
-        out_features = consumer.weight.shape[0]
+    def _output_affine(self, consumer: nn.Module) -> tuple[Tensor, Tensor]:
+        """(γ/σ, β − γμ/σ) of a BatchNorm that reads the consumer's output directly, else (ones, zeros)."""
         node = self.dg.module2node.get(consumer)
         for nxt in node.outputs if node is not None else []:
             bn = nxt.module
             if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats:
-                scale = torch.rsqrt(bn.running_var.detach() + bn.eps)
-                if bn.weight is not None:
-                    scale = scale * bn.weight.detach()
-                return scale
-        return torch.ones(out_features, device=consumer.weight.device)
+                return batchnorm_affine(bn)
+        ones = torch.ones(consumer.weight.shape[0], device=consumer.weight.device)
+        return ones, torch.zeros_like(ones)
 
     def _find_output_layers(self) -> list[nn.Module]:
         """Conv/Linear layers whose outputs reach the model's output without passing another Conv/Linear."""
@@ -251,13 +271,15 @@ class PruningGraph:
 
     # -- surgery -------------------------------------------------------------------------------
 
-    def apply(self, group: Group, keep_idx: Tensor, consumer_weights: dict[str, Tensor] | None = None) -> None:
+    def apply(self, group: Group, keep_idx: Tensor, consumer_weights: dict[str, Tensor] | None = None,
+              consumer_biases: dict[str, Tensor] | None = None) -> None:
         """Keep ``keep_idx`` of ``group`` and physically remove every other channel.
 
         ``consumer_weights`` maps a consumer name to its new canonical weight (out, len(keep_idx),
-        taps) for the kept channels (PFP's reweighting, least-squares refits).
+        taps) for the kept channels (PFP's reweighting, least-squares refits); ``consumer_biases`` to its
+        new bias.
         """
-        keep_idx = write_consumer_weights(group, keep_idx, consumer_weights)
+        keep_idx = write_consumer_weights(group, keep_idx, consumer_weights, consumer_biases)
         mask = torch.ones(group.channels, dtype=torch.bool)
         mask[keep_idx] = False
         prune_idx = mask.nonzero().flatten().tolist()
@@ -275,26 +297,54 @@ class PruningGraph:
         self.dg.load_pruning_history([list(entry) for entry in history])
 
 
-def write_consumer_weights(group: Group, keep_idx, consumer_weights: dict[str, Tensor] | None) -> Tensor:
-    """Write replacement canonical weights into the kept columns of the named consumers (before the
-    removal, by either graph); returns ``keep_idx`` as a CPU LongTensor."""
+def _is_residual(tp_group) -> bool:
+    """Whether a Torch-Pruning group's channels pass an addition (or subtraction) of several tensors."""
+    return any(isinstance(item.dep.target.module, tp.ops._ElementWiseOp)
+               and str(item.dep.target.module._grad_fn).startswith(("Add", "Sub")) for item in tp_group)
+
+
+def batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
+    """The eval-mode BatchNorm as y = scale·x + shift: (γ/σ, β − γμ/σ)."""
+    scale = torch.rsqrt(bn.running_var.detach() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach()
+    shift = -bn.running_mean.detach() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.detach()
+    return scale, shift
+
+
+def write_consumer_weights(group: Group, keep_idx, consumer_weights: dict[str, Tensor] | None,
+                           consumer_biases: dict[str, Tensor] | None = None) -> Tensor:
+    """Write replacement canonical weights into the kept columns of the named consumers, and replacement
+    biases (before the removal, by either graph); returns ``keep_idx`` as a CPU LongTensor."""
     keep_idx = torch.as_tensor(keep_idx, dtype=torch.long).cpu()
     by_name = {c.name: c for c in group.consumers}
-    for name, weight in (consumer_weights or {}).items():
+    for name in list(consumer_weights or {}) + list(consumer_biases or {}):
         if name not in by_name:
             raise StructPruneError(f"consumer_weights: {name!r} is not a consumer of group {group.name}")
+    for name, weight in (consumer_weights or {}).items():
         by_name[name].write_weight(keep_idx, weight)
+    for name, bias in (consumer_biases or {}).items():
+        module_bias = by_name[name].module.bias
+        if module_bias is None:
+            raise StructPruneError(f"consumer_biases: {name} has no bias to replace")
+        with torch.no_grad():
+            module_bias.copy_(bias.to(module_bias))
     return keep_idx
 
 
-def build_graph(model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Module] = ()):
+def build_graph(model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Module] = (), scope: str = "all"):
     """The graph for ``model``: BERT-family encoders get heads and FFN groups
-    (:class:`structprune.models.hf_bert.TransformerGraph`), everything else a :class:`PruningGraph`."""
+    (:class:`structprune.models.hf_bert.TransformerGraph`; all of them are inner, the residual stream is
+    never pruned there), everything else a :class:`PruningGraph`."""
     from .models import hf_bert
 
     if hf_bert.is_supported(model):
+        if scope not in SCOPES:
+            raise StructPruneError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
         return hf_bert.TransformerGraph(model, example_inputs, ignored_layers)
-    return PruningGraph(model, example_inputs, ignored_layers)
+    return PruningGraph(model, example_inputs, ignored_layers, scope)
 
 
 def run_forward(model: nn.Module, example_inputs):

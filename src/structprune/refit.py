@@ -1,58 +1,117 @@
-"""Least-squares refit of the consumers on the kept channels (an option for any method).
+"""Least-squares reconstruction of the consumers on the kept channels (on by default, for any method).
 
-For each consumer, with Z_S the calibration rows restricted to the kept channels (M, s·taps) and the
-dense pre-BatchNorm output Z·Wᵀ as the target, the new weight solves
+For each consumer, with Z the calibration rows of the group's channels, Z_S those of the kept channels
+(M, s·taps) and the dense output Y = Z·Wᵀ as the target, the new weight solves
 
-    min_W' ‖Z·Wᵀ − Z_S·W'ᵀ‖²   (per output unit; the BatchNorm scale and the bias do not change it)
+    min_W', b'  ‖Y + b − Z_S·W'ᵀ − b'‖²   (per output unit; a BatchNorm scale after the consumer does not change it)
 
-in float64 through the normal equations with a tiny ridge for stability. The refit is kept only
-where it lowers the consumer's reconstruction error on the calibration rows, so it never makes a
-layer worse there. Consumers with more than ``max_features`` kept inputs (s·taps) are left as the
-method chose them.
+where the bias b' is refitted only when the consumer has one (the removed channels' mean contribution
+moves into it; a consumer without bias is followed by a BatchNorm, whose recalibration takes that
+role). The normal equations are accumulated over row chunks in float64 (memory independent of the
+number of rows) and solved by Cholesky with a ridge relative to the spectrum (``ridge`` times the
+mean eigenvalue of Z_Sᵀ·Z_S) that pulls W' towards the method's own weights, not towards zero: where
+the rows do not determine a weight (fewer rows than kept inputs, or channels that never fire on
+the calibration data), it stays as the method left it. The refit is kept only where it lowers the consumer's reconstruction error
+on the calibration rows, so it never makes a layer worse there; the errors come from the same
+normal equations, without another pass over the rows. Consumers with more than ``max_features`` kept
+inputs (s·taps) are left as the method chose them, and the report says so.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .methods.base import ConsumerView, GroupView, Selection
 
-MAX_FEATURES = 8192
+MAX_FEATURES = 16384
+RIDGE = 1e-4
+_CHUNK_ELEMENTS = 2**22
 
 
-def refit(view: GroupView, selection: Selection, max_features: int = MAX_FEATURES) -> Selection:
-    """``selection`` with least-squares consumer weights; ``stats["refit"]`` says, per consumer, what it did."""
+@dataclass
+class _NormalEquations:
+    """Σ over rows of [Z_S 1]ᵀ[Z_S 1] (F+1, F+1), [Z_S 1]ᵀ·Y (F+1, O) and Y² (O), in float64."""
+
+    gram: Tensor
+    cross: Tensor
+    target_sq: Tensor
+    scale_sq: Tensor  # (O,) BatchNorm scale², weighting each output's error
+
+    def error(self, weight: Tensor, bias_delta: Tensor | None = None) -> float:
+        """Σ_o scale_o²·‖y_o − [Z_S 1]·[w_o; δ_o]‖² for kept-input weights (F, O) and a bias change δ (O)."""
+        coef = torch.cat([weight, (bias_delta if bias_delta is not None else torch.zeros(weight.shape[1],
+                          dtype=weight.dtype))[None]])
+        per_output = self.target_sq - 2 * (coef * self.cross).sum(0) + (coef * (self.gram @ coef)).sum(0)
+        return float((self.scale_sq * per_output.clamp(min=0)).sum())
+
+
+def refit(view: GroupView, selection: Selection, max_features: int = MAX_FEATURES, ridge: float = RIDGE) -> Selection:
+    """``selection`` with least-squares consumer weights (and biases); ``stats["refit"]`` says, per consumer,
+    what it did: the squared errors before and after, and whether the refit was applied."""
     chosen = dict(selection.consumer_weights or {})
+    biases = dict(selection.consumer_biases or {})
     weights, report = {}, {}
     for consumer in view.consumers:
         keep_idx = selection.keep_idx.to(consumer.inputs.device)
+        out, _, taps = consumer.weight.shape
         start = chosen.get(consumer.name, consumer.weight[:, keep_idx])
-        before = _error(consumer, keep_idx, start)
-        if len(keep_idx) * consumer.weight.shape[2] > max_features:
+        features = len(keep_idx) * taps
+        if features > max_features:
             weights[consumer.name] = start
-            report[consumer.name] = "skipped: too many kept inputs"
+            report[consumer.name] = f"not refitted: {features} kept inputs, more than {max_features}"
             continue
-        fitted = _least_squares(consumer, keep_idx)
-        after = _error(consumer, keep_idx, fitted)
+        equations = _normal_equations(consumer, keep_idx)
+        start_flat = start.reshape(out, -1).T.double().cpu()
+        fitted, delta = _solve(equations, start_flat, ridge, fit_bias=consumer.bias is not None)
+        before, after = equations.error(start_flat), equations.error(fitted, delta)
         better = after < before
-        weights[consumer.name] = fitted if better else start
+        weights[consumer.name] = fitted.T.reshape(out, len(keep_idx), taps).to(consumer.weight) if better else start
+        if better and delta is not None:
+            biases[consumer.name] = (consumer.bias.double().cpu() + delta).to(consumer.bias)
         report[consumer.name] = {"error_before": before, "error_after": min(after, before), "applied": better}
-    return Selection(selection.keep_idx, weights, {**selection.stats, "refit": report})
+    return Selection(selection.keep_idx, weights, {**selection.stats, "refit": report}, biases or None)
 
 
-def _least_squares(consumer: ConsumerView, keep_idx: Tensor) -> Tensor:
-    rows, _, taps = consumer.inputs.shape
-    out = consumer.weight.shape[0]
-    kept = consumer.inputs[:, keep_idx].reshape(rows, -1).double()
-    target = torch.einsum("mck,ock->mo", consumer.inputs.double(), consumer.weight.double())
-    gram = kept.T @ kept
-    ridge = 1e-8 * float(torch.diagonal(gram).mean().clamp(min=1e-30))
-    gram += ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    solution = torch.linalg.solve(gram, kept.T @ target)  # (s·taps, out)
-    return solution.T.reshape(out, len(keep_idx), taps).to(consumer.weight.dtype)
+def _normal_equations(consumer: ConsumerView, keep_idx: Tensor) -> _NormalEquations:
+    rows, channels, taps = consumer.inputs.shape
+    features = len(keep_idx) * taps
+    weight = consumer.weight.reshape(consumer.weight.shape[0], -1)
+    gram = torch.zeros(features + 1, features + 1, dtype=torch.float64)
+    cross = torch.zeros(features + 1, weight.shape[0], dtype=torch.float64)
+    target_sq = torch.zeros(weight.shape[0], dtype=torch.float64)
+    chunk = max(1, _CHUNK_ELEMENTS // (channels * taps))
+    for start in range(0, rows, chunk):
+        z = consumer.inputs[start:start + chunk]
+        y = (z.reshape(len(z), -1) @ weight.T).double()
+        kept = torch.cat([z[:, keep_idx].reshape(len(z), -1).double(), torch.ones(len(z), 1, dtype=torch.float64,
+                                                                                 device=z.device)], dim=1)
+        gram += (kept.T @ kept).cpu()
+        cross += (kept.T @ y).cpu()
+        target_sq += y.square().sum(0).cpu()
+    return _NormalEquations(gram, cross, target_sq, consumer.output_scale.double().square().cpu())
 
 
-def _error(consumer: ConsumerView, keep_idx: Tensor, weight: Tensor) -> float:
-    """‖f(H) − f_S(H)‖² on the calibration rows (BatchNorm scale included)."""
-    return float((consumer.output() - consumer.output(keep_idx, weight=weight)).double().square().sum())
+def _solve(eq: _NormalEquations, prior: Tensor, ridge: float, fit_bias: bool) -> tuple[Tensor, Tensor | None]:
+    """Weights (F, O) and, with ``fit_bias``, the bias change (O) minimising the error plus
+    λ·‖W' − prior‖² (λ = ``ridge`` × the mean eigenvalue of the Gram)."""
+    size = eq.gram.shape[0] if fit_bias else eq.gram.shape[0] - 1
+    gram = eq.gram[:size, :size]
+    features = eq.gram.shape[0] - 1
+    level = max(float(torch.diagonal(gram)[:features].mean()), 1e-30)
+    lam = ridge * level
+    for _ in range(8):  # Cholesky of the regularised Gram; more ridge only if it is numerically singular
+        regularised = gram + lam * torch.diag(torch.cat([torch.ones(features, dtype=gram.dtype),
+                                                         torch.zeros(size - features, dtype=gram.dtype)]))
+        cross = eq.cross[:size].clone()
+        cross[:features] += lam * prior
+        factor, info = torch.linalg.cholesky_ex(regularised)
+        if int(info) == 0:
+            solution = torch.cholesky_solve(cross, factor)
+            break
+        lam *= 100
+    else:
+        solution = torch.linalg.lstsq(regularised, cross).solution
+    return solution[:features], (solution[features] if fit_bias else None)

@@ -7,11 +7,16 @@ a conv patch, or the ``H*W`` features a Linear reads after a Flatten). With ``Z`
 (M, C, K) and ``W`` the canonical weight (O, C, K), the consumer's output is
 ``f(Z) = scale * (einsum('mck,ock->mo', Z, W) + bias)``, where ``scale`` is γ/σ of a BatchNorm
 directly after the consumer. Restricting f to a channel subset S means zeroing the other channels.
+The BatchNorm's shift β − γμ/σ cancels in every difference f(H) − f(H_S), so f leaves it out;
+:meth:`ConsumerView.full_output` adds it back (the layer's real output, bias and shift included).
+
+A conv's rows are patches: a tap that falls on the zero padding around the input is not a position
+of the hidden representation, and ``tap_mask`` (rows, taps) says which taps are real.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -27,12 +32,21 @@ class ConsumerView:
     weight: Tensor  # (out, channels, taps)
     bias: Tensor | None  # (out,)
     output_scale: Tensor  # (out,)
+    output_shift: Tensor | None = None  # (out,) β − γμ/σ of the BatchNorm after the consumer
+    tap_mask: Tensor | None = None  # (rows, taps) bool: the taps on real positions (None: all)
+    row_sample: Tensor | None = None  # (rows,) the calibration sample each row comes from
+    sample_sums: Tensor | None = None  # (samples, channels) float64: Σ of each channel's hidden values per sample
+    sensitivity: Tensor | None = None  # (channels,) PFP's s_j over every position of the selection samples
+
+    def full_output(self) -> Tensor:
+        """The consumer's real output on the rows (bias and BatchNorm shift included)."""
+        out = self.output()
+        return out if self.output_shift is None else out + self.output_shift
 
     def output(self, channel_idx: Tensor | None = None, weight: Tensor | None = None,
-               rows: slice = slice(None)) -> Tensor:
-        """f restricted to ``channel_idx`` (all channels when None), optionally with replacement weights.
-
-        ``weight`` has shape (out, len(channel_idx), taps). Output shape: (rows, out).
+               rows: slice = slice(None), bias: Tensor | None = None) -> Tensor:
+        """f restricted to ``channel_idx`` (all channels when None), optionally with replacement weights
+        (out, len(channel_idx), taps) and bias (out,). Output shape: (rows, out).
         """
         inputs = self.inputs[rows]
         w = self.weight if weight is None else weight
@@ -41,8 +55,9 @@ class ConsumerView:
             if weight is None:
                 w = w[:, channel_idx]
         out = torch.einsum("mck,ock->mo", inputs, w)
-        if self.bias is not None:
-            out = out + self.bias
+        bias = self.bias if bias is None else bias
+        if bias is not None:
+            out = out + bias
         return out * self.output_scale
 
     def contribution_gram(self, max_pairs: int = 65536, generator: torch.Generator | None = None) -> Tensor:
@@ -101,8 +116,24 @@ class GroupView:
 
     @property
     def activation(self) -> Tensor:
-        """Aggregate activation of each channel: the sum of its hidden values over rows and taps, all consumers."""
-        return sum(c.inputs.sum(dim=(0, 2)) for c in self.consumers)
+        """Aggregate activation a[c] of each channel: the sum of its hidden values over the calibration
+        samples, every position counted once (summed over consumers, which read the same values). Without
+        captured sums (a hand-made view), the sum over rows and taps."""
+        if all(c.sample_sums is not None for c in self.consumers):
+            return sum(c.sample_sums.sum(dim=0) for c in self.consumers)
+        return sum(c.inputs.sum(dim=(0, 2)).double() for c in self.consumers)
+
+    def restrict(self, samples: int) -> GroupView:
+        """The view of the first ``samples`` calibration samples (a method's own calibration size, when the
+        recovery reads more); the view itself when it has no more than that."""
+        def head(c: ConsumerView) -> ConsumerView:
+            if c.row_sample is None or not len(c.row_sample) or int(c.row_sample[-1]) < samples:
+                return c
+            rows = int((c.row_sample < samples).sum())  # rows are in sample order
+            return replace(c, inputs=c.inputs[:rows], row_sample=c.row_sample[:rows],
+                           tap_mask=None if c.tap_mask is None else c.tap_mask[:rows],
+                           sample_sums=None if c.sample_sums is None else c.sample_sums[:samples])
+        return replace(self, consumers=tuple(head(c) for c in self.consumers))
 
     def contribution_gram(self, max_pairs: int) -> Tensor:
         """Σ over consumers of :meth:`ConsumerView.contribution_gram` (pairs sampled with :meth:`generator`)."""
@@ -123,11 +154,13 @@ class Selection:
     keep_idx: sorted channel indices to keep, ``len == keep``.
     consumer_weights: optional replacement canonical weights (out, keep, taps) per consumer name.
     stats: per-group numbers for the report (residuals, bounds, iterations, ...).
+    consumer_biases: optional replacement biases (out,) per consumer name (only for consumers with a bias).
     """
 
     keep_idx: Tensor
     consumer_weights: dict[str, Tensor] | None = None
     stats: dict = field(default_factory=dict)
+    consumer_biases: dict[str, Tensor] | None = None
 
 
 @runtime_checkable

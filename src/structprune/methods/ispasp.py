@@ -6,14 +6,18 @@ consumers. With Y = f(H) the dense consumer output and a[c] = Σ H[:, c] the agg
     S = ∅
     repeat T times:
         R = Y − f(H_S)                       (R = Y while S is empty, as in the released code)
-        g = ∂(½‖f(H) − f(H_S)‖²)/∂H summed over rows and taps   (= fᵀR: signed, no abs)
+        g = ∂(½‖R‖²)/∂H summed over samples and positions   (= fᵀR: signed, no abs)
         Ω = top-2s channels by g
         S = top-s channels of Ω ∪ S ranked by a
 
 Residuals and gradients are summed over all consumers of a coupled group. The BatchNorm directly
-after a consumer is part of f (its γ/σ scale), the skip connection is not. Once S repeats, every
-later iteration would repeat it too (each step is a deterministic function of S), so the loop stops
-early without changing the result.
+after a consumer is part of f (γ/σ and β − γμ/σ), the skip connection is not; while S is empty the
+residual is the layer's whole output, BatchNorm shift included, as the released code computes it
+(later the shift cancels). On a convolution, g is the gradient with respect to the hidden
+representation itself: a patch tap on the zero padding is not a position of H and adds nothing, and
+a[c] counts each position of H once (not once per patch that covers it). Once S repeats, every later
+iteration would repeat it too (each step is a deterministic function of S), so the loop stops early
+without changing the result.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class ISpaSP:
 
     def select(self, group: GroupView, keep: int) -> Selection:
         dense = [c.output() for c in group.consumers]
+        whole = [c.full_output() for c in group.consumers]  # the first residual
         dense_norm = max(sum(float(y.square().sum()) for y in dense) ** 0.5, 1e-30)
         if self.proxy == "paper":
             activation = group.activation
@@ -49,8 +54,8 @@ class ISpaSP:
         support = torch.empty(0, dtype=torch.long)
         history = []  # relative residual ‖Y − f(H_S)‖/‖Y‖ of S after each iteration that changed S
         for step in range(self.iterations + 1):
-            residuals = [y if len(support) == 0 else y - c.output(support.to(y.device))
-                         for c, y in zip(group.consumers, dense, strict=False)]
+            residuals = [w if len(support) == 0 else y - c.output(support.to(y.device))
+                         for c, y, w in zip(group.consumers, dense, whole, strict=False)]
             if len(support):
                 history.append(sum(float(r.square().sum()) for r in residuals) ** 0.5 / dense_norm)
             if step == self.iterations:
@@ -58,8 +63,7 @@ class ISpaSP:
             # gradient of ½‖R‖² w.r.t. each consumer's input rows, summed over rows and taps:
             # Σ_m R[m] first, then back through the (linear) consumer and its BatchNorm scale
             if self.proxy == "paper":
-                gradient = sum(torch.einsum("o,ock->c", c.output_scale * r.sum(dim=0), c.weight).double().cpu()
-                               for c, r in zip(group.consumers, residuals, strict=False))
+                gradient = sum(hidden_gradient(c, r) for c, r in zip(group.consumers, residuals, strict=False))
             else:  # ⟨x_c, R⟩ row by row: the correlation of each channel's contribution with the residual
                 gradient = sum(residual_correlation(c, r) for c, r in zip(group.consumers, residuals, strict=False))
             omega = top_k_sorted(gradient, min(2 * keep, group.channels))
@@ -69,6 +73,17 @@ class ISpaSP:
                 break
             support = new_support
         return Selection(keep_idx=support, stats={"iterations": len(history), "residual_history": history})
+
+
+def hidden_gradient(consumer, residual) -> torch.Tensor:
+    """∂(½‖R‖²)/∂H summed over samples and positions, per channel: Σ_m Σ_k real[m, k]·Σ_o W[o, c, k]·scale[o]·R[m, o]
+    (a tap on the padding, real = 0, is no position of H)."""
+    scaled = residual * consumer.output_scale
+    if consumer.tap_mask is None:
+        per_tap = scaled.sum(dim=0)[None].expand(consumer.weight.shape[2], -1)  # (taps, out)
+    else:
+        per_tap = consumer.tap_mask.to(scaled).T @ scaled
+    return torch.einsum("ko,ock->c", per_tap, consumer.weight).double().cpu()
 
 
 def contribution_norms(consumer, chunk: int = 4096) -> torch.Tensor:

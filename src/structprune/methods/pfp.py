@@ -21,9 +21,11 @@ Variants:
   surely draw — are kept deterministically with their weights unchanged; the rest of the budget is
   importance-sampled from the remaining channels (probabilities renormalised), reweighted as above.
 
-The sensitivities are computed in batches (rows × outputs × channels × taps at once), not one sample
-and one filter at a time as in torchprune. ``max_rows`` bounds the rows used per consumer (a seeded
-random subset), which bounds the time: about 4·rows·out·channels·taps multiply-adds per consumer.
+Sensitivities are taken over every position of every selection sample (the authors' tracker), and the
+denominator sums over every input channel of the consumer, the group's or not (a concatenation's
+other inputs count). They are computed in the capture pass, a few samples at a time, as a running
+maximum: memory stays bounded without sampling rows, and rows × outputs × channels × taps are
+processed as matrix and (max, ×) products, not one sample and one filter at a time as in torchprune.
 """
 
 from __future__ import annotations
@@ -33,41 +35,48 @@ import math
 import torch
 from torch import Tensor
 
-from ..errors import StructPruneError, check_positive_int
+from ..errors import StructPruneError
 from . import register
 from .base import ConsumerView, GroupView, Selection, top_k_sorted
 
 _CHUNK_ELEMENTS = 2**24
 
 
-def sensitivities(consumer: ConsumerView, max_rows: int, generator: torch.Generator) -> Tensor:
-    """s_j of each channel for one consumer (see the module docstring).
+def consumer_sensitivity(rows: Tensor, weight: Tensor, features: Tensor) -> Tensor:
+    """s_j of a consumer's group channels on ``rows``.
 
-    With everything non-negative, max over i, κ, p of A'[p, j, κ]·W[i, j, κ]/T[p, i] is computed as
-    max over p, κ of A'[p, j, κ]·M[p, j, κ], where T = A'·Wᵀ (one matrix product) and
-    M[p, j, κ] = max_i W[i, j, κ]/T[p, i]: a (max, ×) product, the only rows × out × channels × taps pass.
+    rows: (P, F) the consumer's whole input at P positions, flattened as ``weight`` (O, F) is;
+    features: (C, k) the columns of ``weight`` that read each group channel. The denominators sum over
+    all F columns. With everything non-negative, max over i, κ, p of A'[p, f]·W[i, f]/T[p, i] is
+    max over p of A'[p, f]·M[p, f], where T = A'·Wᵀ (one matrix product) and M[p, f] = max_i W[i, f]/T[p, i]:
+    a (max, ×) product, the only rows × out × features pass.
     """
-    inputs = consumer.inputs
-    if inputs.shape[0] > max_rows:
-        rows = torch.randperm(inputs.shape[0], generator=generator)[:max_rows].to(inputs.device)
-        inputs = inputs[rows]
-    weight = consumer.weight
-    parts = [inputs] if bool((inputs >= 0).all()) else [inputs.clamp(min=0), (-inputs).clamp(min=0)]
-    weight_parts = [weight.clamp(min=0), (-weight).clamp(min=0)]
-    out, channels, taps = weight.shape
-    chunk = max(1, _CHUNK_ELEMENTS // (out * channels * taps))
-    best = torch.zeros(channels, device=weight.device)
+    rows, weight = rows.float(), weight.float()
+    columns = features.reshape(-1).to(rows.device)
+    parts = [rows] if bool((rows >= 0).all()) else [rows.clamp(min=0), (-rows).clamp(min=0)]
+    chunk = max(1, _CHUNK_ELEMENTS // (weight.shape[0] * len(columns)))
+    best = torch.zeros(len(columns), device=rows.device)
     for part in parts:
-        a = part.reshape(part.shape[0], channels * taps)
-        for w in weight_parts:
-            w = w.reshape(out, channels * taps)
-            total = a @ w.T  # (rows, out): Σ_{k, κ'} W±[i, k, κ']·A'[k, κ', p]
+        numerators = part[:, columns]
+        for w in (weight.clamp(min=0), (-weight).clamp(min=0)):
+            total = part @ w.T  # (P, O): Σ over every input feature
             inverse = torch.where(total > 1e-12, 1 / total.clamp(min=1e-12), 0.0)
-            for start in range(0, a.shape[0], chunk):
-                m = (inverse[start:start + chunk, :, None] * w[None]).amax(dim=1)  # (rows, channels·taps)
-                ratio = (a[start:start + chunk] * m).reshape(-1, channels, taps)
-                best = torch.maximum(best, ratio.amax(dim=(0, 2)))
-    return best
+            w_group = w[:, columns]
+            for start in range(0, part.shape[0], chunk):
+                m = (inverse[start:start + chunk, :, None] * w_group[None]).amax(dim=1)  # (rows, group features)
+                best = torch.maximum(best, (numerators[start:start + chunk] * m).amax(dim=0))
+    return best.reshape(features.shape).amax(dim=1)
+
+
+def sensitivities(consumer: ConsumerView) -> Tensor:
+    """s_j of each channel for one consumer: captured over every position (:func:`structprune.capture.capture`
+    with ``sensitivity_samples``), or else computed on the view's rows (group channels only)."""
+    if consumer.sensitivity is not None:
+        return consumer.sensitivity
+    out, channels, taps = consumer.weight.shape
+    features = torch.arange(channels * taps).reshape(channels, taps)
+    return consumer_sensitivity(consumer.inputs.reshape(len(consumer.inputs), -1),
+                                consumer.weight.reshape(out, -1), features)
 
 
 def calibration_size(layer_outputs: list[int], delta: float) -> int:
@@ -79,31 +88,28 @@ def calibration_size(layer_outputs: list[int], delta: float) -> int:
     return max(1, math.ceil(3 * math.log(8 * eta * eta_max / delta)))
 
 
-def group_sensitivities(group: GroupView, max_rows: int) -> Tensor:
+def group_sensitivities(group: GroupView) -> Tensor:
     """s_j of each channel of a group: the maximum over its consumers (float64, CPU)."""
-    gen = group.generator()
-    per_consumer = [sensitivities(c, max_rows, gen).cpu() for c in group.consumers]
-    return torch.stack(per_consumer).amax(dim=0).double()
+    return torch.stack([sensitivities(c).cpu().double() for c in group.consumers]).amax(dim=0)
 
 
 class PFP:
     calib_samples = 256  # used only when the model's layer sizes are unknown
     data_informed = True
+    needs_sensitivity = True  # the capture computes s_j over every position (ConsumerView.sensitivity)
 
-    def __init__(self, name: str, mode: str, max_rows: int = 2048, delta: float = 1e-16):
-        check_positive_int(max_rows, "max_rows")
+    def __init__(self, name: str, mode: str, delta: float = 1e-16):
         if not isinstance(delta, (int, float)) or not 0 < delta < 1:
             raise StructPruneError(f"delta must be in (0, 1), got {delta!r}")
         self.name = name
         self.mode = mode  # "top-k", "sample" or "hybrid"
-        self.max_rows = max_rows
         self.delta = float(delta)
 
     def default_calib_samples(self, layer_outputs: list[int]) -> int:
         return calibration_size(layer_outputs, self.delta)
 
     def scores(self, group: GroupView) -> Tensor:
-        return group_sensitivities(group, self.max_rows)
+        return group_sensitivities(group)
 
     def select(self, group: GroupView, keep: int) -> Selection:
         s = self.scores(group)
@@ -175,22 +181,22 @@ def _sample_until_distinct(prob: Tensor, keep: int, generator: torch.Generator) 
 
 
 @register("pfp")
-def pfp(max_rows: int = 2048, delta: float = 1e-16) -> PFP:
+def pfp(delta: float = 1e-16) -> PFP:
     """Deterministic PFP: top channels by sensitivity.
 
-    max_rows: calibration rows scored per consumer. delta: failure probability δ_S of PFP's calibration-set
-    size rule ⌈3·ln(8·η·η*/δ_S)⌉, the default number of calibration samples.
+    delta: failure probability δ_S of PFP's calibration-set size rule ⌈3·ln(8·η·η*/δ_S)⌉, the default
+    number of calibration samples (the selection's; the recovery reads more, see :func:`structprune.prune`).
     """
-    return PFP("pfp", mode="top-k", max_rows=max_rows, delta=delta)
+    return PFP("pfp", mode="top-k", delta=delta)
 
 
 @register("pfp-rand")
-def pfp_rand(max_rows: int = 2048, delta: float = 1e-16) -> PFP:
+def pfp_rand(delta: float = 1e-16) -> PFP:
     """PFP with importance sampling and reweighting of the kept channels' consumer weights."""
-    return PFP("pfp-rand", mode="sample", max_rows=max_rows, delta=delta)
+    return PFP("pfp-rand", mode="sample", delta=delta)
 
 
 @register("pfp-top")
-def pfp_top(max_rows: int = 2048, delta: float = 1e-16) -> PFP:
+def pfp_top(delta: float = 1e-16) -> PFP:
     """Hybrid PFP: channels with p_j ≥ 1/m kept deterministically, the rest importance-sampled and reweighted."""
-    return PFP("pfp-top", mode="hybrid", max_rows=max_rows, delta=delta)
+    return PFP("pfp-top", mode="hybrid", delta=delta)

@@ -138,18 +138,19 @@ class TransformerGraph:
         producers = [Producer(self.name_of(getattr(attn, p)), getattr(attn, p), index)
                      for p in ("query", "key", "value")]
         dense = layer.attention.output.dense
-        consumer = Consumer(self.name_of(dense), dense, index, _ones(dense))
+        consumer = Consumer(self.name_of(dense), dense, index, _ones(dense), 0 * _ones(dense))
         return Group(name, heads, producers, [consumer], root=layer, root_fn=HEADS)
 
     def _ffn(self, name: str, layer: nn.Module) -> Group:
         up, down = layer.intermediate.dense, layer.output.dense
         index = torch.arange(up.out_features)[:, None]
         return Group(name, up.out_features, [Producer(self.name_of(up), up, index)],
-                     [Consumer(self.name_of(down), down, index, _ones(down))], root=layer, root_fn=FFN)
+                     [Consumer(self.name_of(down), down, index, _ones(down), 0 * _ones(down))], root=layer, root_fn=FFN)
 
-    def apply(self, group: Group, keep_idx: Tensor, consumer_weights: dict[str, Tensor] | None = None) -> None:
+    def apply(self, group: Group, keep_idx: Tensor, consumer_weights: dict[str, Tensor] | None = None,
+              consumer_biases: dict[str, Tensor] | None = None) -> None:
         """Keep ``keep_idx`` (heads or neurons) of ``group``; write replacement consumer weights first."""
-        keep_idx = write_consumer_weights(group, keep_idx, consumer_weights)
+        keep_idx = write_consumer_weights(group, keep_idx, consumer_weights, consumer_biases)
         if len(keep_idx) == group.channels:
             return
         rows = group.producers[0].channel_index[keep_idx].reshape(-1)
