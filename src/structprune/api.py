@@ -24,6 +24,8 @@ from .refit import refit as refit_selection
 
 #: default cap on the calibration samples the recovery (refit, BatchNorm recalibration) reads
 RECOVERY_SAMPLES = 2048
+RECONSTRUCT = ("auto", "original", "layer")
+SCOPES = ("auto", "all", "inner")
 
 
 @dataclass
@@ -40,7 +42,7 @@ class PruneResult:
     seconds: wall time of the pruning (allocation + capture + selection + refit + surgery + recalibration).
     calib_samples, recovery_samples: samples the selection and the recovery read.
     recalibration: what the BatchNorm recalibration did (None when it did not run).
-    scope: "all" or "inner" (see :func:`prune`).
+    scope: "all" or "inner" (see :func:`prune`); reconstruct: the refit's target, "original" or "layer".
     skipped: groups left whole, with the reason.
     warnings: every warning the pruning gave (also shown as Python warnings), for the report.
     """
@@ -55,6 +57,7 @@ class PruneResult:
     calib_samples: int
     seed: int
     refit: bool = False
+    reconstruct: str | None = None
     recovery_samples: int = 0
     recalibration: dict | None = None
     scope: str = "all"
@@ -67,7 +70,8 @@ class PruneResult:
         """The inverse of :meth:`to_dict` (the model is not part of it: pass it, or get None)."""
         return cls(model=model, method=d["method"], budget=d["budget"], layers=d["layers"], before=d["before"],
                    after=d["after"], seconds=d["seconds"], calib_samples=d["calib_samples"], seed=d["seed"],
-                   refit=d["refit"], recovery_samples=d.get("recovery_samples", d["calib_samples"]),
+                   refit=d["refit"], reconstruct=d.get("reconstruct"),
+                   recovery_samples=d.get("recovery_samples", d["calib_samples"]),
                    recalibration=d.get("recalibration"), scope=d.get("scope", "all"), skipped=d["skipped"],
                    method_options=d["method_options"],
                    warnings=list(d.get("warnings", [])))
@@ -76,7 +80,8 @@ class PruneResult:
         """Everything but the model, JSON-ready."""
         return {
             "method": self.method, "method_options": self.method_options, "budget": self.budget,
-            "refit": self.refit, "recalibration": self.recalibration, "scope": self.scope,
+            "refit": self.refit, "reconstruct": self.reconstruct, "recalibration": self.recalibration,
+            "scope": self.scope,
             "calib_samples": self.calib_samples, "recovery_samples": self.recovery_samples, "seed": self.seed,
             "seconds": self.seconds,
             "before": self.before, "after": self.after,
@@ -94,8 +99,9 @@ def prune(
     example_inputs=None,
     *,
     refit: bool = True,
+    reconstruct: str = "auto",
     recalibrate: bool | None = None,
-    scope: str = "all",
+    scope: str = "auto",
     round_to: int | None = None,
     calib_samples: int | None = None,
     recovery_samples: int | None = None,
@@ -128,10 +134,18 @@ def prune(
     example_inputs: a batch for tracing the model; default: the first calibration sample.
     refit: after the method's selection, refit each consumer's weights (and bias) on the kept channels by
         least squares (:mod:`structprune.refit`); the report keeps both residuals. Default on.
+    reconstruct: what the refit reconstructs: "original", each layer's output in the original model (so
+        the refit also undoes the error accumulated upstream; one more forward pass of the original model
+        per group), or "layer", the dense layer on the already-pruned inputs. "auto" (default): "original"
+        for networks without residual streams, "layer" for those with (there the skip connections carry
+        the upstream error around every layer, and correcting it in the branches measured worse:
+        benchmarks/README.md).
     recalibrate: after pruning, recompute every BatchNorm's running statistics on the recovery samples
         (:mod:`structprune.recalibrate`). Default (None): on when the model has BatchNorm.
     scope: "all" prunes every group; "inner" only channels that no residual stream shares (block-internal
-        ones, as the i-SpaSP paper prunes); residual streams are then kept whole.
+        ones, as the i-SpaSP paper prunes); residual streams are then kept whole. "auto" (default): for a
+        :class:`~structprune.allocate.Target`, "inner" when the inner groups alone can meet it (measured
+        better: benchmarks/README.md), else "all"; for keep ratios, "all".
     round_to: round every keep count up to a multiple of this (hardware-friendly widths).
     calib_samples: calibration samples the method selects on; default: the method's own (1,280 for
         i-SpaSP, PFP's ⌈3·ln(8·η·η*/δ)⌉ rule for PFP, 256 for the rest).
@@ -165,10 +179,10 @@ def prune(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = _prune(model, calib_loader, method, budget, example_inputs, refit=refit,
-                            recalibrate=recalibrate, scope=scope, round_to=round_to, calib_samples=calib_samples,
-                            recovery_samples=recovery_samples, ignored_layers=ignored_layers,
-                            memory_bytes=memory_bytes, stream=stream, seed=seed, progress=progress,
-                            after_group=after_group, loss_fn=loss_fn, **method_kwargs)
+                            reconstruct=reconstruct, recalibrate=recalibrate, scope=scope, round_to=round_to,
+                            calib_samples=calib_samples, recovery_samples=recovery_samples,
+                            ignored_layers=ignored_layers, memory_bytes=memory_bytes, stream=stream, seed=seed,
+                            progress=progress, after_group=after_group, loss_fn=loss_fn, **method_kwargs)
     finally:
         for w in caught:  # shown to the caller as usual, and ours kept for the report
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
@@ -176,7 +190,7 @@ def prune(
     return result
 
 
-def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recalibrate, scope, round_to,
+def _prune(model, calib_loader, method, budget, example_inputs, *, refit, reconstruct, recalibrate, scope, round_to,
            calib_samples, recovery_samples, ignored_layers, memory_bytes, stream, seed, progress, after_group,
            loss_fn, **method_kwargs) -> PruneResult:
     if not isinstance(model, nn.Module):
@@ -190,6 +204,10 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recali
         check_positive_int(calib_samples, "calib_samples")
     if recovery_samples is not None:
         check_positive_int(recovery_samples, "recovery_samples")
+    if reconstruct not in RECONSTRUCT:
+        raise StructPruneError(f"reconstruct must be one of {', '.join(RECONSTRUCT)}, got {reconstruct!r}")
+    if scope not in SCOPES:
+        raise StructPruneError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     if memory_bytes < 1:
         raise StructPruneError(f"memory_bytes must be positive, got {memory_bytes!r}")
 
@@ -210,7 +228,11 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recali
     selection_samples = min(calib_samples, calib.samples)
     if example_inputs is None:
         example_inputs = take_samples(calib.first(), 1, device)
+    if scope == "auto":
+        scope = _auto_scope(budget, model, example_inputs, ignored_names)
     graph = build_graph(pruned, example_inputs, [pruned.get_submodule(n) for n in ignored_names], scope)
+    if reconstruct == "auto":
+        reconstruct = "layer" if graph.residual_layers else "original"
     sizer = allocate.Sizer(model, example_inputs, ignored_names, graph, scope)  # model: the caller's, never pruned
     allocation = allocate.plan(budget, sizer, round_to, lambda: allocate.pfp_sensitivities(
         pruned, graph, calib, memory_bytes, seed, selection_samples))
@@ -221,6 +243,7 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recali
     if needs_gradients and not calib.labelled:
         raise StructPruneError(f"method {method.name} needs labelled calibration batches: (inputs, targets) pairs")
 
+    original_outputs: dict[str, Tensor] = {}  # layer name -> its current outputs' indices in the original model
     layers = []
     bar = tqdm(total=len(graph), desc=f"pruning ({method.name})", unit="group",
                disable=None if progress else True)  # None: shown on a terminal only
@@ -229,10 +252,15 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recali
         entry = {"group": group.name, "channels": group.channels, "kept": keep,
                  "consumers": [c.name for c in group.consumers]}
         if keep < group.channels:
+            reference = None
+            if refit and reconstruct == "original":  # layers that add into a residual stream keep the layer target
+                targets = {c.name: original_outputs.get(c.name, torch.arange(c.module.weight.shape[0]))
+                           for c in group.consumers if c.name not in graph.residual_layers}
+                reference = (model, targets) if targets else None
             view = capture(pruned, group, calib, memory_bytes=memory_bytes, seed=seed, loss_fn=loss_fn,
                            gradients=needs_gradients,
                            sensitivity_samples=selection_samples if getattr(method, "needs_sensitivity", False)
-                           else 0)
+                           else 0, reference=reference)
             selection = method.select(view.restrict(selection_samples), keep)
             _check_selection(selection, group.name, group.channels, keep)
             entry["relative_residual"] = relative_residual(view, selection)
@@ -241,6 +269,10 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recali
                 selection = refit_selection(view, selection)
                 entry["relative_residual_refit"] = relative_residual(view, selection)
                 entry["refit"] = selection.stats["refit"]
+            for producer in group.producers:
+                rows = producer.channel_index[selection.keep_idx].reshape(-1).sort().values
+                current = original_outputs.get(producer.name, torch.arange(producer.module.weight.shape[0]))
+                original_outputs[producer.name] = current[rows]
             graph.apply(group, selection.keep_idx, selection.consumer_weights, selection.consumer_biases)
             _check_forward(pruned, example_inputs, group.name)
             if after_group is not None:
@@ -264,9 +296,25 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recali
     return PruneResult(
         model=pruned, method=method.name, budget=allocation.info, layers=layers, before=sizer.dense, after=after,
         seconds=time.perf_counter() - start, calib_samples=selection_samples, seed=seed,
-        refit=refit, recovery_samples=calib.samples, recalibration=recalibration, scope=scope, skipped=skipped,
+        refit=refit, reconstruct=reconstruct if refit else None, recovery_samples=calib.samples,
+        recalibration=recalibration, scope=scope, skipped=skipped,
         method_options={k: v for k, v in vars(method).items() if not k.startswith("_") and k != "name"},
     )
+
+
+def _auto_scope(budget, model: nn.Module, example_inputs, ignored_names: list[str]) -> str:
+    """"inner" for a size target that the groups no residual stream shares can meet on their own, else "all"."""
+    if not isinstance(budget, allocate.Target):
+        return "all"
+    trial = copy.deepcopy(model).eval()
+    graph = build_graph(trial, example_inputs, [trial.get_submodule(n) for n in ignored_names], "inner")
+    if not getattr(graph, "out_of_scope", None):
+        return "all"  # no residual stream: both scopes are the same
+    sizer = allocate.Sizer(model, example_inputs, ignored_names, graph, "inner")
+    if not sizer.groups:
+        return "all"
+    smallest = sizer.fraction({name: 1 for name in sizer.groups}, budget.metric)
+    return "inner" if smallest <= budget.fraction * (1 + budget.tolerance) else "all"
 
 
 def _default_calib_samples(method: Method, model: nn.Module, calib_loader, device, example_inputs) -> int:

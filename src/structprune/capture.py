@@ -192,6 +192,7 @@ class _RowCollector:
         self.sensitivity: Tensor | None = None
         self.seen = 0  # samples seen so far
         self.token_mask: Tensor | None = None  # (N, L) attention mask of the batch, when it has one
+        self.picked: Tensor | None = None  # the rows (positions) drawn from the last batch
 
     def __call__(self, module: nn.Module, args) -> None:
         x = args[0].detach()
@@ -262,6 +263,7 @@ class _RowCollector:
         per_sample.index_add_(0, sample, x.double())
         self.sums.append(per_sample[:, index].sum(dim=2).cpu())
         rows = self._pick(x.shape[0], self._wanted(samples), x.device)
+        self.picked = rows
         self._keep(x[rows][:, index], sample[rows])
 
     def _conv_rows(self, conv: nn.Conv2d, x: Tensor) -> None:
@@ -274,6 +276,7 @@ class _RowCollector:
         (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
         out_h, out_w = _out_size(h + 2 * pad[0], kh, sh, dh), _out_size(w + 2 * pad[1], kw, sw, dw)
         positions = self._pick(n * out_h * out_w, self._wanted(n), x.device)
+        self.picked = positions
         sample, rest = positions // (out_h * out_w), positions % (out_h * out_w)
         top, left = (rest // out_w) * sh, (rest % out_w) * sw
         dy = (torch.arange(kh, device=x.device) * dh).repeat_interleave(kw)
@@ -282,6 +285,55 @@ class _RowCollector:
         patches = x[sample[:, None], :, ys, xs]  # (rows, taps, C)
         real = (ys >= pad[0]) & (ys < pad[0] + h) & (xs >= pad[1]) & (xs < pad[1] + w)
         self._keep(patches.transpose(1, 2).contiguous(), sample, real.cpu())
+
+
+class _Reference:
+    """Forward hook on the *original* model's copy of a consumer: its output at the rows the collector drew
+    from the same batch, restricted to the consumer's current outputs (``out_index``)."""
+
+    def __init__(self, collector: _RowCollector, out_index: Tensor):
+        self.collector, self.out_index = collector, out_index
+        self.chunks: list[Tensor] = []
+
+    def __call__(self, _module, _args, output) -> None:
+        picked = self.collector.picked
+        if self.collector.consumer.kind == "conv":
+            rows = output.detach().flatten(2).transpose(1, 2).reshape(-1, output.shape[1])  # (N·positions, O)
+        else:
+            mask = self.collector.token_mask
+            output = output.detach()
+            if mask is not None and output.dim() == 3 and tuple(mask.shape) == tuple(output.shape[:2]):
+                rows = output[mask.to(output.device) != 0]
+            else:
+                rows = output.reshape(-1, output.shape[-1])
+        self.chunks.append(rows[picked][:, self.out_index.to(rows.device)].float())
+
+
+class _StopForward(Exception):
+    """Raised by a hook once every consumer has seen the batch: the rest of the network is not needed."""
+
+
+class _Stopper:
+    """Counts the hook calls of a batch; once each hook has run as often as on the first (full) batch, the
+    forward pass is cut short."""
+
+    def __init__(self, hooks: int):
+        self.expected: list[int] | None = None
+        self.calls = [0] * hooks
+
+    def wrap(self, i: int, hook):
+        def counted(*args):
+            hook(*args)
+            self.calls[i] += 1
+            if self.expected is not None and self.calls == self.expected:
+                raise _StopForward
+
+        return counted
+
+    def next_batch(self) -> None:
+        if self.expected is None:
+            self.expected = list(self.calls)
+        self.calls = [0] * len(self.calls)
 
 
 def _padding(conv: nn.Conv2d) -> list[int]:
@@ -308,7 +360,8 @@ def _all_rows(module: nn.Module, x: Tensor, kind: str, token_mask: Tensor | None
 
 def capture(model: nn.Module, group: Group, calib: Calibration | list, memory_bytes: int = DEFAULT_MEMORY_BYTES,
             seed: int = 0, targets: list | None = None, loss_fn=None, gradients: bool = False,
-            sensitivity_samples: int = 0) -> GroupView:
+            sensitivity_samples: int = 0, reference: tuple[nn.Module, dict[str, Tensor]] | None = None
+            ) -> GroupView:
     """Run the calibration samples through ``model`` and return the group's :class:`GroupView`.
 
     ``calib``: a :class:`Calibration`, or a list of input batches (with ``targets``, one per batch).
@@ -316,6 +369,12 @@ def capture(model: nn.Module, group: Group, calib: Calibration | list, memory_by
     ``loss_fn(model(inputs), targets)`` (default: cross-entropy) summed over the batches.
     ``sensitivity_samples``: compute PFP's sensitivities (:func:`structprune.methods.pfp.consumer_sensitivity`)
     over every position of the first this many samples, against the consumer's whole input.
+    ``reference``: (the original, unpruned model, {consumer name: indices of its current outputs among the
+    original's}); each consumer named there gets as ``target`` the original model's output of that layer
+    at the same rows, so that a reconstruction can undo the error accumulated upstream.
+
+    Each forward pass stops once every consumer has read its input (after a first full pass that counts
+    how often each is called), unless loss gradients are needed.
     """
     if not isinstance(calib, Calibration):
         calib = Calibration.of(calib, targets)
@@ -330,21 +389,34 @@ def capture(model: nn.Module, group: Group, calib: Calibration | list, memory_by
         collector = _RowCollector(consumer, max(1, memory_bytes // (4 * features)), samples, gen,
                                   sensitivity_samples)
         collectors.append(collector)
-        hooks.append(consumer.module.register_forward_pre_hook(collector))
+    stopper = _Stopper(len(collectors))
+    hooks = [c.consumer.module.register_forward_pre_hook(stopper.wrap(i, c)) for i, c in enumerate(collectors)]
+    references = []
+    if reference is not None:
+        original, out_index = reference
+        references = [_Reference(c, out_index[c.consumer.name]) for c in collectors if c.consumer.name in out_index]
+        ref_stopper = _Stopper(len(references))
+        hooks += [original.get_submodule(r.collector.consumer.name).register_forward_hook(ref_stopper.wrap(i, r))
+                  for i, r in enumerate(references)]
     gradients = _LossGradients(model, group, loss_fn) if gradients else None
-    was_training = model.training
-    model.eval()
+    modes = [(m, m.training) for m in (model, reference[0] if reference is not None else None) if m is not None]
+    for m, _ in modes:
+        m.eval()
     try:
         with torch.set_grad_enabled(gradients is not None):
             for inputs, target in calib:
                 mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
                 for collector in collectors:
                     collector.token_mask = mask
-                outputs = run_forward(model, inputs)
+                outputs = _forward(model, inputs, stopper if gradients is None else None)
                 if gradients is not None:
                     gradients.backward(outputs, target)
+                if reference is not None:
+                    with torch.no_grad():
+                        _forward(reference[0], inputs, ref_stopper)
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.train(training)
         for hook in hooks:
             hook.remove()
         if gradients is not None:
@@ -359,10 +431,12 @@ def capture(model: nn.Module, group: Group, calib: Calibration | list, memory_by
             bias=None if bias is None else bias.detach().float(),
             output_scale=consumer.output_scale.float(),
             output_shift=consumer.output_shift.float(),
+            normalized=consumer.normalized,
             tap_mask=torch.cat(collector.masks) if collector.masks else None,
             row_sample=torch.cat(collector.row_samples),
             sample_sums=torch.cat(collector.sums),
             sensitivity=None if collector.sensitivity is None else collector.sensitivity.cpu().double(),
+            target=next((torch.cat(r.chunks) for r in references if r.collector is collector), None),
         ))
     producers = tuple(
         ProducerView(p.name, p.module, _per_channel(p.module.weight.detach(), p, group.channels),
@@ -375,6 +449,17 @@ def capture(model: nn.Module, group: Group, calib: Calibration | list, memory_by
                        for bn in group.batchnorms)
     return GroupView(name=group.name, channels=group.channels, consumers=tuple(consumers),
                      producers=producers, seed=seed, bn_scale=bn_scale)
+
+
+def _forward(model: nn.Module, inputs, stopper: _Stopper | None):
+    """The model's outputs, or None when the stopper cut the pass short once the hooks had what they need."""
+    try:
+        return run_forward(model, inputs)
+    except _StopForward:
+        return None
+    finally:
+        if stopper is not None:
+            stopper.next_batch()
 
 
 def _per_channel(tensor: Tensor, layer: Producer, channels: int) -> Tensor:

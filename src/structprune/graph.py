@@ -17,6 +17,7 @@ is smaller and faster, not masked.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ class Consumer:
     channel_index: Tensor  # (channels, features_per_channel)
     output_scale: Tensor
     output_shift: Tensor
+    normalized: bool = False  # whether those come from a BatchNorm
 
     @property
     def kind(self) -> str:
@@ -141,6 +143,11 @@ class PruningGraph:
         ignored = list(ignored_layers) + self.output_layers
         roots = []
         self.out_of_scope: list[str] = []
+        #: names of the Conv/Linear layers whose outputs are added into a residual stream
+        self.residual_layers = {self.name_of(item.dep.target.module)
+                                for tp_group in self.dg.get_all_groups(root_module_types=_LINEAR_LAYERS)
+                                if _is_residual(tp_group) for item in tp_group
+                                if self._is_out(item) and isinstance(item.dep.target.module, _LINEAR_LAYERS)}
         for tp_group in self.dg.get_all_groups(ignored_layers=ignored, root_module_types=_LINEAR_LAYERS):
             if scope == "inner" and _is_residual(tp_group):
                 self.out_of_scope.append(self.name_of(tp_group[0].dep.target.module))
@@ -208,7 +215,12 @@ class PruningGraph:
                 if not (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)):
                     return self._skip(name, f"consumer {self.name_of(module)} "
                                             f"({type(module).__name__}) is not a Linear or an ungrouped Conv2d")
-                consumers.append(Consumer(self.name_of(module), module, index, *self._output_affine(module)))
+                scale, shift = self._output_affine(module)
+                normalized = scale is not None
+                if not normalized:
+                    scale = torch.ones(module.weight.shape[0], device=module.weight.device)
+                    shift = torch.zeros_like(scale)
+                consumers.append(Consumer(self.name_of(module), module, index, scale, shift, normalized))
         if not consumers:
             return self._skip(name, "no Linear/Conv2d reads these channels")
         return Group(name, channels, producers, consumers, root, root_fn, batchnorms, _is_residual(tp_group))
@@ -222,15 +234,14 @@ class PruningGraph:
     def _is_out(self, item) -> bool:
         return self.dg.is_out_channel_pruning_fn(item.dep.handler)
 
-    def _output_affine(self, consumer: nn.Module) -> tuple[Tensor, Tensor]:
-        """(γ/σ, β − γμ/σ) of a BatchNorm that reads the consumer's output directly, else (ones, zeros)."""
+    def _output_affine(self, consumer: nn.Module) -> tuple[Tensor | None, Tensor | None]:
+        """(γ/σ, β − γμ/σ) of a BatchNorm that reads the consumer's output directly, else (None, None)."""
         node = self.dg.module2node.get(consumer)
         for nxt in node.outputs if node is not None else []:
             bn = nxt.module
             if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats:
                 return batchnorm_affine(bn)
-        ones = torch.ones(consumer.weight.shape[0], device=consumer.weight.device)
-        return ones, torch.zeros_like(ones)
+        return None, None
 
     def _find_output_layers(self) -> list[nn.Module]:
         """Conv/Linear layers whose outputs reach the model's output without passing another Conv/Linear."""
@@ -300,7 +311,7 @@ class PruningGraph:
 def _is_residual(tp_group) -> bool:
     """Whether a Torch-Pruning group's channels pass an addition (or subtraction) of several tensors."""
     return any(isinstance(item.dep.target.module, tp.ops._ElementWiseOp)
-               and str(item.dep.target.module._grad_fn).startswith(("Add", "Sub")) for item in tp_group)
+               and re.fullmatch(r"(Add|Sub)Backward\d*", str(item.dep.target.module._grad_fn)) for item in tp_group)
 
 
 def batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:

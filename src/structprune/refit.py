@@ -1,20 +1,23 @@
 """Least-squares reconstruction of the consumers on the kept channels (on by default, for any method).
 
 For each consumer, with Z the calibration rows of the group's channels, Z_S those of the kept channels
-(M, s·taps) and the dense output Y = Z·Wᵀ as the target, the new weight solves
+(M, s·taps) and a target T, the new weight solves
 
-    min_W', b'  ‖Y + b − Z_S·W'ᵀ − b'‖²   (per output unit; a BatchNorm scale after the consumer does not change it)
+    min_W', δ  ‖T − b − Z_S·W'ᵀ − δ‖²   (per output unit; a BatchNorm scale after the consumer does not change it)
 
-where the bias b' is refitted only when the consumer has one (the removed channels' mean contribution
-moves into it; a consumer without bias is followed by a BatchNorm, whose recalibration takes that
-role). The normal equations are accumulated over row chunks in float64 (memory independent of the
+The target is the layer's output in the original, unpruned model at the same rows when the capture
+recorded it (``ConsumerView.target``: the reconstruction then also undoes the error accumulated
+upstream), else the dense layer on the current inputs, Z·Wᵀ + b. The bias change δ is written into the
+consumer's bias when it has one (the removed channels' mean contribution moves into it); a consumer
+followed by a BatchNorm fits δ too but leaves it to the BatchNorm's recalibration, which absorbs any
+constant shift. The normal equations are accumulated over row chunks in float64 (memory independent of the
 number of rows) and solved by Cholesky with a ridge relative to the spectrum (``ridge`` times the
 mean eigenvalue of Z_Sᵀ·Z_S) that pulls W' towards the method's own weights, not towards zero: where
 the rows do not determine a weight (fewer rows than kept inputs, or channels that never fire on
-the calibration data), it stays as the method left it. The refit is kept only where it lowers the consumer's reconstruction error
-on the calibration rows, so it never makes a layer worse there; the errors come from the same
-normal equations, without another pass over the rows. Consumers with more than ``max_features`` kept
-inputs (s·taps) are left as the method chose them, and the report says so.
+the calibration data), it stays as the method left it. The refit is kept only where it lowers the
+consumer's reconstruction error on the calibration rows, so it never makes a layer worse there; the
+errors come from the same normal equations, without another pass over the rows. Consumers with more
+than ``max_features`` kept inputs (s·taps) are left as the method chose them, and the report says so.
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ class _NormalEquations:
     cross: Tensor
     target_sq: Tensor
     scale_sq: Tensor  # (O,) BatchNorm scale², weighting each output's error
+
+    def best_shift(self, weight: Tensor) -> Tensor:
+        """The constant δ (O) that minimises the error of ``weight`` (what a recalibrated BatchNorm absorbs)."""
+        rows = self.gram[-1, -1]
+        return (self.cross[-1] - self.gram[-1, :-1] @ weight) / rows.clamp(min=1)
 
     def error(self, weight: Tensor, bias_delta: Tensor | None = None) -> float:
         """Σ_o scale_o²·‖y_o − [Z_S 1]·[w_o; δ_o]‖² for kept-input weights (F, O) and a bias change δ (O)."""
@@ -65,11 +73,13 @@ def refit(view: GroupView, selection: Selection, max_features: int = MAX_FEATURE
             continue
         equations = _normal_equations(consumer, keep_idx)
         start_flat = start.reshape(out, -1).T.double().cpu()
-        fitted, delta = _solve(equations, start_flat, ridge, fit_bias=consumer.bias is not None)
-        before, after = equations.error(start_flat), equations.error(fitted, delta)
+        intercept = consumer.bias is not None or consumer.normalized
+        fitted, delta = _solve(equations, start_flat, ridge, fit_bias=intercept)
+        start_delta = equations.best_shift(start_flat) if consumer.normalized else None
+        before, after = equations.error(start_flat, start_delta), equations.error(fitted, delta)
         better = after < before
         weights[consumer.name] = fitted.T.reshape(out, len(keep_idx), taps).to(consumer.weight) if better else start
-        if better and delta is not None:
+        if better and delta is not None and consumer.bias is not None:
             biases[consumer.name] = (consumer.bias.double().cpu() + delta).to(consumer.bias)
         report[consumer.name] = {"error_before": before, "error_after": min(after, before), "applied": better}
     return Selection(selection.keep_idx, weights, {**selection.stats, "refit": report}, biases or None)
@@ -85,7 +95,12 @@ def _normal_equations(consumer: ConsumerView, keep_idx: Tensor) -> _NormalEquati
     chunk = max(1, _CHUNK_ELEMENTS // (channels * taps))
     for start in range(0, rows, chunk):
         z = consumer.inputs[start:start + chunk]
-        y = (z.reshape(len(z), -1) @ weight.T).double()
+        if consumer.target is None:
+            y = (z.reshape(len(z), -1) @ weight.T).double()
+        else:  # the original layer's output, less the bias the consumer keeps
+            y = consumer.target[start:start + chunk].double()
+            if consumer.bias is not None:
+                y = y - consumer.bias.double()
         kept = torch.cat([z[:, keep_idx].reshape(len(z), -1).double(), torch.ones(len(z), 1, dtype=torch.float64,
                                                                                  device=z.device)], dim=1)
         gram += (kept.T @ kept).cpu()

@@ -33,10 +33,14 @@ class ConsumerView:
     bias: Tensor | None  # (out,)
     output_scale: Tensor  # (out,)
     output_shift: Tensor | None = None  # (out,) β − γμ/σ of the BatchNorm after the consumer
+    normalized: bool = False  # a BatchNorm follows the consumer (its recalibration absorbs a constant shift)
     tap_mask: Tensor | None = None  # (rows, taps) bool: the taps on real positions (None: all)
     row_sample: Tensor | None = None  # (rows,) the calibration sample each row comes from
     sample_sums: Tensor | None = None  # (samples, channels) float64: Σ of each channel's hidden values per sample
     sensitivity: Tensor | None = None  # (channels,) PFP's s_j over every position of the selection samples
+    #: (rows, out) the original (unpruned) model's output of this layer at the same rows, bias included:
+    #: what a reconstruction aims at instead of the dense layer on the already-pruned inputs
+    target: Tensor | None = None
 
     def full_output(self) -> Tensor:
         """The consumer's real output on the rows (bias and BatchNorm shift included)."""
@@ -132,7 +136,8 @@ class GroupView:
             rows = int((c.row_sample < samples).sum())  # rows are in sample order
             return replace(c, inputs=c.inputs[:rows], row_sample=c.row_sample[:rows],
                            tap_mask=None if c.tap_mask is None else c.tap_mask[:rows],
-                           sample_sums=None if c.sample_sums is None else c.sample_sums[:samples])
+                           sample_sums=None if c.sample_sums is None else c.sample_sums[:samples],
+                           target=None if c.target is None else c.target[:rows])
         return replace(self, consumers=tuple(head(c) for c in self.consumers))
 
     def contribution_gram(self, max_pairs: int) -> Tensor:

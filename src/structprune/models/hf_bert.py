@@ -114,6 +114,9 @@ class TransformerGraph:
                     layer, layer.intermediate, layer.intermediate.dense, layer.output.dense]
                 if part in self.parts and not any(id(m) in ignored for m in inside):
                     self._roots.append((_group_name(name, suffix), part, layer))
+        #: the layers whose outputs are added into the residual stream (hidden states)
+        self.residual_layers = {self.name_of(m) for _, layer in encoder_layers(model)
+                                for m in (layer.attention.output.dense, layer.output.dense)}
         if not self._roots:
             raise StructPruneError("the model has no BERT-style encoder layer left to prune "
                                    "(every group is ignored, or the model is not BERT-family)")

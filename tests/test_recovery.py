@@ -1,0 +1,224 @@
+"""The default pipeline's recovery (refit, BatchNorm recalibration) and the fidelity of i-SpaSP and PFP
+to their authors' formulations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import structprune
+from conftest import calibration, make_zoo_model
+from structprune import methods
+from structprune import refit as refit_module
+from structprune.capture import capture
+from structprune.graph import PruningGraph
+from structprune.methods.base import ConsumerView, GroupView, Selection
+from structprune.recalibrate import recalibrate_batchnorm
+
+
+def _block(channels: int = 16, seed: int = 0) -> nn.Sequential:
+    """conv1 → bn1 → relu → conv2 → bn2: the inside of a BasicBlock (3×3 convolutions with padding)."""
+    torch.manual_seed(seed)
+    block = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+                          nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                          nn.BatchNorm2d(channels))
+    gen = torch.Generator().manual_seed(seed + 100)
+    for bn in (block[1], block[4]):
+        bn.running_mean.copy_(0.3 * torch.randn(channels, generator=gen))
+        bn.running_var.copy_(0.5 + torch.rand(channels, generator=gen))
+        bn.weight.data.copy_(0.5 + torch.rand(channels, generator=gen))
+        bn.bias.data.copy_(0.5 * torch.randn(channels, generator=gen))
+    return block.eval()
+
+
+def _paper_ispasp(block: nn.Sequential, x: torch.Tensor, keep: int, iterations: int = 20) -> list[int]:
+    """The released code's loop (prune_basic_block), written directly: H = relu(bn1(conv1 X)), the residual
+    on bn2(conv2 H), its gradient with respect to H by autograd, ranking by Σ H over samples and positions."""
+    conv2, bn2 = block[3], block[4]
+    with torch.no_grad():
+        hidden = block[2](block[1](block[0](x)))
+        aggregate = hidden.sum(dim=(0, 2, 3))
+    support: set[int] = set()
+    for _ in range(iterations):
+        h = hidden.clone().requires_grad_(True)
+        dense = bn2(conv2(h))
+        if support:
+            idx = torch.tensor(sorted(support))
+            with torch.no_grad():
+                pruned = bn2(nn.functional.conv2d(h[:, idx], conv2.weight[:, idx], padding=1))
+            objective = 0.5 * (dense - pruned).square().sum()
+        else:
+            objective = 0.5 * dense.square().sum()
+        objective.backward()
+        importance = h.grad.sum(dim=(0, 2, 3))
+        omega = set(torch.argsort(importance, descending=True)[:2 * keep].tolist())
+        merged = torch.tensor(sorted(omega | support))
+        support = set(merged[torch.argsort(aggregate[merged], descending=True)[:keep]].tolist())
+    return sorted(support)
+
+
+def test_ispasp_matches_the_released_code_on_a_padded_basic_block():
+    same = 0
+    for seed in range(15):
+        block = _block(seed=seed)
+        x = torch.randn(24, 16, 8, 8, generator=torch.Generator().manual_seed(seed))
+        graph = PruningGraph(block, x[:1])
+        (group,) = [g for g in graph.all_groups() if g.name == "0"]
+        view = capture(block, group, [x])
+        ours = methods.get("ispasp", proxy="paper").select(view, 5).keep_idx.tolist()
+        same += ours == _paper_ispasp(block, x, 5)
+    assert same >= 14
+
+
+def test_ispasp_aggregate_activation_counts_each_position_once():
+    block = _block()
+    x = torch.randn(4, 16, 6, 6)
+    graph = PruningGraph(block, x[:1])
+    view = capture(block, graph.all_groups()[0], [x])
+    with torch.no_grad():
+        hidden = block[2](block[1](block[0](x)))
+    assert torch.allclose(view.activation, hidden.sum(dim=(0, 2, 3)).double(), rtol=1e-5)
+
+
+def _pfp_reference(x: torch.Tensor, weight: torch.Tensor, padding: int, channels: torch.Tensor) -> torch.Tensor:
+    """PFP's s_j straight from the definition, in float64: for every sample, output position, output unit
+    and kernel tap, over the positive and negative parts of the input and of the weight."""
+    x, weight = x.double(), weight.double()
+    out, cin, kh, kw = weight.shape
+    patches = nn.functional.unfold(x, (kh, kw), padding=padding).transpose(1, 2).reshape(-1, cin, kh * kw)
+    parts = [patches] if bool((patches >= 0).all()) else [patches.clamp(min=0), (-patches).clamp(min=0)]
+    w = weight.reshape(out, cin, kh * kw)
+    best = torch.zeros(len(channels), dtype=torch.float64)
+    for a in parts:
+        for wp in (w.clamp(min=0), (-w).clamp(min=0)):
+            terms = a[:, None] * wp[None]  # (positions, out, cin, taps)
+            total = terms.sum(dim=(2, 3), keepdim=True)
+            g = torch.where(total > 1e-12, terms / total.clamp(min=1e-12), 0.0)
+            best = torch.maximum(best, g[:, :, channels].amax(dim=(0, 1, 3)))
+    return best
+
+
+class _Concat(nn.Module):
+    """Two branches concatenated into one consumer: a group's denominators must include the other branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.consumer = nn.Conv2d(10, 5, 3, padding=1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 2))
+
+    def forward(self, x):
+        return self.head(self.consumer(torch.cat([torch.relu(self.a(x)), self.b(x)], dim=1)))
+
+
+def test_pfp_sensitivities_match_the_definition_over_every_position_and_input_channel():
+    torch.manual_seed(0)
+    net = _Concat().eval()
+    x = torch.randn(12, 3, 7, 7)
+    graph = PruningGraph(net, x[:1])
+    groups = {g.name: g for g in graph.all_groups()}
+    with torch.no_grad():
+        full_input = torch.cat([torch.relu(net.a(x)), net.b(x)], dim=1)
+    for name, channels in (("a", torch.arange(6)), ("b", torch.arange(6, 10))):
+        view = capture(net, groups[name], [x], memory_bytes=4096, sensitivity_samples=12)  # few rows kept...
+        assert len(view.consumers[0].inputs) < 12 * 49
+        ours = methods.get("pfp").scores(view)  # ...but every position scored
+        reference = _pfp_reference(full_input, net.consumer.weight.detach(), 1, channels)
+        assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-9)
+
+
+def test_batchnorm_recalibration_writes_the_exact_statistics_of_the_inputs():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 3), nn.BatchNorm2d(3)).eval()
+    batches = [torch.randn(n, 2, 9, 9) * 3 + 1 for n in (7, 16, 5)]  # unequal batches: no per-batch averaging
+    tracked = net[1].num_batches_tracked.clone()
+    info = recalibrate_batchnorm(net, batches)
+    assert info == {"batchnorms": 2, "samples": 28}
+    first = torch.cat([net[0](b) for b in batches]).detach().double()
+    # the second BatchNorm's input, with the first normalising by each batch's own statistics
+    second = torch.cat([net[3](torch.relu(nn.functional.batch_norm(
+        net[0](b), None, None, net[1].weight, net[1].bias, training=True, eps=net[1].eps))) for b in batches])
+    for bn, inputs in ((net[1], first), (net[4], second.detach().double())):
+        assert torch.allclose(bn.running_mean.double(), inputs.mean(dim=(0, 2, 3)), atol=1e-5)
+        assert torch.allclose(bn.running_var.double(), inputs.var(dim=(0, 2, 3)), rtol=1e-4)
+    assert not any(m.training for m in net.modules())
+    assert torch.equal(net[1].num_batches_tracked, tracked)
+
+
+def test_recalibration_restores_training_mode_too():
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2)).train()
+    recalibrate_batchnorm(net, [torch.randn(8, 3)])
+    assert all(m.training for m in net.modules())
+
+
+def test_default_pipeline_refits_and_recalibrates_and_the_bare_step_does_neither():
+    model, shape = make_zoo_model("resnet20")
+    calib = calibration(shape, samples=64)
+    default = structprune.prune(model, calib, "ispasp", 0.5, progress=False)
+    batchnorms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert default.refit and default.recalibration == {"batchnorms": batchnorms, "samples": 64}
+    assert all("relative_residual_refit" in layer for layer in default.layers)
+    bare = structprune.prune(model, calib, "ispasp", 0.5, refit=False, recalibrate=False, progress=False)
+    assert not bare.refit and bare.recalibration is None
+    assert all("relative_residual_refit" not in layer for layer in bare.layers)
+    bn_default = dict(default.model.named_modules())["layer1.0.bn1"]
+    bn_bare = dict(bare.model.named_modules())["layer1.0.bn1"]
+    assert not torch.equal(bn_default.running_mean, bn_bare.running_mean)
+
+
+def test_recovery_reads_more_samples_than_the_selection():
+    model, shape = make_zoo_model("lenet5")
+    calib = calibration(shape, samples=96)
+    result = structprune.prune(model, calib, "pfp", 0.5, calib_samples=32, progress=False)
+    assert result.calib_samples == 32 and result.recovery_samples == 96
+    small = structprune.prune(model, calib, "pfp", 0.5, calib_samples=32, recovery_samples=48, progress=False)
+    assert small.recovery_samples == 48
+
+
+def test_refit_solves_the_least_squares_problem_over_many_row_chunks(monkeypatch):
+    monkeypatch.setattr(refit_module, "_CHUNK_ELEMENTS", 64)  # many chunks of a few rows
+    gen = torch.Generator().manual_seed(0)
+    inputs = torch.randn(300, 6, 4, generator=gen)
+    weight = torch.randn(5, 6, 4, generator=gen)
+    bias = torch.randn(5, generator=gen)
+    consumer = ConsumerView("c", inputs, weight, bias, torch.ones(5))
+    view = GroupView("g", 6, (consumer,), ())
+    keep = torch.tensor([0, 2, 5])
+    result = refit_module.refit(view, Selection(keep), ridge=1e-12)
+    z = torch.cat([inputs[:, keep].reshape(300, -1), torch.ones(300, 1)], dim=1).double()
+    y = (inputs.reshape(300, -1) @ weight.reshape(5, -1).T + bias).double()
+    direct = torch.linalg.lstsq(z, y).solution
+    assert torch.allclose(result.consumer_weights["c"].reshape(5, -1).double(), direct[:-1].T, atol=1e-4)
+    assert torch.allclose(result.consumer_biases["c"].double(), direct[-1], atol=1e-4)
+
+
+def test_refit_with_fewer_rows_than_inputs_stays_near_the_methods_weights():
+    gen = torch.Generator().manual_seed(0)
+    inputs = torch.randn(3, 8, 5, generator=gen)  # 3 rows, 20 kept inputs: the rows do not determine W'
+    weight = torch.randn(4, 8, 5, generator=gen)
+    consumer = ConsumerView("c", inputs, weight, None, torch.ones(4))
+    keep = torch.arange(4)
+    fitted = refit_module.refit(GroupView("g", 8, (consumer,), ()), Selection(keep)).consumer_weights["c"]
+    change = (fitted - weight[:, keep]).reshape(4, -1)
+    assert change.abs().max() > 1e-3  # it did fit what the rows show...
+    null = torch.linalg.svd(inputs[:, keep].reshape(3, -1), full_matrices=True).Vh[3:]
+    assert (change @ null.T).abs().max() < 1e-5  # ...and left every direction they do not show as it was
+
+
+def test_scope_inner_keeps_residual_streams_whole():
+    model, shape = make_zoo_model("resnet20")
+    result = structprune.prune(model, calibration(shape), "magnitude", 0.5, scope="inner", progress=False)
+    skipped = {s["group"] for s in result.skipped if "scope='inner'" in s["reason"]}
+    assert skipped == {"conv1", "layer2.0.shortcut.0", "layer3.0.shortcut.0"}
+    for name, module in result.model.named_modules():
+        if isinstance(module, nn.Conv2d) and name.endswith("conv2"):
+            assert module.out_channels == dict(model.named_modules())[name].out_channels
+        if isinstance(module, nn.Conv2d) and name.endswith("conv1") and name != "conv1":
+            assert module.out_channels < dict(model.named_modules())[name].out_channels
+
+
+def test_scope_must_be_known():
+    model, shape = make_zoo_model("lenet5")
+    with pytest.raises(structprune.StructPruneError, match="scope must be one of auto, all, inner"):
+        structprune.prune(model, calibration(shape), "magnitude", 0.5, scope="outer", progress=False)
