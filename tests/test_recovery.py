@@ -162,6 +162,8 @@ def test_default_pipeline_refits_and_recalibrates_and_the_bare_step_does_neither
     bare = structprune.prune(model, calib, "ispasp", 0.5, refit=False, recalibrate=False, progress=False)
     assert not bare.refit and bare.recalibration is None
     assert all("relative_residual_refit" not in layer for layer in bare.layers)
+    assert set(default.stages) == {"samples", "dense", "pruned", "recalibrated"} and default.stages["samples"] == 64
+    assert set(bare.stages) == {"samples", "dense", "selected"}
     bn_default = dict(default.model.named_modules())["layer1.0.bn1"]
     bn_bare = dict(bare.model.named_modules())["layer1.0.bn1"]
     assert not torch.equal(bn_default.running_mean, bn_bare.running_mean)

@@ -25,6 +25,7 @@ from .refit import refit as refit_selection
 #: default cap on the calibration samples the recovery (refit, BatchNorm recalibration) reads
 RECOVERY_SAMPLES = 2048
 RECONSTRUCT = ("auto", "original", "layer")
+STAGE_SAMPLES = 512
 SCOPES = ("auto", "all", "inner")
 
 
@@ -42,6 +43,9 @@ class PruneResult:
     seconds: wall time of the pruning (allocation + capture + selection + refit + surgery + recalibration).
     calib_samples, recovery_samples: samples the selection and the recovery read.
     recalibration: what the BatchNorm recalibration did (None when it did not run).
+    stages: with labelled calibration batches, the top-1 accuracy (%) on the first (up to 512) of them of the
+        dense model, after the selection and refit ("pruned"; "selected" without refit) and after the
+        BatchNorm recalibration ("recalibrated"), with the number of samples; None otherwise.
     scope: "all" or "inner" (see :func:`prune`); reconstruct: the refit's target, "original" or "layer".
     skipped: groups left whole, with the reason.
     warnings: every warning the pruning gave (also shown as Python warnings), for the report.
@@ -61,6 +65,7 @@ class PruneResult:
     recovery_samples: int = 0
     recalibration: dict | None = None
     scope: str = "all"
+    stages: dict | None = None
     skipped: list[dict] = field(default_factory=list)
     method_options: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -72,7 +77,8 @@ class PruneResult:
                    after=d["after"], seconds=d["seconds"], calib_samples=d["calib_samples"], seed=d["seed"],
                    refit=d["refit"], reconstruct=d.get("reconstruct"),
                    recovery_samples=d.get("recovery_samples", d["calib_samples"]),
-                   recalibration=d.get("recalibration"), scope=d.get("scope", "all"), skipped=d["skipped"],
+                   recalibration=d.get("recalibration"), scope=d.get("scope", "all"), stages=d.get("stages"),
+                   skipped=d["skipped"],
                    method_options=d["method_options"],
                    warnings=list(d.get("warnings", [])))
 
@@ -81,7 +87,7 @@ class PruneResult:
         return {
             "method": self.method, "method_options": self.method_options, "budget": self.budget,
             "refit": self.refit, "reconstruct": self.reconstruct, "recalibration": self.recalibration,
-            "scope": self.scope,
+            "scope": self.scope, "stages": self.stages,
             "calib_samples": self.calib_samples, "recovery_samples": self.recovery_samples, "seed": self.seed,
             "seconds": self.seconds,
             "before": self.before, "after": self.after,
@@ -285,8 +291,14 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
     bar.close()
     recalibration = None
     pruned_any = any(layer["kept"] < layer["channels"] for layer in layers)
+    stages = _StageAccuracy(calib) if pruned_any else None
+    if stages is not None:
+        stages.score("dense", model)
+        stages.score("pruned" if refit else "selected", pruned)
     if pruned_any and (recalibrate or (recalibrate is None and has_batchnorm(pruned))):
         recalibration = recalibrate_batchnorm(pruned, calib)
+        if stages is not None:
+            stages.score("recalibrated", pruned)
 
     after = count(pruned, example_inputs)
     pruned.structprune_history = list(getattr(model, "structprune_history", [])) + graph.history()
@@ -298,8 +310,47 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
         seconds=time.perf_counter() - start, calib_samples=selection_samples, seed=seed,
         refit=refit, reconstruct=reconstruct if refit else None, recovery_samples=calib.samples,
         recalibration=recalibration, scope=scope, skipped=skipped,
+        stages=stages.accuracy if stages is not None and stages.accuracy else None,
         method_options={k: v for k, v in vars(method).items() if not k.startswith("_") and k != "name"},
     )
+
+
+class _StageAccuracy:
+    """Top-1 accuracy on a few labelled calibration samples after each stage of the pipeline (cheap: one
+    forward pass over at most ``STAGE_SAMPLES`` samples per stage)."""
+
+    def __init__(self, calib: Calibration):
+        self.batches, seen = [], 0
+        if calib.labelled:
+            for inputs, target in calib:
+                if seen >= STAGE_SAMPLES:
+                    break
+                if target is None or target.is_floating_point() or target.dim() != 1:
+                    self.batches = []
+                    break
+                n = min(len(target), STAGE_SAMPLES - seen)
+                self.batches.append((take_samples(inputs, n, None), target[:n]))
+                seen += n
+        self.accuracy: dict = {"samples": seen} if self.batches else {}
+
+    @torch.no_grad()
+    def score(self, stage: str, model: nn.Module) -> None:
+        if not self.batches:
+            return
+        was_training = model.training
+        model.eval()
+        correct = total = 0
+        try:
+            for inputs, target in self.batches:
+                logits = run_forward(model, inputs)
+                if not isinstance(logits, Tensor) or logits.dim() != 2:
+                    self.batches, self.accuracy = [], {}  # not a classifier's logits: nothing to score
+                    return
+                correct += int((logits.argmax(dim=1) == target.to(logits.device)).sum())
+                total += len(target)
+        finally:
+            model.train(was_training)
+        self.accuracy[stage] = 100.0 * correct / max(total, 1)
 
 
 def _auto_scope(budget, model: nn.Module, example_inputs, ignored_names: list[str]) -> str:

@@ -156,17 +156,42 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--delta", type=float, default=1e-16, help="PFP allocation's failure probability δ (default: 1e-16)")
     g.add_argument("--round-to", type=_positive, default=None,
                    help="round every kept width up to a multiple of N (e.g. 8 for tensor cores)")
-    p.add_argument("--refit", action="store_true",
-                   help="after the method's selection, refit the consumers on the kept channels by least squares")
+    _add_recovery_args(p)
     p.add_argument("--calib-samples", type=_positive, default=None,
-                   help="calibration samples from the training split (default: the method's own: ispasp and gfs "
-                        "1280, pfp* ⌈3·ln(8·η·η*/δ)⌉, others 256)")
+                   help="calibration samples the method selects on, from the training split (default: the "
+                        "method's own: ispasp and gfs 1280, pfp* ⌈3·ln(8·η·η*/δ)⌉, others 256)")
     p.add_argument("--stream", action="store_true",
                    help="keep no calibration samples in memory: re-read them for every group (bounded memory "
                         "for large calibration sets; one pass over them per group)")
     p.add_argument("--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="method option, repeatable: ispasp iterations=20 proxy=paper|contribution; "
                         "pfp* delta=1e-16; magnitude norm=1|2")
+
+
+def _add_recovery_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("recovery (the default pipeline: selection, refit, BatchNorm recalibration)")
+    g.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
+                   help="least-squares reconstruction of the layers that read the pruned channels, on the kept "
+                        "ones (default: on; --no-refit for the method's selection alone)")
+    g.add_argument("--reconstruct", default="auto", choices=["auto", "original", "layer"],
+                   help="what the refit reconstructs: each layer's output in the original model (undoes the "
+                        "upstream error), or the dense layer on the already-pruned inputs; auto: original for "
+                        "networks without residual streams, layer for those with (default: auto)")
+    g.add_argument("--recalibrate", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute the BatchNorm running statistics on the calibration images after pruning "
+                        "(default: on when the model has BatchNorm)")
+    g.add_argument("--recovery-samples", type=_positive, default=None,
+                   help="calibration images the refit and the recalibration read (default: 2048, and at least "
+                        "--calib-samples)")
+    g.add_argument("--scope", default="auto", choices=["auto", "all", "inner"],
+                   help="all: every group; inner: only channels no residual stream shares (block-internal, as "
+                        "i-SpaSP's paper prunes); auto: inner for a --target-* the inner groups can meet, else all "
+                        "(default: auto)")
+
+
+def _recovery(args) -> dict:
+    return {"refit": args.refit, "reconstruct": args.reconstruct, "recalibrate": args.recalibrate,
+            "recovery_samples": args.recovery_samples, "scope": args.scope}
 
 
 def _budget(args) -> allocate.Budget:
@@ -289,8 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocation", default="uniform", choices=["uniform", "pfp"],
                    help="how the target is split among groups (default: uniform)")
     p.add_argument("--calib-samples", type=_positive, default=None,
-                   help="calibration samples for every method (default: each method's own)")
-    p.add_argument("--refit", action="store_true", help="least-squares refit of the consumers on the kept channels")
+                   help="calibration samples every method selects on (default: each method's own)")
+    _add_recovery_args(p)
     _add_finetune_args(p, "of each pruned model")
     p.add_argument("--out-dir", required=True, help="directory for compare.md, compare.json and compare.png")
     p.add_argument("--force", action="store_true", help="overwrite the outputs in --out-dir if they exist")
@@ -564,7 +589,7 @@ def cmd_prune(args) -> int:
     final, steps, results = schedule.run(
         model, calib, args.method, budget, schedule=args.schedule, steps=args.steps,
         finetune=tune(args.finetune_epochs), layer_finetune=tune(args.layer_finetune_epochs), evaluate=evaluate,
-        progress=not args.no_progress, example_inputs=example.to(device), refit=args.refit,
+        progress=not args.no_progress, example_inputs=example.to(device), **_recovery(args),
         round_to=args.round_to, calib_samples=args.calib_samples, ignored_layers=args.ignore, seed=args.seed,
         stream=args.stream, state_path=state, resume=args.resume,
         state_key=repr((args.checkpoint, args.data, args.finetune_epochs, args.layer_finetune_epochs, args.train_limit,
@@ -628,7 +653,7 @@ def cmd_prune_hf(args) -> int:
     example = {k: v.to(device) for k, v in tokenizer(calib_text[:1], padding="max_length", truncation=True,
                                                         max_length=args.max_length, return_tensors="pt").items()}
     dense_embeddings = measure.sentence_embeddings(model, test)
-    result = prune(model, calib, args.method, budget, example, refit=args.refit, round_to=args.round_to,
+    result = prune(model, calib, args.method, budget, example, **_recovery(args), round_to=args.round_to,
                    calib_samples=args.calib_samples, ignored_layers=ignored + list(args.ignore), seed=args.seed,
                    stream=args.stream, progress=not args.no_progress, **options)
     similarity = measure.embedding_similarity(dense_embeddings, measure.sentence_embeddings(result.model, test))
@@ -660,7 +685,7 @@ def cmd_compare(args) -> int:
         raise StructPruneError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
     device = _device(args.device)
     options = {"checkpoint": str(args.checkpoint), "data": args.data, "limit": args.limit, "metric": args.metric,
-               "allocation": args.allocation, "refit": args.refit, "calib_samples": args.calib_samples,
+               "allocation": args.allocation, **_recovery(args), "calib_samples": args.calib_samples,
                "finetune_epochs": args.finetune_epochs, "train_limit": args.train_limit, "seed": args.seed,
                "train": vars(_train_config(args, max(args.finetune_epochs, 1)))}
     rows = _finished_rows(outputs[1], options) if args.resume else []
@@ -679,7 +704,7 @@ def cmd_compare(args) -> int:
             if (method, target) in done:
                 continue
             budget = allocate.Target(target, args.metric, args.allocation)
-            result = prune(model, calib, method, budget, example_inputs=example.to(device), refit=args.refit,
+            result = prune(model, calib, method, budget, example_inputs=example.to(device), **_recovery(args),
                            calib_samples=args.calib_samples, seed=args.seed, progress=not args.no_progress)
             row = {"method": method, "target": target, "metric": args.metric, "allocation": args.allocation,
                    "params": result.after["params"], "macs": result.after["macs"],
