@@ -67,14 +67,16 @@ def main() -> None:
     if has_batchnorm(tp_model):
         recalibrate_batchnorm(tp_model, calib)
         add("Torch-Pruning MagnitudePruner", "BatchNorm recalibration", tp_model)
-    for method in ("magnitude", "ispasp", "pfp"):
-        for recovery, options in (("none (bare one-shot step)", {"refit": False, "recalibrate": False}),
-                                  ("default pipeline", {})):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                result = structprune.prune(dense, calib, method, args.ratio, example_inputs=example, progress=False,
-                                           **options)
-            add(f"structprune {method}", recovery, result.model)
+    bare, default = ("none (bare one-shot step)", {"refit": False, "recalibrate": False}), ("default pipeline", {})
+    variants = [("magnitude", {}, bare), ("magnitude", {"norm": 2, "coupled": True}, bare), ("magnitude", {}, default),
+                ("ispasp", {}, bare), ("ispasp", {}, default), ("pfp", {}, bare), ("pfp", {}, default)]
+    for method, method_options, (recovery, options) in variants:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = structprune.prune(dense, calib, method, args.ratio, example_inputs=example, progress=False,
+                                       **options, **method_options)
+        label = ", ".join(f"{k}={v}" for k, v in method_options.items())
+        add(f"structprune {method}" + (f" ({label})" if label else ""), recovery, result.model)
     lines = [f"{Path(args.checkpoint).name} on Fashion-MNIST, every group pruned to {args.ratio:.0%} of its channels, "
              f"no fine-tuning ({CALIB_SAMPLES:,} calibration images; {len(test.dataset):,} test images):", "",
              "| model | recovery | accuracy (%) | params | MACs |", "|---|---|---:|---:|---:|"]

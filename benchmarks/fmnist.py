@@ -158,10 +158,12 @@ def run_model(name: str, methods: list[str], smoke: bool) -> dict:
             "test_images": len(test_set), "rows": rows}
 
 
-def torch_pruning(dense: nn.Module, calib: list, example, method: str, target: float, dense_macs: int):
+def torch_pruning(dense: nn.Module, calib: list, example, method: str, target: float, dense_macs: int,
+                  closest: bool = False):
     """Torch-Pruning's MetaPruner with one of its criteria, its pruning ratio searched until the pruned copy
-    keeps ``target`` of the dense MACs (same counter) or just under; returns it and the seconds of that
-    prune (gradients, graph, importance and removal; the search is this harness's cost, not the tool's)."""
+    keeps ``target`` of the dense MACs (same counter) or just under (with ``closest``: the nearest on either
+    side, as structprune's own targets are met); returns it and the seconds of that prune (gradients,
+    graph, importance and removal; the search is this harness's cost, not the tool's)."""
     import torch_pruning as tp
 
     grads, grad_seconds = _gradients(dense, calib) if method == "tp-taylor" else (None, 0.0)
@@ -190,9 +192,10 @@ def torch_pruning(dense: nn.Module, calib: list, example, method: str, target: f
     # (LeNet-5: 6.7% of the MACs at 0.83, 38% at 0.84 where its 6-channel conv1 stays whole, 87% at 0.95).
     # So scan up in steps of 0.05 to the first ratio that meets the target, then bisect below it.
     goal = target * dense_macs
-    low, best, smallest = 0.0, None, None
+    low, best, smallest, tried = 0.0, None, None, []
     for step in range(1, 20):
         candidate = run(step / 20)
+        tried.append(candidate)
         if smallest is None or candidate[2] < smallest[2]:
             smallest = candidate
         if candidate[2] <= goal:
@@ -204,10 +207,13 @@ def torch_pruning(dense: nn.Module, calib: list, example, method: str, target: f
     for _ in range(8):
         mid = (low + high) / 2
         candidate = run(mid)
+        tried.append(candidate)
         if candidate[2] <= goal:
             high, best = mid, candidate
         else:
             low = mid
+    if closest:
+        best = min(tried, key=lambda c: abs(c[2] - goal))
     return best[:2]
 
 

@@ -6,8 +6,9 @@ the same 2,048 calibration images (the first of the training split; each method 
 default number of them, the recovery reads all 2,048) and the full 10,000-image test set, before any
 fine-tune:
 
-* Torch-Pruning's MetaPruner with L2 group-magnitude importance, its ratio searched to the same MACs
-  (same counter), as it comes ("bare") and given the same BatchNorm recalibration ("+ BN recal");
+* Torch-Pruning's MetaPruner with L2 group-magnitude importance, its ratio searched to the MACs closest
+  to the target (same counter; structprune meets a target the same way), as it comes ("bare") and given
+  the same BatchNorm recalibration ("+ BN recal");
 * structprune's magnitude, i-SpaSP and PFP, each as the bare one-shot step (``refit=False,
   recalibrate=False``) and with the default pipeline (``structprune.prune`` with no options);
   i-SpaSP with the released code's proxy (``proxy="paper"``) too, and with each alternative to the
@@ -126,7 +127,8 @@ def run_model(name: str, calib: list, test) -> dict:
     for target in spec["targets"]:
         budget = target if spec["budget"] == "ratio" else structprune.Target(target, "flops")
         if spec["budget"] == "flops":
-            model, seconds = torch_pruning(dense, calib[:10], example, "tp-magnitude", target, size["macs"])
+            model, seconds = torch_pruning(dense, calib[:10], example, "tp-magnitude", target, size["macs"],
+                                           closest=True)
             rows.append(_row("tp-magnitude bare", target, model, seconds, size, example, test))
             start = time.perf_counter()
             recalibrate_batchnorm(model, calib)
@@ -164,7 +166,7 @@ def run_finetune(calib: list, test, finetune_set) -> dict:
     for target in (0.5, 0.3):
         for label in ("ispasp default", "pfp default", "tp-magnitude", "tp-taylor", "tp-bn-scale"):
             if label.startswith("tp-"):
-                model, seconds = torch_pruning(dense, calib[:10], example, label, target, size["macs"])
+                model, seconds = torch_pruning(dense, calib[:10], example, label, target, size["macs"], closest=True)
             else:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -235,8 +237,8 @@ def tables(payload: dict) -> str:
                   f"{how['schedule']}, {ft['finetune_images']:,} training images)", "",
                   "| variant | 50% MACs: pruned → fine-tuned | 30% MACs: pruned → fine-tuned |", "|---|---:|---:|"]
         for variant in dict.fromkeys(r["variant"] for r in ft["rows"]):
-            cells = [(lambda r: "–" if r is None else f"{r['accuracy']:.2f} → {r['accuracy_finetuned']:.2f}")(
-                _at(ft["rows"], variant, t)) for t in (0.5, 0.3)]
+            cells = [(lambda r: "–" if r is None else f"{r['accuracy']:.2f} → {r['accuracy_finetuned']:.2f} "
+                      f"(MACs {r['macs_ratio']:.1%})")(_at(ft["rows"], variant, t)) for t in (0.5, 0.3)]
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += targets_met(payload)

@@ -124,3 +124,16 @@ def test_new_methods_are_registered_with_documented_options():
     for name in ["fpgm", "bn-scale", "taylor", "thinet", "gfs", "pfp-top"]:
         assert name in methods.available()
         assert methods.get(name).name == name
+
+
+def test_coupled_magnitude_also_weighs_the_columns_that_read_a_channel():
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)  # every channel's producer row has the same norm...
+        net[2].weight.copy_(torch.tensor([[0.1, 5.0, 0.2, 3.0], [0.1, 5.0, 0.2, 3.0]]))  # ...its readers differ
+        net[0].weight[0] += 0.01  # producer-only magnitude prefers channel 0
+    calib = [torch.randn(8, 3)]
+    plain = structprune.prune(net, calib, "magnitude", 0.5, refit=False, progress=False)
+    coupled = structprune.prune(net, calib, "magnitude", 0.5, refit=False, progress=False, coupled=True, norm=2)
+    assert plain.model[2].weight[0].tolist()[0] == pytest.approx(0.1)  # kept channel 0
+    assert sorted(coupled.model[2].weight[0].tolist()) == pytest.approx([3.0, 5.0])  # kept channels 1 and 3

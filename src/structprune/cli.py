@@ -165,7 +165,7 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                         "for large calibration sets; one pass over them per group)")
     p.add_argument("--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="method option, repeatable: ispasp iterations=20 proxy=paper|contribution; "
-                        "pfp* delta=1e-16; magnitude norm=1|2")
+                        "pfp* delta=1e-16; magnitude norm=1|2 coupled=True|False")
 
 
 def _add_recovery_args(p: argparse.ArgumentParser) -> None:
