@@ -379,3 +379,20 @@ def test_compare_keeps_finished_runs_on_interrupt_and_resumes(tmp_path, capsys, 
     assert final["complete"] and [(r["method"], r["target"]) for r in final["rows"]] == [
         ("magnitude", 0.7), ("magnitude", 0.5), ("random", 0.7), ("random", 0.5)]
     assert final["rows"][:2] == partial["rows"]
+
+
+def test_an_older_hugging_face_checkpoint_with_a_persistent_position_ids_buffer_loads(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=20)
+    config.architectures = ["BertModel"]
+    model = transformers.BertModel(config).eval()
+    directory = tmp_path / "hf"
+    config.save_pretrained(directory)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["embeddings.position_ids"] = torch.arange(20)[None]  # how older transformers saved BERT
+    save_file(state, directory / "model.safetensors")
+    ids = torch.randint(0, 50, (2, 7))
+    assert torch.equal(structprune.load(directory)(ids).last_hidden_state, model(ids).last_hidden_state)

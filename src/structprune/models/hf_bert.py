@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -306,6 +307,9 @@ def _load_weights(model: nn.Module, state: dict[str, Tensor], path: Path) -> Non
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         raise StructPruneError(f"{path}: weights do not fit the model: {first_line(exc)}") from None
+    buffers = {name for name, _ in model.named_buffers()}  # e.g. position_ids: persistent in older checkpoints
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    unexpected = [k for k in unexpected if k not in buffers and not any(p.search(k) for p in ignored)]
     if unexpected:
         raise StructPruneError(f"{path}: weights not in the model: {', '.join(unexpected[:5])}")
     if missing:  # save_pretrained leaves out tied weights (e.g. an MLM decoder); tying restores them
