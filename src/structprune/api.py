@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from . import allocate
 from . import methods as method_registry
-from .capture import DEFAULT_MEMORY_BYTES, Calibration, capture, materialize, take_samples
+from .capture import DEFAULT_MEMORY_BYTES, Calibration, capture, materialize, take_samples, weights_view
 from .errors import StructPruneError, check_positive_int, first_line
 from .graph import build_graph, run_forward
 from .measure import count, output_sizes
@@ -35,9 +35,9 @@ class PruneResult:
 
     model: the pruned model (a new module; the input model is left as it was).
     layers: one dict per group, shallow to deep: name, channels, kept, relative_residual
-        (‖Y − Ŷ‖/‖Y‖ of the group's consumers on the calibration rows), consumers, and the
-        method's own stats. With ``refit``, relative_residual is the method's own selection and
-        relative_residual_refit the one after the least-squares refit.
+        (‖Y − Ŷ‖/‖Y‖ of the group's consumers on the calibration rows; None for a data-free method without
+        refit, which reads no calibration data), consumers, and the method's own stats. With ``refit``,
+        relative_residual is the method's own selection and relative_residual_refit the one after the refit.
     budget: how the keep counts were found (for a target: the target, the achieved fraction, the error).
     before, after: {"params", "macs"} of the dense and the pruned model.
     seconds: wall time of the pruning (allocation + capture + selection + refit + surgery + recalibration).
@@ -263,13 +263,17 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
                 targets = {c.name: original_outputs.get(c.name, torch.arange(c.module.weight.shape[0]))
                            for c in group.consumers if c.name not in graph.residual_layers}
                 reference = (model, targets) if targets else None
-            view = capture(pruned, group, calib, memory_bytes=memory_bytes, seed=seed, loss_fn=loss_fn,
-                           gradients=needs_gradients,
-                           sensitivity_samples=selection_samples if getattr(method, "needs_sensitivity", False)
-                           else 0, reference=reference)
+            if refit or getattr(method, "data_informed", True):
+                view = capture(pruned, group, calib, memory_bytes=memory_bytes, seed=seed, loss_fn=loss_fn,
+                               gradients=needs_gradients,
+                               sensitivity_samples=selection_samples if getattr(method, "needs_sensitivity", False)
+                               else 0, reference=reference)
+            else:  # a data-free selection with nothing to refit: no pass over the calibration data at all
+                view = weights_view(group, seed)
             selection = method.select(view.restrict(selection_samples), keep)
             _check_selection(selection, group.name, group.channels, keep)
-            entry["relative_residual"] = relative_residual(view, selection)
+            captured = len(view.consumers[0].inputs) > 0
+            entry["relative_residual"] = relative_residual(view, selection) if captured else None
             entry.update(selection.stats)
             if refit:
                 selection = refit_selection(view, selection)

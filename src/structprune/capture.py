@@ -443,12 +443,29 @@ def capture(model: nn.Module, group: Group, calib: Calibration | list, memory_by
                      None if gradients is None else _per_channel(gradients.grads[i], p, group.channels))
         for i, p in enumerate(group.producers)
     )
-    bn_scale = None
-    if group.batchnorms:
-        bn_scale = sum(_per_channel(bn.module.weight.detach().abs(), bn, group.channels).sum(dim=1)
-                       for bn in group.batchnorms)
     return GroupView(name=group.name, channels=group.channels, consumers=tuple(consumers),
-                     producers=producers, seed=seed, bn_scale=bn_scale)
+                     producers=producers, seed=seed, bn_scale=_bn_scale(group))
+
+
+def weights_view(group: Group, seed: int = 0) -> GroupView:
+    """The group's :class:`GroupView` with weights only (no calibration rows): all that a data-free method
+    reads, without a pass over the calibration data."""
+    consumers = tuple(ConsumerView(
+        name=c.name, inputs=torch.empty(0, c.channel_index.shape[0], c.canonical_weight().shape[2]),
+        weight=c.canonical_weight().float(), bias=None if c.module.bias is None else c.module.bias.detach().float(),
+        output_scale=c.output_scale.float(), output_shift=c.output_shift.float(), normalized=c.normalized)
+        for c in group.consumers)
+    producers = tuple(ProducerView(p.name, p.module, _per_channel(p.module.weight.detach(), p, group.channels))
+                      for p in group.producers)
+    return GroupView(name=group.name, channels=group.channels, consumers=consumers, producers=producers, seed=seed,
+                     bn_scale=_bn_scale(group))
+
+
+def _bn_scale(group: Group) -> Tensor | None:
+    """Σ |γ| of the BatchNorms on each of the group's channels (None without BatchNorm)."""
+    if not group.batchnorms:
+        return None
+    return sum(_per_channel(bn.module.weight.detach().abs(), bn, group.channels).sum(dim=1) for bn in group.batchnorms)
 
 
 def _forward(model: nn.Module, inputs, stopper: _Stopper | None):
