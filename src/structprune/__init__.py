@@ -11,6 +11,6 @@ from .api import PruneResult, prune
 from .checkpoint import load, save
 from .errors import StructPruneError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["PerLayer", "PruneResult", "StructPruneError", "Target", "Uniform", "allocate", "keep_count", "load",
            "methods", "models", "prune", "save"]

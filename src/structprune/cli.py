@@ -1,4 +1,4 @@
-"""The ``structprune`` command: train, prune, eval, info.
+"""The ``structprune`` command: train, finetune, prune, compare, eval, info, convert.
 
 Every command validates its input first and fails with one line naming the argument (exit code 2);
 outputs are written to a temporary file and renamed, and existing outputs are kept unless --force.
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from . import allocate, checkpoint, data, measure, methods, models, report, schedule
+from . import __version__, allocate, checkpoint, data, measure, methods, models, report, schedule
 from .api import prune
 from .errors import StructPruneError, first_line
 from .finetune import ShardedBatches, TrainConfig, cuda_device_for, init_distributed, process, train
@@ -237,7 +237,12 @@ def _add_output(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="structprune", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="structprune",
+        description="Make trained PyTorch networks physically smaller and faster by structured pruning (i-SpaSP, "
+                    "PFP and baselines): whole channels are removed, then the layers are reconstructed and "
+                    "BatchNorm recalibrated on calibration data. Every command has --help.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a zoo model and save a checkpoint",

@@ -1,5 +1,7 @@
 """The one exception type structprune raises for bad input."""
 
+import re
+
 
 class StructPruneError(ValueError):
     """A problem with what the user passed in: the message names the argument and what was wrong.
@@ -14,7 +16,11 @@ def check_positive_int(value, name: str) -> None:
         raise StructPruneError(f"{name} must be a positive integer, got {value!r}")
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
-    text = str(exc)
+    """The first line of an exception's message (its type's name when it has none), for one-line errors;
+    terminal escape codes (torch puts some in its messages) are removed."""
+    text = _ANSI.sub("", str(exc)).strip()
     return text.splitlines()[0] if text else type(exc).__name__
