@@ -272,13 +272,19 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
                 view = weights_view(group, seed)
             selection = method.select(view.restrict(selection_samples), keep)
             _check_selection(selection, group.name, group.channels, keep)
-            captured = len(view.consumers[0].inputs) > 0
-            entry["relative_residual"] = relative_residual(view, selection) if captured else None
             entry.update(selection.stats)
+            selections = [selection]
             if refit:
                 selection = refit_selection(view, selection)
-                entry["relative_residual_refit"] = relative_residual(view, selection)
+                selections.append(selection)
                 entry["refit"] = selection.stats["refit"]
+            if len(view.consumers[0].inputs):  # captured: the residuals of the selection (and of the refit)
+                residuals = relative_residuals(view, selections)
+                entry["relative_residual"] = residuals[0]
+                if refit:
+                    entry["relative_residual_refit"] = residuals[1]
+            else:
+                entry["relative_residual"] = None
             for producer in group.producers:
                 rows = producer.channel_index[selection.keep_idx].reshape(-1).sort().values
                 current = original_outputs.get(producer.name, torch.arange(producer.module.weight.shape[0]))
@@ -437,17 +443,19 @@ def _warn_if_nothing_to_prune(model: nn.Module, groups: dict[str, int], ignored:
                       f"Linear and Conv2d layers{found}; nothing was pruned", stacklevel=4)
 
 
-def relative_residual(view: GroupView, selection: Selection) -> float:
-    """‖Y − Ŷ‖/‖Y‖ over all consumers of the group, Ŷ using only the kept channels (and new weights)."""
-    weights, biases = selection.consumer_weights or {}, selection.consumer_biases or {}
-    sq_error = sq_dense = 0.0
+def relative_residuals(view: GroupView, selections: list[Selection]) -> list[float]:
+    """‖Y − Ŷ‖/‖Y‖ over all consumers of the group for each selection, Ŷ using only its kept channels (and
+    new weights and biases); the dense Y is computed once."""
+    sq_errors, sq_dense = [0.0] * len(selections), 0.0
     for consumer in view.consumers:
         dense = consumer.output()
-        kept = selection.keep_idx.to(dense.device)
-        approx = consumer.output(kept, weight=weights.get(consumer.name), bias=biases.get(consumer.name))
-        sq_error += float((dense - approx).square().sum())
         sq_dense += float(dense.square().sum())
-    return (sq_error / sq_dense) ** 0.5 if sq_dense > 0 else 0.0
+        for i, selection in enumerate(selections):
+            approx = consumer.output(selection.keep_idx.to(dense.device),
+                                     weight=(selection.consumer_weights or {}).get(consumer.name),
+                                     bias=(selection.consumer_biases or {}).get(consumer.name))
+            sq_errors[i] += float((dense - approx).square().sum())
+    return [(e / sq_dense) ** 0.5 if sq_dense > 0 else 0.0 for e in sq_errors]
 
 
 def _check_selection(selection: Selection, group: str, channels: int, keep: int) -> None:

@@ -16,6 +16,12 @@ plus one calibration batch's activations, however many samples there are.
 The calibration samples themselves are kept in memory (read once, so every group sees the same
 samples) unless ``stream=True`` (:class:`Calibration`): then each pass re-reads the loader and only one
 batch is in memory at a time. Defaults: 1,280 samples (i-SpaSP's released recipe) and 256 MiB.
+
+What needs every position, not only the drawn rows, is reduced as the batches pass: each channel's sum
+per sample (i-SpaSP's aggregate activation, each position of H counted once) and, when asked, PFP's
+sensitivities over every position of the first samples. Each conv row also records which of its taps
+lie on the zero padding. With a reference model, the original layer's output at the same rows is kept
+as the reconstruction target. A forward pass stops as soon as every consumer has read its input.
 """
 
 from __future__ import annotations
