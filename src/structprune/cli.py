@@ -775,7 +775,7 @@ def cmd_eval(args) -> int:
             "checkpoint": str(path),
             "accuracy": measure.accuracy(model, test_loader, device),
             **size,
-            "latency_ms_batch1": measure.latency(model, example.to(device)),
+            **{f"latency_{k}_batch1": v for k, v in measure.latency_stats(model, example.to(device)).items()},
         })
     print(report.eval_table(rows))
     if json_path is not None:

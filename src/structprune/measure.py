@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import time
+import timeit
 from collections.abc import Iterable
 
 import torch
@@ -93,21 +94,37 @@ def accuracy(model: nn.Module, loader: Iterable, device=None) -> float:
 
 @torch.no_grad()
 def latency(model: nn.Module, example_inputs, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time of one forward pass, in milliseconds."""
+    """Median wall time of one forward pass, in milliseconds (see :func:`latency_stats`)."""
+    return latency_stats(model, example_inputs, min_runs=repeats, warmup=warmup)["median_ms"]
+
+
+@torch.no_grad()
+def latency_stats(model: nn.Module, example_inputs, min_runs: int = 20, warmup: int = 3,
+                  min_seconds: float = 0.2) -> dict:
+    """Forward-pass time with ``torch.utils.benchmark.Timer`` (what PyTorch's own benchmarks use): ``warmup``
+    untimed runs, then blocks of runs until at least ``min_runs`` runs and ``min_seconds``. CUDA is synchronised
+    by the timer only when the model is on CUDA. Returns median and interquartile range (ms), the runs, and
+    the CPU threads used, so that two measurements can be compared honestly."""
+    from torch.utils import benchmark
+
     model.eval()
     inputs = batch_inputs(example_inputs)
-    times = []
-    for i in range(warmup + repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    for _ in range(warmup):
         run_forward(model, inputs)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    times.sort()
-    return 1000.0 * times[len(times) // 2]
+    on_cpu = next(model.parameters(), torch.empty(0)).device.type == "cpu"
+    timer = benchmark.Timer(stmt="run_forward(model, inputs)",
+                            globals={"run_forward": run_forward, "model": model, "inputs": inputs},
+                            num_threads=torch.get_num_threads(),
+                            # the default timer synchronises any accelerator present: only wanted for a model on it
+                            timer=timeit.default_timer if on_cpu else benchmark.utils.timer.timer)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_seconds:
+        measurement = timer.timeit(1)
+        times.extend(measurement.raw_times)
+    times_ms = torch.tensor(times, dtype=torch.float64) * 1000
+    q1, median, q3 = (float(v) for v in torch.quantile(times_ms, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)))
+    return {"median_ms": median, "iqr_ms": q3 - q1, "runs": len(times), "threads": torch.get_num_threads()}
 
 
 @torch.no_grad()

@@ -10,12 +10,12 @@ from pathlib import Path
 def eval_table(rows: list[dict]) -> str:
     """A Markdown table of ``structprune eval`` rows, with params and MACs relative to the first row."""
     base = rows[0]
-    lines = ["| checkpoint | accuracy (%) | params | MACs | params kept | MACs kept | latency b=1 (ms) |",
+    lines = ["| checkpoint | accuracy (%) | params | MACs | params kept | MACs kept | latency b=1 (ms, median ± IQR) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         lines.append(f"| {row['checkpoint']} | {row['accuracy']:.2f} | {row['params']:,} | {row['macs']:,} | "
                      f"{row['params'] / base['params']:.1%} | {row['macs'] / base['macs']:.1%} | "
-                     f"{row['latency_ms_batch1']:.3f} |")
+                     f"{row['latency_median_ms_batch1']:.3f} ± {row['latency_iqr_ms_batch1']:.3f} |")
     return "\n".join(lines)
 
 
