@@ -384,7 +384,12 @@ def main(argv: list[str] | None = None) -> int:
                                    "in one process")
         commands = {"train": cmd_train, "finetune": cmd_finetune, "prune": cmd_prune, "compare": cmd_compare,
                     "eval": cmd_eval, "info": cmd_info, "convert": cmd_convert}
-        return commands[args.command](args)
+        code = commands[args.command](args)
+        if torch.distributed.is_initialized():
+            # rank 0 still evaluates and saves after the others are done: leave together, so that no process
+            # tears its connections down under one still using them (gloo aborts a peer then)
+            torch.distributed.barrier()
+        return code
     except StructPruneError as exc:
         print(f"structprune {args.command}: error: {exc}", file=sys.stderr)
         return 2
