@@ -37,7 +37,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from fmnist import torch_pruning
+from fmnist import _tp_version, torch_pruning
 from results_io import pyplot, write_results
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -183,12 +183,6 @@ def run_finetune(calib: list, test, finetune_set) -> dict:
             rows.append(row)
     return {"model": "resnet20", "finetune_images": len(finetune_set),
             "finetune": {"epochs": FINETUNE.epochs, "lr": FINETUNE.lr, "schedule": FINETUNE.schedule}, "rows": rows}
-
-
-def _tp_version() -> str:
-    import torch_pruning as tp
-
-    return tp.__version__
 
 
 # ---- reporting -------------------------------------------------------------------------------------
