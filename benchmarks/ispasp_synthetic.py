@@ -60,8 +60,10 @@ def residual(net: nn.Module, x: torch.Tensor, method: str, keep: int) -> float:
     width = net[0].out_features
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        options = {"proxy": "paper"} if method == "ispasp" else {}  # the paper's algorithm, its selection alone
         result = structprune.prune(net, [(x, torch.zeros(len(x), dtype=torch.long))], method, keep / width,
-                                   calib_samples=len(x), progress=False, seed=keep)
+                                   calib_samples=len(x), progress=False, seed=keep, refit=False, recalibrate=False,
+                                   **options)
     with torch.no_grad():
         dense, pruned = net(x), result.model(x)
     return float((dense - pruned).square().sum() / dense.square().sum())

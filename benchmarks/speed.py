@@ -54,7 +54,7 @@ def pruning_times(models: list[str], methods: list[tuple[str, dict]], calib: lis
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 result = structprune.prune(model, calib, method, budget, calib_samples=1280, progress=False,
-                                           **options)
+                                           refit=False, recalibrate=False, scope="all", **options)
             rows.append({"model": name, "method": label, "seconds": result.seconds,
                          "macs_ratio": result.after["macs"] / result.before["macs"]})
             print(f"{name} {label}: {result.seconds:.1f}s, MACs {rows[-1]['macs_ratio']:.1%}", flush=True)
@@ -75,7 +75,8 @@ def latencies(models: list[str], settings: list[tuple[float, int | None]], calib
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 result = structprune.prune(dense, calib[:1], "magnitude", structprune.Target(fraction, "flops"),
-                                           round_to=round_to, progress=False)
+                                           round_to=round_to, progress=False, refit=False, recalibrate=False,
+                                           scope="all")
             macs_ratio = result.after["macs"] / result.before["macs"]
             row = {"model": name, "target": fraction, "round_to": round_to, "macs_ratio": macs_ratio,
                    "params_ratio": result.after["params"] / result.before["params"], "rounds": rounds}
