@@ -195,8 +195,9 @@ class _RowCollector:
         self.masks: list[Tensor] = []  # (rows, taps) real-position taps of conv rows
         self.row_samples: list[Tensor] = []
         self.sums: list[Tensor] = []  # (batch, channels) per-sample channel sums
+        self._sums_of = -1  # the batch (its first sample) the last sums belong to
         self.sensitivity: Tensor | None = None
-        self.seen = 0  # samples seen so far
+        self.seen = 0  # samples before this batch (set by the capture loop: a layer may run twice per batch)
         self.token_mask: Tensor | None = None  # (N, L) attention mask of the batch, when it has one
         self.picked: Tensor | None = None  # the rows (positions) drawn from the last batch
 
@@ -213,7 +214,6 @@ class _RowCollector:
         scored = min(batch, self.sensitivity_samples - self.seen)
         if scored > 0:
             self._score(module, x[:scored])
-        self.seen += batch
 
     def _score(self, module: nn.Module, x: Tensor) -> None:
         """PFP's sensitivities on every row of ``x``, a few samples at a time (bounded memory)."""
@@ -247,6 +247,14 @@ class _RowCollector:
             return torch.arange(total, device=device)
         return torch.randperm(total, generator=self.generator)[:wanted].sort().values.to(device)
 
+    def _add_sums(self, sums: Tensor) -> None:
+        """Per-sample channel sums of this batch; a layer that runs twice per batch adds to the same samples."""
+        if self.sums and self._sums_of == self.seen:
+            self.sums[-1] += sums
+        else:
+            self.sums.append(sums)
+            self._sums_of = self.seen
+
     def _keep(self, rows: Tensor, sample: Tensor, mask: Tensor | None = None) -> None:
         self.chunks.append(rows)
         self.row_samples.append(sample.cpu() + self.seen)
@@ -267,14 +275,14 @@ class _RowCollector:
             x, sample = x.reshape(samples, -1), torch.arange(samples, device=x.device)
         per_sample = torch.zeros(samples, x.shape[-1], dtype=torch.float64, device=x.device)
         per_sample.index_add_(0, sample, x.double())
-        self.sums.append(per_sample[:, index].sum(dim=2).cpu())
+        self._add_sums(per_sample[:, index].sum(dim=2).cpu())
         rows = self._pick(x.shape[0], self._wanted(samples), x.device)
         self.picked = rows
         self._keep(x[rows][:, index], sample[rows])
 
     def _conv_rows(self, conv: nn.Conv2d, x: Tensor) -> None:
         x = x[:, self.consumer.channel_index[:, 0].to(x.device)]
-        self.sums.append(x.double().sum(dim=(2, 3)).cpu())
+        self._add_sums(x.double().sum(dim=(2, 3)).cpu())
         pad = _padding(conv)
         h, w = x.shape[2:]
         x = nn.functional.pad(x, (pad[1], pad[1], pad[0], pad[0]))
@@ -410,10 +418,12 @@ def capture(model: nn.Module, group: Group, calib: Calibration | list, memory_by
         m.eval()
     try:
         with torch.set_grad_enabled(gradients is not None):
+            seen = 0
             for inputs, target in calib:
                 mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
                 for collector in collectors:
-                    collector.token_mask = mask
+                    collector.token_mask, collector.seen = mask, seen
+                seen += batch_size(inputs)
                 outputs = _forward(model, inputs, stopper if gradients is None else None)
                 if gradients is not None:
                     gradients.backward(outputs, target)

@@ -127,6 +127,7 @@ class PruningGraph:
         self.model = model
         self.example_inputs = example_inputs
         self._names = {module: name for name, module in model.named_modules()}
+        self._attention = _attention_scopes(model)
         self._param_names = {param: name for name, param in model.named_parameters()}
         was_training = model.training
         model.eval()  # tracing must not update BatchNorm statistics (nor fail on a batch of one)
@@ -223,7 +224,31 @@ class PruningGraph:
                 consumers.append(Consumer(self.name_of(module), module, index, scale, shift, normalized))
         if not consumers:
             return self._skip(name, "no Linear/Conv2d reads these channels")
+        attention = self._inside_attention(tp_group, producers, consumers)
+        if attention is not None:
+            return self._skip(name, attention)
         return Group(name, channels, producers, consumers, root, root_fn, batchnorms, _is_residual(tp_group))
+
+    def _inside_attention(self, tp_group, producers: list[Producer], consumers: list[Consumer]) -> str | None:
+        """Why a group must stay whole when its channels are an attention's head dimensions, else None.
+
+        Channels that an attention module produces and reads itself (its q/k/v rows and the output projection's
+        columns) come in heads; removing some of them unevenly would mix heads, and shrinking an
+        ``nn.MultiheadAttention``'s embed_dim changes its head size and its attention scaling. Neither is what
+        the dense model computes on the kept channels, so such groups are refused by name (structprune prunes
+        whole heads for BERT-family layers, :mod:`structprune.models.hf_bert`)."""
+        for item in tp_group:
+            if isinstance(item.dep.target.module, nn.MultiheadAttention):
+                mha = item.dep.target.module
+                return (f"nn.MultiheadAttention {self.name_of(mha)} would lose embed_dim channels, which changes its "
+                        f"head size and attention scaling; heads of nn.MultiheadAttention are not pruned yet")
+        inside = {self._attention.get(p.module) for p in producers} & {self._attention.get(c.module) for c in consumers}
+        inside.discard(None)
+        if inside:
+            scope = sorted(inside)[0]
+            return (f"its channels are the heads of attention {scope}, which structprune prunes only in whole heads "
+                    f"of BERT-family layers; pruning them here would mix heads")
+        return None
 
     def _skip(self, name: str, reason: str) -> None:
         if (name, reason) not in self.skipped:
@@ -244,10 +269,18 @@ class PruningGraph:
         return None, None
 
     def _find_output_layers(self) -> list[nn.Module]:
-        """Conv/Linear layers whose outputs reach the model's output without passing another Conv/Linear."""
+        """Conv/Linear layers whose outputs reach the model's output without passing another Conv/Linear,
+        also when other layers read them too (a last hidden state that a pooler also reads)."""
+        def is_output(node) -> bool:
+            return (not node.outputs or node.module in self._output_modules
+                    or isinstance(node.module, tp.ops._OutputOp))
+
         found = []
         for module, node in self.dg.module2node.items():
             if not isinstance(module, _LINEAR_LAYERS):
+                continue
+            if is_output(node):
+                found.append(module)
                 continue
             stack, seen = list(node.outputs), set()
             while stack:
@@ -257,27 +290,34 @@ class PruningGraph:
                 seen.add(id(nxt))
                 if isinstance(nxt.module, _LINEAR_LAYERS):
                     continue
-                if not nxt.outputs:
+                if is_output(nxt):
                     found.append(module)
                     break
                 stack.extend(nxt.outputs)
-            if not node.outputs:
-                found.append(module)
         return list(dict.fromkeys(found))
 
     def _execution_order(self) -> dict[nn.Module, int]:
+        """The order in which the Conv/Linear layers first run; also finds the modules whose own output
+        tensors are (part of) the model's output (``_output_modules``)."""
         order: dict[nn.Module, int] = {}
+        produced: dict[int, nn.Module] = {}  # id of an output tensor -> the module that returned it
 
         def record(module: nn.Module, _inputs) -> None:
             order.setdefault(module, len(order))
 
+        def remember(module: nn.Module, _inputs, output) -> None:
+            for tensor in _tensors(output):
+                produced[id(tensor)] = module
+
         hooks = [m.register_forward_pre_hook(record) for m in self.model.modules() if isinstance(m, _LINEAR_LAYERS)]
+        hooks += [m.register_forward_hook(remember) for m in self.model.modules() if m is not self.model]
         try:
             with torch.no_grad():
-                run_forward(self.model, self.example_inputs)
+                outputs = run_forward(self.model, self.example_inputs)
         finally:
             for hook in hooks:
                 hook.remove()
+        self._output_modules = {produced[id(t)] for t in _tensors(outputs) if id(t) in produced}
         return order
 
     # -- surgery -------------------------------------------------------------------------------
@@ -306,6 +346,32 @@ class PruningGraph:
     def replay(self, history: list) -> None:
         """Redo recorded removals (see :meth:`history`) on this graph's model."""
         self.dg.load_pruning_history([list(entry) for entry in history])
+
+
+def _tensors(value) -> list[Tensor]:
+    """The tensors in a module's or model's output: a tensor, tuples/lists/dicts of them, or a ModelOutput."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+_HEAD_COUNTS = ("num_heads", "n_heads", "num_attention_heads", "n_head", "num_key_value_heads")
+
+
+def _attention_scopes(model: nn.Module) -> dict[nn.Module, str]:
+    """Each layer inside an attention module (one with a head count, or nn.MultiheadAttention) -> that module's
+    name (the innermost one)."""
+    scopes: dict[nn.Module, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention) or any(
+                isinstance(getattr(module, attr, None), int) for attr in _HEAD_COUNTS):
+            for child in module.modules():
+                scopes[child] = name
+    return scopes
 
 
 def _is_residual(tp_group) -> bool:

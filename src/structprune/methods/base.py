@@ -131,13 +131,13 @@ class GroupView:
         """The view of the first ``samples`` calibration samples (a method's own calibration size, when the
         recovery reads more); the view itself when it has no more than that."""
         def head(c: ConsumerView) -> ConsumerView:
-            if c.row_sample is None or not len(c.row_sample) or int(c.row_sample[-1]) < samples:
+            if c.row_sample is None or not len(c.row_sample) or int(c.row_sample.max()) < samples:
                 return c
-            rows = int((c.row_sample < samples).sum())  # rows are in sample order
-            return replace(c, inputs=c.inputs[:rows], row_sample=c.row_sample[:rows],
-                           tap_mask=None if c.tap_mask is None else c.tap_mask[:rows],
+            rows = (c.row_sample < samples).nonzero().flatten()
+            return replace(c, inputs=c.inputs[rows], row_sample=c.row_sample[rows],
+                           tap_mask=None if c.tap_mask is None else c.tap_mask[rows],
                            sample_sums=None if c.sample_sums is None else c.sample_sums[:samples],
-                           target=None if c.target is None else c.target[:rows])
+                           target=None if c.target is None else c.target[rows])
         return replace(self, consumers=tuple(head(c) for c in self.consumers))
 
     def contribution_gram(self, max_pairs: int) -> Tensor:

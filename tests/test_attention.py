@@ -1,0 +1,114 @@
+"""Architectures the generic graph must not prune silently wrong: attention heads outside the BERT layout,
+outputs that other layers also read, layers that run more than once per forward."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import structprune
+from structprune.capture import capture
+from structprune.graph import PruningGraph
+
+
+class _Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 16)
+        self.enc = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True, dropout=0.0)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.out(self.enc(self.inp(x)).mean(1))
+
+
+def _prune_recording(model, calib, ratio=0.5):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = structprune.prune(model, calib, "magnitude", ratio, progress=False)
+    return result, [str(w.message) for w in caught if str(w.message).startswith("structprune")]
+
+
+def test_multihead_attention_embed_dim_is_never_shrunk():
+    torch.manual_seed(0)
+    model = _Encoder().eval()
+    result, messages = _prune_recording(model, [torch.randn(8, 5, 6)])
+    attn = result.model.enc.self_attn
+    assert (attn.embed_dim, attn.head_dim, attn.num_heads) == (16, 8, 2)
+    assert any("nn.MultiheadAttention enc.self_attn would lose embed_dim channels" in m for m in messages)
+    assert result.model.enc.linear1.out_features == 16  # the FFN is still pruned
+    assert result.model(torch.randn(2, 5, 6)).shape == (2, 3)
+
+
+def test_heads_of_other_attention_layouts_are_refused_not_mixed():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
+    model = transformers.DistilBertModel(config).eval()
+    ids = torch.randint(0, 50, (4, 7))
+    result, messages = _prune_recording(model, [{"input_ids": ids}])
+    attention = result.model.transformer.layer[0].attention
+    for linear in (attention.q_lin, attention.k_lin, attention.v_lin):
+        assert linear.out_features == 16
+    assert any("heads of attention transformer.layer.0.attention" in m for m in messages)
+    assert result.model.transformer.layer[0].ffn.lin1.out_features == 16
+    assert result.model(ids).last_hidden_state.shape == (4, 7, 16)
+
+
+class _TwoOutputs(nn.Module):
+    """A hidden state that is an output of the model and also read by the next layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 8), nn.Linear(8, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        hidden = self.fc1(x)
+        return self.fc3(torch.relu(self.fc2(torch.relu(hidden)))), hidden
+
+
+def test_a_layer_whose_output_is_returned_keeps_it_whole_even_when_others_read_it():
+    torch.manual_seed(0)
+    result = structprune.prune(_TwoOutputs().eval(), [torch.randn(16, 4)], "magnitude", 0.5, progress=False)
+    logits, hidden = result.model(torch.randn(2, 4))
+    assert logits.shape == (2, 2) and hidden.shape == (2, 8)
+    assert [layer["group"] for layer in result.layers] == ["fc2"]
+
+
+def test_albert_keeps_its_last_hidden_state_width():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AlbertConfig(vocab_size=50, embedding_size=8, hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, intermediate_size=64)
+    model = transformers.AlbertModel(config).eval()
+    ids = torch.randint(0, 50, (4, 7))
+    result, _ = _prune_recording(model, [{"input_ids": ids}])
+    out = result.model(ids)
+    assert out.last_hidden_state.shape == (4, 7, 32) and out.pooler_output.shape == (4, 32)
+    assert result.after["params"] < result.before["params"]
+
+
+class _Shared(nn.Module):
+    """One layer applied twice per forward (weight sharing, as in ALBERT)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.shared, self.head = nn.Linear(3, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.up(x))
+        return self.head(self.shared(torch.relu(self.shared(h))))
+
+
+def test_a_layer_run_twice_per_batch_counts_each_sample_once():
+    torch.manual_seed(0)
+    model = _Shared().eval()
+    x = torch.randn(10, 3)
+    graph = PruningGraph(model, x[:1])
+    (group,) = graph.all_groups()  # up's outputs, and shared's inputs and outputs: one coupled group
+    view = capture(model, group, [x[:6], x[6:]])
+    consumer = next(c for c in view.consumers if c.name == "shared")
+    assert consumer.sample_sums.shape == (10, 6)
+    assert sorted(set(consumer.row_sample.tolist())) == list(range(10))
+    assert torch.equal(view.restrict(4).consumers[0].row_sample.unique(), torch.arange(4))
