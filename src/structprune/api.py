@@ -259,10 +259,8 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
                  "consumers": [c.name for c in group.consumers]}
         if keep < group.channels:
             reference = None
-            if refit and reconstruct == "original":  # layers that add into a residual stream keep the layer target
-                targets = {c.name: original_outputs.get(c.name, torch.arange(c.module.weight.shape[0]))
-                           for c in group.consumers if c.name not in graph.residual_layers}
-                reference = (model, targets) if targets else None
+            if refit and reconstruct == "original":
+                reference = _reference(model, group, graph, original_outputs)
             if refit or getattr(method, "data_informed", True):
                 view = capture(pruned, group, calib, memory_bytes=memory_bytes, seed=seed, loss_fn=loss_fn,
                                gradients=needs_gradients,
@@ -285,10 +283,7 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
                     entry["relative_residual_refit"] = residuals[1]
             else:
                 entry["relative_residual"] = None
-            for producer in group.producers:
-                rows = producer.channel_index[selection.keep_idx].reshape(-1).sort().values
-                current = original_outputs.get(producer.name, torch.arange(producer.module.weight.shape[0]))
-                original_outputs[producer.name] = current[rows]
+            _track_outputs(original_outputs, group, selection.keep_idx)
             graph.apply(group, selection.keep_idx, selection.consumer_weights, selection.consumer_biases)
             _check_forward(pruned, example_inputs, group.name)
             if after_group is not None:
@@ -323,6 +318,23 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
         stages=stages.accuracy if stages is not None and stages.accuracy else None,
         method_options={k: v for k, v in vars(method).items() if not k.startswith("_") and k != "name"},
     )
+
+
+def _reference(model: nn.Module, group, graph, original_outputs: dict[str, Tensor]):
+    """What capture needs to record the original model's output of the group's consumers (those that do not
+    add into a residual stream, which keep the layer target): the model and each consumer's current outputs'
+    indices in it."""
+    targets = {c.name: original_outputs.get(c.name, torch.arange(c.module.weight.shape[0]))
+               for c in group.consumers if c.name not in graph.residual_layers}
+    return (model, targets) if targets else None
+
+
+def _track_outputs(original_outputs: dict[str, Tensor], group, keep_idx: Tensor) -> None:
+    """Record which of the original outputs each of the group's producers keeps (indices compose over groups)."""
+    for producer in group.producers:
+        rows = producer.channel_index[keep_idx].reshape(-1).sort().values
+        current = original_outputs.get(producer.name, torch.arange(producer.module.weight.shape[0]))
+        original_outputs[producer.name] = current[rows]
 
 
 class _StageAccuracy:
