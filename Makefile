@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 DEMO   := runs/demo
 
-.PHONY: install demo test lint clean-demo bench-bert bench-fmnist checkpoints
+.PHONY: install demo test lint clean-demo bench-bert bench-fmnist bench-recovery checkpoints
 
 install: $(VENV)/.installed
 
@@ -54,11 +54,19 @@ bench-bert: install
 bench-fmnist: install
 	$(PY) benchmarks/fmnist.py --out-dir benchmarks/results
 
-# Retrain the checkpoints the Fashion-MNIST benchmark uses (~25 min; benchmarks/checkpoints/README.md).
+# Post-training pruning with the default pipeline vs the bare step and Torch-Pruning (benchmarks/README.md; ~2 h).
+bench-recovery: install
+	cd benchmarks && ../$(PY) recovery.py --out-dir results --finetune
+	cd benchmarks && ../$(PY) recovery.py --out-dir results --models "" --timing
+
+# Retrain the checkpoints the Fashion-MNIST benchmarks use (~2 h on 2 cores; benchmarks/checkpoints/README.md).
 checkpoints: install
 	$(VENV)/bin/structprune train --model lenet300 --epochs 20 --seed 0 --out benchmarks/checkpoints/lenet300-fmnist.pt --force
 	$(VENV)/bin/structprune train --model lenet5 --epochs 20 --seed 0 --out benchmarks/checkpoints/lenet5-fmnist.pt --force
 	$(VENV)/bin/structprune train --model resnet20 --epochs 15 --seed 0 --out benchmarks/checkpoints/resnet20-fmnist.pt --force
+	$(VENV)/bin/structprune train --model resnet56 --epochs 8 --seed 0 --out benchmarks/checkpoints/resnet56-fmnist.pt --force
+	$(VENV)/bin/structprune train --model vgg16 --width-mult 0.5 --epochs 5 --seed 0 \
+	  --out benchmarks/checkpoints/vgg16-fmnist.pt --force
 
 clean-demo:
 	rm -rf $(DEMO)
