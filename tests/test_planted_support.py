@@ -49,11 +49,12 @@ def test_data_informed_methods_recover_planted_support(method, seed):
         assert layer["relative_residual"] < 1e-6
 
 
+@pytest.mark.parametrize("proxy", ["contribution", "cosamp"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_ispasp_contribution_proxy_recovers_planted_support(seed):
+def test_ispasp_proxies_recover_planted_support(seed, proxy):
     net, planted = planted_net(seed)
     result = structprune.prune(net, calib(), method="ispasp", budget=PLANTED / HIDDEN, progress=False,
-                               proxy="contribution")
+                               proxy=proxy, refit=False)
     assert torch.equal(result.model[0].weight, net[0].weight[planted])
     assert result.layers[0]["relative_residual"] < 1e-6
 
@@ -90,3 +91,22 @@ def test_ispasp_residual_history_ends_at_the_reported_residual():
     (layer,) = result.layers
     assert 1 <= layer["iterations"] <= 20
     assert layer["residual_history"][-1] == pytest.approx(layer["relative_residual"], rel=1e-4)
+
+
+def test_ispasp_cosamp_proxy_reconstructs_what_redundant_units_carried():
+    """A linear hidden layer of 16 units on 6 inputs: any 8 units span the rest (with the consumer's bias),
+    so CoSaMP's least-squares threshold returns weights that reproduce the dense output exactly, where a
+    selection that keeps the original weights cannot."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.Linear(16, 5))
+    data = [(torch.randn(512, 6), torch.zeros(512, dtype=torch.long))]
+    x = torch.randn(100, 6)
+    residuals = {}
+    for proxy in ("contribution", "cosamp"):
+        result = structprune.prune(net, data, method="ispasp", budget=0.5, progress=False, proxy=proxy,
+                                   refit=False)
+        residuals[proxy] = result.layers[0]["relative_residual"]
+        if proxy == "cosamp":
+            assert torch.allclose(result.model(x), net(x), atol=1e-4)
+            assert result.layers[0]["residual_history"][-1] < 1e-6
+    assert residuals["cosamp"] < 1e-5 < 0.05 < residuals["contribution"]

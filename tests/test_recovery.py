@@ -13,6 +13,7 @@ from structprune import methods
 from structprune import refit as refit_module
 from structprune.capture import capture
 from structprune.graph import PruningGraph
+from structprune.methods import base as base_module
 from structprune.methods.base import ConsumerView, GroupView, Selection
 from structprune.recalibrate import recalibrate_batchnorm
 
@@ -179,7 +180,7 @@ def test_recovery_reads_more_samples_than_the_selection():
 
 
 def test_refit_solves_the_least_squares_problem_over_many_row_chunks(monkeypatch):
-    monkeypatch.setattr(refit_module, "_CHUNK_ELEMENTS", 64)  # many chunks of a few rows
+    monkeypatch.setattr(base_module, "_CHUNK_ELEMENTS", 64)  # many chunks of a few rows
     gen = torch.Generator().manual_seed(0)
     inputs = torch.randn(300, 6, 4, generator=gen)
     weight = torch.randn(5, 6, 4, generator=gen)

@@ -164,7 +164,7 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="keep no calibration samples in memory: re-read them for every group (bounded memory "
                         "for large calibration sets; one pass over them per group)")
     p.add_argument("--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                   help="method option, repeatable: ispasp iterations=20 proxy=paper|contribution; "
+                   help="method option, repeatable: ispasp iterations=20 proxy=contribution|paper|cosamp; "
                         "pfp* delta=1e-16; magnitude norm=1|2 coupled=True|False")
 
 

@@ -22,38 +22,13 @@ than ``max_features`` kept inputs (s·taps) are left as the method chose them, a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from .methods.base import ConsumerView, GroupView, Selection
+from .methods.base import GroupView, NormalEquations, Selection
 
 MAX_FEATURES = 16384
 RIDGE = 1e-4
-_CHUNK_ELEMENTS = 2**22
-
-
-@dataclass
-class _NormalEquations:
-    """Σ over rows of [Z_S 1]ᵀ[Z_S 1] (F+1, F+1), [Z_S 1]ᵀ·Y (F+1, O) and Y² (O), in float64."""
-
-    gram: Tensor
-    cross: Tensor
-    target_sq: Tensor
-    scale_sq: Tensor  # (O,) BatchNorm scale², weighting each output's error
-
-    def best_shift(self, weight: Tensor) -> Tensor:
-        """The constant δ (O) that minimises the error of ``weight`` (what a recalibrated BatchNorm absorbs)."""
-        rows = self.gram[-1, -1]
-        return (self.cross[-1] - self.gram[-1, :-1] @ weight) / rows.clamp(min=1)
-
-    def error(self, weight: Tensor, bias_delta: Tensor | None = None) -> float:
-        """Σ_o scale_o²·‖y_o − [Z_S 1]·[w_o; δ_o]‖² for kept-input weights (F, O) and a bias change δ (O)."""
-        coef = torch.cat([weight, (bias_delta if bias_delta is not None else torch.zeros(weight.shape[1],
-                          dtype=weight.dtype))[None]])
-        per_output = self.target_sq - 2 * (coef * self.cross).sum(0) + (coef * (self.gram @ coef)).sum(0)
-        return float((self.scale_sq * per_output.clamp(min=0)).sum())
 
 
 def refit(view: GroupView, selection: Selection, max_features: int = MAX_FEATURES, ridge: float = RIDGE) -> Selection:
@@ -71,7 +46,7 @@ def refit(view: GroupView, selection: Selection, max_features: int = MAX_FEATURE
             weights[consumer.name] = start
             report[consumer.name] = f"not refitted: {features} kept inputs, more than {max_features}"
             continue
-        equations = _normal_equations(consumer, keep_idx)
+        equations = consumer.normal_equations(keep_idx)
         start_flat = start.reshape(out, -1).T.double().cpu()
         intercept = consumer.bias is not None or consumer.normalized
         fitted, delta = _solve(equations, start_flat, ridge, fit_bias=intercept)
@@ -85,31 +60,7 @@ def refit(view: GroupView, selection: Selection, max_features: int = MAX_FEATURE
     return Selection(selection.keep_idx, weights, {**selection.stats, "refit": report}, biases or None)
 
 
-def _normal_equations(consumer: ConsumerView, keep_idx: Tensor) -> _NormalEquations:
-    rows, channels, taps = consumer.inputs.shape
-    features = len(keep_idx) * taps
-    weight = consumer.weight.reshape(consumer.weight.shape[0], -1)
-    gram = torch.zeros(features + 1, features + 1, dtype=torch.float64)
-    cross = torch.zeros(features + 1, weight.shape[0], dtype=torch.float64)
-    target_sq = torch.zeros(weight.shape[0], dtype=torch.float64)
-    chunk = max(1, _CHUNK_ELEMENTS // (channels * taps))
-    for start in range(0, rows, chunk):
-        z = consumer.inputs[start:start + chunk]
-        if consumer.target is None:
-            y = (z.reshape(len(z), -1) @ weight.T).double()
-        else:  # the original layer's output, less the bias the consumer keeps
-            y = consumer.target[start:start + chunk].double()
-            if consumer.bias is not None:
-                y = y - consumer.bias.double()
-        kept = torch.cat([z[:, keep_idx].reshape(len(z), -1).double(), torch.ones(len(z), 1, dtype=torch.float64,
-                                                                                 device=z.device)], dim=1)
-        gram += (kept.T @ kept).cpu()
-        cross += (kept.T @ y).cpu()
-        target_sq += y.square().sum(0).cpu()
-    return _NormalEquations(gram, cross, target_sq, consumer.output_scale.double().square().cpu())
-
-
-def _solve(eq: _NormalEquations, prior: Tensor, ridge: float, fit_bias: bool) -> tuple[Tensor, Tensor | None]:
+def _solve(eq: NormalEquations, prior: Tensor, ridge: float, fit_bias: bool) -> tuple[Tensor, Tensor | None]:
     """Weights (F, O) and, with ``fit_bias``, the bias change (O) minimising the error plus
     λ·‖W' − prior‖² (λ = ``ridge`` × the mean eigenvalue of the Gram)."""
     size = eq.gram.shape[0] if fit_bias else eq.gram.shape[0] - 1

@@ -22,6 +22,30 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+_CHUNK_ELEMENTS = 2**22  # floats per row chunk when accumulating over rows
+
+
+@dataclass
+class NormalEquations:
+    """Σ over rows of [Z_S 1]ᵀ[Z_S 1] (F+1, F+1), [Z_S 1]ᵀ·Y (F+1, O) and Y² (O), in float64."""
+
+    gram: Tensor
+    cross: Tensor
+    target_sq: Tensor
+    scale_sq: Tensor  # (O,) BatchNorm scale², weighting each output's error
+
+    def best_shift(self, weight: Tensor) -> Tensor:
+        """The constant δ (O) that minimises the error of ``weight`` (what a recalibrated BatchNorm absorbs)."""
+        rows = self.gram[-1, -1]
+        return (self.cross[-1] - self.gram[-1, :-1] @ weight) / rows.clamp(min=1)
+
+    def error(self, weight: Tensor, bias_delta: Tensor | None = None) -> float:
+        """Σ_o scale_o²·‖y_o − [Z_S 1]·[w_o; δ_o]‖² for kept-input weights (F, O) and a bias change δ (O)."""
+        coef = torch.cat([weight, (bias_delta if bias_delta is not None else torch.zeros(weight.shape[1],
+                          dtype=weight.dtype))[None]])
+        per_output = self.target_sq - 2 * (coef * self.cross).sum(0) + (coef * (self.gram @ coef)).sum(0)
+        return float((self.scale_sq * per_output.clamp(min=0)).sum())
+
 
 @dataclass(frozen=True)
 class ConsumerView:
@@ -63,6 +87,33 @@ class ConsumerView:
         if bias is not None:
             out = out + bias
         return out * self.output_scale
+
+    def normal_equations(self, channel_idx: Tensor) -> NormalEquations:
+        """The least-squares system of reconstructing the target from the rows of ``channel_idx`` (and a
+        constant): Σ over rows of [Z_S 1]ᵀ[Z_S 1], [Z_S 1]ᵀ·Y and Y², accumulated in float64 over row
+        chunks (memory independent of the number of rows). Y is :attr:`target` less the bias when the
+        capture recorded it, else the dense layer without its bias, Z·Wᵀ."""
+        rows, channels, taps = self.inputs.shape
+        features = len(channel_idx) * taps
+        weight = self.weight.reshape(self.weight.shape[0], -1)
+        gram = torch.zeros(features + 1, features + 1, dtype=torch.float64)
+        cross = torch.zeros(features + 1, weight.shape[0], dtype=torch.float64)
+        target_sq = torch.zeros(weight.shape[0], dtype=torch.float64)
+        chunk = max(1, _CHUNK_ELEMENTS // (channels * taps))
+        for start in range(0, rows, chunk):
+            z = self.inputs[start:start + chunk]
+            if self.target is None:
+                y = (z.reshape(len(z), -1) @ weight.T).double()
+            else:  # the original layer's output, less the bias the consumer keeps
+                y = self.target[start:start + chunk].double()
+                if self.bias is not None:
+                    y = y - self.bias.double()
+            kept = torch.cat([z[:, channel_idx].reshape(len(z), -1).double(),
+                              torch.ones(len(z), 1, dtype=torch.float64, device=z.device)], dim=1)
+            gram += (kept.T @ kept).cpu()
+            cross += (kept.T @ y).cpu()
+            target_sq += y.square().sum(0).cpu()
+        return NormalEquations(gram, cross, target_sq, self.output_scale.double().square().cpu())
 
     def contribution_gram(self, max_pairs: int = 65536, generator: torch.Generator | None = None) -> Tensor:
         """Gram matrix (C, C), float64, of the channels' contributions to the output.
