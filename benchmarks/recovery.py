@@ -31,6 +31,7 @@ import argparse
 import copy
 import json
 import platform
+import shlex
 import sys
 import time
 import warnings
@@ -98,7 +99,7 @@ def main() -> None:
             sys.exit(f"--models: {name!r} is not one of {', '.join(MODELS)}")
         if not (HERE / "checkpoints" / MODELS[name]["checkpoint"]).exists():
             sys.exit(f"{name}: benchmarks/checkpoints/{MODELS[name]['checkpoint']} is missing (make checkpoints)")
-    command = "python benchmarks/recovery.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/recovery.py " + shlex.join(sys.argv[1:])
     payload = previous or {"meta": {}, "models": {}, "finetune": None}
     old_commands = payload["meta"].get("commands", [])
     payload["meta"] = {"date": date.today().isoformat(),
