@@ -211,8 +211,9 @@ def residual_correlation(consumer, residual, chunk: int = 4096) -> torch.Tensor:
 def ispasp(iterations: int = 20, proxy: str = "contribution") -> ISpaSP:
     """iterations: T, the number of identify-merge-threshold rounds (20 in the paper's code).
     proxy: "contribution" (default: the correlation ⟨x_c, R⟩ of each channel's contribution x_c to the
-    layer's output with the residual, ranking by ‖x_c‖; measured better on every model in
-    benchmarks/README.md, and right for signed representations such as attention heads and GELU FFNs) or
+    layer's output with the residual, ranking by ‖x_c‖; measured best with the default pipeline at keep
+    ratios of 1/2 and above in benchmarks/README.md, and right for signed representations such as attention
+    heads and GELU FFNs) or
     "paper" (the released code: the signed gradient summed over samples and positions, ranking by the
     aggregate activation Σ H) or "cosamp" (CoSaMP's form: threshold by the least-squares estimate on the
     merged support, and return the least-squares weights; see the module docstring)."""
