@@ -227,9 +227,10 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
         example_inputs = take_samples(example_inputs, None, device, dtype)
     if calib_samples is None:
         calib_samples = _default_calib_samples(method, pruned, calib_loader, device, example_inputs)
-    recovers = refit or recalibrate or (recalibrate is None and has_batchnorm(pruned))
+    if recalibrate is None:
+        recalibrate = has_batchnorm(pruned)
     if recovery_samples is None:
-        recovery_samples = max(calib_samples, RECOVERY_SAMPLES) if recovers else calib_samples
+        recovery_samples = max(calib_samples, RECOVERY_SAMPLES) if refit or recalibrate else calib_samples
     calib = Calibration(calib_loader, max(calib_samples, recovery_samples), device, dtype, stream=stream)
     selection_samples = min(calib_samples, calib.samples)
     if example_inputs is None:
@@ -300,7 +301,7 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
     if stages is not None:
         stages.score("dense", model)
         stages.score("pruned" if refit else "selected", pruned)
-    if pruned_any and (recalibrate or (recalibrate is None and has_batchnorm(pruned))):
+    if pruned_any and recalibrate:
         recalibration = recalibrate_batchnorm(pruned, calib)
         if stages is not None:
             stages.score("recalibrated", pruned)
@@ -309,7 +310,7 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
     pruned.structprune_history = list(getattr(model, "structprune_history", [])) + graph.history()
     pruned.structprune_example_input = _input_spec(example_inputs)
     skipped = [{"group": g, "reason": r} for g, r in graph.skipped]
-    skipped += [{"group": g, "reason": "residual stream (scope='inner')"} for g in getattr(graph, "out_of_scope", [])]
+    skipped += [{"group": g, "reason": "residual stream (scope='inner')"} for g in graph.out_of_scope]
     return PruneResult(
         model=pruned, method=method.name, budget=allocation.info, layers=layers, before=sizer.dense, after=after,
         seconds=time.perf_counter() - start, calib_samples=selection_samples, seed=seed,
@@ -381,7 +382,7 @@ def _auto_scope(budget, model: nn.Module, example_inputs, ignored_names: list[st
         return "all"
     trial = copy.deepcopy(model).eval()
     graph = build_graph(trial, example_inputs, [trial.get_submodule(n) for n in ignored_names], "inner")
-    if not getattr(graph, "out_of_scope", None):
+    if not graph.out_of_scope:
         return "all"  # no residual stream: both scopes are the same
     sizer = allocate.Sizer(model, example_inputs, ignored_names, graph, "inner")
     if not sizer.groups:

@@ -309,17 +309,13 @@ class _Reference:
         self.collector, self.out_index = collector, out_index
         self.chunks: list[Tensor] = []
 
-    def __call__(self, _module, _args, output) -> None:
+    def __call__(self, module, _args, output) -> None:
         picked = self.collector.picked
+        output = output.detach()
         if self.collector.consumer.kind == "conv":
-            rows = output.detach().flatten(2).transpose(1, 2).reshape(-1, output.shape[1])  # (N·positions, O)
-        else:
-            mask = self.collector.token_mask
-            output = output.detach()
-            if mask is not None and output.dim() == 3 and tuple(mask.shape) == tuple(output.shape[:2]):
-                rows = output[mask.to(output.device) != 0]
-            else:
-                rows = output.reshape(-1, output.shape[-1])
+            rows = output.flatten(2).transpose(1, 2).reshape(-1, output.shape[1])  # (N·positions, O)
+        else:  # the same rows as the collector's: padding tokens left out
+            rows = _all_rows(module, output, "linear", self.collector._mask(output.shape[0], output))
         self.chunks.append(rows[picked][:, self.out_index.to(rows.device)].float())
 
 

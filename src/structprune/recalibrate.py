@@ -22,9 +22,14 @@ from .graph import run_forward
 _BATCHNORMS = nn.modules.batchnorm._BatchNorm
 
 
+def _tracked_batchnorms(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorms of ``model`` that keep running statistics (those a recalibration rewrites)."""
+    return [m for m in model.modules() if isinstance(m, _BATCHNORMS) and m.track_running_stats]
+
+
 def has_batchnorm(model: nn.Module) -> bool:
     """Whether ``model`` has a BatchNorm with running statistics to recalibrate."""
-    return any(isinstance(m, _BATCHNORMS) and m.track_running_stats for m in model.modules())
+    return bool(_tracked_batchnorms(model))
 
 
 class _Moments:
@@ -57,7 +62,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable) -> dict:
     ``batches`` yields model inputs or (inputs, targets) pairs (a :class:`structprune.capture.Calibration`
     does). Returns {"batchnorms": how many, "samples": samples read}.
     """
-    norms = [m for m in model.modules() if isinstance(m, _BATCHNORMS) and m.track_running_stats]
+    norms = _tracked_batchnorms(model)
     if not norms:
         return {"batchnorms": 0, "samples": 0}
     from .capture import batch_inputs, batch_size

@@ -118,6 +118,8 @@ class TransformerGraph:
         #: the layers whose outputs are added into the residual stream (hidden states)
         self.residual_layers = {self.name_of(m) for _, layer in encoder_layers(model)
                                 for m in (layer.attention.output.dense, layer.output.dense)}
+        #: groups left out by scope="inner": none, heads and FFN neurons are all block-internal
+        self.out_of_scope: list[str] = []
         if not self._roots:
             raise StructPruneError("the model has no BERT-style encoder layer left to prune "
                                    "(every group is ignored, or the model is not BERT-family)")
