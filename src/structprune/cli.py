@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import __version__, allocate, checkpoint, data, measure, methods, models, report, schedule
-from .api import prune
+from .api import RECONSTRUCT, RECOVERY_SAMPLES, SCOPES, prune
 from .errors import StructPruneError, first_line
 from .finetune import ShardedBatches, TrainConfig, cuda_device_for, init_distributed, process, train
 from .graph import build_graph
@@ -173,7 +173,7 @@ def _add_recovery_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
                    help="least-squares reconstruction of the layers that read the pruned channels, on the kept "
                         "ones (default: on; --no-refit for the method's selection alone)")
-    g.add_argument("--reconstruct", default="auto", choices=["auto", "original", "layer"],
+    g.add_argument("--reconstruct", default="auto", choices=RECONSTRUCT,
                    help="what the refit reconstructs: each layer's output in the original model (undoes the "
                         "upstream error), or the dense layer on the already-pruned inputs; auto: original for "
                         "networks without residual streams, layer for those with (default: auto)")
@@ -181,9 +181,9 @@ def _add_recovery_args(p: argparse.ArgumentParser) -> None:
                    help="recompute the BatchNorm running statistics on the calibration images after pruning "
                         "(default: on when the model has BatchNorm)")
     g.add_argument("--recovery-samples", type=_positive, default=None,
-                   help="calibration images the refit and the recalibration read (default: 2048, and at least "
-                        "--calib-samples)")
-    g.add_argument("--scope", default="auto", choices=["auto", "all", "inner"],
+                   help=f"calibration images the refit and the recalibration read (default: {RECOVERY_SAMPLES}, "
+                        "and at least --calib-samples)")
+    g.add_argument("--scope", default="auto", choices=SCOPES,
                    help="all: every group; inner: only channels no residual stream shares (block-internal, as "
                         "i-SpaSP's paper prunes); auto: inner for a --target-* the inner groups can meet, else all "
                         "(default: auto)")
