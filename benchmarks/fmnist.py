@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import sys
 import time
@@ -39,7 +38,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from results_io import pyplot, write_results
+from results_io import pyplot, read_results, write_results
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -70,10 +69,8 @@ def main() -> None:
     parser.add_argument("--replot", action="store_true", help="only redraw fmnist.md/.png from --out-dir/fmnist.json")
     args = parser.parse_args()
     out = Path(args.out_dir)
-    previous = json.loads((out / "fmnist.json").read_text()) if (out / "fmnist.json").exists() else None
+    previous = read_results(out, "fmnist", required=args.replot)
     if args.replot:
-        if previous is None:
-            sys.exit(f"--replot: {out / 'fmnist.json'} does not exist")
         save(out, previous)
         return
     if args.smoke and previous is not None and not previous["meta"].get("smoke"):

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import shlex
 import sys
@@ -40,7 +39,7 @@ from pathlib import Path
 
 import torch
 from fmnist import _tp_version, torch_pruning
-from results_io import pyplot, write_results
+from results_io import pyplot, read_results, write_results
 from torch.utils.data import DataLoader, TensorDataset
 
 import structprune
@@ -87,10 +86,8 @@ def main() -> None:
     parser.add_argument("--replot", action="store_true", help="only redraw recovery.md/.png from the JSON")
     args = parser.parse_args()
     out = Path(args.out_dir)
-    previous = json.loads((out / "recovery.json").read_text()) if (out / "recovery.json").exists() else None
+    previous = read_results(out, "recovery", required=args.replot)
     if args.replot:
-        if previous is None:
-            sys.exit(f"--replot: {out / 'recovery.json'} does not exist")
         save(out, previous)
         return
     models = [m for m in args.models.split(",") if m]  # --models "" with --timing: only the timing

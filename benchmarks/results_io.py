@@ -4,6 +4,7 @@ the NAME.png plots."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 
@@ -17,6 +18,17 @@ def write_results(out_dir: str | Path | None, name: str, payload: dict, text: st
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out / f"{name}.md").write_text(text)
     return out
+
+
+def read_results(out_dir: str | Path, name: str, required: bool = False) -> dict | None:
+    """The payload of ``out_dir/name.json`` from an earlier run (None when there is none); with ``required``
+    (``--replot``), its absence ends the script with a one-line message."""
+    path = Path(out_dir) / f"{name}.json"
+    if not path.exists():
+        if required:
+            sys.exit(f"--replot: {path} does not exist")
+        return None
+    return json.loads(path.read_text())
 
 
 def pyplot():
