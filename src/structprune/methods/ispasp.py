@@ -112,7 +112,7 @@ class ISpaSP:
                 break
             support = new_support
         weights, biases = {}, {}
-        for fit, coef in zip(fits, [f.fit(support) for f in fits], strict=True):
+        for fit, coef in zip(fits, coefs, strict=True):  # the loop always ends with the fits on S
             weights[fit.consumer.name], delta = fit.weights(support, coef)
             if delta is not None and fit.consumer.bias is not None:
                 biases[fit.consumer.name] = (fit.consumer.bias.double().cpu() + delta).to(fit.consumer.bias)
