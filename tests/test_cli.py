@@ -37,7 +37,7 @@ def test_train_prune_eval_info(tmp_path, capsys, fmnist_dir):
                  "--json", str(table)]) == 0
     rows = json.loads(table.read_text())["rows"]
     assert rows[1]["macs"] < rows[0]["macs"] and rows[1]["params"] < rows[0]["params"]
-    assert "| checkpoint | accuracy (%)" in capsys.readouterr().out
+    assert "| checkpoint | runtime | accuracy (%)" in capsys.readouterr().out
 
     assert main(["info", str(tmp_path / "pfp.pt")]) == 0
     out = capsys.readouterr().out
@@ -52,7 +52,7 @@ def test_info_on_a_fresh_zoo_model(capsys):
 
 
 def test_every_command_has_help(capsys):
-    for command in ("train", "finetune", "prune", "compare", "eval", "info"):
+    for command in ("train", "finetune", "prune", "compare", "eval", "info", "convert", "export"):
         try:
             main([command, "--help"])
         except SystemExit as exc:

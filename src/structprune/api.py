@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from . import allocate
 from . import methods as method_registry
@@ -19,6 +18,7 @@ from .errors import StructPruneError, check_positive_int, first_line
 from .graph import build_graph, run_forward
 from .measure import count, output_sizes
 from .methods.base import GroupView, Method, Selection
+from .progress import bar as progress_bar
 from .recalibrate import has_batchnorm, recalibrate_batchnorm
 from .refit import refit as refit_selection
 
@@ -165,7 +165,8 @@ def prune(
         (it must give the same samples each pass: no shuffling). Memory then stays bounded however
         large the calibration set; each group costs one pass over it.
     seed: seeds sampling of positions and of randomised methods; the same seed gives the same result.
-    progress: show a progress bar over groups.
+    progress: report progress over groups: a bar on a terminal, a log line every few seconds elsewhere
+        (:mod:`structprune.progress`).
     after_group: called as ``after_group(model, group_name)`` after each group is pruned, e.g. to
         fine-tune between groups (the sequential schedule, :mod:`structprune.schedule`).
     loss_fn: ``loss_fn(outputs, targets)`` for methods that need loss gradients (taylor);
@@ -252,8 +253,7 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
 
     original_outputs: dict[str, Tensor] = {}  # layer name -> its current outputs' indices in the original model
     layers = []
-    bar = tqdm(total=len(graph), desc=f"pruning ({method.name})", unit="group",
-               disable=None if progress else True)  # None: shown on a terminal only
+    bar = progress_bar(total=len(graph), desc=f"pruning ({method.name})", unit="groups", enabled=progress)
     for group in graph.groups():
         keep = allocation.keeps.get(group.name, group.channels)
         entry = {"group": group.name, "channels": group.channels, "kept": keep,

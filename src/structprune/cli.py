@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import logging
 import sys
 import time
 import warnings
@@ -17,11 +18,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from . import __version__, allocate, checkpoint, data, measure, methods, models, report, schedule
+from . import __version__, allocate, checkpoint, data, measure, methods, models, progress, report, schedule
+from . import export as export_module
 from .api import RECONSTRUCT, RECOVERY_SAMPLES, SCOPES, prune
-from .errors import StructPruneError, first_line
+from .errors import StructPruneError, first_line, strip_ansi
 from .finetune import ShardedBatches, TrainConfig, cuda_device_for, init_distributed, process, train
 from .graph import build_graph
+
+log = logging.getLogger("structprune")
 
 
 def _ratio(text: str) -> float:
@@ -102,7 +106,14 @@ def _add_data_args(p: argparse.ArgumentParser, limit_help: str) -> None:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N] (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same result (default: 0)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="hide progress (a bar on a terminal; elsewhere a log line every 5 s, "
+                        "STRUCTPRUNE_PROGRESS_INTERVAL)")
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print only the result, warnings and errors (no progress, no status lines)")
 
 
 def _add_training_run_args(p: argparse.ArgumentParser, what: str, lr: float) -> None:
@@ -364,26 +375,73 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keyword arguments of --arch, as a JSON object (default: {})")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     _add_trust(p)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript, checked against PyTorch",
+                       description="Write a checkpoint (or a Hugging Face model directory) as ONNX or TorchScript "
+                                   "with a dynamic batch axis (and sequence axis for token inputs), run the written "
+                                   "file on a random batch and compare its outputs with PyTorch's (ONNX Runtime for "
+                                   "ONNX: pip install 'structprune[onnx]'), and print both latencies. A JSON report "
+                                   "is written next to --out (OUT.json).")
+    p.add_argument("model", help="checkpoint (.pt) or Hugging Face model directory to export")
+    p.add_argument("--out", required=True, help="the exported file (.onnx, or .ts for TorchScript)")
+    p.add_argument("--format", default=None, choices=export_module.FORMATS,
+                   help="onnx or torchscript (default: from --out's suffix: .ts/.torchscript/.jit TorchScript, "
+                        "else ONNX)")
+    p.add_argument("--opset", type=_positive, default=None,
+                   help="ONNX opset (default: torch.onnx's default for the installed torch)")
+    p.add_argument("--atol", type=float, default=1e-4,
+                   help="largest absolute difference allowed between the exported model's outputs and PyTorch's "
+                        "(default: 1e-4)")
+    p.add_argument("--no-check", action="store_true", help="skip the comparison with PyTorch after export")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random check batch (default: 0)")
+    p.add_argument("--force", action="store_true", help="overwrite --out and its report if they exist")
+    _add_trust(p)
+
+    for command in sub.choices.values():
+        _add_quiet(command)
     return parser
+
+
+def _paint(text: str, code: str) -> str:
+    """``text`` in an ANSI colour on a terminal; plain when stderr is not one or NO_COLOR is set."""
+    return f"\x1b[{code}m{text}\x1b[0m" if progress.color_enabled(sys.stderr) else text
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings (skipped groups, missed targets) as one line each, without the source line."""
-    text = str(message)
-    print(text if text.startswith("structprune") else f"warning: {text}", file=sys.stderr)
+    text = strip_ansi(str(message))
+    print(text if text.startswith("structprune") else f"{_paint('warning:', '33')} {text}", file=sys.stderr)
+
+
+def _configure_logging(quiet: bool) -> None:
+    """Progress and status lines on stderr, ``structprune: ...``; --quiet leaves warnings and errors only."""
+    logger = logging.getLogger("structprune")
+    for handler in list(logger.handlers):
+        if getattr(handler, "structprune_cli", False):
+            logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("structprune: %(message)s"))
+    handler.structprune_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.showwarning = _one_line_warning
+    if getattr(args, "quiet", False):
+        args.no_progress = True
+    _configure_logging(getattr(args, "quiet", False))
     try:
         torch.manual_seed(getattr(args, "seed", 0))
         if process().distributed and args.command not in ("train", "finetune"):
             raise StructPruneError("only train and finetune run under torchrun (DDP); run the other commands "
                                    "in one process")
         commands = {"train": cmd_train, "finetune": cmd_finetune, "prune": cmd_prune, "compare": cmd_compare,
-                    "eval": cmd_eval, "info": cmd_info, "convert": cmd_convert}
+                    "eval": cmd_eval, "info": cmd_info, "convert": cmd_convert, "export": cmd_export}
         code = commands[args.command](args)
         if torch.distributed.is_initialized():
             # rank 0 still evaluates and saves after the others are done: leave together, so that no process
@@ -391,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.distributed.barrier()
         return code
     except StructPruneError as exc:
-        print(f"structprune {args.command}: error: {exc}", file=sys.stderr)
+        print(f"structprune {args.command}: {_paint('error:', '1;31')} {strip_ansi(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
@@ -460,7 +518,7 @@ def _check_fits(model, args, example: torch.Tensor) -> None:
     """The model must accept the data's images and have as many outputs as it has classes."""
     try:
         with torch.no_grad():
-            out = model.eval()(example.to(next(model.parameters()).device))
+            out = model.eval()(example.to(next(model.parameters(), example).device))
     except Exception as exc:
         raise StructPruneError(f"--data {args.data}: the model does not accept its {tuple(example.shape[1:])} "
                                f"inputs ({first_line(exc)})") from None
@@ -730,9 +788,9 @@ def cmd_compare(args) -> int:
                 row["accuracy_finetuned"] = measure.accuracy(result.model, test_loader, device)
             rows.append(row)
             _write_json(outputs[1], payload, True)  # every finished run is on disk: Ctrl-C loses only the current
-            print(f"{method} at {args.metric} {target}: accuracy {row['accuracy_pruned']:.2f}%"
-                  + (f" -> {row['accuracy_finetuned']:.2f}% fine-tuned" if "accuracy_finetuned" in row else "")
-                  + f", pruned in {result.seconds:.1f}s", file=sys.stderr)
+            log.info(f"{method} at {args.metric} {target}: accuracy {row['accuracy_pruned']:.2f}%"
+                     + (f" -> {row['accuracy_finetuned']:.2f}% fine-tuned" if "accuracy_finetuned" in row else "")
+                     + f", pruned in {result.seconds:.1f}s")
     order = {(m, t): i for i, (m, t) in enumerate((m, t) for m in args.methods for t in args.targets)}
     rows.sort(key=lambda r: order.get((r["method"], r["target"]), len(order)))
     table = report.compare_table(rows, dense_accuracy)
@@ -773,11 +831,22 @@ def cmd_eval(args) -> int:
     example = _example(args.data)
     rows = []
     for path in args.checkpoints:
+        if export_module.is_exported(path):  # ONNX (ONNX Runtime) or TorchScript, on the CPU
+            model = export_module.ExportedModel(path, trust_checkpoint=args.trust_checkpoint)
+            _check_fits(model, args, example)
+            recorded = model.metadata
+            if "params" not in recorded:
+                raise StructPruneError(f"{path} was not written by structprune export: its size is not recorded")
+            rows.append({"checkpoint": str(path), "runtime": model.runtime,
+                         "accuracy": measure.accuracy(model, test_loader, torch.device("cpu")),
+                         "params": recorded["params"], "macs": recorded["macs"],
+                         **{f"latency_{k}_batch1": v for k, v in model.latency_stats(example).items()}})
+            continue
         model = _load(path, args).to(device)
         _check_fits(model, args, example)
         size = measure.count(model, example.to(device))
         rows.append({
-            "checkpoint": str(path),
+            "checkpoint": str(path), "runtime": "pytorch",
             "accuracy": measure.accuracy(model, test_loader, device),
             **size,
             **{f"latency_{k}_batch1": v for k, v in measure.latency_stats(model, example.to(device)).items()},
@@ -851,6 +920,38 @@ def cmd_convert(args) -> int:
 
     checkpoint.write_atomic(out, write_checked, force=args.force)
     print(f"{args.checkpoint} -> {out} (tensors and JSON, {len(model.state_dict())} tensors, same weights)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    out = Path(args.out)
+    report_path = out.with_name(out.name + ".json")
+    for path in (out, report_path):
+        _refuse_input(path, [args.model])
+        checkpoint.check_output(path, args.force, what="--out:")
+    if not Path(args.model).exists():
+        raise StructPruneError(f"{args.model} does not exist")
+    model = checkpoint.load(args.model, trust_checkpoint=args.trust_checkpoint)
+    result = export_module.export(model, out, args.format, opset=args.opset, check=not args.no_check,
+                                  atol=args.atol, force=args.force, seed=args.seed, source=str(args.model))
+    report = {"command": "export", "model": str(args.model), **result.to_dict()}
+    latency = ""
+    exported = None
+    if not args.no_latency and (result.format == "onnx" and result.checked_with or result.format == "torchscript"):
+        exported = export_module.ExportedModel(out, trust_checkpoint=True)  # the file we have just written
+    example = checkpoint.example_input(model)
+    if exported is not None and example is not None:
+        report["latency_pytorch_batch1"] = measure.latency_stats(model, example)
+        report[f"latency_{exported.runtime}_batch1"] = exported.latency_stats(example)
+        latency = (f"; latency at batch 1: PyTorch {report['latency_pytorch_batch1']['median_ms']:.3f} ms, "
+                   f"{exported.runtime} {report[f'latency_{exported.runtime}_batch1']['median_ms']:.3f} ms")
+    _write_json(report_path, report, args.force)
+    what = f"ONNX opset {result.opset}" if result.format == "onnx" else "TorchScript"
+    check = ("not checked" if result.checked_with is None else
+             f"checked with {result.checked_with} on a random batch: max abs difference {result.max_abs_diff:.2g} "
+             f"(atol {result.atol:g})")
+    print(f"{args.model} -> {out} ({what}, inputs {', '.join(result.inputs)} with a dynamic batch axis; {check})"
+          f"{latency}")
     return 0
 
 

@@ -22,5 +22,10 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none), for one-line errors;
     terminal escape codes (torch puts some in its messages) are removed."""
-    text = _ANSI.sub("", str(exc)).strip()
+    text = strip_ansi(str(exc)).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without terminal escape codes."""
+    return _ANSI.sub("", text)

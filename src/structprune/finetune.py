@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
-from tqdm.auto import tqdm
 
 from .checkpoint import load_tensors
 from .errors import StructPruneError, first_line
+from .progress import bar as progress_bar
 
 _NO_DECAY = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
@@ -203,8 +203,8 @@ def train(model: nn.Module, loader: Iterable, config: TrainConfig, device=None, 
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         total, batches = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
-                   disable=None if progress and proc.is_main else True)  # None: shown on a terminal only
+        bar = progress_bar(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batches", leave=False,
+                           enabled=progress and proc.is_main)
         for inputs, targets in bar:
             optimizer.zero_grad(set_to_none=True)
             count = torch.tensor([float(len(targets))], device=device)

@@ -101,22 +101,25 @@ def latency(model: nn.Module, example_inputs, repeats: int = 20, warmup: int = 3
 @torch.no_grad()
 def latency_stats(model: nn.Module, example_inputs, min_runs: int = 20, warmup: int = 3,
                   min_seconds: float = 0.2) -> dict:
-    """Forward-pass time with ``torch.utils.benchmark.Timer`` (what PyTorch's own benchmarks use): ``warmup``
-    untimed runs, then blocks of runs until at least ``min_runs`` runs and ``min_seconds``. CUDA is synchronised
-    by the timer only when the model is on CUDA. Returns median and interquartile range (ms), the runs, and
-    the CPU threads used, so that two measurements can be compared honestly."""
-    from torch.utils import benchmark
-
+    """Forward-pass time of ``model`` on ``example_inputs`` (see :func:`time_call`)."""
     model.eval()
     inputs = batch_inputs(example_inputs)
+    on_cuda = next(model.parameters(), torch.empty(0)).device.type != "cpu"
+    return time_call(lambda: run_forward(model, inputs), on_cuda, min_runs, warmup, min_seconds)
+
+
+def time_call(run, on_cuda: bool = False, min_runs: int = 20, warmup: int = 3, min_seconds: float = 0.2) -> dict:
+    """Wall time of ``run()`` with ``torch.utils.benchmark.Timer`` (what PyTorch's own benchmarks use): ``warmup``
+    untimed runs, then blocks of runs until at least ``min_runs`` runs and ``min_seconds``. CUDA is synchronised
+    by the timer only when ``on_cuda`` (the model is on CUDA). Returns median and interquartile range (ms), the
+    runs, and the CPU threads used, so that two measurements can be compared honestly."""
+    from torch.utils import benchmark
+
     for _ in range(warmup):
-        run_forward(model, inputs)
-    on_cpu = next(model.parameters(), torch.empty(0)).device.type == "cpu"
-    timer = benchmark.Timer(stmt="run_forward(model, inputs)",
-                            globals={"run_forward": run_forward, "model": model, "inputs": inputs},
-                            num_threads=torch.get_num_threads(),
+        run()
+    timer = benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=torch.get_num_threads(),
                             # the default timer synchronises any accelerator present: only wanted for a model on it
-                            timer=timeit.default_timer if on_cpu else benchmark.utils.timer.timer)
+                            timer=benchmark.utils.timer.timer if on_cuda else timeit.default_timer)
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < min_runs or time.perf_counter() - start < min_seconds:

@@ -8,12 +8,15 @@ from pathlib import Path
 
 
 def eval_table(rows: list[dict]) -> str:
-    """A Markdown table of ``structprune eval`` rows, with params and MACs relative to the first row."""
+    """A Markdown table of ``structprune eval`` rows, with params and MACs relative to the first row (an exported
+    file's are those recorded at export)."""
     base = rows[0]
-    lines = ["| checkpoint | accuracy (%) | params | MACs | params kept | MACs kept | latency b=1 (ms, median ± IQR) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| checkpoint | runtime | accuracy (%) | params | MACs | params kept | MACs kept | "
+             "latency b=1 (ms, median ± IQR) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
-        lines.append(f"| {row['checkpoint']} | {row['accuracy']:.2f} | {row['params']:,} | {row['macs']:,} | "
+        lines.append(f"| {row['checkpoint']} | {row.get('runtime', 'pytorch')} | {row['accuracy']:.2f} | "
+                     f"{row['params']:,} | {row['macs']:,} | "
                      f"{row['params'] / base['params']:.1%} | {row['macs'] / base['macs']:.1%} | "
                      f"{row['latency_median_ms_batch1']:.3f} ± {row['latency_iqr_ms_batch1']:.3f} |")
     return "\n".join(lines)
