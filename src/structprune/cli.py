@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import logging
 import sys
@@ -414,18 +415,20 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(text if text.startswith("structprune") else f"{_paint('warning:', '33')} {text}", file=sys.stderr)
 
 
-def _configure_logging(quiet: bool) -> None:
-    """Progress and status lines on stderr, ``structprune: ...``; --quiet leaves warnings and errors only."""
-    logger = logging.getLogger("structprune")
-    for handler in list(logger.handlers):
-        if getattr(handler, "structprune_cli", False):
-            logger.removeHandler(handler)
+@contextlib.contextmanager
+def _logging(quiet: bool):
+    """Progress and status lines on stderr, ``structprune: ...``, for the command's duration; --quiet leaves
+    warnings and errors only."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("structprune: %(message)s"))
-    handler.structprune_cli = True  # type: ignore[attr-defined]
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
-    logger.propagate = False
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -434,7 +437,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _one_line_warning
     if getattr(args, "quiet", False):
         args.no_progress = True
-    _configure_logging(getattr(args, "quiet", False))
+    with _logging(getattr(args, "quiet", False)):
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         torch.manual_seed(getattr(args, "seed", 0))
         if process().distributed and args.command not in ("train", "finetune"):
