@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 
 import torch
 
@@ -110,6 +112,11 @@ def test_compare_writes_table_json_and_plot(tmp_path, fmnist_dir, capsys):
                for r in payload["rows"])
     assert (out_dir / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert "| thinet | 0.40 |" in (out_dir / "compare.md").read_text()
+    page = (out_dir / "compare.html").read_text()
+    png = base64.b64encode((out_dir / "compare.png").read_bytes()).decode()
+    assert page.startswith("<!DOCTYPE html>") and f'src="data:image/png;base64,{png}"' in page  # self-contained
+    assert "<td>thinet</td><td>0.40</td>" in page and "&quot;calib_samples&quot;: 32" in page
+    assert not re.search(r'(src|href)="(?!data:)', page)  # no file or URL it would need next to it
     assert main(args) == 2 and "already exists" in capsys.readouterr().err  # nothing overwritten
 
 

@@ -334,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration samples every method selects on (default: each method's own)")
     _add_recovery_args(p)
     _add_finetune_args(p, "of each pruned model")
-    p.add_argument("--out-dir", required=True, help="directory for compare.md, compare.json and compare.png")
+    p.add_argument("--out-dir", required=True,
+                   help="directory for compare.md, compare.json, compare.png and compare.html (one self-contained "
+                        "page: table and plot)")
     p.add_argument("--force", action="store_true", help="overwrite the outputs in --out-dir if they exist")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted compare: keep the runs already in --out-dir/compare.json "
@@ -748,7 +750,7 @@ def cmd_prune_hf(args) -> int:
 
 def cmd_compare(args) -> int:
     out_dir = Path(args.out_dir)
-    outputs = [out_dir / f"compare.{ext}" for ext in ("md", "json", "png")]
+    outputs = [out_dir / f"compare.{ext}" for ext in ("md", "json", "png", "html")]
     if outputs[1].exists() and not (args.force or args.resume):
         raise StructPruneError(f"--out-dir: {outputs[1]} already exists; pass --resume to continue an interrupted "
                                f"compare, or --force to start over")
@@ -808,6 +810,8 @@ def cmd_compare(args) -> int:
     checkpoint.write_atomic(outputs[2], lambda tmp: report.plot_compare(
         rows, tmp, title, dense_accuracy, x="macs_ratio" if args.metric == "flops" else "params_ratio"),
         force=True)
+    page = report.compare_html(rows, dense_accuracy, title, outputs[2].read_bytes(), options)
+    checkpoint.write_atomic(outputs[3], lambda tmp: Path(tmp).write_text(page), force=True)
     print(f"-> {', '.join(map(str, outputs))}")
     return 0
 

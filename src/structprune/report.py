@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import html
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +43,53 @@ def compare_table(rows: list[dict], dense_accuracy: float | None) -> str:
             line += f" {_num(r.get('accuracy_finetuned'))} |"
         lines.append(line + f" {r['prune_seconds']:.2f} |")
     return "\n".join(lines)
+
+
+def compare_html(rows: list[dict], dense_accuracy: float | None, title: str, plot_png: bytes,
+                 details: dict | None = None) -> str:
+    """One self-contained HTML page (no external files, scripts or fonts): the compare table, the plot embedded
+    as a data URI, every run's warnings and the options the runs used."""
+    tuned = any("accuracy_finetuned" in r for r in rows)
+    head = ["method", "target", "MACs kept", "params kept", "accuracy pruned (%)"]
+    head += ["accuracy fine-tuned (%)"] if tuned else []
+    head += ["prune time (s)"]
+    body = []
+    if dense_accuracy is not None:
+        body.append(["dense", "1.00", "100.0%", "100.0%", f"{dense_accuracy:.2f}"] + ([""] if tuned else []) + [""])
+    for r in rows:
+        cells = [r["method"], f"{r['target']:.2f}", f"{r['macs_ratio']:.1%}", f"{r['params_ratio']:.1%}",
+                 _num(r.get("accuracy_pruned"))]
+        cells += [_num(r.get("accuracy_finetuned"))] if tuned else []
+        body.append(cells + [f"{r['prune_seconds']:.2f}"])
+    table = ("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"
+             + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+             + "</tbody></table>")
+    warnings = [(r["method"], r["target"], w) for r in rows for w in r.get("warnings") or []]
+    notes = ("<h2>Warnings</h2><ul>" + "".join(f"<li>{html.escape(f'{m} at {t:.2f}: {w}')}</li>"
+                                               for m, t, w in warnings) + "</ul>") if warnings else ""
+    options = ("<h2>Options</h2><pre>" + html.escape(json.dumps(details, indent=2, default=str)) + "</pre>"
+               if details else "")
+    image = base64.b64encode(plot_png).decode("ascii")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3em 0.7em; }}
+td:not(:first-child) {{ text-align: right; font-variant-numeric: tabular-nums; }}
+th {{ background: #f3f3f3; }}
+img {{ max-width: 100%; }}
+pre {{ background: #f7f7f7; padding: 1em; overflow-x: auto; }}
+</style></head>
+<body>
+<h1>{html.escape(title)}</h1>
+{table}
+<img alt="accuracy against the remaining MACs or params, per method" src="data:image/png;base64,{image}">
+{notes}
+{options}
+<p><small>structprune compare</small></p>
+</body></html>
+"""
 
 
 def _num(value) -> str:
