@@ -13,7 +13,7 @@ from torch import nn
 import structprune
 from conftest import calibration, make_zoo_model
 from structprune.cli import main
-from structprune.export import ExportedModel, export
+from structprune.exporter import ExportedModel, export
 
 pytest.importorskip("onnxruntime")
 

@@ -10,7 +10,8 @@ from .allocate import PerLayer, Target, Uniform, keep_count
 from .api import PruneResult, prune
 from .checkpoint import load, save
 from .errors import StructPruneError
+from .exporter import export
 
 __version__ = "0.2.0"
-__all__ = ["PerLayer", "PruneResult", "StructPruneError", "Target", "Uniform", "allocate", "keep_count", "load",
-           "methods", "models", "prune", "save"]
+__all__ = ["PerLayer", "PruneResult", "StructPruneError", "Target", "Uniform", "allocate", "export", "keep_count",
+           "load", "methods", "models", "prune", "save"]

@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from . import __version__, allocate, checkpoint, data, measure, methods, models, progress, report, schedule
-from . import export as export_module
+from . import __version__, allocate, checkpoint, data, exporter, measure, methods, models, progress, report, schedule
 from .api import RECONSTRUCT, RECOVERY_SAMPLES, SCOPES, prune
 from .errors import StructPruneError, first_line, strip_ansi
 from .finetune import ShardedBatches, TrainConfig, cuda_device_for, init_distributed, process, train
@@ -387,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "is written next to --out (OUT.json).")
     p.add_argument("model", help="checkpoint (.pt) or Hugging Face model directory to export")
     p.add_argument("--out", required=True, help="the exported file (.onnx, or .ts for TorchScript)")
-    p.add_argument("--format", default=None, choices=export_module.FORMATS,
+    p.add_argument("--format", default=None, choices=exporter.FORMATS,
                    help="onnx or torchscript (default: from --out's suffix: .ts/.torchscript/.jit TorchScript, "
                         "else ONNX)")
     p.add_argument("--opset", type=_positive, default=None,
@@ -842,8 +841,8 @@ def cmd_eval(args) -> int:
     example = _example(args.data)
     rows = []
     for path in args.checkpoints:
-        if export_module.is_exported(path):  # ONNX (ONNX Runtime) or TorchScript, on the CPU
-            model = export_module.ExportedModel(path, trust_checkpoint=args.trust_checkpoint)
+        if exporter.is_exported(path):  # ONNX (ONNX Runtime) or TorchScript, on the CPU
+            model = exporter.ExportedModel(path, trust_checkpoint=args.trust_checkpoint)
             _check_fits(model, args, example)
             recorded = model.metadata
             if "params" not in recorded:
@@ -943,13 +942,13 @@ def cmd_export(args) -> int:
     if not Path(args.model).exists():
         raise StructPruneError(f"{args.model} does not exist")
     model = checkpoint.load(args.model, trust_checkpoint=args.trust_checkpoint)
-    result = export_module.export(model, out, args.format, opset=args.opset, check=not args.no_check,
+    result = exporter.export(model, out, args.format, opset=args.opset, check=not args.no_check,
                                   atol=args.atol, force=args.force, seed=args.seed, source=str(args.model))
     report = {"command": "export", "model": str(args.model), **result.to_dict()}
     latency = ""
     exported = None
     if not args.no_latency and (result.format == "onnx" and result.checked_with or result.format == "torchscript"):
-        exported = export_module.ExportedModel(out, trust_checkpoint=True)  # the file we have just written
+        exported = exporter.ExportedModel(out, trust_checkpoint=True)  # the file we have just written
     example = checkpoint.example_input(model)
     if exported is not None and example is not None:
         report["latency_pytorch_batch1"] = measure.latency_stats(model, example)
