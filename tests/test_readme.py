@@ -1,9 +1,13 @@
-"""Every Python example in README.md runs as written (in a fresh interpreter; the Hugging Face one on a tiny
-local model standing in for "path/to/model")."""
+"""Every example in README.md runs as written: each Python block in a fresh interpreter, each `structprune …`
+command line as a process, in order, block by block (the Hugging Face ones on a tiny local model standing in
+for "path/to/model"). The command lines run on the real Fashion-MNIST files, with flags appended that shrink the
+data (SMALL); the set-up block's two commands are what CI itself runs (.ci/run)."""
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +16,9 @@ import pytest
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+SHELL = re.findall(r"```sh\n(.*?)```", README, flags=re.S)
+ROOT = Path(__file__).parent.parent
+BIN = Path(sys.executable).parent  # structprune and torchrun of this environment
 
 
 def _tiny_bert(directory: Path) -> Path:
@@ -40,3 +47,89 @@ def test_readme_python_example_runs(index, tmp_path):
     script.write_text(code)
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _command_lines(block: str) -> list[list[str]]:
+    """The block's commands as argument lists: continuation lines joined, comments dropped."""
+    joined = block.replace("\\\n", " ")
+    return [argv for argv in (shlex.split(line, comments=True) for line in joined.splitlines()) if argv]
+
+
+# appended to each command so that it reads a few hundred images, not 60,000 (the command is otherwise as written)
+SMALL = {
+    "train": ["--limit", "256"],
+    "finetune": ["--limit", "256"],
+    "prune": ["--limit", "200", "--calib-samples", "64", "--recovery-samples", "128", "--train-limit", "256"],
+    "compare": ["--limit", "200", "--calib-samples", "64", "--recovery-samples", "128", "--train-limit", "256"],
+    "eval": ["--limit", "200"],
+}
+
+
+def _subcommand(argv: list[str]) -> str:
+    return argv[argv.index("structprune") + 1] if "structprune" in argv else argv[0]
+
+
+def _run_block(argv_list: list[list[str]], cwd: Path, small: dict = SMALL) -> None:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(cwd)}
+    for argv in argv_list:
+        assert argv[0] in ("structprune", "torchrun"), argv
+        argv = argv + small.get(_subcommand(argv), [])
+        done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{shlex.join(argv)}\n{done.stderr[-3000:]}"
+
+
+def test_readme_shell_blocks_are_all_covered():
+    kinds = [_subcommand(_command_lines(block)[0]) for block in SHELL]
+    assert kinds == ["make", "convert", "info", "train"]  # set-up, convert, Hugging Face, command line
+    assert [argv for argv in _command_lines(SHELL[0])] == [["make", "demo"], ["make", "test"]]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make demo" in ci and "make test" in ci
+
+
+def test_readme_convert_commands_run(tmp_path):
+    import torch
+    from torch import nn
+
+    package = tmp_path / "mypkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "nets.py").write_text(
+        "from torch import nn\n\n\nclass MyNet(nn.Sequential):\n"
+        "    def __init__(self, width=64):\n"
+        "        super().__init__(nn.Flatten(), nn.Linear(16, width), nn.ReLU(), nn.Linear(width, 3))\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from mypkg.nets import MyNet
+
+        model = MyNet()
+        assert isinstance(model, nn.Module)
+        # a structprune 0.1 file: the model pickled whole
+        torch.save({"format": "structprune", "version": 1, "arch": None, "history": [], "example_input": None,
+                    "module": model}, tmp_path / "old.pt")
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in ("mypkg.nets", "mypkg"):
+            sys.modules.pop(name, None)
+    _run_block(_command_lines(SHELL[1]), tmp_path)
+    assert (tmp_path / "new.pt").is_file() and (tmp_path / "new-arch.pt").is_file()
+
+
+def test_readme_hugging_face_commands_run(tmp_path):
+    (tmp_path / "path" / "to").mkdir(parents=True)
+    _tiny_bert(tmp_path / "path" / "to" / "model")
+    words = ["the", "first", "calibration", "sentence", "and", "a", "second", "one", "of", "your", "own", "text"]
+    sentences = [" ".join(words[i:] + words[:i]) for i in range(len(words))]  # 12 distinct sentences, 12 words
+    (tmp_path / "text.txt").write_text("\n".join(sentences) + "\n")
+    # the Hugging Face prune reads text, not images: its own small sizes, and a text file instead of fortunes
+    small = {**SMALL, "prune": ["--text", "text.txt", "--limit", "8", "--calib-samples", "8",
+                                "--recovery-samples", "16"]}
+    _run_block(_command_lines(SHELL[2]), tmp_path, small)
+    assert (tmp_path / "pruned-model" / "config.json").is_file() and (tmp_path / "pruned-by-layer").is_dir()
+    assert (tmp_path / "pruned-model.onnx").is_file()
+
+
+def test_readme_command_line_block_runs_in_order(tmp_path):
+    _run_block(_command_lines(SHELL[3]), tmp_path)
+    for name in ("lenet5.pt", "lenet5-ispasp.pt", "lenet5-ispasp.json", "lenet5-pfp.pt", "lenet5-ispasp-ft.pt",
+                 "runs/compare/compare.html", "lenet5-ispasp.onnx", "lenet5-ispasp.ts", "lenet5-ft.pt"):
+        assert (tmp_path / name).exists(), name

@@ -360,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("checkpoint", nargs="?", help="checkpoint to inspect")
     src.add_argument("--model", choices=models.available(), help="inspect a fresh zoo model instead")
     src.add_argument("--hf-model", metavar="DIR", help="inspect a local Hugging Face BERT-family model directory "
-                                                       "(sizes counted for one sequence of 128 tokens)")
+                                                       "(sizes counted for one sequence of 128 tokens, or the "
+                                                       "model's maximum if shorter)")
     p.add_argument("--data", default="fashion-mnist", choices=sorted(data.DATASETS),
                    help="dataset whose input shape --model is built for (default: fashion-mnist)")
     _add_trust(p)
@@ -700,6 +701,11 @@ def _hf_model(path: str, trust_checkpoint: bool = False):
     return model
 
 
+def _max_positions(model) -> int:
+    """The longest token sequence a Hugging Face model reads (its position embeddings)."""
+    return int(getattr(model.config, "max_position_embeddings", None) or 512)
+
+
 def cmd_prune_hf(args) -> int:
     """prune --hf-model: heads and/or FFN neurons of a BERT-family model, judged by the cosine similarity
     of its sentence embeddings to the dense model's on held-out text."""
@@ -724,6 +730,11 @@ def cmd_prune_hf(args) -> int:
     except Exception as exc:
         raise StructPruneError(f"--hf-model {args.hf_model}: no usable tokenizer there ({exc})") from None
     ignored = [n for part in hf_parts() if part not in args.prune for n in hf_bert.part_names(model, part)]
+    limit = _max_positions(model)
+    if args.max_length > limit:
+        warnings.warn(f"--max-length {args.max_length}: the model reads at most {limit} tokens; using {limit}",
+                      stacklevel=1)
+        args.max_length = limit
     calib = text.TokenBatches(calib_text, tokenizer, args.batch_size, args.max_length, device)
     test = text.TokenBatches(held_out[:args.limit], tokenizer, args.batch_size, args.max_length, device)
     example = {k: v.to(device) for k, v in tokenizer(calib_text[:1], padding="max_length", truncation=True,
@@ -870,8 +881,9 @@ def cmd_eval(args) -> int:
 def cmd_info(args) -> int:
     if args.hf_model:
         model = _hf_model(args.hf_model, args.trust_checkpoint)
-        example = {"input_ids": torch.zeros(1, 128, dtype=torch.long),
-                   "attention_mask": torch.ones(1, 128, dtype=torch.long)}
+        tokens = min(128, _max_positions(model))
+        example = {"input_ids": torch.zeros(1, tokens, dtype=torch.long),
+                   "attention_mask": torch.ones(1, tokens, dtype=torch.long)}
         title = args.hf_model
     elif args.checkpoint:
         model = _load(args.checkpoint, args)
