@@ -129,6 +129,44 @@ def test_pfp_sensitivities_match_the_definition_over_every_position_and_input_ch
         assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-9)
 
 
+def _dense_sensitivity(rows, weight, features):
+    """PFP's (max, ×) product evaluated at every (row, output, feature), as the definition reads."""
+    parts = [rows] if bool((rows >= 0).all()) else [rows.clamp(min=0), (-rows).clamp(min=0)]
+    best = torch.zeros(features.numel())
+    for part in parts:
+        for w in (weight.clamp(min=0), (-weight).clamp(min=0)):
+            total = part @ w.T
+            inverse = torch.where(total > 1e-12, 1 / total.clamp(min=1e-12), 0.0)
+            m = (inverse[:, :, None] * w[:, features.reshape(-1)][None]).amax(dim=1)
+            best = torch.maximum(best, (part[:, features.reshape(-1)] * m).amax(dim=0))
+    return best.reshape(features.shape).amax(dim=1)
+
+
+@pytest.mark.parametrize("dense_share", [2, 10**9])  # the bounded evaluation, and the every-pair fallback
+def test_pfp_bounded_sensitivity_is_bit_identical_to_the_dense_definition(dense_share, monkeypatch):
+    from structprune.methods import pfp
+
+    monkeypatch.setattr(pfp, "_DENSE_SHARE", dense_share)
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(24):
+        positions, channels, taps, extra, out = (int(torch.randint(lo, hi, (1,), generator=gen)) for lo, hi in
+                                                 ((1, 200), (1, 10), (1, 10), (0, 3), (1, 16)))
+        rows = torch.randn(positions, (channels + extra) * taps, generator=gen)
+        rows = rows.relu() if trial % 2 else rows  # post-ReLU inputs, and signed ones (GELU, heads)
+        if trial % 5 == 0:
+            rows[:, :taps] = 0  # a channel that never fires
+        weight = torch.randn(out, rows.shape[1], generator=gen)
+        weight = weight.relu() if trial % 3 == 0 else weight
+        order = torch.randperm(channels + extra, generator=gen)[:channels]  # any subset, any order
+        features = order[:, None] * taps + torch.arange(taps)
+        reference = _dense_sensitivity(rows, weight, features)
+        assert torch.equal(pfp.consumer_sensitivity(rows, weight, features), reference), trial
+        # in two chunks with the first chunk's result as the running maximum: the same
+        half = positions // 2
+        first = pfp.consumer_sensitivity(rows[:half], weight, features) if half else None
+        assert torch.equal(pfp.consumer_sensitivity(rows[half:], weight, features, floor=first), reference), trial
+
+
 def test_batchnorm_recalibration_writes_the_exact_statistics_of_the_inputs():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 3), nn.BatchNorm2d(3)).eval()

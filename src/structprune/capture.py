@@ -226,8 +226,8 @@ class _RowCollector:
         for start in range(0, x.shape[0], step):
             chunk = x[start:start + step]
             rows = _all_rows(module, chunk, self.consumer.kind, self._mask(chunk.shape[0], chunk))
-            s = consumer_sensitivity(rows, weight.reshape(weight.shape[0], -1), features)
-            self.sensitivity = s if self.sensitivity is None else torch.maximum(self.sensitivity, s)
+            self.sensitivity = consumer_sensitivity(rows, weight.reshape(weight.shape[0], -1), features,
+                                                    floor=self.sensitivity)
 
     def _mask(self, n: int, x: Tensor) -> Tensor | None:
         mask = self.token_mask

@@ -39,33 +39,77 @@ from ..errors import StructPruneError
 from . import register
 from .base import ConsumerView, GroupView, Selection, top_k_sorted
 
-_CHUNK_ELEMENTS = 2**24
+_CHUNK_ELEMENTS = 2**20  # floats per temporary: far below glibc's 32 MiB mmap threshold (no page faults)
+_DENSE_SHARE = 2  # evaluate every pair densely when more than 1/_DENSE_SHARE of them pass the bound
 
 
-def consumer_sensitivity(rows: Tensor, weight: Tensor, features: Tensor) -> Tensor:
-    """s_j of a consumer's group channels on ``rows``.
+def consumer_sensitivity(rows: Tensor, weight: Tensor, features: Tensor, floor: Tensor | None = None) -> Tensor:
+    """s_j of a consumer's group channels on ``rows`` (at least ``floor``, a running maximum, when given).
 
     rows: (P, F) the consumer's whole input at P positions, flattened as ``weight`` (O, F) is;
     features: (C, k) the columns of ``weight`` that read each group channel. The denominators sum over
     all F columns. With everything non-negative, max over i, κ, p of A'[p, f]·W[i, f]/T[p, i] is
     max over p of A'[p, f]·M[p, f], where T = A'·Wᵀ (one matrix product) and M[p, f] = max_i W[i, f]/T[p, i]:
     a (max, ×) product, the only rows × out × features pass.
+
+    It is evaluated only at the (p, c) whose bound max_i(1/T[p, i])·max_{i,κ} W[i, c, κ]·max_κ A'[p, c, κ]
+    (then, with taps, max_i (1/T[p, i])·max_κ W[i, c, κ]·max_κ A'[p, c, κ]) beats the running maximum. Rounding is
+    monotone, so the float bounds bound the float products: the result is bit for bit the dense evaluation's.
     """
     rows, weight = rows.float(), weight.float()
+    channels, taps = features.shape
     columns = features.reshape(-1).to(rows.device)
-    parts = [rows] if bool((rows >= 0).all()) else [rows.clamp(min=0), (-rows).clamp(min=0)]
-    chunk = max(1, _CHUNK_ELEMENTS // (weight.shape[0] * len(columns)))
-    best = torch.zeros(len(columns), device=rows.device)
+    whole = len(columns) == rows.shape[1] and bool((columns == torch.arange(len(columns), device=rows.device)).all())
+    parts = [rows] if not rows.numel() or float(rows.min()) >= 0 else [rows.clamp(min=0), (-rows).clamp(min=0)]
+    best = torch.zeros(channels, device=rows.device) if floor is None else floor.float().to(rows.device).clone()
+    seeded = floor is not None
     for part in parts:
-        numerators = part[:, columns]
+        numerators = (part if whole else part[:, columns]).reshape(len(part), channels, taps)
+        a_max = numerators.transpose(1, 2).amax(dim=1) if taps > 1 else numerators[:, :, 0]  # (P, C): max over taps
         for w in (weight.clamp(min=0), (-weight).clamp(min=0)):
             total = part @ w.T  # (P, O): Σ over every input feature
             inverse = torch.where(total > 1e-12, 1 / total.clamp(min=1e-12), 0.0)
-            w_group = w[:, columns]
-            for start in range(0, part.shape[0], chunk):
-                m = (inverse[start:start + chunk, :, None] * w_group[None]).amax(dim=1)  # (rows, group features)
-                best = torch.maximum(best, (numerators[start:start + chunk] * m).amax(dim=0))
-    return best.reshape(features.shape).amax(dim=1)
+            w_group = (w if whole else w[:, columns]).reshape(len(w), channels, taps).permute(1, 2, 0).contiguous()
+            w_max = w_group.amax(dim=1) if taps > 1 else w_group[:, 0]  # (C, O): max over the channel's taps
+            bound = (inverse.amax(dim=1)[:, None] * w_max.amax(dim=1)[None]).mul_(a_max)  # (P, C)
+            if not seeded:  # a first lower bound: each channel's likeliest row
+                top = bound.amax(dim=0)
+                p, c = ((bound == top) & (top > best)).nonzero(as_tuple=True)
+                _raise_to_products(best, inverse, w_group, numerators, p, c)
+                seeded = True
+            p, c = (bound > best).nonzero(as_tuple=True)
+            if _DENSE_SHARE * len(p) > bound.numel():  # the bound prunes little here: every pair, without gathers
+                _dense_products(best, inverse, w_group, numerators)
+                continue
+            if taps > 1 and len(p):
+                closer = (inverse.index_select(0, p) * w_max.index_select(0, c)).amax(dim=1).mul_(a_max[p, c])
+                beats = closer > best.index_select(0, c)
+                p, c = p[beats], c[beats]
+            _raise_to_products(best, inverse, w_group, numerators, p, c)
+    return best
+
+
+def _raise_to_products(best: Tensor, inverse: Tensor, w_group: Tensor, numerators: Tensor, p: Tensor,
+                       c: Tensor) -> None:
+    """best[c] ← max(best[c], max over κ of A'[p, c, κ]·max_i (1/T[p, i])·W[i, c, κ]) for each pair (p, c):
+    inverse (P, O), w_group (C, k, O), numerators (P, C, k)."""
+    taps, out = w_group.shape[1], w_group.shape[2]
+    step = max(1, _CHUNK_ELEMENTS // (out * taps))
+    for start in range(0, len(p), step):
+        rows, chans = p[start:start + step], c[start:start + step]
+        m = (inverse.index_select(0, rows)[:, None, :] * w_group.index_select(0, chans)).amax(dim=2)  # (n, k)
+        best.scatter_reduce_(0, chans, (numerators[rows, chans] * m).amax(dim=1), "amax")
+
+
+def _dense_products(best: Tensor, inverse: Tensor, w_group: Tensor, numerators: Tensor) -> None:
+    """:func:`_raise_to_products` for every pair (p, c), a few rows at a time."""
+    channels, taps, out = w_group.shape
+    flat = w_group.permute(2, 0, 1).reshape(out, channels * taps)  # (O, C·k)
+    step = max(1, _CHUNK_ELEMENTS // flat.numel())
+    for start in range(0, len(inverse), step):
+        m = (inverse[start:start + step, :, None] * flat[None]).amax(dim=1)  # (rows, C·k)
+        a = numerators[start:start + step].reshape(-1, channels * taps)
+        torch.maximum(best, (a * m).reshape(-1, channels, taps).amax(dim=(0, 2)), out=best)
 
 
 def sensitivities(consumer: ConsumerView) -> Tensor:
