@@ -154,3 +154,12 @@ def test_cli_export_then_eval_reports_exported_latency_beside_pytorch(pruned_res
     assert main(["export", str(dense), "--out", str(dense)]) == 2  # the input, even with --force
     assert main(["export", str(dense), "--out", str(dense), "--force"]) == 2
     assert structprune.load(dense) is not None
+
+
+def test_export_runs_the_model_in_eval_mode_and_gives_its_mode_back(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 2)).train()
+    result = export(model, tmp_path / "m.onnx", example_inputs=torch.zeros(1, 6))
+    assert model.training and result.max_abs_diff <= 1e-4  # dropout and batch statistics would not match
+    x = torch.randn(5, 6)
+    assert torch.allclose(ExportedModel(tmp_path / "m.onnx")(x), model.eval()(x), atol=1e-5)

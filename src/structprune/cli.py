@@ -1,4 +1,4 @@
-"""The ``structprune`` command: train, finetune, prune, compare, eval, info, convert.
+"""The ``structprune`` command: train, finetune, prune, compare, eval, info, convert, export.
 
 Every command validates its input first and fails with one line naming the argument (exit code 2);
 outputs are written to a temporary file and renamed, and existing outputs are kept unless --force.
@@ -954,15 +954,15 @@ def cmd_export(args) -> int:
     if not Path(args.model).exists():
         raise StructPruneError(f"{args.model} does not exist")
     model = checkpoint.load(args.model, trust_checkpoint=args.trust_checkpoint)
-    result = exporter.export(model, out, args.format, opset=args.opset, check=not args.no_check,
-                                  atol=args.atol, force=args.force, seed=args.seed, source=str(args.model))
+    result = exporter.export(model, out, args.format, opset=args.opset, check=not args.no_check, atol=args.atol,
+                             force=args.force, seed=args.seed, source=str(args.model))
     report = {"command": "export", "model": str(args.model), **result.to_dict()}
     latency = ""
+    example = checkpoint.example_input(model)  # None for a language model: no latency at a made-up length
     exported = None
-    if not args.no_latency and (result.format == "onnx" and result.checked_with or result.format == "torchscript"):
+    if not args.no_latency and example is not None and (result.format == "torchscript" or _has_onnxruntime()):
         exported = exporter.ExportedModel(out, trust_checkpoint=True)  # the file we have just written
-    example = checkpoint.example_input(model)
-    if exported is not None and example is not None:
+    if exported is not None:
         report["latency_pytorch_batch1"] = measure.latency_stats(model, example)
         report[f"latency_{exported.runtime}_batch1"] = exported.latency_stats(example)
         latency = (f"; latency at batch 1: PyTorch {report['latency_pytorch_batch1']['median_ms']:.3f} ms, "
@@ -975,6 +975,14 @@ def cmd_export(args) -> int:
     print(f"{args.model} -> {out} ({what}, inputs {', '.join(result.inputs)} with a dynamic batch axis; {check})"
           f"{latency}")
     return 0
+
+
+def _has_onnxruntime() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _same_weights(a, b) -> bool:

@@ -77,7 +77,16 @@ def export(model, out: str | os.PathLike, format: str | None = None, example_inp
     if source is None:
         source = str(model) if isinstance(model, (str, os.PathLike)) else type(getattr(model, "model", model)).__name__
     model = _as_module(model, trust_checkpoint)
-    out = Path(out)
+    was_training = model.training
+    try:
+        return _export(model.eval(), Path(out), format, example_inputs, opset, check, atol, force, seed, source,
+                       start)
+    finally:
+        model.train(was_training)
+
+
+def _export(model: nn.Module, out: Path, format, example_inputs, opset, check, atol, force, seed, source,
+            start) -> ExportResult:
     format = _format(format, out)
     check_output(out, force, what="out:")
     if atol <= 0:
@@ -103,6 +112,11 @@ def export(model, out: str | os.PathLike, format: str | None = None, example_inp
             expected = _flat(wrapper(*check_inputs))
             got, result.checked_with = _run_exported(tmp, format, names, check_inputs, device)
             if result.checked_with is not None:
+                shapes = [(tuple(e.shape), tuple(g.shape)) for e, g in zip(expected, got, strict=True)]
+                if any(a != b for a, b in shapes):
+                    raise StructPruneError(f"the exported {format} model's outputs have shapes "
+                                           f"{[b for _, b in shapes]} where PyTorch's have {[a for a, _ in shapes]} "
+                                           f"on a random batch; nothing was written")
                 result.max_abs_diff = max(float((e.cpu().float() - g.float()).abs().max()) if e.numel() else 0.0
                                           for e, g in zip(expected, got, strict=True))
                 if not result.max_abs_diff <= atol:
@@ -127,7 +141,7 @@ def _as_module(model, trust_checkpoint: bool) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise StructPruneError(f"model must be an nn.Module, a PruneResult or a checkpoint path, "
                                f"got {type(model).__name__}")
-    return model.eval()
+    return model
 
 
 def _format(format: str | None, out: Path) -> str:
