@@ -263,3 +263,30 @@ def test_scope_must_be_known():
     model, shape = make_zoo_model("lenet5")
     with pytest.raises(structprune.StructPruneError, match="scope must be one of auto, all, inner"):
         structprune.prune(model, calibration(shape), "magnitude", 0.5, scope="outer", progress=False)
+
+
+class _CountingLoader:
+    """Batches that count how many samples were read from them."""
+
+    def __init__(self, batches):
+        self.batches, self.read = batches, 0
+
+    def __iter__(self):
+        for x, y in self.batches:
+            self.read += len(x)
+            yield x, y
+
+
+def test_a_weights_only_selection_without_recovery_reads_no_data():
+    model, shape = make_zoo_model("resnet20")
+    loader = _CountingLoader(calibration(shape, samples=64))
+    bare = structprune.prune(model, loader, "magnitude", 0.5, example_inputs=torch.zeros(1, *shape), refit=False,
+                             recalibrate=False, progress=False)
+    assert loader.read == 0 and bare.calib_samples == 0 and bare.recovery_samples == 0 and bare.stages is None
+    assert bare.after["macs"] < bare.before["macs"]
+    without_example = structprune.prune(model, loader, "magnitude", 0.5, refit=False, recalibrate=False,
+                                        progress=False)
+    assert loader.read <= 16  # one batch, for the example input only
+    assert torch.equal(without_example.model.layer1[0].conv1.weight, bare.model.layer1[0].conv1.weight)
+    default = structprune.prune(model, loader, "magnitude", 0.5, progress=False)  # the refit and the BN statistics
+    assert default.recovery_samples == 64 and set(default.stages) == {"samples", "dense", "pruned", "recalibrated"}

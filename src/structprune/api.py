@@ -45,7 +45,8 @@ class PruneResult:
     recalibration: what the BatchNorm recalibration did (None when it did not run).
     stages: with labelled calibration batches, the top-1 accuracy (%) on the first (up to 512) of them of the
         dense model, after the selection and refit ("pruned"; "selected" without refit) and after the
-        BatchNorm recalibration ("recalibrated"), with the number of samples; None otherwise.
+        BatchNorm recalibration ("recalibrated"), with the number of samples; None otherwise, and for a
+        weights-only selection without refit or recalibration, which reads no data at all (0 samples).
     scope: "all" or "inner" (see :func:`prune`); reconstruct: the refit's target, "original" or "layer".
     skipped: groups left whole, with the reason.
     warnings: every warning the pruning gave (also shown as Python warnings), for the report.
@@ -232,8 +233,13 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
         recalibrate = has_batchnorm(pruned)
     if recovery_samples is None:
         recovery_samples = max(calib_samples, RECOVERY_SAMPLES) if refit or recalibrate else calib_samples
-    calib = Calibration(calib_loader, max(calib_samples, recovery_samples), device, dtype, stream=stream)
-    selection_samples = min(calib_samples, calib.samples)
+    # a weights-only selection with no recovery (and no PFP allocation) reads no data: at most one sample, for
+    # the example input, and no accuracy stages
+    reads_data = (refit or recalibrate or getattr(method, "data_informed", True)
+                  or getattr(budget, "allocation", "uniform") == "pfp")
+    samples = max(calib_samples, recovery_samples) if reads_data else (0 if example_inputs is not None else 1)
+    calib = Calibration(calib_loader, samples, device, dtype, stream=stream) if samples else None
+    selection_samples = min(calib_samples, calib.samples) if reads_data else 0
     if example_inputs is None:
         example_inputs = take_samples(calib.first(), 1, device)
     if scope == "auto":
@@ -297,7 +303,7 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
     bar.close()
     recalibration = None
     pruned_any = any(layer["kept"] < layer["channels"] for layer in layers)
-    stages = _StageAccuracy(calib) if pruned_any else None
+    stages = _StageAccuracy(calib) if pruned_any and reads_data else None
     if stages is not None:
         stages.score("dense", model)
         stages.score("pruned" if refit else "selected", pruned)
@@ -314,7 +320,7 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
     return PruneResult(
         model=pruned, method=method.name, budget=allocation.info, layers=layers, before=sizer.dense, after=after,
         seconds=time.perf_counter() - start, calib_samples=selection_samples, seed=seed,
-        refit=refit, reconstruct=reconstruct if refit else None, recovery_samples=calib.samples,
+        refit=refit, reconstruct=reconstruct if refit else None, recovery_samples=calib.samples if reads_data else 0,
         recalibration=recalibration, scope=scope, skipped=skipped,
         stages=stages.accuracy if stages is not None and stages.accuracy else None,
         method_options={k: v for k, v in vars(method).items() if not k.startswith("_") and k != "name"},
