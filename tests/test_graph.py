@@ -180,3 +180,20 @@ def test_streamed_calibration_gives_the_same_result_and_rejects_a_shuffling_load
 
     with pytest.raises(structprune.StructPruneError, match="same samples every pass"):
         structprune.prune(net, Shuffled(), "ispasp", 0.5, stream=True, progress=False)
+
+
+def test_the_graph_layer_knows_no_model_family():
+    """Families register their own graphs (structprune.graph.register_family): graph.py imports nothing under
+    models/, so the import structure has no circle through it."""
+    import ast
+    from pathlib import Path
+
+    import structprune.graph
+
+    tree = ast.parse(Path(structprune.graph.__file__).read_text())
+    imported = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    assert not [m for m in imported if "models" in m.split(".")], imported
+    from structprune.models import hf_bert
+
+    assert (hf_bert.is_supported, hf_bert.TransformerGraph) in structprune.graph._FAMILIES

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -411,16 +411,27 @@ def write_consumer_weights(group: Group, keep_idx, consumer_weights: dict[str, T
     return keep_idx
 
 
-def build_graph(model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Module] = (), scope: str = "all"):
-    """The graph for ``model``: BERT-family encoders get heads and FFN groups
-    (:class:`structprune.models.hf_bert.TransformerGraph`; all of them are inner, the residual stream is
-    never pruned there), everything else a :class:`PruningGraph`."""
-    from .models import hf_bert
+#: model families whose prunable groups are not Torch-Pruning's channel groups: (matches, graph class), added by
+#: the family's own module (e.g. :mod:`structprune.models.hf_bert`: BERT attention heads and FFN neurons), so
+#: that this module knows no model family
+_FAMILIES: list[tuple[Callable[[nn.Module], bool], Callable]] = []
 
-    if hf_bert.is_supported(model):
-        if scope not in SCOPES:
-            raise StructPruneError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
-        return hf_bert.TransformerGraph(model, example_inputs, ignored_layers)
+
+def register_family(matches: Callable[[nn.Module], bool], graph_class: Callable) -> None:
+    """Route models for which ``matches(model)`` is true to ``graph_class(model, example_inputs,
+    ignored_layers)`` instead of :class:`PruningGraph` (the graph class offers the same interface, and prunes
+    only inner groups: the residual stream stays whole)."""
+    _FAMILIES.append((matches, graph_class))
+
+
+def build_graph(model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Module] = (), scope: str = "all"):
+    """The graph for ``model``: a registered family's own (:func:`register_family`; BERT-family encoders get
+    heads and FFN groups), everything else a :class:`PruningGraph`."""
+    for matches, graph_class in _FAMILIES:
+        if matches(model):
+            if scope not in SCOPES:
+                raise StructPruneError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+            return graph_class(model, example_inputs, ignored_layers)
     return PruningGraph(model, example_inputs, ignored_layers, scope)
 
 

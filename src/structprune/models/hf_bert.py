@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import StructPruneError, first_line
-from ..graph import Consumer, Group, Producer, write_consumer_weights
+from ..graph import Consumer, Group, Producer, register_family, write_consumer_weights
 
 HEADS, FFN = "heads", "ffn"
 PARTS = (HEADS, FFN)
@@ -172,6 +172,9 @@ class TransformerGraph:
 
     def history(self) -> list:
         return []  # the pruned shapes live in the config (layer_sizes), not in a replay log
+
+
+register_family(is_supported, TransformerGraph)  # build_graph gives BERT-family encoders this graph
 
 
 def _ones(linear: nn.Linear) -> Tensor:
