@@ -78,3 +78,17 @@ def test_bad_budgets_are_clear():
     model, shape = make_zoo_model("lenet5")
     with pytest.raises(StructPruneError, match="round_to must be a positive integer"):
         structprune.prune(model, calibration(shape), "magnitude", 0.5, round_to=0, progress=False)
+
+
+def test_round_to_auto_takes_the_devices_multiple():
+    model, shape = make_zoo_model("vgg16")  # widths 8..64 at width 0.125
+    calib = calibration(shape)
+    result = structprune.prune(model, calib, "magnitude", 0.3, round_to="auto", progress=False)
+    assert result.budget["round_to"] == structprune.allocate.HARDWARE_MULTIPLE["cpu"] == 8
+    assert all(layer["kept"] % 8 == 0 or layer["kept"] == layer["channels"] for layer in result.layers)
+    plain = structprune.prune(model, calib, "magnitude", 0.3, progress=False)
+    assert plain.budget["round_to"] is None and any(layer["kept"] % 8 for layer in plain.layers)
+    target = structprune.prune(model, calib, "magnitude", structprune.Target(0.5), round_to="auto", progress=False)
+    assert all(layer["kept"] % 8 == 0 or layer["kept"] == layer["channels"] for layer in target.layers)
+    with pytest.raises(StructPruneError, match="positive integer or 'auto'"):
+        structprune.prune(model, calib, "magnitude", 0.5, round_to="fast", progress=False)

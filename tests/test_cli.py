@@ -6,6 +6,7 @@ import base64
 import json
 import re
 
+import pytest
 import torch
 
 import structprune
@@ -181,3 +182,17 @@ def test_cascade_resumes_after_an_interruption_with_the_same_result(tmp_path, fm
     steps = [json.loads(p.with_suffix(".json").read_text())["steps"] for p in (tmp_path / "ref.pt", out)]
     assert [s["macs"] for s in steps[0]] == [s["macs"] for s in steps[1]]
     assert [s["accuracy_finetuned"] for s in steps[0]] == [s["accuracy_finetuned"] for s in steps[1]]
+
+
+def test_prune_round_to_auto(tmp_path, fmnist_dir, capsys):
+    dense = _trained(tmp_path, fmnist_dir)
+    common = ["--data-dir", str(fmnist_dir), "--calib-samples", "32", "--no-eval", "-q"]
+    assert main(["prune", str(dense), "--ratio", "0.3", "--round-to", "auto", "--out", str(tmp_path / "a.pt"),
+                 *common]) == 0
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert report["budget"]["round_to"] == 8
+    # ⌈0.3·C⌉ rounded up to 8: conv1 6 → 2 → 8 > 6, so all 6; conv2 16 → 5 → 8; fc1 120 → 36 → 40; fc2 84 → 26 → 32
+    assert [layer["kept"] for layer in report["layers"]] == [6, 8, 40, 32]
+    with pytest.raises(SystemExit) as exit_:
+        main(["prune", str(dense), "--round-to", "fast", "--out", str(tmp_path / "b.pt"), *common])
+    assert exit_.value.code == 2 and "--round-to: must be a positive integer or auto" in capsys.readouterr().err

@@ -116,6 +116,26 @@ def as_budget(budget) -> Budget:
                            f"or structprune.Target(...); got {budget!r}")
 
 
+#: the width multiple ``round_to="auto"`` takes per device type: the kept widths the kernels run fastest. CPU 8:
+#: ONNX Runtime's convolutions gain from pruning only at multiples of 8 (ResNet-20 at half the MACs ×0.95 → ×1.46,
+#: MobileNetV2 ×0.87 → ×1.97; 16 is no faster there and costs budget) and oneDNN's run MobileNetV2 ×1.45 → ×1.68
+#: (benchmarks/README.md: export.py, speed.py). CUDA 8: tensor cores take fp16/bf16 matrices in multiples of 8
+#: (NVIDIA's performance guide; not measured here, no GPU).
+HARDWARE_MULTIPLE = {"cpu": 8, "cuda": 8}
+
+
+def resolve_round_to(round_to, device) -> int | None:
+    """``round_to`` as an int or None: ``"auto"`` is :data:`HARDWARE_MULTIPLE` for ``device``'s type (None for a
+    device type with no rule)."""
+    if isinstance(round_to, str):
+        if round_to != "auto":
+            raise StructPruneError(f"round_to must be a positive integer or 'auto', got {round_to!r}")
+        return HARDWARE_MULTIPLE.get(torch.device(device).type)
+    if round_to is not None and (not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1):
+        raise StructPruneError(f"round_to must be a positive integer or 'auto', got {round_to!r}")
+    return round_to
+
+
 def keep_count(channels: int, ratio: float, round_to: int | None = None) -> int:
     """⌈ratio·channels⌉, rounded up to a multiple of ``round_to``, within [1, channels]."""
     keep = max(1, math.ceil(ratio * channels - 1e-9))
@@ -194,15 +214,14 @@ def plan(budget: Budget, sizer: Sizer, round_to: int | None = None,
 
     ``sensitivities`` computes PFP's per-group statistics on demand (only for ``Target(allocation="pfp")``).
     """
-    if round_to is not None and (not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1):
-        raise StructPruneError(f"round_to must be a positive integer, got {round_to!r}")
+    round_to = resolve_round_to(round_to, "cpu")
     groups = sizer.groups
     if isinstance(budget, Uniform):
         keeps = {name: keep_count(c, budget.ratio, round_to) for name, c in groups.items()}
-        return Allocation(keeps, {"budget": "uniform", "ratio": budget.ratio})
+        return Allocation(keeps, {"budget": "uniform", "ratio": budget.ratio, "round_to": round_to})
     if isinstance(budget, PerLayer):
         return Allocation(_per_layer(budget, sizer, round_to), {"budget": "per-layer", "ratios": budget.ratios,
-                                                                "default": budget.default})
+                                                                "default": budget.default, "round_to": round_to})
     if budget.allocation == "uniform":
         keeps = _search_uniform(budget, sizer, round_to)
     else:
@@ -213,7 +232,7 @@ def plan(budget: Budget, sizer: Sizer, round_to: int | None = None,
     info = {"budget": "target", "metric": budget.metric, "allocation": budget.allocation,
             "target": budget.fraction, "achieved": achieved,
             "relative_error": abs(achieved - budget.fraction) / budget.fraction,
-            "size_evaluations": len(sizer._cache)}
+            "size_evaluations": len(sizer._cache), "round_to": round_to}
     if budget.allocation == "pfp":
         info["delta"] = budget.delta
     return Allocation(keeps, info)

@@ -109,7 +109,7 @@ def prune(
     reconstruct: str = "auto",
     recalibrate: bool | None = None,
     scope: str = "auto",
-    round_to: int | None = None,
+    round_to: int | str | None = None,
     calib_samples: int | None = None,
     recovery_samples: int | None = None,
     ignored_layers: Sequence[str | nn.Module] = (),
@@ -153,7 +153,9 @@ def prune(
         ones, as the i-SpaSP paper prunes); residual streams are then kept whole. "auto" (default): for a
         :class:`~structprune.allocate.Target`, "inner" when the inner groups alone can meet it (measured
         better: benchmarks/README.md), else "all"; for keep ratios, "all".
-    round_to: round every keep count up to a multiple of this (hardware-friendly widths).
+    round_to: round every keep count up to a multiple of this (hardware-friendly widths); ``"auto"``: the
+        multiple the model's device runs fastest (:data:`structprune.allocate.HARDWARE_MULTIPLE`: 8 on CPU and
+        CUDA). The report's ``budget["round_to"]`` says what was used.
     calib_samples: calibration samples the method selects on; default: the method's own (1,280 for
         i-SpaSP, PFP's ⌈3·ln(8·η·η*/δ)⌉ rule for PFP, 256 for the rest).
     recovery_samples: calibration samples the refit and the recalibration use (the first ones of
@@ -248,6 +250,7 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
     if reconstruct == "auto":
         reconstruct = "layer" if graph.residual_layers else "original"
     sizer = allocate.Sizer(model, example_inputs, ignored_names, graph, scope)  # model: the caller's, never pruned
+    round_to = allocate.resolve_round_to(round_to, device)
     allocation = allocate.plan(budget, sizer, round_to, lambda: allocate.pfp_sensitivities(
         pruned, graph, calib, memory_bytes, seed, selection_samples))
     _warn_if_missed(allocation.info, budget)
