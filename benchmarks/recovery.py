@@ -307,6 +307,10 @@ def targets_met(payload: dict) -> list[str]:
             lines.append(f"- ResNet-20, prune time of the default pipeline ≤ 1.5 × the selection alone ({method}, 50% "
                          f"MACs, fastest of {timing['rounds']} rounds): {default:.1f} s vs {bare:.1f} s "
                          f"(×{default / bare:.2f}) — {_verdict(default <= 1.5 * bare)}.")
+        for label in ("bare", "default"):  # issue 16: PFP ≤ 1.5 × i-SpaSP on the same model and calibration set
+            pfp, ispasp = timing["seconds"][f"pfp {label}"], timing["seconds"][f"ispasp {label}"]
+            lines.append(f"- ResNet-20, PFP's prune time ≤ 1.5 × i-SpaSP's ({label}, 50% MACs): {pfp:.1f} s vs "
+                         f"{ispasp:.1f} s (×{pfp / ispasp:.2f}) — {_verdict(pfp <= 1.5 * ispasp)}.")
     ft = payload.get("finetune")
     if ft:
         for target in (0.5, 0.3):
