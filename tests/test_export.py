@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 
 import pytest
 import torch
@@ -163,3 +164,16 @@ def test_export_runs_the_model_in_eval_mode_and_gives_its_mode_back(tmp_path):
     assert model.training and result.max_abs_diff <= 1e-4  # dropout and batch statistics would not match
     x = torch.randn(5, 6)
     assert torch.allclose(ExportedModel(tmp_path / "m.onnx")(x), model.eval()(x), atol=1e-5)
+
+
+def test_onnx_export_of_a_pruned_cnn_with_unaligned_widths_says_how_to_prune_for_onnx_runtime(tmp_path):
+    model, shape = make_zoo_model("vgg16")
+    calib = calibration(shape)
+    odd = structprune.prune(model, calib, "magnitude", 0.3, refit=False, progress=False)
+    with pytest.warns(UserWarning, match="round_to='auto'"):
+        export(odd, tmp_path / "odd.onnx")
+    aligned = structprune.prune(model, calib, "magnitude", 0.3, refit=False, round_to="auto", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither the dense model nor the aligned one is warned about
+        export(aligned, tmp_path / "aligned.onnx")
+        export(model, tmp_path / "dense.onnx", example_inputs=torch.zeros(1, *shape))
