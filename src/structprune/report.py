@@ -27,28 +27,14 @@ def eval_table(rows: list[dict]) -> str:
 
 def compare_table(rows: list[dict], dense_accuracy: float | None) -> str:
     """A Markdown table of ``structprune compare`` rows (one per method and target)."""
-    tuned = any("accuracy_finetuned" in r for r in rows)
-    head = "| method | target | MACs kept | params kept | accuracy pruned (%) |"
-    rule = "|---|---:|---:|---:|---:|"
-    if tuned:
-        head += " accuracy fine-tuned (%) |"
-        rule += "---:|"
-    lines = [head + " prune time (s) |", rule + "---:|"]
-    if dense_accuracy is not None:
-        lines.append(f"| dense | 1.00 | 100.0% | 100.0% | {dense_accuracy:.2f} |" + (" |" if tuned else "") + " |")
-    for r in rows:
-        line = (f"| {r['method']} | {r['target']:.2f} | {r['macs_ratio']:.1%} | {r['params_ratio']:.1%} | "
-                f"{_num(r.get('accuracy_pruned'))} |")
-        if tuned:
-            line += f" {_num(r.get('accuracy_finetuned'))} |"
-        lines.append(line + f" {r['prune_seconds']:.2f} |")
+    head, body = _compare_cells(rows, dense_accuracy)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    lines += ["|" + "|".join(f" {c} " if c else " " for c in cells) + "|" for cells in body]
     return "\n".join(lines)
 
 
-def compare_html(rows: list[dict], dense_accuracy: float | None, title: str, plot_png: bytes,
-                 details: dict | None = None) -> str:
-    """One self-contained HTML page (no external files, scripts or fonts): the compare table, the plot embedded
-    as a data URI, every run's warnings and the options the runs used."""
+def _compare_cells(rows: list[dict], dense_accuracy: float | None) -> tuple[list[str], list[list[str]]]:
+    """The compare table's header and its rows' cells (the dense row first), for Markdown and HTML alike."""
     tuned = any("accuracy_finetuned" in r for r in rows)
     head = ["method", "target", "MACs kept", "params kept", "accuracy pruned (%)"]
     head += ["accuracy fine-tuned (%)"] if tuned else []
@@ -61,6 +47,14 @@ def compare_html(rows: list[dict], dense_accuracy: float | None, title: str, plo
                  _num(r.get("accuracy_pruned"))]
         cells += [_num(r.get("accuracy_finetuned"))] if tuned else []
         body.append(cells + [f"{r['prune_seconds']:.2f}"])
+    return head, body
+
+
+def compare_html(rows: list[dict], dense_accuracy: float | None, title: str, plot_png: bytes,
+                 details: dict | None = None) -> str:
+    """One self-contained HTML page (no external files, scripts or fonts): the compare table, the plot embedded
+    as a data URI, every run's warnings and the options the runs used."""
+    head, body = _compare_cells(rows, dense_accuracy)
     table = ("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"
              + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
              + "</tbody></table>")
