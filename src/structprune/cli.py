@@ -971,7 +971,7 @@ def cmd_export(args) -> int:
     latency = ""
     example = checkpoint.example_input(model)  # None for a language model: no latency at a made-up length
     exported = None
-    if not args.no_latency and example is not None and (result.format == "torchscript" or _has_onnxruntime()):
+    if not args.no_latency and example is not None and (result.format == "torchscript" or exporter.has_onnxruntime()):
         exported = exporter.ExportedModel(out, trust_checkpoint=True)  # the file we have just written
     if exported is not None:
         report["latency_pytorch_batch1"] = measure.latency_stats(model, example)
@@ -986,14 +986,6 @@ def cmd_export(args) -> int:
     print(f"{args.model} -> {out} ({what}, inputs {', '.join(result.inputs)} with a dynamic batch axis; {check})"
           f"{latency}")
     return 0
-
-
-def _has_onnxruntime() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _same_weights(a, b) -> bool:

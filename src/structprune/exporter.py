@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def _export(model: nn.Module, out: Path, format, example_inputs, opset, check, a
                         f"the exported {format} model's outputs differ from PyTorch's by {result.max_abs_diff:.3g} "
                         f"(more than atol={atol:g}) on a random batch; nothing was written")
         result.metadata["check"] = {"checked_with": result.checked_with, "max_abs_diff": result.max_abs_diff,
-                                    "atol": atol, "batch": _batch(check_inputs[0])}
+                                    "atol": atol, "batch": int(check_inputs[0].shape[0])}
 
     with torch.no_grad():
         write_atomic(out, write, force=force)
@@ -146,8 +147,6 @@ def _warn_if_unaligned(model: nn.Module) -> None:
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
     odd = [m for m in convs if m.out_channels % ALIGNED]
     if odd:
-        import warnings
-
         warnings.warn(f"structprune: {len(odd)} of {len(convs)} convolutions keep a width that is not a multiple "
                       f"of {ALIGNED}; ONNX Runtime's CPU kernels run those slower, so the pruned model may be no "
                       f"faster there than the dense one (a ResNet-20 at half the MACs: ×0.95, ×1.46 with "
@@ -299,8 +298,6 @@ def _write_torchscript(wrapper: nn.Module, args, path: str, metadata: dict) -> N
 
 @contextlib.contextmanager
 def _quiet_warnings():
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and exporter notes about Python values; the check judges
         yield
@@ -331,26 +328,27 @@ def _check_batch(model: nn.Module, names, args, seed: int) -> tuple[Tensor, ...]
     return tuple(batch)
 
 
-def _batch(value: Tensor) -> int:
-    return int(value.shape[0])
-
-
 def _run_exported(path: str, format: str, names, inputs, device) -> tuple[list[Tensor], str | None]:
     if format == "torchscript":
         with _quiet_warnings():
             loaded = torch.jit.load(path, map_location=device)
         return _flat(loaded(*inputs)), "torchscript"
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        import warnings
-
+    if not has_onnxruntime():
         warnings.warn("structprune: ONNX Runtime is not installed, so the exported model's outputs were not "
                       "compared with PyTorch's (pip install 'structprune[onnx]')", stacklevel=3)
         return [], None
     session = onnx_session(path)
     outputs = session.run(None, {n: v.cpu().numpy() for n, v in zip(names, inputs, strict=True)})
     return [torch.from_numpy(o) for o in outputs], "onnxruntime"
+
+
+def has_onnxruntime() -> bool:
+    """Whether ONNX Runtime (the ``[onnx]`` extra) can be imported."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def onnx_session(path: str | os.PathLike):
