@@ -489,11 +489,12 @@ def _report_path(out: Path) -> Path:
     return out.with_suffix(".json") if out.suffix != ".json" else out.with_suffix(".report.json")
 
 
-def _check_outputs(args, *inputs) -> tuple[Path, Path]:
+def _check_outputs(args, *inputs, report: Path | None = None) -> tuple[Path, Path]:
     """Refuse early (before any work) outputs that cannot be written, that exist (without --force) or that
-    are one of the command's inputs (even with --force: an input is never overwritten)."""
+    are one of the command's inputs (even with --force: an input is never overwritten). The JSON report is
+    ``report``, by default next to --out (:func:`_report_path`)."""
     out = Path(args.out)
-    report = _report_path(out)
+    report = _report_path(out) if report is None else report
     for path in (out, report):
         _refuse_input(path, inputs)
         checkpoint.check_output(path, args.force, what="--out:")
@@ -957,11 +958,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export(args) -> int:
-    out = Path(args.out)
-    report_path = out.with_name(out.name + ".json")
-    for path in (out, report_path):
-        _refuse_input(path, [args.model])
-        checkpoint.check_output(path, args.force, what="--out:")
+    out, report_path = _check_outputs(args, args.model, report=Path(args.out + ".json"))  # OUT.onnx.json
     if not Path(args.model).exists():
         raise StructPruneError(f"{args.model} does not exist")
     model = checkpoint.load(args.model, trust_checkpoint=args.trust_checkpoint)
