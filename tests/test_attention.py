@@ -38,23 +38,69 @@ def test_multihead_attention_embed_dim_is_never_shrunk():
     result, messages = _prune_recording(model, [torch.randn(8, 5, 6)])
     attn = result.model.enc.self_attn
     assert (attn.embed_dim, attn.head_dim, attn.num_heads) == (16, 8, 2)
-    assert any("nn.MultiheadAttention enc.self_attn would lose embed_dim channels" in m for m in messages)
+    assert any("nn.MultiheadAttention enc.self_attn would lose embed_dim channels" in m
+               and "Linear q/k/v/o" in m for m in messages)
     assert result.model.enc.linear1.out_features == 16  # the FFN is still pruned
     assert result.model(torch.randn(2, 5, 6)).shape == (2, 3)
 
 
-def test_heads_of_other_attention_layouts_are_refused_not_mixed():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
-    model = transformers.DistilBertModel(config).eval()
-    ids = torch.randint(0, 50, (4, 7))
-    result, messages = _prune_recording(model, [{"input_ids": ids}])
-    attention = result.model.transformer.layer[0].attention
-    for linear in (attention.q_lin, attention.k_lin, attention.v_lin):
-        assert linear.out_features == 16
-    assert any("heads of attention transformer.layer.0.attention" in m for m in messages)
-    assert result.model.transformer.layer[0].ffn.lin1.out_features == 16
-    assert result.model(ids).last_hidden_state.shape == (4, 7, 16)
+class _OwnAttention(nn.Module):
+    """Multi-head self-attention whose layers no registered layout names (to_q, to_k, to_v, to_out)."""
+
+    def __init__(self, width: int = 16, heads: int = 4):
+        super().__init__()
+        self.n_heads, self.size = heads, width // heads
+        self.to_q, self.to_k, self.to_v = (nn.Linear(width, width) for _ in range(3))
+        self.to_out = nn.Linear(width, width)
+
+    def forward(self, x):
+        split = lambda t: t.view(*x.shape[:2], -1, self.size).transpose(1, 2)  # noqa: E731
+        context = nn.functional.scaled_dot_product_attention(split(self.to_q(x)), split(self.to_k(x)),
+                                                             split(self.to_v(x)))
+        return x + self.to_out(context.transpose(1, 2).reshape(*x.shape[:2], -1))
+
+
+class _OwnBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 16)
+        self.attn = _OwnAttention()
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.attn(self.inp(x))
+        return self.head((h + self.mlp(h)).mean(1))
+
+
+def test_heads_of_an_undescribed_attention_are_refused_not_mixed():
+    torch.manual_seed(0)
+    result, messages = _prune_recording(_OwnBlock().eval(), [torch.randn(8, 5, 6)])
+    attn = result.model.attn
+    assert all(layer.out_features == 16 for layer in (attn.to_q, attn.to_k, attn.to_v))
+    assert any("heads of attention attn" in m and "structprune.attention.register" in m for m in messages)
+    assert result.model.mlp[0].out_features == 16  # the rest is still pruned
+    assert result.model(torch.randn(2, 5, 6)).shape == (2, 3)
+
+
+def test_a_layout_given_as_data_prunes_that_attention_in_whole_heads():
+    """Describing the module (which attributes hold q/k/v/o and the head size) is all a new family takes."""
+    from structprune import attention
+
+    layout = attention.AttentionLayout("own", query="to_q", key="to_k", value="to_v", output="to_out",
+                                       head_dim="size", heads=("n_heads",))
+    attention.register(layout)
+    try:
+        torch.manual_seed(0)
+        model, x = _OwnBlock().eval(), torch.randn(8, 5, 6)
+        result = structprune.prune(model, [x], "ispasp", {"attn": 0.5}, refit=False, progress=False)
+        attn = result.model.attn
+        assert attn.n_heads == 2 and attn.to_q.out_features == attn.to_v.out_features == attn.to_out.in_features == 8
+        kept = [g for g in result.layers if g["group"] == "attn"][0]
+        assert (kept["channels"], kept["kept"]) == (4, 2)
+        assert result.model(x).shape == (8, 3)
+    finally:
+        attention._ATTENTION.remove(layout)
 
 
 class _TwoOutputs(nn.Module):

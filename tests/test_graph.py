@@ -194,6 +194,7 @@ def test_the_graph_layer_knows_no_model_family():
     imported = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
     imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
     assert not [m for m in imported if "models" in m.split(".")], imported
-    from structprune.models import hf_bert
+    from structprune import attention
+    from structprune.models import hf
 
-    assert (hf_bert.is_supported, hf_bert.TransformerGraph) in structprune.graph._FAMILIES
+    assert (attention.is_supported, hf.HFTransformerGraph) in structprune.graph._FAMILIES

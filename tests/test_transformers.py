@@ -10,10 +10,9 @@ import pytest
 import torch
 
 import structprune
-from structprune import capture, cli
+from structprune import attention, capture, cli
 from structprune.graph import build_graph
 from structprune.measure import count
-from structprune.models import hf_bert
 
 transformers = pytest.importorskip("transformers")  # a dev dependency: installed by `make install`
 
@@ -56,13 +55,15 @@ def test_prunes_heads_and_ffn_with_each_method(method, budget, heads, inter, bat
     model = tiny_bert()
     result = structprune.prune(model, batches, method, budget, progress=False)
     pruned = result.model
-    for _, layer in hf_bert.encoder_layers(pruned):
+    for layer in pruned.encoder.layer:
         attn = layer.attention.self
         assert attn.num_attention_heads == heads and attn.all_head_size == heads * attn.attention_head_size
         assert attn.query.out_features == attn.key.out_features == attn.value.out_features == heads * 8
         assert layer.attention.output.dense.in_features == heads * 8
         assert layer.intermediate.dense.out_features == layer.output.dense.in_features == inter
-    assert pruned.config.structprune_layers == [{"num_attention_heads": heads, "intermediate_size": inter}] * 2
+    assert pruned.config.structprune_layers == {
+        **{f"encoder.layer.{i}.attention": {"heads": heads, "kv_heads": heads, "head_dim": 8} for i in range(2)},
+        **{f"encoder.layer.{i}.intermediate": {"neurons": inter} for i in range(2)}}
     with torch.no_grad():
         out = hidden(pruned, batches[0])
     assert out.shape == hidden(model, batches[0]).shape and torch.isfinite(out).all()
@@ -129,13 +130,15 @@ def test_save_and_reload_in_a_fresh_process(batches, tmp_path):
     out = structprune.save(result, tmp_path / "pruned")
     assert (out / "config.json").is_file()
     torch.save({"batch": batches[1], "expected": hidden(result.model, batches[1]).detach()}, tmp_path / "io.pt")
-    script = (f"import torch, structprune; d = torch.load({str(tmp_path / 'io.pt')!r}); "
+    script = (f"import json, torch, structprune; d = torch.load({str(tmp_path / 'io.pt')!r}); "
               f"m = structprune.load({str(out)!r}); "
               f"assert torch.equal(m(**d['batch']).last_hidden_state, d['expected']); "
-              f"print(m.config.structprune_layers)")
+              f"print(json.dumps(m.config.structprune_layers))")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert "'num_attention_heads': 2" in run.stdout and "'intermediate_size': 16" in run.stdout
+    sizes = json.loads(run.stdout)
+    assert sizes["encoder.layer.0.attention"] == {"heads": 2, "kv_heads": 2, "head_dim": 8}
+    assert sizes["encoder.layer.1.attention"]["heads"] == 4 and sizes["encoder.layer.1.intermediate"]["neurons"] == 16
     with pytest.raises(structprune.StructPruneError, match="already exists"):
         structprune.save(result, out)
 
@@ -158,9 +161,9 @@ def test_corrupted_weights_are_a_clear_error(batches, tmp_path):
 
 
 def test_a_model_without_encoder_layers_is_not_taken_for_bert():
-    assert not hf_bert.is_supported(structprune.models.create("lenet300"))
+    assert not attention.is_supported(structprune.models.create("lenet300"))
     with pytest.raises(structprune.StructPruneError, match="parts"):
-        hf_bert.TransformerGraph(tiny_bert(), parts=("mlp",))
+        attention.TransformerGraph(tiny_bert(), parts=("mlp",))
 
 
 # -- command line ----------------------------------------------------------------------------------
@@ -183,7 +186,9 @@ def test_cli_prunes_heads_of_a_local_model(hf_dir, tmp_path, capsys):
                      "--method", "ispasp", "--max-length", "16", "--out", str(out), "--no-progress"])
     assert code == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "out.json").read_text())
-    assert report["layer_sizes"] == [{"num_attention_heads": 2, "intermediate_size": 64}] * 2
+    assert report["layer_sizes"] == {
+        **{f"encoder.layer.{i}.attention": {"heads": 2, "kv_heads": 2, "head_dim": 8} for i in range(2)},
+        **{f"encoder.layer.{i}.intermediate": {"neurons": 64} for i in range(2)}}
     assert report["held_out_sentences"] == 12 and 0 < report["embedding_cosine_similarity"] <= 1
     assert "cosine similarity" in capsys.readouterr().out
     model = structprune.load(out)

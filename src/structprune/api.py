@@ -15,7 +15,7 @@ from . import allocate
 from . import methods as method_registry
 from .capture import DEFAULT_MEMORY_BYTES, Calibration, capture, materialize, take_samples, weights_view
 from .errors import StructPruneError, check_positive_int, first_line
-from .graph import build_graph, run_forward
+from .graph import build_graph, out_features, run_forward
 from .measure import count, output_sizes
 from .methods.base import GroupView, Method, Selection
 from .progress import bar as progress_bar
@@ -334,7 +334,7 @@ def _reference(model: nn.Module, group, graph, original_outputs: dict[str, Tenso
     """What capture needs to record the original model's output of the group's consumers (those that do not
     add into a residual stream, which keep the layer target): the model and each consumer's current outputs'
     indices in it."""
-    targets = {c.name: original_outputs.get(c.name, torch.arange(c.module.weight.shape[0]))
+    targets = {c.name: original_outputs.get(c.name, torch.arange(out_features(c.module)))
                for c in group.consumers if c.name not in graph.residual_layers}
     return (model, targets) if targets else None
 
@@ -343,7 +343,7 @@ def _track_outputs(original_outputs: dict[str, Tensor], group, keep_idx: Tensor)
     """Record which of the original outputs each of the group's producers keeps (indices compose over groups)."""
     for producer in group.producers:
         rows = producer.channel_index[keep_idx].reshape(-1).sort().values
-        current = original_outputs.get(producer.name, torch.arange(producer.module.weight.shape[0]))
+        current = original_outputs.get(producer.name, torch.arange(out_features(producer.module)))
         original_outputs[producer.name] = current[rows]
 
 

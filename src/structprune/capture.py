@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import StructPruneError, first_line
-from .graph import Consumer, Group, Producer, run_forward
+from .graph import Consumer, Group, Producer, rows_first, run_forward
 from .methods.base import ConsumerView, GroupView, ProducerView
 
 DEFAULT_MEMORY_BYTES = 256 * 2**20
@@ -221,13 +221,12 @@ class _RowCollector:
 
         per_sample = max(1, x[0].numel() * (module.weight[0, 0].numel() if self.consumer.kind == "conv" else 1))
         step = max(1, _SCORE_ELEMENTS // per_sample)
-        weight = self.consumer.module.weight.detach()
+        weight = self.consumer.flat_weight()
         features = self.consumer.input_features()
         for start in range(0, x.shape[0], step):
             chunk = x[start:start + step]
             rows = _all_rows(module, chunk, self.consumer.kind, self._mask(chunk.shape[0], chunk))
-            self.sensitivity = consumer_sensitivity(rows, weight.reshape(weight.shape[0], -1), features,
-                                                    floor=self.sensitivity)
+            self.sensitivity = consumer_sensitivity(rows, weight, features, floor=self.sensitivity)
 
     def _mask(self, n: int, x: Tensor) -> Tensor | None:
         mask = self.token_mask
@@ -492,7 +491,9 @@ def _forward(model: nn.Module, inputs, stopper: _Stopper | None):
 
 
 def _per_channel(tensor: Tensor, layer: Producer, channels: int) -> Tensor:
-    """Rows of a producer's (or BatchNorm's) parameter that belong to each group channel, flattened."""
+    """Rows of a producer's (or BatchNorm's) parameter (or of its gradient) that belong to each group channel,
+    flattened."""
+    tensor = rows_first(layer.module, tensor)
     return tensor[layer.channel_index.to(tensor.device)].reshape(channels, -1).float()
 
 

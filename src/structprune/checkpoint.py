@@ -82,7 +82,7 @@ def save(model_or_result, path: str | os.PathLike, *, force: bool = False, extra
 
     ``extra`` is stored alongside (the CLI keeps its report there). Existing files are kept unless ``force``.
     A Hugging Face model is saved as a ``save_pretrained`` directory at ``path`` instead
-    (:func:`structprune.models.hf_bert.save_pretrained`).
+    (:func:`structprune.models.hf.save_pretrained`).
 
     A model from outside the zoo is rebuilt at load time by calling its class: either it records how
     (``model.structprune_arch = {"import": "mypkg.nets:MyNet", "kwargs": {...}}``, as
@@ -93,9 +93,9 @@ def save(model_or_result, path: str | os.PathLike, *, force: bool = False, extra
     if not isinstance(model, nn.Module):
         raise StructPruneError(f"save expects a model or a PruneResult, got {type(model_or_result).__name__}")
     if hasattr(model, "save_pretrained") and hasattr(model, "config"):
-        from .models import hf_bert
+        from .models import hf
 
-        return hf_bert.save_pretrained(model, path, force=force, extra=extra)
+        return hf.save_pretrained(model, path, force=force, extra=extra)
     checkpoint = pack(model, extra)
     return write_atomic(path, lambda tmp: torch.save(checkpoint, tmp), force=force)
 
@@ -240,14 +240,14 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
     >>> import structprune  # doctest: +SKIP
     >>> model = structprune.load("lenet5-ispasp.pt")  # doctest: +SKIP
 
-    A directory is read as a Hugging Face model (:func:`structprune.models.hf_bert.load_pretrained`).
+    A directory is read as a Hugging Face model (:func:`structprune.models.hf.load_pretrained`).
     ``trust_checkpoint``: allow a file that holds pickled code (an old checkpoint) or names a constructor
     that is not an ``nn.Module`` class; only for files from a source you trust.
     """
     if Path(path).is_dir():
-        from .models import hf_bert
+        from .models import hf
 
-        return hf_bert.load_pretrained(path, trust_checkpoint=trust_checkpoint).to(map_location)
+        return hf.load_pretrained(path, trust_checkpoint=trust_checkpoint).to(map_location)
     return unpack(read(path, trust_checkpoint), str(path), trust_checkpoint).to(map_location).eval()
 
 

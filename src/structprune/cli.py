@@ -233,7 +233,7 @@ def _budget(args) -> allocate.Budget:
 
 
 def hf_parts() -> tuple[str, ...]:
-    from .models.hf_bert import PARTS
+    from .attention import PARTS
 
     return PARTS
 
@@ -705,10 +705,10 @@ def cmd_prune(args) -> int:
 
 def _hf_model(path: str, trust_checkpoint: bool = False):
     """A BERT-family model from a local directory, or a clear error."""
-    from .models import hf_bert
+    from .models import hf
 
-    model = hf_bert.load_pretrained(path, trust_checkpoint=trust_checkpoint)
-    if not hf_bert.is_supported(model):
+    model = hf.load_pretrained(path, trust_checkpoint=trust_checkpoint)
+    if not hf.is_supported(model):
         raise StructPruneError(f"--hf-model {path}: {type(model).__name__} has no BERT-style encoder layers")
     return model
 
@@ -721,8 +721,9 @@ def _max_positions(model) -> int:
 def cmd_prune_hf(args) -> int:
     """prune --hf-model: heads and/or FFN neurons of a BERT-family model, judged by the cosine similarity
     of its sentence embeddings to the dense model's on held-out text."""
+    from .attention import layer_sizes
     from .data import text
-    from .models import hf_bert
+    from .models import hf
 
     out, report_path = _check_outputs(args, args.hf_model)
     unsupported = [flag for flag, on in (("--schedule", args.schedule != "oneshot"),
@@ -734,14 +735,14 @@ def cmd_prune_hf(args) -> int:
     budget = _budget(args)
     options = _method_options(args)
     calib_text, held_out = text.split(text.read(args.text), seed=args.seed)
-    transformers = hf_bert.transformers_module()
+    transformers = hf.transformers_module()
     transformers.utils.logging.disable_progress_bar()  # its per-file loading bars; ours shows the pruning
     model = _hf_model(args.hf_model, args.trust_checkpoint).to(device)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.hf_model)
     except Exception as exc:
         raise StructPruneError(f"--hf-model {args.hf_model}: no usable tokenizer there ({exc})") from None
-    ignored = [n for part in hf_parts() if part not in args.prune for n in hf_bert.part_names(model, part)]
+    ignored = [n for part in hf_parts() if part not in args.prune for n in hf.part_names(model, part)]
     limit = _max_positions(model)
     if args.max_length > limit:
         warnings.warn(f"--max-length {args.max_length}: the model reads at most {limit} tokens; using {limit}",
@@ -759,8 +760,8 @@ def cmd_prune_hf(args) -> int:
     report = {"command": "prune", "hf_model": str(args.hf_model), "prune": args.prune,
               "text": args.text or str(text.FORTUNES), "calibration_sentences": result.calib_samples,
               "held_out_sentences": len(test.texts), "max_length": args.max_length, **result.to_dict(),
-              "layer_sizes": hf_bert.layer_sizes(result.model), "embedding_cosine_similarity": similarity}
-    hf_bert.save_pretrained(result.model.cpu(), out, force=args.force, tokenizer=tokenizer, extra={"report": report})
+              "layer_sizes": layer_sizes(result.model), "embedding_cosine_similarity": similarity}
+    hf.save_pretrained(result.model.cpu(), out, force=args.force, tokenizer=tokenizer, extra={"report": report})
     _write_json(report_path, report, args.force)
     print(f"{args.method} ({'+'.join(args.prune)}): params {result.before['params']:,} -> "
           f"{result.after['params']:,} ({report['params_ratio']:.1%}), MACs at {args.max_length} tokens "

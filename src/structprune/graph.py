@@ -43,7 +43,7 @@ class Producer:
 
 @dataclass
 class Consumer:
-    """A Conv2d (groups=1) or Linear that reads the group's channels.
+    """A Conv2d (groups=1) or Linear (or Hugging Face's transposed Conv1D) that reads the group's channels.
 
     ``channel_index[c]`` are the consumer's input features fed by group channel c: one per channel
     for a conv, ``H*W`` for a Linear after a Flatten. ``output_scale`` is γ/σ and ``output_shift``
@@ -64,12 +64,18 @@ class Consumer:
 
     def canonical_weight(self) -> Tensor:
         """The weight as (out, channels, taps): taps are kernel positions (conv) or features (linear)."""
-        weight = self.module.weight.detach()
         if self.kind == "conv":
+            weight = self.module.weight.detach()
             kept = weight[:, self.channel_index[:, 0]]
             return kept.reshape(weight.shape[0], kept.shape[1], -1)
+        weight = weight_matrix(self.module).detach()
         columns = weight[:, self.channel_index.reshape(-1)]
         return columns.reshape(weight.shape[0], *self.channel_index.shape)
+
+    def flat_weight(self) -> Tensor:
+        """The whole weight as (out, in·taps), columns as :meth:`input_features` numbers them."""
+        weight = self.module.weight.detach() if self.kind == "conv" else weight_matrix(self.module).detach()
+        return weight.reshape(weight.shape[0], -1)
 
     def input_features(self) -> Tensor:
         """(channels, features) indices into the flattened weight's columns (in_features of a Linear, in·taps
@@ -86,6 +92,9 @@ class Consumer:
             if self.kind == "conv":
                 cols = self.channel_index[channel_idx, 0]
                 weight[:, cols] = canonical.reshape(weight.shape[0], len(cols), *weight.shape[2:]).to(weight)
+            elif is_transposed_linear(self.module):
+                cols = self.channel_index[channel_idx].reshape(-1)
+                weight[cols, :] = canonical.reshape(weight.shape[1], -1).T.to(weight)
             else:
                 cols = self.channel_index[channel_idx].reshape(-1)
                 weight[:, cols] = canonical.reshape(weight.shape[0], -1).to(weight)
@@ -236,18 +245,21 @@ class PruningGraph:
         columns) come in heads; removing some of them unevenly would mix heads, and shrinking an
         ``nn.MultiheadAttention``'s embed_dim changes its head size and its attention scaling. Neither is what
         the dense model computes on the kept channels, so such groups are refused by name (structprune prunes
-        whole heads for BERT-family layers, :mod:`structprune.models.hf_bert`)."""
+        whole heads of the attention layouts :mod:`structprune.attention` describes)."""
         for item in tp_group:
             if isinstance(item.dep.target.module, nn.MultiheadAttention):
                 mha = item.dep.target.module
                 return (f"nn.MultiheadAttention {self.name_of(mha)} would lose embed_dim channels, which changes its "
-                        f"head size and attention scaling; heads of nn.MultiheadAttention are not pruned yet")
+                        f"head size and attention scaling (PyTorch's module needs its heads to span the model "
+                        f"width); to prune its heads, use an attention module with Linear q/k/v/o layers and "
+                        f"describe it with structprune.attention.register")
         inside = {self._attention.get(p.module) for p in producers} & {self._attention.get(c.module) for c in consumers}
         inside.discard(None)
         if inside:
             scope = sorted(inside)[0]
             return (f"its channels are the heads of attention {scope}, which structprune prunes only in whole heads "
-                    f"of BERT-family layers; pruning them here would mix heads")
+                    f"of a layout structprune.attention knows (structprune.attention.register); pruning them here "
+                    f"would mix heads")
         return None
 
     def _skip(self, name: str, reason: str) -> None:
@@ -348,6 +360,58 @@ class PruningGraph:
         self.dg.load_pruning_history([list(entry) for entry in history])
 
 
+def is_transposed_linear(module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a Linear layer whose weight is stored as (in, out)."""
+    return (type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
+            and isinstance(getattr(module, "weight", None), Tensor) and module.weight.dim() == 2)
+
+
+def is_linear(module) -> bool:
+    """An ``nn.Linear`` or a transposed one (:func:`is_transposed_linear`)."""
+    return isinstance(module, nn.Linear) or is_transposed_linear(module)
+
+
+def weight_matrix(module: nn.Module) -> Tensor:
+    """The (out, in) weight of a Linear, also of a transposed one (a view)."""
+    return module.weight.T if is_transposed_linear(module) else module.weight
+
+
+def rows_first(module: nn.Module, tensor: Tensor) -> Tensor:
+    """A tensor shaped like ``module.weight`` (the weight, its gradient) with the output rows first."""
+    return tensor.T if is_transposed_linear(module) else tensor
+
+
+def out_features(module: nn.Module) -> int:
+    """Output features (channels) of a Linear, a transposed Linear or a conv."""
+    return module.weight.shape[1] if is_transposed_linear(module) else module.weight.shape[0]
+
+
+def keep_output_features(layer: nn.Module, rows: Tensor) -> None:
+    """Keep only output features ``rows`` of a Linear (or transposed Linear): weight rows and bias entries."""
+    rows = rows.to(layer.weight.device)
+    weight = layer.weight.detach()
+    weight = weight[:, rows] if is_transposed_linear(layer) else weight[rows]
+    layer.weight = nn.Parameter(weight.clone(), layer.weight.requires_grad)
+    if layer.bias is not None:
+        layer.bias = nn.Parameter(layer.bias.detach()[rows].clone(), layer.bias.requires_grad)
+    if is_transposed_linear(layer):
+        layer.nf = len(rows)
+    else:
+        layer.out_features = len(rows)
+
+
+def keep_input_features(layer: nn.Module, columns: Tensor) -> None:
+    """Keep only input features ``columns`` of a Linear (or transposed Linear)."""
+    columns = columns.to(layer.weight.device)
+    weight = layer.weight.detach()
+    weight = weight[columns] if is_transposed_linear(layer) else weight[:, columns]
+    layer.weight = nn.Parameter(weight.clone(), layer.weight.requires_grad)
+    if is_transposed_linear(layer):
+        layer.nx = len(columns)
+    else:
+        layer.in_features = len(columns)
+
+
 def _tensors(value) -> list[Tensor]:
     """The tensors in a module's or model's output: a tensor, tuples/lists/dicts of them, or a ModelOutput."""
     if isinstance(value, Tensor):
@@ -362,13 +426,18 @@ def _tensors(value) -> list[Tensor]:
 _HEAD_COUNTS = ("num_heads", "n_heads", "num_attention_heads", "n_head", "num_key_value_heads")
 
 
+def is_attention(module: nn.Module) -> bool:
+    """Whether ``module`` is an attention module: nn.MultiheadAttention, or one that holds a head count."""
+    return isinstance(module, nn.MultiheadAttention) or any(
+        isinstance(getattr(module, attr, None), int) and not isinstance(getattr(module, attr), bool)
+        for attr in _HEAD_COUNTS)
+
+
 def _attention_scopes(model: nn.Module) -> dict[nn.Module, str]:
-    """Each layer inside an attention module (one with a head count, or nn.MultiheadAttention) -> that module's
-    name (the innermost one)."""
+    """Each layer inside an attention module (:func:`is_attention`) -> that module's name (the innermost one)."""
     scopes: dict[nn.Module, str] = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention) or any(
-                isinstance(getattr(module, attr, None), int) for attr in _HEAD_COUNTS):
+        if is_attention(module):
             for child in module.modules():
                 scopes[child] = name
     return scopes
@@ -412,8 +481,8 @@ def write_consumer_weights(group: Group, keep_idx, consumer_weights: dict[str, T
 
 
 #: model families whose prunable groups are not Torch-Pruning's channel groups: (matches, graph class), added by
-#: the family's own module (e.g. :mod:`structprune.models.hf_bert`: BERT attention heads and FFN neurons), so
-#: that this module knows no model family
+#: the family's own module (e.g. :mod:`structprune.models.hf`: transformers get attention heads and FFN neurons,
+#: :mod:`structprune.attention`), so that this module knows no model family
 _FAMILIES: list[tuple[Callable[[nn.Module], bool], Callable]] = []
 
 

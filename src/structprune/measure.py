@@ -12,40 +12,32 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from .attention import attention_macs
 from .capture import batch_inputs, take_samples
-from .graph import run_forward
+from .graph import is_linear, is_transposed_linear, run_forward
 
 
 def count(model: nn.Module, example_inputs) -> dict[str, int]:
     """{"params": ..., "macs": ...} for one forward pass on ``example_inputs``.
 
-    MACs are Torch-Pruning's count over layers; for BERT-family models the attention products
-    (Q·Kᵀ and A·V, 2·L²·heads·head_size per layer and sample), which no layer performs, are added.
+    MACs are Torch-Pruning's count over layers, plus what its counter does not see: the attention products
+    (Q·Kᵀ and A·V, 2·L²·heads·head_size per block and sample) of every transformer block
+    :mod:`structprune.attention` describes, and Hugging Face's transposed Linear layers (``Conv1D``, GPT-2).
     """
-    from .models import hf_bert
-
     was_training = model.training
     model.eval()
-    hooks, attention = [], []
-    for _, layer in hf_bert.encoder_layers(model):
-        attn = layer.attention.self
-        hooks.append(attn.register_forward_pre_hook(
-            lambda m, args, kwargs: attention.append(_attention_macs(m, args, kwargs)), with_kwargs=True))
+    transposed: list[int] = []
+    hooks = [m.register_forward_hook(lambda m, _args, out: transposed.append(out[..., :1].numel() * m.weight.numel()))
+             for m in model.modules() if is_transposed_linear(m)]
     try:
-        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # its notes on keyword-only inputs
+        with (torch.no_grad(), contextlib.redirect_stdout(io.StringIO()),  # its notes on keyword-only inputs
+              attention_macs(model) as attention):
             macs, params = tp.utils.count_ops_and_params(model, example_inputs)
     finally:
         model.train(was_training)
         for hook in hooks:
             hook.remove()
-    return {"params": int(params), "macs": int(macs) + sum(attention)}
-
-
-def _attention_macs(attn: nn.Module, args, kwargs) -> int:
-    hidden = args[0] if args else kwargs["hidden_states"]
-    tokens = hidden.shape[-2] if hidden.dim() == 3 else 1
-    samples = hidden.shape[0] if hidden.dim() == 3 else 1
-    return 2 * samples * tokens * tokens * attn.num_attention_heads * attn.attention_head_size
+    return {"params": int(params), "macs": int(macs) + sum(attention) + sum(transposed)}
 
 
 @torch.no_grad()
@@ -62,7 +54,7 @@ def output_sizes(model: nn.Module, example_inputs) -> dict[str, dict[str, int]]:
             sizes[names[module]] = {"elements": per_sample, "positions": max(1, per_sample // max(channels, 1))}
 
     for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, nn.Conv2d) or is_linear(module):
             hooks.append(module.register_forward_hook(record))
     was_training = model.training
     model.eval()

@@ -98,5 +98,5 @@ def _from_import(spec: str, trusted: bool, **kwargs) -> nn.Module:
     return model
 
 
-# Importing the family files fills the registry (and hf_bert registers its graph with structprune.graph).
-from . import hf_bert, lenet, mobilenetv2, resnet_cifar, vgg  # noqa: E402, F401
+# Importing the family files fills the registry (and hf registers the transformers' layouts and graph).
+from . import hf, lenet, mobilenetv2, resnet_cifar, vgg  # noqa: E402, F401

@@ -1,0 +1,260 @@
+"""Hugging Face transformers: their attention and feed-forward layouts (data), and save/load of pruned models.
+
+Each family is a few lines of data for :mod:`structprune.attention`, which prunes every family the same way
+(whole heads, whole key/value groups for grouped-query attention, whole FFN neurons; head counts rewritten).
+The layouts name attributes, not classes, so the families that share a layout (BERT, RoBERTa, ELECTRA, MiniLM
+...; Llama, Mistral, Qwen2 ...) need no entry of their own. A new family is one more entry here and a test.
+
+After pruning, the per-block sizes are written to the config (``structprune_layers``), so that
+:func:`load_pretrained` (and :func:`structprune.load`) rebuilds the pruned model in a fresh process; where
+every layer keeps the same sizes and the family's config can say so (FFN width; head count where the config
+has a head size, as Llama's and ViT's), the config's own fields are set too, so that transformers'
+``from_pretrained`` loads it as well. transformers 5 dropped ``pruned_heads``, so its own loader cannot
+build layers of different sizes.
+
+transformers is an optional dependency (``pip install 'structprune[transformers]'``); it is only imported to
+save and load.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from .. import attention
+from ..attention import AttentionLayout, FeedForwardLayout, TransformerGraph, layer_sizes, uniform_config
+from ..errors import StructPruneError, first_line
+from ..graph import register_family
+
+CONFIG_KEY = "structprune_layers"
+PARTS = attention.PARTS
+
+#: one entry per layout; more specific layouts first (the first that fits a module claims it)
+attention.register(
+    # BERT, RoBERTa, ELECTRA, MiniLM, ... (and ViT in transformers 4): attention.self.{query,key,value}, output.dense
+    AttentionLayout("bert", query="self.query", key="self.key", value="self.value", output="output.dense",
+                    head_dim="self.attention_head_size", heads=("self.num_attention_heads",),
+                    widths=("self.all_head_size",)),
+    AttentionLayout("vit-4", query="attention.query", key="attention.key", value="attention.value",
+                    output="output.dense", head_dim="attention.attention_head_size",
+                    heads=("attention.num_attention_heads",), widths=("attention.all_head_size",)),
+    # ALBERT: query, key, value, dense on one module (its layers are shared: one decision for all their uses)
+    AttentionLayout("albert", query="query", key="key", value="value", output="dense", head_dim="attention_head_size",
+                    heads=("num_attention_heads",), widths=("all_head_size",)),
+    # DistilBERT
+    AttentionLayout("distilbert", query="q_lin", key="k_lin", value="v_lin", output="out_lin",
+                    head_dim="attention_head_size", heads=("n_heads",)),
+    # Llama, Mistral, Qwen2, ... (grouped-query attention: whole key/value groups) and ViT/DeiT in transformers 5
+    AttentionLayout("llama", query="q_proj", key="k_proj", value="v_proj", output="o_proj", head_dim="head_dim",
+                    heads=("num_heads", "num_attention_heads"), kv_heads=("num_key_value_heads",),
+                    config_heads="num_attention_heads", config_kv_heads="num_key_value_heads",
+                    config_head_dim="head_dim"),
+    # GPT-2: one fused Conv1D c_attn with rows [q | k | v], split at split_size
+    AttentionLayout("gpt2", fused="c_attn", output="c_proj", head_dim="head_dim", heads=("num_heads",),
+                    widths=("split_size",)),
+    FeedForwardLayout("bert", up=("intermediate.dense",), down="output.dense", name="intermediate",
+                      config_width="intermediate_size"),
+    FeedForwardLayout("albert", up=("ffn",), down="ffn_output", name="ffn", config_width="intermediate_size"),
+    FeedForwardLayout("distilbert", up=("lin1",), down="lin2", name="", config_width="hidden_dim"),
+    FeedForwardLayout("llama", up=("gate_proj", "up_proj"), down="down_proj", name="",
+                      config_width="intermediate_size"),
+    FeedForwardLayout("vit", up=("fc1",), down="fc2", name="", config_width="intermediate_size"),
+    FeedForwardLayout("gpt2", up=("c_fc",), down="c_proj", name="", config_width="n_inner"),
+)
+
+class HFTransformerGraph(TransformerGraph):
+    """:class:`~structprune.attention.TransformerGraph` that keeps a Hugging Face model's config in step with its
+    weights after every removal (:func:`sync_config`)."""
+
+    def apply(self, group, keep_idx, consumer_weights=None, consumer_biases=None) -> None:
+        super().apply(group, keep_idx, consumer_weights, consumer_biases)
+        sync_config(self.model)
+
+
+register_family(attention.is_supported, HFTransformerGraph)  # build_graph gives transformers the head/FFN graph
+
+
+def is_supported(model: nn.Module) -> bool:
+    """Whether ``model`` has attention blocks that a registered layout describes."""
+    return attention.is_supported(model)
+
+
+def part_names(model: nn.Module, part: str) -> list[str]:
+    """Names of the head groups (``"heads"``) or FFN groups (``"ffn"``) of ``model``."""
+    return attention.part_names(model, part)
+
+
+def sync_config(model: nn.Module) -> None:
+    """Write the blocks' sizes into ``model.config`` (``structprune_layers``), and the config's own fields
+    where they describe the pruned model exactly (:func:`structprune.attention.uniform_config`)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    setattr(config, CONFIG_KEY, layer_sizes(model))
+    for key, value in uniform_config(model).items():
+        setattr(config, key, value)
+
+
+def resize(model: nn.Module, sizes) -> None:
+    """Give a freshly built model the recorded block sizes (then its weights are loaded). Also reads the
+    per-layer list structprune 0.2 wrote for BERT-family models."""
+    if isinstance(sizes, list):
+        blocks = attention.find_blocks(model)
+        if not len(sizes) == len(blocks[0]) == len(blocks[1]):
+            raise StructPruneError(f"{CONFIG_KEY} lists {len(sizes)} layers but the model has {len(blocks[0])}")
+        sizes = {**{b.name: {"kv_heads": int(s["num_attention_heads"]), "head_dim": b.head_dim}
+                    for b, s in zip(blocks[0], sizes, strict=True)},
+                 **{b.name: {"neurons": int(s["intermediate_size"])} for b, s in zip(blocks[1], sizes, strict=True)}}
+    if not isinstance(sizes, dict):
+        raise StructPruneError(f"{CONFIG_KEY} must map block names to sizes, got {type(sizes).__name__}")
+    attention.resize(model, sizes)
+
+
+def transformers_module():
+    try:
+        import transformers
+    except ImportError:
+        raise StructPruneError("Hugging Face models need transformers: "
+                               "pip install 'structprune[transformers]'") from None
+    return transformers
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike, *, force: bool = False, tokenizer=None,
+                    extra: dict | None = None) -> Path:
+    """``model.save_pretrained`` into a new directory ``path``, with the per-layer sizes in its config.
+
+    The directory is written next to ``path`` and renamed into place, so an interrupted save leaves
+    nothing half-written; an existing ``path`` is an error unless ``force``. ``extra`` (the pruning
+    report) goes to ``structprune.json`` in the directory; a tokenizer, if given, is saved too.
+    """
+    if not hasattr(model, "save_pretrained"):
+        raise StructPruneError(f"{type(model).__name__} is not a Hugging Face model (no save_pretrained)")
+    path = Path(path)
+    if path.exists() and not force:
+        raise StructPruneError(f"output {path} already exists; pass --force (force=True) to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        sync_config(model)
+        # the weights under the model's own names: transformers 5 would otherwise write some families (ViT) in an
+        # older layout whose names it converts back only in its own loader; its loader reads these as they are
+        own_names = {"save_original_format": False} if "save_original_format" in inspect.signature(
+            model.save_pretrained).parameters else {}
+        model.save_pretrained(tmp, **own_names)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if extra:
+            (tmp / "structprune.json").write_text(json.dumps(extra, indent=2, default=str))
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_pretrained(path: str | os.PathLike, model_class=None, *, trust_checkpoint: bool = False) -> nn.Module:
+    """Load a Hugging Face model directory, pruned by structprune or not, in eval mode.
+
+    The architecture comes from the config (``architectures``; or pass ``model_class``), the
+    per-layer sizes from ``structprune_layers``, the weights from the safetensors files. A directory
+    with only pickled weights (``pytorch_model.bin``) is read tensors-only; one whose pickle holds
+    anything else is refused unless ``trust_checkpoint`` (it could run code).
+    """
+    transformers = transformers_module()
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise StructPruneError(f"{path} is not a Hugging Face model directory (no config.json)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except Exception as exc:
+        raise StructPruneError(f"{path}/config.json is not a usable config ({first_line(exc)})") from None
+    sizes = getattr(config, CONFIG_KEY, None)
+    if model_class is None:
+        names = getattr(config, "architectures", None) or []
+        model_class = getattr(transformers, names[0], None) if names else transformers.AutoModel
+        if model_class is None:
+            raise StructPruneError(f"{path}: transformers has no class {names[0]!r}; pass model_class")
+    state = _read_weights(path, trust_checkpoint)  # read here, never by transformers' own (pickle) loader
+    model = model_class._from_config(config) if hasattr(model_class, "_from_config") else model_class(config)
+    if sizes:
+        resize(model, sizes)
+    _load_weights(model, state, path)
+    return model.eval()
+
+
+def _model_names(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The checkpoint's weights under the model's own names: transformers 5 renames the older layouts of some
+    families (ViT's ``encoder.layer.N.attention.attention.query`` is now ``layers.N.attention.q_proj``) and a
+    base-model prefix as it loads them; the same renamings (its own tables) are applied here. Conversions that
+    merge or split tensors are not applied (those weights are then reported as not in the model)."""
+    expected = model.state_dict()
+    if all(key in expected for key in state):
+        return state
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4: no renamings
+        return state
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    prefix = getattr(model, "base_model_prefix", None) or None
+    return {rename_source_key(key, renamings, [], prefix, expected)[0]: tensor for key, tensor in state.items()}
+
+
+def _load_weights(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+    state = _model_names(model, state)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise StructPruneError(f"{path}: weights do not fit the model: {first_line(exc)}") from None
+    buffers = {name for name, _ in model.named_buffers()}  # e.g. position_ids: persistent in older checkpoints
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    unexpected = [k for k in unexpected if k not in buffers and not any(p.search(k) for p in ignored)]
+    if unexpected:
+        raise StructPruneError(f"{path}: weights not in the model: {', '.join(unexpected[:5])}")
+    if missing:  # save_pretrained leaves out tied weights (e.g. an MLM decoder); tying restores them
+        model.tie_weights()
+        loaded = {p.data_ptr() for name, p in model.named_parameters() if name not in missing}
+        untied = [k for k in missing if k not in dict(model.named_parameters())
+                  or model.get_parameter(k).data_ptr() not in loaded]
+        if untied:
+            raise StructPruneError(f"{path}: weights missing from the checkpoint: {', '.join(untied[:5])}")
+
+
+def _read_weights(path: Path, trust_checkpoint: bool = False) -> dict[str, Tensor]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    elif (path / "pytorch_model.bin").is_file():
+        return _read_pickled_weights(path / "pytorch_model.bin", trust_checkpoint)
+    else:
+        raise StructPruneError(f"{path}: no model.safetensors (save with save_pretrained's safetensors format)")
+    from safetensors.torch import load_file
+
+    state = {}
+    for name in files:
+        try:
+            state.update(load_file(path / name))
+        except Exception as exc:
+            raise StructPruneError(f"{path / name} is not readable (truncated or corrupted?): {exc}") from None
+    return state
+
+
+def _read_pickled_weights(file: Path, trust_checkpoint: bool) -> dict[str, Tensor]:
+    """A ``pytorch_model.bin``: tensors only, unless the caller trusts the file."""
+    from ..checkpoint import load_tensors
+
+    state = load_tensors(file, trust_checkpoint)
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise StructPruneError(f"{file} does not hold a dict of tensors (a state dict)")
+    return state
