@@ -458,11 +458,11 @@ def _warn_if_nothing_to_prune(model: nn.Module, groups: dict[str, int], ignored:
                       f"{', ...' if len(ignored) > 3 else ''}); nothing was pruned", stacklevel=4)
     elif not groups:
         others = sorted({type(m).__name__ for m in model.modules()
-                         if not isinstance(m, (nn.Linear, nn.Conv2d)) and any(
+                         if not isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and any(
                              p.dim() > 1 for p in m.parameters(recurse=False))})
         found = f" (layers of type {', '.join(others)} are not pruned)" if others else ""
         warnings.warn(f"structprune: the model has no prunable group: structprune removes channels between "
-                      f"Linear and Conv2d layers{found}; nothing was pruned", stacklevel=4)
+                      f"Linear, Conv1d and Conv2d layers{found}; nothing was pruned", stacklevel=4)
 
 
 def relative_residuals(view: GroupView, selections: list[Selection]) -> list[float]:

@@ -279,14 +279,13 @@ class _RowCollector:
         self.picked = rows
         self._keep(x[rows][:, index], sample[rows])
 
-    def _conv_rows(self, conv: nn.Conv2d, x: Tensor) -> None:
-        x = x[:, self.consumer.channel_index[:, 0].to(x.device)]
+    def _conv_rows(self, conv: nn.Module, x: Tensor) -> None:
+        x = _as_2d(conv, x[:, self.consumer.channel_index[:, 0].to(x.device)])
         self._add_sums(x.double().sum(dim=(2, 3)).cpu())
-        pad = _padding(conv)
+        (kh, kw), (sh, sw), (dh, dw), pad = _geometry(conv)
         h, w = x.shape[2:]
         x = nn.functional.pad(x, (pad[1], pad[1], pad[0], pad[0]))
         n = x.shape[0]
-        (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
         out_h, out_w = _out_size(h + 2 * pad[0], kh, sh, dh), _out_size(w + 2 * pad[1], kw, sw, dw)
         positions = self._pick(n * out_h * out_w, self._wanted(n), x.device)
         self.picked = positions
@@ -345,11 +344,22 @@ class _Stopper:
         self.calls = [0] * len(self.calls)
 
 
-def _padding(conv: nn.Conv2d) -> list[int]:
+def _geometry(conv: nn.Module) -> tuple[tuple[int, int], ...]:
+    """(kernel, stride, dilation, padding) of a Conv2d, or of a Conv1d seen as a Conv2d over (1, L) inputs."""
     if isinstance(conv.padding, str):  # "same"/"valid": resolve to numbers
-        return [(d * (k - 1)) // 2 if conv.padding == "same" else 0
-                for k, d in zip(conv.kernel_size, conv.dilation, strict=False)]
-    return list(conv.padding)
+        padding = tuple((d * (k - 1)) // 2 if conv.padding == "same" else 0
+                        for k, d in zip(conv.kernel_size, conv.dilation, strict=False))
+    else:
+        padding = tuple(conv.padding)
+    sizes = (tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation), padding)
+    if isinstance(conv, nn.Conv1d):
+        return tuple((0 if i == 3 else 1, size[0]) for i, size in enumerate(sizes))
+    return sizes
+
+
+def _as_2d(conv: nn.Module, x: Tensor) -> Tensor:
+    """A conv's input as (N, C, H, W): a Conv1d's (N, C, L) as (N, C, 1, L)."""
+    return x.unsqueeze(2) if isinstance(conv, nn.Conv1d) else x
 
 
 def _out_size(size: int, kernel: int, stride: int, dilation: int) -> int:
@@ -362,8 +372,9 @@ def _all_rows(module: nn.Module, x: Tensor, kind: str, token_mask: Tensor | None
     Linear (padding tokens left out)."""
     if kind == "linear":
         return x[token_mask] if token_mask is not None else x.reshape(-1, x.shape[-1])
-    cols = nn.functional.unfold(x, module.kernel_size, dilation=module.dilation, padding=_padding(module),
-                                stride=module.stride)  # (N, C·K, L)
+    kernel, stride, dilation, padding = _geometry(module)
+    cols = nn.functional.unfold(_as_2d(module, x), kernel, dilation=dilation, padding=padding,
+                                stride=stride)  # (N, C·K, L)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 

@@ -295,14 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", help="checkpoint written by `structprune train` or structprune.save")
     p.add_argument("--method", default="ispasp", choices=methods.available(), help="pruning method (default: ispasp)")
     _add_budget_args(p)
-    g = p.add_argument_group("Hugging Face BERT-family models (instead of a checkpoint; "
-                             "needs structprune[transformers])")
+    g = p.add_argument_group("Hugging Face language models: BERT, RoBERTa, ALBERT, DistilBERT, GPT-2, Llama-style "
+                             "(instead of a checkpoint; needs structprune[transformers])")
     g.add_argument("--hf-model", default=None, metavar="DIR",
                    help="a local model directory (config.json, safetensors, tokenizer); --out is then a directory "
                         "written with save_pretrained")
     g.add_argument("--prune", type=_parts, default=list(hf_parts()), metavar="PARTS",
-                   help="what to prune: heads, ffn or heads,ffn (default: heads,ffn); groups are named "
-                        "LAYER.attention (heads) and LAYER.intermediate (FFN neurons) for --layer-ratio")
+                   help="what to prune: heads, ffn or heads,ffn (default: heads,ffn); the groups are the attention "
+                        "and FFN modules, named as in the model (BERT: LAYER.attention, LAYER.intermediate; Llama: "
+                        "LAYER.self_attn, LAYER.mlp; `structprune info --hf-model` lists them) for --layer-ratio")
     g.add_argument("--text", default=None, metavar="PATH",
                    help="English text for calibration and the held-out similarity: a file (one sentence per "
                         "line, or %%-separated blocks) or a directory of fortune files (default: Debian's "
@@ -370,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("checkpoint", nargs="?", help="checkpoint to inspect")
     src.add_argument("--model", choices=models.available(), help="inspect a fresh zoo model instead")
-    src.add_argument("--hf-model", metavar="DIR", help="inspect a local Hugging Face BERT-family model directory "
+    src.add_argument("--hf-model", metavar="DIR", help="inspect a local Hugging Face language model directory "
                                                        "(sizes counted for one sequence of 128 tokens, or the "
                                                        "model's maximum if shorter)")
     p.add_argument("--data", default="fashion-mnist", choices=sorted(data.DATASETS),
@@ -704,12 +705,13 @@ def cmd_prune(args) -> int:
 
 
 def _hf_model(path: str, trust_checkpoint: bool = False):
-    """A BERT-family model from a local directory, or a clear error."""
+    """A transformers model with attention blocks structprune describes, from a local directory, or a clear error."""
     from .models import hf
 
     model = hf.load_pretrained(path, trust_checkpoint=trust_checkpoint)
     if not hf.is_supported(model):
-        raise StructPruneError(f"--hf-model {path}: {type(model).__name__} has no BERT-style encoder layers")
+        raise StructPruneError(f"--hf-model {path}: {type(model).__name__} has no attention block of a layout "
+                               f"structprune knows (structprune.models.hf lists them)")
     return model
 
 
@@ -719,7 +721,7 @@ def _max_positions(model) -> int:
 
 
 def cmd_prune_hf(args) -> int:
-    """prune --hf-model: heads and/or FFN neurons of a BERT-family model, judged by the cosine similarity
+    """prune --hf-model: heads and/or FFN neurons of a transformers language model, judged by the cosine similarity
     of its sentence embeddings to the dense model's on held-out text."""
     from .attention import layer_sizes
     from .data import text
@@ -742,6 +744,8 @@ def cmd_prune_hf(args) -> int:
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.hf_model)
     except Exception as exc:
         raise StructPruneError(f"--hf-model {args.hf_model}: no usable tokenizer there ({exc})") from None
+    if tokenizer.pad_token is None:  # GPT-2 and Llama tokenizers have none; padded positions are masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     ignored = [n for part in hf_parts() if part not in args.prune for n in hf.part_names(model, part)]
     limit = _max_positions(model)
     if args.max_length > limit:

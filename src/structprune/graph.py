@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from .errors import StructPruneError, first_line
 
-_LINEAR_LAYERS = (nn.Linear, nn.Conv2d)
+_CONVS = (nn.Conv1d, nn.Conv2d)
+_LINEAR_LAYERS = (nn.Linear, *_CONVS)
 SCOPES = ("all", "inner")
 
 
@@ -43,7 +44,7 @@ class Producer:
 
 @dataclass
 class Consumer:
-    """A Conv2d (groups=1) or Linear (or Hugging Face's transposed Conv1D) that reads the group's channels.
+    """A Conv1d/Conv2d (groups=1) or Linear (or Hugging Face's transposed Conv1D) that reads the group's channels.
 
     ``channel_index[c]`` are the consumer's input features fed by group channel c: one per channel
     for a conv, ``H*W`` for a Linear after a Flatten. ``output_scale`` is γ/σ and ``output_shift``
@@ -60,7 +61,7 @@ class Consumer:
 
     @property
     def kind(self) -> str:
-        return "conv" if isinstance(self.module, nn.Conv2d) else "linear"
+        return "conv" if isinstance(self.module, _CONVS) else "linear"
 
     def canonical_weight(self) -> Tensor:
         """The weight as (out, channels, taps): taps are kernel positions (conv) or features (linear)."""
@@ -211,9 +212,9 @@ class PruningGraph:
             if index is None:
                 return self._skip(name, f"layer {self.name_of(module)} maps channels unevenly")
             if self._is_out(item):
-                if isinstance(module, nn.Conv2d) and module.groups > 1 and not _is_pass_through(module):
+                if isinstance(module, _CONVS) and module.groups > 1 and not _is_pass_through(module):
                     # removing outputs of a grouped conv would move channels across its groups
-                    return self._skip(name, f"producer {self.name_of(module)} is a grouped Conv2d "
+                    return self._skip(name, f"producer {self.name_of(module)} is a grouped {type(module).__name__} "
                                             f"(groups={module.groups})")
                 if isinstance(module, _LINEAR_LAYERS):
                     producers.append(Producer(self.name_of(module), module, index))
@@ -222,9 +223,13 @@ class PruningGraph:
             elif self.dg.is_in_channel_pruning_fn(item.dep.handler):
                 if _is_pass_through(module):
                     continue
-                if not (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)):
-                    return self._skip(name, f"consumer {self.name_of(module)} "
-                                            f"({type(module).__name__}) is not a Linear or an ungrouped Conv2d")
+                if not (isinstance(module, nn.Linear) or (isinstance(module, _CONVS) and module.groups == 1)):
+                    return self._skip(name, f"consumer {self.name_of(module)} ({type(module).__name__}) is not a "
+                                            f"Linear or an ungrouped Conv1d/Conv2d")
+                if isinstance(module, _CONVS) and module.padding_mode != "zeros":
+                    # its input rows would be padded with other values than the ones the layer reads
+                    return self._skip(name, f"consumer {self.name_of(module)} pads with "
+                                            f"padding_mode={module.padding_mode!r}; only zero padding is supported")
                 scale, shift = self._output_affine(module)
                 normalized = scale is not None
                 if not normalized:
@@ -232,7 +237,7 @@ class PruningGraph:
                     shift = torch.zeros_like(scale)
                 consumers.append(Consumer(self.name_of(module), module, index, scale, shift, normalized))
         if not consumers:
-            return self._skip(name, "no Linear/Conv2d reads these channels")
+            return self._skip(name, "no Linear/Conv1d/Conv2d reads these channels")
         attention = self._inside_attention(tp_group, producers, consumers)
         if attention is not None:
             return self._skip(name, attention)
@@ -515,7 +520,7 @@ def run_forward(model: nn.Module, example_inputs):
 
 def _is_pass_through(module: nn.Module) -> bool:
     """Layers that carry channels through one-to-one (their own parameters are pruned with the group)."""
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, _CONVS):
         return module.groups == module.in_channels == module.out_channels and module.groups > 1
     return isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.PReLU,
                                nn.modules.instancenorm._InstanceNorm))
