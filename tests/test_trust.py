@@ -129,9 +129,14 @@ def _crafted_v2(tmp_path, arch: dict) -> pathlib.Path:
     return path
 
 
-def test_a_checkpoint_naming_a_function_is_not_called_without_trust(tmp_path):
+@pytest.mark.parametrize("key, spec", [("import", "subprocess:run"), ("name", "subprocess:run"),
+                                       ("import", "structprune.cli:main"), ("name", "structprune.cli:main")])
+def test_a_checkpoint_naming_a_function_is_not_called_without_trust(tmp_path, key, spec):
+    """Neither as an import path nor in place of a zoo name, and not a function of a library we know either."""
     marker = tmp_path / "pwned"
-    path = _crafted_v2(tmp_path, {"import": "subprocess:run", "kwargs": {"args": ["touch", str(marker)]}})
+    kwargs = {"args": ["touch", str(marker)]} if spec.startswith("subprocess") else {
+        "argv": ["train", "--model", "lenet5", "--epochs", "1", "--out", str(marker)]}
+    path = _crafted_v2(tmp_path, {key: spec, "kwargs": kwargs})
     with pytest.raises(StructPruneError, match="is not an nn.Module class; calling a function that a file names"):
         structprune.load(path)
     assert not marker.exists()
@@ -330,9 +335,9 @@ def test_every_group_ignored_warns_that_nothing_was_pruned():
 
 
 def test_a_model_with_no_prunable_group_warns():
-    net = nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Conv1d(4, 2, 3))
-    with pytest.warns(UserWarning, match=r"no prunable group.*layers of type Conv1d are not pruned"):
-        structprune.prune(net, [torch.randn(8, 2, 10)], "magnitude", 0.5, progress=False)
+    net = nn.Sequential(nn.ConvTranspose2d(2, 4, 3), nn.ReLU(), nn.ConvTranspose2d(4, 2, 3))
+    with pytest.warns(UserWarning, match=r"no prunable group.*layers of type ConvTranspose2d are not pruned"):
+        structprune.prune(net, [torch.randn(8, 2, 10, 10)], "magnitude", 0.5, progress=False)
 
 
 def test_cascade_warns_with_the_users_target(tmp_path, capsys, fmnist_dir):

@@ -12,9 +12,10 @@ only, so that opening a file never runs code from it:
   is refused instead of loading other weights than were saved.
 
 Models are rebuilt by calling their constructor, never by unpickling a module. A constructor named by
-a file is only called when it is an ``nn.Module`` class or a factory function of a known model library
-(torchvision, timm); any other callable needs ``trust_checkpoint=True``, since calling what a file names
-can run any code. Checkpoints of structprune 0.1 that stored a pickled model (models from outside the
+a file is only called when it is an ``nn.Module`` class, a zoo name, or a model that torchvision's or timm's
+registry builds by name (``"torchvision:resnet18"``); any other callable, a function of those libraries included,
+needs ``trust_checkpoint=True``, since calling what a file names with arguments the file chooses can run any
+code. Checkpoints of structprune 0.1 that stored a pickled model (models from outside the
 zoo) are refused unless ``trust_checkpoint=True``; ``structprune convert --trust-checkpoint OLD NEW``
 rewrites one once in this format.
 """
@@ -37,8 +38,6 @@ from .errors import StructPruneError, first_line
 
 FORMAT = "structprune"
 VERSION = 2
-#: packages whose factory functions a checkpoint may name without ``trust_checkpoint``
-TRUSTED_FACTORY_PACKAGES = ("torchvision", "timm", "structprune")
 
 
 def write_atomic(path: str | os.PathLike, write, force: bool = False) -> Path:
@@ -286,8 +285,8 @@ def rebuild(checkpoint: dict, trust: bool = False) -> nn.Module:
         raise StructPruneError(f"arch kwargs must be a dict, got {type(kwargs).__name__}")
     if "import" in arch:
         model = models.create(arch["import"], trusted=trust, **kwargs)
-    elif "name" in arch:
-        model = models.create(arch["name"], **kwargs)
+    elif "name" in arch:  # a zoo name or a registry's ("torchvision:resnet18"); never a callable the file picks
+        model = models.create(arch["name"], trusted=trust, **kwargs)
     else:
         raise StructPruneError(f"arch names neither a zoo model nor an import: {arch!r}")
     history = checkpoint.get("history") or []
@@ -316,8 +315,7 @@ def resolve_constructor(spec: str, trusted: bool = False):
         if obj is None:
             raise StructPruneError(f"{module_name} has no {qualname} (from {spec})")
     is_module_class = inspect.isclass(obj) and issubclass(obj, nn.Module)
-    package = module_name.split(".")[0]
-    if not is_module_class and not trusted and package not in TRUSTED_FACTORY_PACKAGES:
+    if not is_module_class and not trusted:
         raise StructPruneError(f"{spec} is not an nn.Module class; calling a function that a file names can run any "
                                f"code, so it needs trust_checkpoint=True (--trust-checkpoint) for files you trust")
     if not callable(obj):
