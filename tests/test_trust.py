@@ -401,3 +401,15 @@ def test_an_older_hugging_face_checkpoint_with_a_persistent_position_ids_buffer_
     save_file(state, directory / "model.safetensors")
     ids = torch.randint(0, 50, (2, 7))
     assert torch.equal(structprune.load(directory)(ids).last_hidden_state, model(ids).last_hidden_state)
+
+
+def test_a_hugging_face_config_naming_a_function_is_refused(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.BertModel(transformers.BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1,
+                                                           num_attention_heads=2, intermediate_size=16))
+    model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["architectures"] = ["pipeline"]  # a transformers function, not a model class
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(StructPruneError, match="no model class 'pipeline'"):
+        structprune.load(tmp_path / "m")

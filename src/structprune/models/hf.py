@@ -180,9 +180,11 @@ def load_pretrained(path: str | os.PathLike, model_class=None, *, trust_checkpoi
     sizes = getattr(config, CONFIG_KEY, None)
     if model_class is None:
         names = getattr(config, "architectures", None) or []
-        model_class = getattr(transformers, names[0], None) if names else transformers.AutoModel
-        if model_class is None:
-            raise StructPruneError(f"{path}: transformers has no class {names[0]!r}; pass model_class")
+        model_class = getattr(transformers, str(names[0]), None) if names else transformers.AutoModel
+        # the file names it: only a model class of transformers' own is called, never any other of its callables
+        if not (isinstance(model_class, type) and (issubclass(model_class, transformers.PreTrainedModel)
+                                                   or model_class is transformers.AutoModel)):
+            raise StructPruneError(f"{path}: transformers has no model class {names[0]!r}; pass model_class")
     state = _read_weights(path, trust_checkpoint)  # read here, never by transformers' own (pickle) loader
     model = model_class._from_config(config) if hasattr(model_class, "_from_config") else model_class(config)
     if sizes:
