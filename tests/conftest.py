@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import struct
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +75,67 @@ def fmnist_dir(tmp_path):
         write_idx(root / f"{split}-images-idx3-ubyte.gz", images.numpy().tobytes(), [n, 28, 28])
         write_idx(root / f"{split}-labels-idx1-ubyte.gz", labels.numpy().tobytes(), [n])
     return root
+
+
+# Local stand-ins for the optional model libraries (neither torchvision nor timm installs here), with the same
+# registry API structprune calls, and a user's own package: a factory and a dataset function.
+STAND_INS = {
+    # torchvision's registry API: list_models() and get_model(name, weights=None, **kwargs)
+    "torchvision/__init__.py": "from . import models\n",
+    "torchvision/models/__init__.py": """
+        from torch import nn
+
+        def _tiny(num_classes=1000):
+            return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                                 nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+        _MODELS = {"tinynet": _tiny, "resnet18": _tiny}
+
+        def list_models():
+            return sorted(_MODELS)
+
+        def get_model(name, weights=None, **kwargs):
+            assert weights is None, "structprune never asks for downloaded weights"
+            return _MODELS[name](**kwargs)
+        """,
+    # timm's: is_model(name) and create_model(name, pretrained=False, num_classes=..., in_chans=...), and the
+    # attention classes Torch-Pruning's MACs counter looks up when it finds timm installed
+    "timm/models/__init__.py": "from . import swin_transformer, vision_transformer\n",
+    "timm/models/vision_transformer.py": "from torch import nn\n\n\nclass Attention(nn.Module):\n    pass\n",
+    "timm/models/swin_transformer.py": "from torch import nn\n\n\nclass WindowAttention(nn.Module):\n    pass\n",
+    "timm/__init__.py": """
+        from torch import nn
+
+        from . import models
+
+        def is_model(name):
+            return name in ("tinymlp", "convnext_tiny")
+
+        def create_model(name, pretrained=False, num_classes=1000, in_chans=3):
+            assert not pretrained
+            return nn.Sequential(nn.Conv2d(in_chans, 4, 1), nn.AdaptiveAvgPool2d(8), nn.Flatten(),
+                                 nn.Linear(4 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, num_classes))
+        """,
+    # a user's own module: a factory function and a dataset function
+    "mynets.py": """
+        import torch
+        from torch import nn
+
+        def build(width=8, classes=3):
+            return nn.Sequential(nn.Flatten(), nn.Linear(12, width), nn.ReLU(), nn.Linear(width, classes))
+
+        def dataset(split="train"):
+            gen = torch.Generator().manual_seed(0 if split == "train" else 1)
+            x = torch.randn(40, 12, generator=gen)
+            return x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+        """,
+}
+STAND_IN_MODULES = ("torchvision", "torchvision.models", "timm", "timm.models", "timm.models.vision_transformer",
+                    "timm.models.swin_transformer", "mynets")
+
+
+def write_stand_ins(root: Path) -> None:
+    for name, code in STAND_INS.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(code))

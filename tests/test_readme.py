@@ -80,7 +80,8 @@ def _run_block(argv_list: list[list[str]], cwd: Path, small: dict = SMALL) -> No
 
 def test_readme_shell_blocks_are_all_covered():
     kinds = [_subcommand(_command_lines(block)[0]) for block in SHELL]
-    assert kinds == ["make", "convert", "info", "train"]  # set-up, convert, Hugging Face, command line
+    # set-up, convert, Hugging Face, command line, models and data from anywhere
+    assert kinds == ["make", "convert", "info", "train", "prune"]
     assert _command_lines(SHELL[0]) == [["make", "demo"], ["make", "test"]]
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make demo" in ci and "make test" in ci
@@ -122,6 +123,7 @@ def test_readme_hugging_face_commands_run(tmp_path):
                                 "--recovery-samples", "16"]}
     _run_block(_command_lines(SHELL[2]), tmp_path, small)
     assert (tmp_path / "pruned-model" / "config.json").is_file() and (tmp_path / "pruned-by-layer").is_dir()
+    assert (tmp_path / "pruned-ffn" / "config.json").is_file()
     assert (tmp_path / "pruned-model.onnx").is_file()
 
 
@@ -129,4 +131,38 @@ def test_readme_command_line_block_runs_in_order(tmp_path):
     _run_block(_command_lines(SHELL[3]), tmp_path)
     for name in ("lenet5.pt", "lenet5-ispasp.pt", "lenet5-ispasp.json", "lenet5-pfp.pt", "lenet5-ispasp-ft.pt",
                  "runs/compare/compare.html", "lenet5-ispasp.onnx", "lenet5-ispasp.ts", "lenet5-ft.pt"):
+        assert (tmp_path / name).exists(), name
+
+
+def test_readme_models_and_data_from_anywhere_run(tmp_path):
+    """torchvision and timm through local stand-ins with their registry API (neither installs here)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from conftest import STAND_IN_MODULES, write_stand_ins
+
+    write_stand_ins(tmp_path)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from structprune import models
+
+        torch.save(models.create("torchvision:resnet18", num_classes=3).state_dict(), tmp_path / "resnet18.pt")
+        save_file(models.create("timm:convnext_tiny", num_classes=3).state_dict(), tmp_path / "convnext.safetensors")
+        torch.save(models.create("mynets:build", width=64).state_dict(), tmp_path / "mynet.pt")
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in STAND_IN_MODULES:
+            sys.modules.pop(name, None)
+    gen = np.random.default_rng(0)
+    for label in ("a", "b", "c"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(6):
+            pixels = gen.integers(0, 255, (20, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / label / f"{i}.png")
+    np.savez(tmp_path / "calib.npz", x=gen.standard_normal((40, 3, 16, 16)).astype(np.float32),
+             y=gen.integers(0, 3, 40))
+    _run_block(_command_lines(SHELL[4]), tmp_path)
+    for name in ("resnet18-half.pt", "convnext-half.pt", "mynet-half.pt"):
         assert (tmp_path / name).exists(), name

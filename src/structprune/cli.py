@@ -103,13 +103,57 @@ def _device(name: str) -> torch.device:
 
 
 def _add_data_args(p: argparse.ArgumentParser, limit_help: str) -> None:
-    p.add_argument("--data", default="fashion-mnist", choices=sorted(data.DATASETS),
-                   help="dataset (default: fashion-mnist, from Debian's dataset-fashion-mnist)")
+    p.add_argument("--data", default="fashion-mnist", metavar="DATA",
+                   help="dataset: fashion-mnist (default, from Debian's dataset-fashion-mnist), digits, synthetic; "
+                        "imagefolder:DIR (a sub-folder per class; DIR/train and DIR/test or DIR/val as the splits "
+                        "when they exist, else a seeded 80/20 split), a .npz/.npy/.pt file of tensors (x and y, or "
+                        "x_train, y_train, x_test, y_test), or module:function returning a Dataset")
     p.add_argument("--data-dir", default=None,
                    help=f"directory with the dataset files (default for fashion-mnist: "
                         f"{data.fashion_mnist.DEFAULT_ROOT})")
+    _add_image_args(p)
     p.add_argument("--limit", type=_positive, default=None, help=limit_help)
     p.add_argument("--batch-size", type=_positive, default=128, help="batch size (default: 128)")
+
+
+def _add_image_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-size", type=_positive, default=None, metavar="N",
+                   help="with --data imagefolder:DIR: images are resized to N×N (default: 224)")
+    p.add_argument("--mean", type=_floats, default=None, metavar="R,G,B",
+                   help="with --data imagefolder:DIR: per-channel mean subtracted (default: ImageNet's, "
+                        "0.485,0.456,0.406)")
+    p.add_argument("--std", type=_floats, default=None, metavar="R,G,B",
+                   help="with --data imagefolder:DIR: per-channel std divided by (default: ImageNet's, "
+                        "0.229,0.224,0.225)")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers, got {text!r}") from None
+
+
+def _add_model_spec(p: argparse.ArgumentParser, group) -> None:
+    group.add_argument("--model", default=None, metavar="SPEC",
+                       help="a model instead of a checkpoint: a zoo name, torchvision:NAME, timm:NAME (optional "
+                            "extras), hf:DIR (a Hugging Face model directory) or package.module:Name (your class or "
+                            "factory)")
+    p.add_argument("--model-kwargs", type=_json_object, default={}, metavar="JSON",
+                   help="keyword options of --model, a JSON object (e.g. '{\"num_classes\": 10}')")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="trained weights for --model: a state dict in .safetensors, or a torch file of tensors "
+                        "(a training checkpoint's 'state_dict' is taken from it)")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"must be a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -293,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "data-informed or weight-only method; channels are physically removed. "
                                    "Optionally refit, fine-tune, and prune in steps (--schedule).")
     p.add_argument("checkpoint", nargs="?", help="checkpoint written by `structprune train` or structprune.save")
+    _add_model_spec(p, p)
     p.add_argument("--method", default="ispasp", choices=methods.available(), help="pruning method (default: ispasp)")
     _add_budget_args(p)
     g = p.add_argument_group("Hugging Face language models: BERT, RoBERTa, ALBERT, DistilBERT, GPT-2, Llama-style "
@@ -370,12 +415,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "producers and consumers.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("checkpoint", nargs="?", help="checkpoint to inspect")
-    src.add_argument("--model", choices=models.available(), help="inspect a fresh zoo model instead")
+    src.add_argument("--model", metavar="SPEC", help="inspect a fresh model instead: a zoo name, torchvision:NAME, "
+                                                     "timm:NAME or package.module:Name")
     src.add_argument("--hf-model", metavar="DIR", help="inspect a local Hugging Face language model directory "
                                                        "(sizes counted for one sequence of 128 tokens, or the "
                                                        "model's maximum if shorter)")
-    p.add_argument("--data", default="fashion-mnist", choices=sorted(data.DATASETS),
-                   help="dataset whose input shape --model is built for (default: fashion-mnist)")
+    p.add_argument("--model-kwargs", type=_json_object, default={}, metavar="JSON",
+                   help="keyword options of --model, a JSON object")
+    p.add_argument("--data", default="fashion-mnist", metavar="DATA",
+                   help="dataset whose input shape --model is built for (default: fashion-mnist; any --data of "
+                        "prune)")
+    p.add_argument("--data-dir", default=None, help="directory with the dataset files")
+    _add_image_args(p)
     _add_trust(p)
 
     p = sub.add_parser("convert", help="rewrite a checkpoint in the current safe format",
@@ -518,22 +569,51 @@ def _write_json(path: Path, payload: dict, force: bool) -> None:
     checkpoint.write_atomic(path, lambda tmp: Path(tmp).write_text(text + "\n"), force=force)
 
 
+def _source(args):
+    """The dataset --data names (opened once per command)."""
+    if getattr(args, "_data_source", None) is None:
+        args._data_source = data.source(args.data, root=args.data_dir, seed=getattr(args, "seed", 0),
+                                        image_size=args.image_size, mean=args.mean, std=args.std)
+    return args._data_source
+
+
 def _loader(args, split: str, shuffle: bool = False, limit=None) -> DataLoader:
-    dataset = data.load(args.data, split=split, root=args.data_dir, limit=limit, seed=args.seed)
+    if split == "test" and _source(args).classes is None:
+        no_eval = " (or pass --no-eval)" if hasattr(args, "no_eval") else ""
+        raise StructPruneError(f"--data {args.data} has no labels, which measuring accuracy needs{no_eval}")
+    dataset = _source(args).load(split, limit)
     gen = torch.Generator().manual_seed(args.seed)
     return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, generator=gen)
 
 
-def _example(args_data: str) -> torch.Tensor:
-    return torch.zeros(1, *data.shape(args_data))
+def _example(args) -> torch.Tensor:
+    return torch.zeros(1, *_source(args).shape)
 
 
-def _zoo_model(name: str, dataset: str, **kwargs):
-    """A fresh zoo model shaped for ``dataset``'s images and classes."""
-    channels, height, _ = data.shape(dataset)
+def _zoo_model(name: str, args, **kwargs):
+    """A fresh model: a zoo model shaped for --data's images and classes, or any other spec (models.create) with
+    --model-kwargs."""
+    if name not in models.available():
+        return models.create(name, **dict(getattr(args, "model_kwargs", None) or {}), **kwargs)
+    source = _source(args)
+    if len(source.shape) != 3 or source.classes is None:
+        raise StructPruneError(f"--data {args.data}: zoo models need labelled images (C, H, W); got samples of "
+                               f"shape {source.shape}{'' if source.classes else ' without labels'}")
+    channels, height, _ = source.shape
     if models.accepts(name, "input_size"):
         kwargs["input_size"] = height
-    return models.create(name, num_classes=data.classes(dataset), in_channels=channels, **kwargs)
+    return models.create(name, num_classes=source.classes, in_channels=channels, **kwargs)
+
+
+def _spec_model(args):
+    """prune --model: the model the spec names, with --weights loaded (the CLI's other paths read checkpoints)."""
+    model = _zoo_model(args.model, args)
+    if args.weights is not None:
+        models.load_weights(model, args.weights, trust_checkpoint=args.trust_checkpoint)
+    else:
+        warnings.warn(f"structprune: --model {args.model} without --weights prunes randomly initialised weights",
+                      stacklevel=1)
+    return model
 
 
 def _check_fits(model, args, example: torch.Tensor) -> None:
@@ -544,8 +624,9 @@ def _check_fits(model, args, example: torch.Tensor) -> None:
     except Exception as exc:
         raise StructPruneError(f"--data {args.data}: the model does not accept its {tuple(example.shape[1:])} "
                                f"inputs ({first_line(exc)})") from None
-    if out.dim() != 2 or out.shape[1] != data.classes(args.data):
-        raise StructPruneError(f"--data {args.data}: it has {data.classes(args.data)} classes but the model "
+    classes = _source(args).classes
+    if classes is not None and (out.dim() != 2 or out.shape[1] != classes):
+        raise StructPruneError(f"--data {args.data}: it has {classes} classes but the model "
                                f"outputs {tuple(out.shape[1:])}")
 
 
@@ -569,7 +650,7 @@ def _fit(model, args, epochs: int, device, state_path: Path | None = None, resum
     """Train ``model`` in place on the training split; returns the epoch losses and the samples used.
 
     The same global batches for one process or N under torchrun (each reads its share)."""
-    dataset = data.load(args.data, split="train", root=args.data_dir, limit=limit, seed=args.seed)
+    dataset = _source(args).load("train", limit)
     loader = ShardedBatches(dataset, args.batch_size, seed=args.seed)
     losses = train(model, loader, _train_config(args, epochs), device=device, progress=not args.no_progress,
                    state_path=state_path, resume=resume)
@@ -596,8 +677,8 @@ def cmd_train(args) -> int:
         if not models.accepts(args.model, "width_mult"):
             raise StructPruneError(f"--width-mult: model {args.model} has no width multiplier")
         kwargs["width_mult"] = args.width_mult
-    model = _zoo_model(args.model, args.data, **kwargs).to(device)
-    example = _example(args.data)
+    model = _zoo_model(args.model, args, **kwargs).to(device)
+    example = _example(args)
     _check_fits(model, args, example)
     start = time.perf_counter()
     losses, samples = _fit(model, args, args.epochs, device, state, args.resume, limit=args.limit)
@@ -622,7 +703,7 @@ def cmd_finetune(args) -> int:
     state = _check_state(args, out)
     device = _training_device(args)
     model = _load(args.checkpoint, args).to(device)
-    example = _example(args.data)
+    example = _example(args)
     _check_fits(model, args, example)
     test_loader = _loader(args, "test")
     before = measure.accuracy(model, test_loader, device)
@@ -651,11 +732,16 @@ def _method_options(args) -> dict:
 
 
 def cmd_prune(args) -> int:
-    if (args.checkpoint is None) == (args.hf_model is None):
-        raise StructPruneError("give either a checkpoint or --hf-model DIR")
+    if sum(x is not None for x in (args.checkpoint, args.hf_model, args.model)) != 1:
+        raise StructPruneError("give either a checkpoint, --model SPEC or --hf-model DIR")
+    if args.model is not None and args.model.startswith("hf:"):
+        args.hf_model, args.model = args.model[len("hf:"):], None
     if args.hf_model is not None:
         return cmd_prune_hf(args)
-    out, report_path = _check_outputs(args, args.checkpoint)
+    if args.model is None and (args.weights is not None or args.model_kwargs):
+        raise StructPruneError("--weights and --model-kwargs go with --model SPEC")
+    source_path = args.checkpoint if args.model is None else args.weights
+    out, report_path = _check_outputs(args, source_path)
     state = _check_state(args, out)
     device = _device(args.device)
     budget = _budget(args)
@@ -665,8 +751,8 @@ def cmd_prune(args) -> int:
             raise StructPruneError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.schedule == "sequential" and args.layer_finetune_epochs == 0:
         raise StructPruneError("--schedule sequential fine-tunes after every group: give --layer-finetune-epochs")
-    model = _load(args.checkpoint, args).to(device)
-    example = _example(args.data)
+    model = (_load(args.checkpoint, args) if args.model is None else _spec_model(args)).to(device)
+    example = _example(args)
     _check_fits(model, args, example)
     calib = _loader(args, "train")
     test_loader = None if args.no_eval else _loader(args, "test", limit=args.limit)
@@ -682,11 +768,14 @@ def cmd_prune(args) -> int:
         progress=not args.no_progress, example_inputs=example.to(device), **_recovery(args),
         round_to=args.round_to, calib_samples=args.calib_samples, ignored_layers=args.ignore, seed=args.seed,
         stream=args.stream, state_path=state, resume=args.resume,
-        state_key=repr((args.checkpoint, args.data, args.finetune_epochs, args.layer_finetune_epochs, args.train_limit,
+        state_key=repr((args.checkpoint or (args.model, args.model_kwargs, args.weights), args.data,
+                        args.finetune_epochs, args.layer_finetune_epochs, args.train_limit,
                         vars(_train_config(args, 1)))),
         **options)
     first, last = results[0], results[-1]
-    report = {"command": "prune", "checkpoint": str(args.checkpoint), "data": args.data, "schedule": args.schedule,
+    source = {"checkpoint": str(args.checkpoint)} if args.model is None else {
+        "model": args.model, "model_kwargs": args.model_kwargs, "weights": args.weights}
+    report = {"command": "prune", **source, "data": args.data, "schedule": args.schedule,
               **last.to_dict(), "before": first.before, "seconds": sum(r.seconds for r in results),
               "params_ratio": last.after["params"] / first.before["params"],
               "macs_ratio": last.after["macs"] / first.before["macs"], "steps": steps,
@@ -794,7 +883,7 @@ def cmd_compare(args) -> int:
                "train": vars(_train_config(args, max(args.finetune_epochs, 1)))}
     rows = _finished_rows(outputs[1], options) if args.resume else []
     model = _load(args.checkpoint, args).to(device)
-    example = _example(args.data)
+    example = _example(args)
     _check_fits(model, args, example)
     calib = _loader(args, "train")  # the same samples, in the same order, for every method
     test_loader = _loader(args, "test", limit=args.limit)
@@ -866,7 +955,7 @@ def cmd_eval(args) -> int:
         checkpoint.check_output(json_path, args.force, what="--json:")
     device = _device(args.device)
     test_loader = _loader(args, "test", limit=args.limit)
-    example = _example(args.data)
+    example = _example(args)
     rows = []
     for path in args.checkpoints:
         if exporter.is_exported(path):  # ONNX (ONNX Runtime) or TorchScript, on the CPU
@@ -896,6 +985,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_info(args) -> int:
+    if args.model is not None and args.model.startswith("hf:"):
+        args.hf_model, args.model = args.model[len("hf:"):], None
     if args.hf_model:
         model = _hf_model(args.hf_model, args.trust_checkpoint)
         tokens = min(128, _max_positions(model))
@@ -909,8 +1000,8 @@ def cmd_info(args) -> int:
             raise StructPruneError(f"{args.checkpoint} does not record its input shape")
         title = args.checkpoint
     else:
-        model = _zoo_model(args.model, args.data)
-        example = _example(args.data)
+        model = _zoo_model(args.model, args)
+        example = _example(args)
         title = f"{args.model} (fresh, {args.data} inputs)"
     graph = build_graph(model, example)
     groups = graph.all_groups()

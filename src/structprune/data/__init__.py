@@ -1,6 +1,9 @@
-"""Datasets that need no download: Fashion-MNIST from IDX files, scikit-learn's digits, synthetic data.
+"""Datasets that need no download: Fashion-MNIST from IDX files, scikit-learn's digits, synthetic data; and
+the user's own (:mod:`structprune.data.files`): ``imagefolder:DIR``, a ``.npz``/``.npy``/``.pt`` file of tensors,
+or ``module:function``.
 
-``load(name, split, ...)`` returns a ``TensorDataset`` of (images (N, C, H, W) float32, labels int64).
+``load(name, split, ...)`` returns a ``TensorDataset`` of (images (N, C, H, W) float32, labels int64);
+:func:`source` opens any of them with its shape and number of classes.
 """
 
 from __future__ import annotations
@@ -8,7 +11,7 @@ from __future__ import annotations
 from torch.utils.data import TensorDataset
 
 from ..errors import StructPruneError
-from . import digits, fashion_mnist, synthetic
+from . import digits, fashion_mnist, files, synthetic
 
 DATASETS = {
     "fashion-mnist": fashion_mnist.load,
@@ -45,3 +48,24 @@ def shape(name: str) -> tuple[int, int, int]:
 def classes(name: str) -> int:
     """Number of classes of the dataset (all three have 10)."""
     return 10
+
+
+class _Builtin:
+    """One of :data:`DATASETS` with the interface of :class:`structprune.data.files.Source`."""
+
+    def __init__(self, name: str, root: str | None, seed: int):
+        self.spec, self.root, self.seed = name, root, seed
+        self.shape, self.classes = shape(name), classes(name)
+
+    def load(self, split: str, limit: int | None = None):
+        return load(self.spec, split, root=self.root, limit=limit, seed=self.seed)
+
+
+def source(spec: str, root: str | None = None, seed: int = 0, image_size: int | None = None, mean=None, std=None):
+    """The dataset ``spec`` names: a name of :data:`DATASETS` (``root``: its files), ``imagefolder:DIR``, a
+    ``.npz``/``.npy``/``.pt`` file or ``module:function`` (:mod:`structprune.data.files`; ``image_size``,
+    ``mean`` and ``std`` shape an image folder). It has ``load(split, limit)``, ``shape`` (one sample's) and
+    ``classes`` (None when it has no labels)."""
+    if spec in DATASETS:
+        return _Builtin(spec, root, seed)
+    return files.Source(spec, image_size=image_size, mean=mean, std=std)

@@ -3,7 +3,8 @@
 The default source is Debian's ``fortunes`` package (``apt-get install fortunes``): about 15,000
 quotations, jokes and aphorisms in plain English under ``/usr/share/games/fortunes``, one entry
 per ``%``-separated block. Any text file works too: one sentence per line, or ``%``-separated
-blocks (the fortune format).
+blocks (the fortune format), or JSON lines (``.jsonl``: one string, or an object with a ``"text"`` field,
+per line).
 
 Entries are cleaned (whitespace collapsed, 6 to 60 words, mostly letters, no tables or ASCII art),
 de-duplicated and split into a calibration and a held-out part by a seeded shuffle.
@@ -11,6 +12,7 @@ de-duplicated and split into a calibration and a held-out part by a seeded shuff
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections.abc import Iterator, Sequence
@@ -34,12 +36,31 @@ def read(path: str | Path | None = None) -> list[str]:
     entries: list[str] = []
     for file in files:
         raw = file.read_text(encoding="utf-8", errors="replace")
+        if file.suffix == ".jsonl":
+            entries.extend(b for b in (_clean(text) for text in _json_lines(file, raw)) if b)
+            continue
         blocks = re.split(r"^%\s*$", raw, flags=re.M) if re.search(r"^%\s*$", raw, flags=re.M) else raw.splitlines()
         entries.extend(b for b in (_clean(block) for block in blocks) if b)
     entries = list(dict.fromkeys(entries))
     if not entries:
         raise StructPruneError(f"text: no usable sentences in {path} (6 to 60 words of mostly letters each)")
     return entries
+
+
+def _json_lines(file: Path, raw: str) -> list[str]:
+    texts = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as exc:
+            raise StructPruneError(f"text: {file} line {number} is not JSON ({exc})") from None
+        value = value.get("text") if isinstance(value, dict) else value
+        if not isinstance(value, str):
+            raise StructPruneError(f"text: {file} line {number} is neither a string nor an object with a text field")
+        texts.append(value)
+    return texts
 
 
 def _clean(block: str) -> str | None:

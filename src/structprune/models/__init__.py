@@ -1,4 +1,6 @@
-"""Model zoo: one file per family, a registry decorator and a single factory.
+"""Model zoo: one file per family, a registry decorator and a single factory; and models from elsewhere by name:
+``"torchvision:resnet18"``, ``"timm:convnext_tiny"`` (their registries; optional extras), ``"hf:DIR"`` (a Hugging
+Face model directory, or a hub id) and ``"package.module:Name"`` (your own class or factory).
 
 >>> from structprune import models
 >>> net = models.create("lenet5", num_classes=10, in_channels=1)
@@ -8,13 +10,17 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 
+import torch
 from torch import nn
 
-from ..errors import StructPruneError
+from ..errors import StructPruneError, first_line
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -51,13 +57,21 @@ def create(name: str, num_classes: int | None = None, in_channels: int | None = 
 
     Parameters
     ----------
-    name: one of :func:`available`, or ``"package.module:qualname"`` of an ``nn.Module`` class or of a
-        function returning one (called with the given keyword options, which must be JSON data).
+    name: one of :func:`available`; ``"torchvision:NAME"`` or ``"timm:NAME"``, a model of that library's registry
+        (randomly initialised: load trained weights with :func:`load_weights`); ``"hf:DIR"``, a Hugging Face
+        model directory (or a hub id, downloaded by transformers as safetensors); or
+        ``"package.module:qualname"`` of an ``nn.Module`` class or of a function returning one (called with the
+        given keyword options, which must be JSON data).
     num_classes: outputs of the classifier (zoo default 10).
     in_channels: channels of the input images (zoo default 1: Fashion-MNIST; 3 for CIFAR).
     trusted: whether ``name`` comes from the caller (True) or from a file (see :mod:`structprune.checkpoint`).
     kwargs: family-specific options (``width_mult``, ``input_size``, ...).
     """
+    library, _, model_name = name.partition(":")
+    if library in REGISTRIES:
+        return _from_registry(library, model_name, num_classes, in_channels, kwargs)
+    if library == "hf":
+        return _from_hf(model_name, trusted, num_classes, in_channels, kwargs)
     if ":" in name:
         return _from_import(name, trusted, num_classes=num_classes, in_channels=in_channels, **kwargs)
     factory = _factory(name)
@@ -75,6 +89,96 @@ def create(name: str, num_classes: int | None = None, in_channels: int | None = 
         "name": name,
         "kwargs": {"num_classes": num_classes, "in_channels": in_channels, **kwargs},
     }
+    return model
+
+
+#: model libraries whose registries build a model by name (never a function a user or a file could pick):
+#: library -> (the extra that installs it, its keyword for the input channels)
+REGISTRIES = {"torchvision": ("structprune[torchvision]", None), "timm": ("structprune[timm]", "in_chans")}
+
+
+def _from_registry(library: str, model_name: str, num_classes, in_channels, kwargs: dict) -> nn.Module:
+    extra, channels_keyword = REGISTRIES[library]
+    for key in ("weights", "pretrained"):
+        if key in kwargs:
+            raise StructPruneError(f"{library}:{model_name}: {key} is not an option here; the model is built with "
+                                   f"random weights, load yours with --weights FILE (models.load_weights)")
+    try:
+        module = importlib.import_module(library)
+    except ImportError:
+        raise StructPruneError(f"{library}:{model_name} needs {library}: pip install '{extra}'") from None
+    options = dict(kwargs)
+    if num_classes is not None:
+        options["num_classes"] = num_classes
+    if in_channels is not None and in_channels != 3:
+        if channels_keyword is None:
+            raise StructPruneError(f"{library} models take 3 input channels; got in_channels={in_channels}")
+        options[channels_keyword] = in_channels
+    try:
+        if library == "torchvision":
+            if model_name not in module.models.list_models():
+                raise StructPruneError(f"torchvision has no model {model_name!r} (torchvision.models.list_models())")
+            model = module.models.get_model(model_name, weights=None, **options)
+        else:
+            if not module.is_model(model_name):
+                raise StructPruneError(f"timm has no model {model_name!r} (timm.list_models())")
+            model = module.create_model(model_name, pretrained=False, **options)
+    except TypeError as exc:
+        raise StructPruneError(f"{library}:{model_name} does not accept these options: {exc}") from None
+    model.structprune_arch = {"name": f"{library}:{model_name}", "kwargs": options}
+    return model
+
+
+def _from_hf(location: str, trusted: bool, num_classes, in_channels, kwargs: dict) -> nn.Module:
+    if not trusted:  # saved transformers models are directories; a checkpoint file never names one
+        raise StructPruneError(f"hf:{location} cannot be rebuilt from a checkpoint file; load the saved directory")
+    if num_classes is not None or in_channels is not None or kwargs:
+        raise StructPruneError(f"hf:{location}: the model's config decides its shape; options are not accepted")
+    if Path(location).is_dir():
+        return hf.load_pretrained(location)
+    transformers = hf.transformers_module()
+    try:  # a hub id: transformers downloads it (safetensors only: no pickle from the network)
+        return transformers.AutoModel.from_pretrained(location, use_safetensors=True).eval()
+    except Exception as exc:
+        raise StructPruneError(f"hf:{location}: not a local model directory, and transformers could not load it "
+                               f"as a hub id ({first_line(exc)})") from None
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, trust_checkpoint: bool = False) -> nn.Module:
+    """Load a state dict from ``path`` into ``model`` (in place; returned): ``.safetensors``, or a torch file read
+    tensors-only (a training checkpoint holding it under ``state_dict``/``model`` is unwrapped, and DDP's
+    ``module.`` prefixes dropped). Every weight of the model must be there, with its shape."""
+    from ..checkpoint import load_tensors
+
+    path = Path(path)
+    if not path.is_file():
+        raise StructPruneError(f"--weights {path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(path)
+        except Exception as exc:
+            raise StructPruneError(f"--weights {path}: not a readable safetensors file ({first_line(exc)})") from None
+    else:
+        state = load_tensors(path, trust_checkpoint, what="--weights",
+                             advice="Save the weights as a plain state dict (tensors only), or pass --trust-checkpoint "
+                                    "for a file you trust.")
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise StructPruneError(f"--weights {path}: not a state dict (names to tensors)")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise StructPruneError(f"--weights {path}: the weights do not fit the model ({first_line(exc)})") from None
+    if missing or unexpected:
+        raise StructPruneError(f"--weights {path}: the weights do not fit the model (missing: "
+                               f"{', '.join(missing[:3]) or 'none'}; unexpected: "
+                               f"{', '.join(unexpected[:3]) or 'none'})")
     return model
 
 
