@@ -158,3 +158,16 @@ def test_a_layer_run_twice_per_batch_counts_each_sample_once():
     assert consumer.sample_sums.shape == (10, 6)
     assert sorted(set(consumer.row_sample.tolist())) == list(range(10))
     assert torch.equal(view.restrict(4).consumers[0].row_sample.unique(), torch.arange(4))
+
+
+def test_a_transformers_model_pruned_outside_its_described_blocks_is_not_saved_as_an_unloadable_directory(tmp_path):
+    """T5 has no layout: its attention stays whole, its FFN is pruned by the generic graph, which the config
+    cannot record; saving it as a save_pretrained directory would write files that load nowhere."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4)
+    model = transformers.T5EncoderModel(config).eval()
+    result, messages = _prune_recording(model, [{"input_ids": torch.randint(0, 50, (4, 7))}])
+    assert any("matches no registered layout" in m or "heads of attention" in m for m in messages)
+    with pytest.raises(structprune.StructPruneError, match=r"T5EncoderModel cannot be saved .* is \(16, 16\)"):
+        structprune.save(result, tmp_path / "t5")
+    assert not (tmp_path / "t5").exists()

@@ -112,3 +112,28 @@ def test_cli_rejects_data_the_model_does_not_fit(tmp_path, capsys, fmnist_dir):
     code, err = run_cli(capsys, "prune", ckpt, "--data-dir", fmnist_dir, "--out", tmp_path / "p.pt")
     assert code == 2 and "does not accept" in err
     assert not (tmp_path / "p.pt").exists()
+
+
+def test_a_model_whose_output_torch_pruning_cannot_trace_says_so_not_that_its_forward_failed():
+    import structprune
+
+    class CacheOut(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            return (self.fc2(torch.relu(self.fc1(x))), (object(),))  # a cache-like object in the output
+
+    x = torch.randn(8, 4)
+    CacheOut()(x)  # its forward is fine
+    with pytest.raises(StructPruneError, match="Torch-Pruning could not trace the model's outputs"):
+        structprune.prune(CacheOut(), [x], "magnitude", 0.5, progress=False)
+
+
+def test_first_line_keeps_the_line_a_colon_announces():
+    from structprune.errors import first_line
+
+    error = RuntimeError("Error(s) in loading state_dict for Net:\n\tsize mismatch for fc.weight: (2, 3) vs (4, 3).")
+    assert first_line(error) == "Error(s) in loading state_dict for Net: size mismatch for fc.weight: (2, 3) vs (4, 3)."
+    assert first_line(ValueError("one line\nsecond")) == "one line"

@@ -199,7 +199,7 @@ def test_cli_prunes_heads_of_a_local_model(hf_dir, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--prune", "mlp"], "heads, ffn"),
     (["--finetune-epochs", "1"], "not available with --hf-model"),
-    (["ckpt.pt"], "either a checkpoint or --hf-model"),
+    (["ckpt.pt"], "either a checkpoint, --model SPEC or --hf-model"),
 ])
 def test_cli_hf_errors(hf_dir, tmp_path, capsys, argv, message):
     path, text = hf_dir

@@ -20,10 +20,14 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type's name when it has none), for one-line errors;
-    terminal escape codes (torch puts some in its messages) are removed."""
-    text = strip_ansi(str(exc)).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The first line of an exception's message (its type's name when it has none; with the next line when the
+    first only announces it, ending in a colon), for one-line errors; terminal escape codes (torch puts some in
+    its messages) are removed."""
+    lines = [line.strip() for line in strip_ansi(str(exc)).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    # "Error(s) in loading state_dict for X:" says nothing without the line after it (the size mismatch)
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def strip_ansi(text: str) -> str:

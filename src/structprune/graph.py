@@ -142,12 +142,19 @@ class PruningGraph:
         was_training = model.training
         model.eval()  # tracing must not update BatchNorm statistics (nor fail on a batch of one)
         try:
-            with torch.enable_grad():
-                self.dg = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
-            order = self._execution_order()
-        except Exception as exc:  # the user's forward, not ours: report it as bad input
-            raise StructPruneError(f"example_inputs: the model's forward pass failed on them "
-                                   f"({first_line(exc)})") from exc
+            try:
+                order = self._execution_order()
+            except Exception as exc:  # the user's forward, not ours: report it as bad input
+                raise StructPruneError(f"example_inputs: the model's forward pass failed on them "
+                                       f"({first_line(exc)})") from exc
+            try:
+                with torch.enable_grad():
+                    self.dg = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
+            except Exception as exc:  # the forward ran: it is the tracing of its outputs that failed
+                raise StructPruneError(
+                    f"Torch-Pruning could not trace the model's outputs ({first_line(exc)}); a model whose output "
+                    f"holds more than tensors (a Hugging Face cache: pass use_cache=False with the inputs) or "
+                    f"returns no tensor computed from them cannot be traced") from exc
         finally:
             model.train(was_training)
         self.output_layers = self._find_output_layers()

@@ -18,6 +18,7 @@ save and load.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
@@ -26,6 +27,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from .. import attention
@@ -136,13 +138,14 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, force: bool = 
     """
     if not hasattr(model, "save_pretrained"):
         raise StructPruneError(f"{type(model).__name__} is not a Hugging Face model (no save_pretrained)")
+    sync_config(model)
+    _check_config_describes(model)
     path = Path(path)
     if path.exists() and not force:
         raise StructPruneError(f"output {path} already exists; pass --force (force=True) to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        sync_config(model)
         # the weights under the model's own names: transformers 5 would otherwise write some families (ViT) in an
         # older layout whose names it converts back only in its own loader; its loader reads these as they are
         own_names = {"save_original_format": False} if "save_original_format" in inspect.signature(
@@ -159,6 +162,25 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, force: bool = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _check_config_describes(model: nn.Module) -> None:
+    """Refuse a model whose config (and recorded block sizes) would rebuild other shapes than its weights have:
+    layers pruned outside the blocks a layout describes (T5's FFN, through the generic graph) would be saved as a
+    directory that loads nowhere. The check builds the config's model on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        fresh = type(model)._from_config(copy.deepcopy(model.config))
+    sizes = getattr(model.config, CONFIG_KEY, None)
+    if sizes:
+        resize(fresh, sizes)
+    expected = {name: tuple(t.shape) for name, t in fresh.state_dict().items()}
+    for name, tensor in model.state_dict().items():
+        if name in expected and expected[name] != tuple(tensor.shape):
+            raise StructPruneError(
+                f"{type(model).__name__} cannot be saved as a save_pretrained directory: {name} is "
+                f"{tuple(tensor.shape)} but its config builds {expected[name]}, because structprune describes no "
+                f"attention/FFN layout for this family (structprune.attention.register) and the config cannot "
+                f"record what was pruned; export it (structprune.export, ONNX) or prune only described families")
 
 
 def load_pretrained(path: str | os.PathLike, model_class=None, *, trust_checkpoint: bool = False) -> nn.Module:
