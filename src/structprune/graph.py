@@ -17,6 +17,7 @@ is smaller and faster, not masked.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -141,7 +142,10 @@ class PruningGraph:
         self._param_names = {param: name for name, param in model.named_parameters()}
         was_training = model.training
         model.eval()  # tracing must not update BatchNorm statistics (nor fail on a batch of one)
+        stack = contextlib.ExitStack()
         try:
+            # padding couples no channels, and Torch-Pruning loops forever on the slices of circular padding
+            stack.enter_context(_zero_padding(model))
             try:
                 order = self._execution_order()
             except Exception as exc:  # the user's forward, not ours: report it as bad input
@@ -156,6 +160,7 @@ class PruningGraph:
                     f"holds more than tensors (a Hugging Face cache: pass use_cache=False with the inputs) or "
                     f"returns no tensor computed from them cannot be traced") from exc
         finally:
+            stack.close()
             model.train(was_training)
         self.output_layers = self._find_output_layers()
         ignored = list(ignored_layers) + self.output_layers
@@ -422,6 +427,19 @@ def keep_input_features(layer: nn.Module, columns: Tensor) -> None:
         layer.nx = len(columns)
     else:
         layer.in_features = len(columns)
+
+
+@contextlib.contextmanager
+def _zero_padding(model: nn.Module) -> Iterator[None]:
+    """Convolutions pad with zeros while this is open (same shapes, same channel coupling), then as before."""
+    changed = [(m, m.padding_mode) for m in model.modules() if isinstance(m, _CONVS) and m.padding_mode != "zeros"]
+    for module, _ in changed:
+        module.padding_mode = "zeros"
+    try:
+        yield
+    finally:
+        for module, mode in changed:
+            module.padding_mode = mode
 
 
 def _tensors(value) -> list[Tensor]:
