@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -129,22 +131,84 @@ def test_selection_contract_is_enforced():
         structprune.prune(model, [torch.randn(8, 4)], method=Broken(), budget=0.5, progress=False)
 
 
-def test_groups_touching_a_grouped_conv_are_skipped_with_a_warning_and_the_rest_pruned():
+class _ResNeXtBlock(nn.Module):
+    """1×1 → grouped 3×3 → 1×1 with a residual add (ResNeXt's bottleneck), convolutions with biases."""
+
+    def __init__(self, groups: int = 4, residual: bool = True):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.reduce = nn.Conv2d(8, 16, 1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=groups)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.expand = nn.Conv2d(16, 8, 1)
+        self.head = nn.Linear(8, 3)
+        self.residual = residual
+
+    def forward(self, x):
+        s = torch.relu(self.stem(x))
+        h = torch.relu(self.bn1(self.reduce(s)))
+        h = torch.relu(self.bn2(self.grouped(h)))
+        h = self.expand(h) + (s if self.residual else 0)
+        return self.head(torch.relu(h).mean((2, 3)))
+
+
+def _randomised(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_a_grouped_conv_is_pruned_in_whole_groups_and_computes_the_kept_channels(residual):
+    """Every conv group keeps as many channels (the same positions of each), so groups= stays; without refit
+    the pruned network equals the dense one with the removed channels' outputs zeroed."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2),
-                          nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 8 * 8, 3))
-    x = torch.randn(8, 1, 8, 8)
-    with pytest.warns(UserWarning) as record:
-        result = structprune.prune(model, [x], budget=0.5, progress=False)
-    messages = sorted(str(w.message) for w in record)
-    assert messages == [
-        "structprune: group 0 is not pruned: consumer 2 (Conv2d) is not a Linear or an ungrouped Conv2d",
-        "structprune: group 2 is not pruned: producer 2 is a grouped Conv2d (groups=2)",
-    ]
-    assert [s["group"] for s in result.skipped] == ["0", "2"]
-    assert [layer["group"] for layer in result.layers] == ["4"]
-    assert result.model[2].weight.shape == model[2].weight.shape  # the grouped conv is untouched
-    assert result.model[4].out_channels == 3 and result.model(x).shape == (8, 3)
+    model, x = _randomised(_ResNeXtBlock(residual=residual)), torch.randn(16, 1, 8, 8)
+    groups = {g.name: g for g in PruningGraph(model, x[:1]).all_groups()}
+    assert groups["reduce"].channels == 4 and groups["reduce"].members.shape == (4, 4)  # 4 positions × 4 groups
+    assert groups["reduce"].members[1].tolist() == [1, 5, 9, 13]
+    result = structprune.prune(model, [x], "magnitude", {"reduce": 0.5, "grouped": 0.5, "*": 1.0}, refit=False,
+                               recalibrate=False, progress=False)
+    pruned = result.model
+    assert pruned.grouped.groups == 4 and pruned.grouped.in_channels == pruned.grouped.out_channels == 8
+    masked = copy.deepcopy(model)
+    for conv, bn in (("reduce", "bn1"), ("grouped", "bn2")):
+        kept = [int((getattr(model, conv).bias == b).nonzero()) for b in getattr(pruned, conv).bias]
+        removed = torch.ones(16, dtype=torch.bool)
+        removed[kept] = False
+        per_group = removed.reshape(4, 4).sum(dim=1)
+        assert per_group.tolist() == [2, 2, 2, 2]  # the same number from every conv group
+        with torch.no_grad():
+            getattr(masked, bn).weight[removed] = 0
+            getattr(masked, bn).bias[removed] = 0
+    assert torch.allclose(pruned(x), masked(x), atol=1e-5)
+
+
+def test_grouped_convs_that_couple_every_channel_leave_the_group_whole():
+    model = nn.Sequential(nn.Conv2d(1, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 12, 3, padding=1, groups=4),
+                          nn.Conv2d(12, 12, 3, padding=1, groups=3), nn.Flatten(), nn.Linear(12 * 8 * 8, 3))
+    with pytest.warns(UserWarning, match="group 2 is not pruned: the grouped convolutions 2, 3 couple its channels "
+                                         "all together"):
+        result = structprune.prune(model, [torch.randn(8, 1, 8, 8)], "magnitude", 0.5, progress=False)
+    # the stem's channels feed one grouped conv: pruned in whole positions (2 of its 3 per group); the channels
+    # between groups=4 (positions mod 3) and groups=3 (mod 4) are all tied together and stay
+    assert result.model[0].out_channels == 8 and result.model[2].groups == 4
+    assert result.model[2].out_channels == 12 and result.model[3].groups == 3
+
+
+def test_a_grouped_consumer_is_left_as_the_method_chose_by_the_refit():
+    torch.manual_seed(0)
+    model, x = _randomised(_ResNeXtBlock()), torch.randn(16, 1, 8, 8)
+    result = structprune.prune(model, [x], "ispasp", 0.5, progress=False)
+    reduce = next(layer for layer in result.layers if layer["group"] == "reduce")
+    assert "grouped convolution" in reduce["refit"]["grouped"]
+    assert result.model.grouped.groups == 4 and result.model(x).shape == (16, 3)
 
 
 def test_rows_stay_bounded_however_many_calibration_samples():

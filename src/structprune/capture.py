@@ -280,8 +280,9 @@ class _RowCollector:
         self._keep(x[rows][:, index], sample[rows])
 
     def _conv_rows(self, conv: nn.Module, x: Tensor) -> None:
-        x = _as_2d(conv, x[:, self.consumer.channel_index[:, 0].to(x.device)])
-        self._add_sums(x.double().sum(dim=(2, 3)).cpu())
+        channels, width = self.consumer.channel_index.shape  # width > 1: the input channels a channel stands for
+        x = _as_2d(conv, x[:, self.consumer.channel_index.reshape(-1).to(x.device)])
+        self._add_sums(x.double().sum(dim=(2, 3)).reshape(len(x), channels, width).sum(dim=2).cpu())
         (kh, kw), (sh, sw), (dh, dw), pad = _geometry(conv)
         h, w = x.shape[2:]
         x = nn.functional.pad(x, (pad[1], pad[1], pad[0], pad[0]))
@@ -294,9 +295,10 @@ class _RowCollector:
         dy = (torch.arange(kh, device=x.device) * dh).repeat_interleave(kw)
         dx = (torch.arange(kw, device=x.device) * dw).repeat(kh)
         ys, xs = top[:, None] + dy, left[:, None] + dx  # (rows, taps) in padded coordinates
-        patches = x[sample[:, None], :, ys, xs]  # (rows, taps, C)
+        patches = x[sample[:, None], :, ys, xs]  # (rows, taps, C·width)
         real = (ys >= pad[0]) & (ys < pad[0] + h) & (xs >= pad[1]) & (xs < pad[1] + w)
-        self._keep(patches.transpose(1, 2).contiguous(), sample, real.cpu())
+        rows = patches.transpose(1, 2).reshape(len(patches), channels, -1)  # (rows, C, width·taps)
+        self._keep(rows.contiguous(), sample, real.repeat(1, width).cpu())
 
 
 class _Reference:
@@ -454,6 +456,7 @@ def capture(model: nn.Module, group: Group, calib: Calibration | list, memory_by
             output_scale=consumer.output_scale.float(),
             output_shift=consumer.output_shift.float(),
             normalized=consumer.normalized,
+            grouped=consumer.grouped,
             tap_mask=torch.cat(collector.masks) if collector.masks else None,
             row_sample=torch.cat(collector.row_samples),
             sample_sums=torch.cat(collector.sums),
@@ -475,8 +478,8 @@ def weights_view(group: Group, seed: int = 0) -> GroupView:
     consumers = tuple(ConsumerView(
         name=c.name, inputs=torch.empty(0, c.channel_index.shape[0], c.canonical_weight().shape[2]),
         weight=c.canonical_weight().float(), bias=None if c.module.bias is None else c.module.bias.detach().float(),
-        output_scale=c.output_scale.float(), output_shift=c.output_shift.float(), normalized=c.normalized)
-        for c in group.consumers)
+        output_scale=c.output_scale.float(), output_shift=c.output_shift.float(), normalized=c.normalized,
+        grouped=c.grouped) for c in group.consumers)
     producers = tuple(ProducerView(p.name, p.module, _per_channel(p.module.weight.detach(), p, group.channels))
                       for p in group.producers)
     return GroupView(name=group.name, channels=group.channels, consumers=consumers, producers=producers, seed=seed,

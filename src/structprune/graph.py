@@ -61,22 +61,28 @@ class Consumer:
     normalized: bool = False  # whether those come from a BatchNorm
 
     @property
+    def grouped(self) -> bool:
+        """A grouped convolution: its weight is zero between conv groups, by structure."""
+        return self.kind == "conv" and self.module.groups > 1
+
+    @property
     def kind(self) -> str:
         return "conv" if isinstance(self.module, _CONVS) else "linear"
 
     def canonical_weight(self) -> Tensor:
-        """The weight as (out, channels, taps): taps are kernel positions (conv) or features (linear)."""
+        """The weight as (out, channels, taps): taps are kernel positions (conv; of each of a channel's input
+        channels in turn, where grouped convolutions make several go together) or features (linear)."""
         if self.kind == "conv":
-            weight = self.module.weight.detach()
-            kept = weight[:, self.channel_index[:, 0]]
-            return kept.reshape(weight.shape[0], kept.shape[1], -1)
+            weight = dense_conv_weight(self.module)
+            kept = weight[:, self.channel_index.reshape(-1)]
+            return kept.reshape(weight.shape[0], self.channel_index.shape[0], -1)
         weight = weight_matrix(self.module).detach()
         columns = weight[:, self.channel_index.reshape(-1)]
         return columns.reshape(weight.shape[0], *self.channel_index.shape)
 
     def flat_weight(self) -> Tensor:
         """The whole weight as (out, in·taps), columns as :meth:`input_features` numbers them."""
-        weight = self.module.weight.detach() if self.kind == "conv" else weight_matrix(self.module).detach()
+        weight = dense_conv_weight(self.module) if self.kind == "conv" else weight_matrix(self.module).detach()
         return weight.reshape(weight.shape[0], -1)
 
     def input_features(self) -> Tensor:
@@ -85,15 +91,17 @@ class Consumer:
         if self.kind == "linear":
             return self.channel_index
         taps = self.module.weight[0, 0].numel()
-        return self.channel_index[:, :1] * taps + torch.arange(taps)
+        return (self.channel_index[:, :, None] * taps + torch.arange(taps)).reshape(len(self.channel_index), -1)
 
     def write_weight(self, channel_idx: Tensor, canonical: Tensor) -> None:
         """Write ``canonical`` (out, len(channel_idx), taps) into the columns of ``channel_idx``."""
         weight = self.module.weight
         with torch.no_grad():
             if self.kind == "conv":
-                cols = self.channel_index[channel_idx, 0]
-                weight[:, cols] = canonical.reshape(weight.shape[0], len(cols), *weight.shape[2:]).to(weight)
+                cols = self.channel_index[channel_idx].reshape(-1)
+                dense = dense_conv_weight(self.module)
+                dense[:, cols] = canonical.reshape(weight.shape[0], len(cols), *weight.shape[2:]).to(weight)
+                weight.copy_(grouped_blocks(dense, self.module.groups))
             elif is_transposed_linear(self.module):
                 cols = self.channel_index[channel_idx].reshape(-1)
                 weight[cols, :] = canonical.reshape(weight.shape[1], -1).T.to(weight)
@@ -115,6 +123,10 @@ class Group:
     batchnorms: list[Producer] = field(default_factory=list)  # BatchNorms on the group's channels
     #: whether the channels are added to other layers' outputs (a residual stream), not block-internal
     residual: bool = False
+    #: (channels, w): the coupled layers' channels each group channel stands for. One each, unless grouped
+    #: convolutions read or write them: then the channels at the same position of every conv group go together
+    #: (so that every conv group keeps as many), and a group channel is w of them
+    members: Tensor | None = None
 
 
 class PruningGraph:
@@ -211,6 +223,9 @@ class PruningGraph:
         channels = pruner.get_out_channels(root)
         name = self.name_of(root)
         tp_group = self.dg.get_pruning_group(root, root_fn, list(range(channels)))
+        members = self._super_channels(tp_group, channels)
+        if isinstance(members, str):
+            return self._skip(name, members)
         producers, consumers, batchnorms = [], [], []
         for item in tp_group:
             module = item.dep.target.module
@@ -223,11 +238,8 @@ class PruningGraph:
             index = _channel_index(item.idxs, item.root_idxs, channels)
             if index is None:
                 return self._skip(name, f"layer {self.name_of(module)} maps channels unevenly")
+            index = index[members].reshape(len(members), -1)
             if self._is_out(item):
-                if isinstance(module, _CONVS) and module.groups > 1 and not _is_pass_through(module):
-                    # removing outputs of a grouped conv would move channels across its groups
-                    return self._skip(name, f"producer {self.name_of(module)} is a grouped {type(module).__name__} "
-                                            f"(groups={module.groups})")
                 if isinstance(module, _LINEAR_LAYERS):
                     producers.append(Producer(self.name_of(module), module, index))
                 elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
@@ -235,9 +247,9 @@ class PruningGraph:
             elif self.dg.is_in_channel_pruning_fn(item.dep.handler):
                 if _is_pass_through(module):
                     continue
-                if not (isinstance(module, nn.Linear) or (isinstance(module, _CONVS) and module.groups == 1)):
+                if not isinstance(module, _LINEAR_LAYERS):
                     return self._skip(name, f"consumer {self.name_of(module)} ({type(module).__name__}) is not a "
-                                            f"Linear or an ungrouped Conv1d/Conv2d")
+                                            f"Linear, Conv1d or Conv2d")
                 if isinstance(module, _CONVS) and module.padding_mode != "zeros":
                     # its input rows would be padded with other values than the ones the layer reads
                     return self._skip(name, f"consumer {self.name_of(module)} pads with "
@@ -253,7 +265,48 @@ class PruningGraph:
         attention = self._inside_attention(tp_group, producers, consumers)
         if attention is not None:
             return self._skip(name, attention)
-        return Group(name, channels, producers, consumers, root, root_fn, batchnorms, _is_residual(tp_group))
+        return Group(name, len(members), producers, consumers, root, root_fn, batchnorms, _is_residual(tp_group),
+                     members)
+
+    def _super_channels(self, tp_group, channels: int) -> Tensor | str:
+        """The group's channels as :attr:`Group.members` (a reason, as a string, when grouped convolutions couple
+        them unevenly or all into one): every grouped conv ties together the channels it reads (or writes) at the
+        same position of each of its conv groups, which must be removed together to keep its groups equal."""
+        parent = list(range(channels))
+
+        def find(c: int) -> int:
+            while parent[c] != c:
+                parent[c] = parent[parent[c]]
+                c = parent[c]
+            return c
+
+        grouped = []
+        for item in tp_group:
+            module = item.dep.target.module
+            if not (isinstance(module, _CONVS) and module.groups > 1) or _is_pass_through(module):
+                continue
+            if self._is_out(item):
+                block = module.out_channels // module.groups
+            elif self.dg.is_in_channel_pruning_fn(item.dep.handler):
+                block = module.in_channels // module.groups
+            else:
+                continue
+            grouped.append(self.name_of(module))
+            first: dict[int, int] = {}
+            for idx, root in zip(item.idxs, item.root_idxs, strict=False):
+                if root is None or root >= channels:
+                    continue
+                position = first.setdefault(idx % block, root)
+                parent[find(root)] = find(position)
+        if not grouped:
+            return torch.arange(channels)[:, None]
+        classes: dict[int, list[int]] = {}
+        for c in range(channels):
+            classes.setdefault(find(c), []).append(c)
+        if len({len(m) for m in classes.values()}) != 1 or len(classes) < 2:
+            return (f"the grouped convolutions {', '.join(dict.fromkeys(grouped))} couple its channels "
+                    f"{'unevenly' if len(classes) > 1 else 'all together'}")
+        return torch.tensor(sorted(classes.values()))
 
     def _inside_attention(self, tp_group, producers: list[Producer], consumers: list[Consumer]) -> str | None:
         """Why a group must stay whole when its channels are an attention's head dimensions, else None.
@@ -362,7 +415,8 @@ class PruningGraph:
         keep_idx = write_consumer_weights(group, keep_idx, consumer_weights, consumer_biases)
         mask = torch.ones(group.channels, dtype=torch.bool)
         mask[keep_idx] = False
-        prune_idx = mask.nonzero().flatten().tolist()
+        members = group.members if group.members is not None else torch.arange(group.channels)[:, None]
+        prune_idx = members[mask].reshape(-1).sort().values.tolist()
         if not prune_idx:
             return
         tp_group = self.dg.get_pruning_group(group.root, group.root_fn, prune_idx)
@@ -477,6 +531,27 @@ def _is_residual(tp_group) -> bool:
     """Whether a Torch-Pruning group's channels pass an addition (or subtraction) of several tensors."""
     return any(isinstance(item.dep.target.module, tp.ops._ElementWiseOp)
                and re.fullmatch(r"(Add|Sub)Backward\d*", str(item.dep.target.module._grad_fn)) for item in tp_group)
+
+
+def dense_conv_weight(conv: nn.Module) -> Tensor:
+    """A conv's weight as (out, in, *kernel), zeros between the conv groups of a grouped one (a copy then)."""
+    weight = conv.weight.detach()
+    groups = conv.groups
+    if groups == 1:
+        return weight
+    out, block = weight.shape[0] // groups, weight.shape[1]
+    dense = weight.new_zeros(weight.shape[0], block * groups, *weight.shape[2:])
+    for g in range(groups):
+        dense[g * out:(g + 1) * out, g * block:(g + 1) * block] = weight[g * out:(g + 1) * out]
+    return dense
+
+
+def grouped_blocks(dense: Tensor, groups: int) -> Tensor:
+    """The inverse of :func:`dense_conv_weight`: each conv group's block of a dense (out, in, *kernel) weight."""
+    if groups == 1:
+        return dense
+    out, block = dense.shape[0] // groups, dense.shape[1] // groups
+    return torch.cat([dense[g * out:(g + 1) * out, g * block:(g + 1) * block] for g in range(groups)])
 
 
 def batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:

@@ -42,9 +42,11 @@ def refit(view: GroupView, selection: Selection, max_features: int = MAX_FEATURE
         out, _, taps = consumer.weight.shape
         start = chosen.get(consumer.name, consumer.weight[:, keep_idx])
         features = len(keep_idx) * taps
-        if features > max_features:
+        if features > max_features or consumer.grouped:
             weights[consumer.name] = start
-            report[consumer.name] = f"not refitted: {features} kept inputs, more than {max_features}"
+            report[consumer.name] = ("not refitted: a grouped convolution (a free fit would fill the weights its "
+                                     "groups keep zero)" if consumer.grouped
+                                     else f"not refitted: {features} kept inputs, more than {max_features}")
             continue
         equations = consumer.normal_equations(keep_idx)
         start_flat = start.reshape(out, -1).T.double().cpu()

@@ -58,6 +58,9 @@ class ConsumerView:
     output_scale: Tensor  # (out,)
     output_shift: Tensor | None = None  # (out,) β − γμ/σ of the BatchNorm after the consumer
     normalized: bool = False  # a BatchNorm follows the consumer (its recalibration absorbs a constant shift)
+    #: a grouped convolution: ``weight`` is its dense form, zero between conv groups by structure, and only the
+    #: blocks of its conv groups are written back
+    grouped: bool = False
     tap_mask: Tensor | None = None  # (rows, taps) bool: the taps on real positions (None: all)
     row_sample: Tensor | None = None  # (rows,) the calibration sample each row comes from
     sample_sums: Tensor | None = None  # (samples, channels) float64: Σ of each channel's hidden values per sample
