@@ -262,3 +262,12 @@ def test_the_graph_layer_knows_no_model_family():
     from structprune.models import hf
 
     assert (attention.is_supported, hf.HFTransformerGraph) in structprune.graph._FAMILIES
+
+
+def test_round_to_counts_the_layer_widths_of_grouped_channels():
+    """A group channel of a grouped conv stands for one channel per conv group (4 here): round_to=8 keeps
+    2 of them, 8 channels, instead of rounding 2 up to 8 group channels (everything)."""
+    torch.manual_seed(0)
+    model, x = _randomised(_ResNeXtBlock()), torch.randn(16, 1, 8, 8)
+    result = structprune.prune(model, [x], "magnitude", {"reduce": 0.5, "*": 1.0}, round_to=8, progress=False)
+    assert result.model.reduce.out_channels == 8 and result.model.grouped.in_channels == 8

@@ -167,6 +167,8 @@ class Sizer:
         self.scope = scope
         groups = graph.all_groups()
         self.groups = {g.name: g.channels for g in groups}
+        #: layer channels per group channel (more than one where grouped convolutions tie channels together)
+        self.widths = {g.name: 1 if g.members is None else int(g.members.shape[1]) for g in groups}
         self.layer_names = {g.name: [g.name] + [p.name for p in g.producers] for g in groups}
         self.dense = count(self.model, example_inputs)
         self._cache: dict[tuple, dict[str, int]] = {}
@@ -183,6 +185,10 @@ class Sizer:
                 graph.apply(group, torch.arange(keeps.get(group.name, group.channels)))
             self._cache[key] = count(model, self.example_inputs)
         return self._cache[key]
+
+    def multiple(self, name: str, round_to: int | None) -> int | None:
+        """The keep count multiple of group ``name`` that makes its layers' widths multiples of ``round_to``."""
+        return round_to and round_to // math.gcd(round_to, self.widths.get(name, 1))
 
     def fraction(self, keeps: dict[str, int], metric: str) -> float:
         key = METRICS[metric]
@@ -217,7 +223,7 @@ def plan(budget: Budget, sizer: Sizer, round_to: int | None = None,
     round_to = resolve_round_to(round_to, "cpu")
     groups = sizer.groups
     if isinstance(budget, Uniform):
-        keeps = {name: keep_count(c, budget.ratio, round_to) for name, c in groups.items()}
+        keeps = {name: keep_count(c, budget.ratio, sizer.multiple(name, round_to)) for name, c in groups.items()}
         return Allocation(keeps, {"budget": "uniform", "ratio": budget.ratio, "round_to": round_to})
     if isinstance(budget, PerLayer):
         return Allocation(_per_layer(budget, sizer, round_to), {"budget": "per-layer", "ratios": budget.ratios,
@@ -249,7 +255,7 @@ def _per_layer(budget: PerLayer, sizer: Sizer, round_to: int | None) -> dict[str
                 ratio = value
                 used.add(pattern)
                 break
-        keeps[group] = keep_count(channels, ratio, round_to)
+        keeps[group] = keep_count(channels, ratio, sizer.multiple(group, round_to))
     unused = [p for p in budget.ratios if p not in used]
     if unused:
         raise StructPruneError(f"per-layer budget: {', '.join(map(repr, unused))} matches no prunable group; "
@@ -276,7 +282,7 @@ def _search_uniform(budget: Target, sizer: Sizer, round_to: int | None) -> dict[
     ratios = sorted({k / c for c in groups.values() for k in range(1, c + 1)})
 
     def keeps_at(ratio: float) -> dict[str, int]:
-        return {name: keep_count(c, ratio, round_to) for name, c in groups.items()}
+        return {name: keep_count(c, ratio, sizer.multiple(name, round_to)) for name, c in groups.items()}
 
     low, high = 0, len(ratios) - 1  # invariant: fraction(ratios[low]) <= target or low == 0
     if sizer.fraction(keeps_at(ratios[high]), budget.metric) <= budget.fraction:
@@ -322,7 +328,8 @@ def _search_pfp(budget: Target, sizer: Sizer, round_to: int | None,
     """One ε for all groups, by bisection in log ε, so that the pruned size meets the target."""
     def keeps_at(log_eps: float) -> dict[str, int]:
         eps = math.exp(log_eps)
-        return {layer.name: min(layer.channels, _round_up(pfp_keep(layer, eps, budget.delta), round_to))
+        return {layer.name: min(layer.channels, _round_up(pfp_keep(layer, eps, budget.delta),
+                                                          sizer.multiple(layer.name, round_to)))
                 for layer in layers}
 
     low, high = math.log(1e-4), math.log(1e8)  # small ε keeps everything, large ε keeps one per group
