@@ -37,13 +37,16 @@ def _config(family: str):
                                    num_attention_heads=HEADS, intermediate_size=INNER),
         "llama": lambda: t.LlamaConfig(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS,
                                        num_key_value_heads=2, intermediate_size=INNER, **TEXT),
+        "bart": lambda: t.BartConfig(d_model=WIDTH, encoder_layers=1, decoder_layers=1, encoder_attention_heads=HEADS,
+                                     decoder_attention_heads=HEADS, encoder_ffn_dim=INNER, decoder_ffn_dim=INNER,
+                                     **TEXT),
         "gpt2": lambda: t.GPT2Config(vocab_size=50, n_positions=32, n_embd=WIDTH, n_layer=2, n_head=HEADS,
                                      n_inner=INNER, bos_token_id=0, eos_token_id=0),
     }[family]()
 
 
 MODELS = {"bert": "BertModel", "roberta": "RobertaModel", "albert": "AlbertModel", "distilbert": "DistilBertModel",
-          "vit": "ViTModel", "llama": "LlamaModel", "gpt2": "GPT2Model"}
+          "vit": "ViTModel", "llama": "LlamaModel", "bart": "BartModel", "gpt2": "GPT2Model"}
 FAMILIES = list(MODELS)
 
 
@@ -68,7 +71,8 @@ def test_every_family_has_its_blocks_described():
     for family in FAMILIES:
         heads, ffns = find_blocks(build(family))
         layers = 1 if family == "albert" else 2  # ALBERT shares one layer between its two
-        assert len(heads) == len(ffns) == layers, family
+        # BART: an encoder and a decoder layer, the decoder's with self- and cross-attention
+        assert (len(heads), len(ffns)) == ((3, 2) if family == "bart" else (layers, layers)), family
         assert all(b.heads == HEADS and b.head_dim == WIDTH // HEADS for b in heads), family
         assert {b.kv_heads for b in heads} == {2 if family == "llama" else HEADS}, family
 

@@ -412,19 +412,21 @@ def resize(model: nn.Module, sizes: dict[str, dict[str, int]]) -> None:
         graph.apply(group, torch.arange(keep))
 
 
-def uniform_config(model: nn.Module) -> dict[str, int]:
+def uniform_config(model: nn.Module, config=None) -> dict[str, int]:
     """Config fields that describe the pruned model exactly, where every block of a kind has the same size and
-    the family's config can say it (FFN width; head count and size where the config has a head size)."""
+    the family's config can say it (FFN width; head count and size where the config has a head size). With
+    ``config``, only the width and head-count fields it has (a layout shared by families whose configs differ)."""
     attention, feed_forward = find_blocks(model)
     fields: dict[str, int] = {}
     widths = {(b.layout.config_width, b.neurons) for b in feed_forward}
     if len(widths) == 1 and next(iter(widths))[0]:
         key, width = widths.pop()
-        fields[key] = width
+        if config is None or hasattr(config, key):
+            fields[key] = width
     shapes = {(b.layout, b.heads, b.kv_heads, b.head_dim) for b in attention}
     if len(shapes) == 1:
         layout, heads, kv_heads, head_dim = shapes.pop()
-        if layout.config_heads and layout.config_head_dim:
+        if layout.config_heads and layout.config_head_dim and (config is None or hasattr(config, layout.config_heads)):
             fields[layout.config_heads], fields[layout.config_head_dim] = heads, head_dim
             if layout.config_kv_heads:
                 fields[layout.config_kv_heads] = kv_heads

@@ -58,6 +58,9 @@ attention.register(
                     heads=("num_heads", "num_attention_heads"), kv_heads=("num_key_value_heads",),
                     config_heads="num_attention_heads", config_kv_heads="num_key_value_heads",
                     config_head_dim="head_dim"),
+    # BART, mBART, Marian, Pegasus, Whisper, ... (self- and cross-attention; their FFN is fc1/fc2, as ViT's)
+    AttentionLayout("bart", query="q_proj", key="k_proj", value="v_proj", output="out_proj", head_dim="head_dim",
+                    heads=("num_heads",)),
     # GPT-2: one fused Conv1D c_attn with rows [q | k | v], split at split_size
     AttentionLayout("gpt2", fused="c_attn", output="c_proj", head_dim="head_dim", heads=("num_heads",),
                     widths=("split_size",)),
@@ -100,7 +103,7 @@ def sync_config(model: nn.Module) -> None:
     if config is None:
         return
     setattr(config, CONFIG_KEY, layer_sizes(model))
-    for key, value in uniform_config(model).items():
+    for key, value in uniform_config(model, config).items():
         setattr(config, key, value)
 
 
@@ -246,9 +249,9 @@ def _load_weights(model: nn.Module, state: dict[str, Tensor], path: Path) -> Non
         raise StructPruneError(f"{path}: weights not in the model: {', '.join(unexpected[:5])}")
     if missing:  # save_pretrained leaves out tied weights (e.g. an MLM decoder); tying restores them
         model.tie_weights()
-        loaded = {p.data_ptr() for name, p in model.named_parameters() if name not in missing}
-        untied = [k for k in missing if k not in dict(model.named_parameters())
-                  or model.get_parameter(k).data_ptr() not in loaded]
+        params = dict(model.named_parameters(remove_duplicate=False))  # a tied weight has a name per use
+        loaded = {p.data_ptr() for name, p in params.items() if name not in missing}
+        untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded]
         if untied:
             raise StructPruneError(f"{path}: weights missing from the checkpoint: {', '.join(untied[:5])}")
 
