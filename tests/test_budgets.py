@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import structprune
 from conftest import calibration, make_zoo_model
@@ -68,7 +69,7 @@ def test_round_to_gives_multiples():
 
 
 def test_bad_budgets_are_clear():
-    for bad, match in [(lambda: Target(0.5, metric="latency"), "metric must be one of flops, params"),
+    for bad, match in [(lambda: Target(0.5, metric="energy"), "metric must be one of flops, params, latency"),
                        (lambda: Target(1.5), r"must be in \(0, 1\]"),
                        (lambda: Target(0.5, allocation="greedy"), "allocation must be"),
                        (lambda: PerLayer({}), "at least one"),
@@ -92,3 +93,25 @@ def test_round_to_auto_takes_the_devices_multiple():
     assert all(layer["kept"] % 8 == 0 or layer["kept"] == layer["channels"] for layer in target.layers)
     with pytest.raises(StructPruneError, match="positive integer or 'auto'"):
         structprune.prune(model, calib, "magnitude", 0.5, round_to="fast", progress=False)
+
+
+def test_a_latency_target_is_measured_on_this_machine_and_met_by_timing_pruned_copies():
+    """Half the latency of a wide MLP at batch 64: the allocation is found by timing candidate copies."""
+    from structprune.measure import latency_stats, repeat_batch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10))
+    x = torch.randn(64, 512)
+    result = structprune.prune(model, [x], "magnitude", structprune.Target(0.5, "latency", batch=64), refit=False,
+                               progress=False)
+    assert result.budget["metric"] == "latency" and result.budget["size_evaluations"] >= 3
+    assert 0.3 < result.budget["achieved"] < 0.75
+    batch = repeat_batch(x, 64)
+    dense, pruned = latency_stats(model, batch)["median_ms"], latency_stats(result.model, batch)["median_ms"]
+    assert pruned < 0.85 * dense  # faster for real, not only by the search's own measurement
+
+
+def test_latency_target_options_are_checked():
+    with pytest.raises(structprune.StructPruneError, match="batch must be a positive integer"):
+        structprune.Target(0.5, "latency", batch=0)
+    assert structprune.Target(0.5, "latency").tolerance == 0.05 and structprune.Target(0.5).tolerance == 0.01

@@ -4,13 +4,17 @@ A budget is one of
 
 * a number r in (0, 1]: every group keeps ⌈r·channels⌉ (:class:`Uniform`);
 * a dict of group-name patterns to keep ratios, e.g. ``{"layer3.*": 0.25, "*": 0.75}`` (:class:`PerLayer`);
-* :class:`Target`: a fraction of the dense model's MACs (``metric="flops"``) or parameters to keep,
-  met on the *real* pruned model (residual and concatenation coupling included). With
+* :class:`Target`: a fraction of the dense model's MACs (``metric="flops"``), parameters or measured latency
+  (``metric="latency"``: forward time on this machine, at ``batch`` samples) to keep, met on the *real* pruned
+  model (residual and concatenation coupling included). With
   ``allocation="uniform"`` one keep ratio shared by all groups is searched; with ``allocation="pfp"``
   the per-group counts follow PFP's δ-based rule (below) with one ε shared by all groups.
 
 Sizes are measured, not modelled: a candidate allocation is applied to a copy of the model (first-k
-channels; sizes do not depend on which channels) and counted with the same counter as the report.
+channels; sizes do not depend on which channels) and counted with the same counter as the report; for a
+latency target the copy is timed too (:func:`structprune.measure.latency_stats`: median of
+``torch.utils.benchmark`` runs on the model's device), so the latency a user asks for is the one this machine
+measures, with its kernels' preferences for some widths included (no per-layer model to drift from it).
 
 PFP allocation (Liebenwein et al., 2020). For group ℓ with channel sensitivities s_j on calibration
 data (see :mod:`structprune.methods.pfp`), S_ℓ = Σ_j s_j, p_j = s_j/S_ℓ, P_ℓ output positions and κ_ℓ
@@ -40,9 +44,11 @@ if TYPE_CHECKING:
 
 from .errors import StructPruneError
 from .graph import PruningGraph, build_graph
-from .measure import count
+from .measure import count, latency_stats, repeat_batch
 
-METRICS = {"flops": "macs", "params": "params"}
+METRICS = {"flops": "macs", "params": "params", "latency": "latency_ms"}
+#: a latency target's default tolerance: timing on a shared machine moves by a few percent between runs
+LATENCY_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -75,21 +81,30 @@ class PerLayer:
 
 @dataclass(frozen=True)
 class Target:
-    """Keep ``fraction`` of the dense model's MACs (metric "flops") or parameters (metric "params").
+    """Keep ``fraction`` of the dense model's MACs (metric "flops"), parameters (metric "params") or latency
+    (metric "latency": the forward time measured on this machine and the model's device, ``batch`` copies of
+    the example input).
 
     allocation: "uniform" (one keep ratio for all groups) or "pfp" (PFP's δ-based per-group counts).
     delta: PFP's failure probability δ (allocation "pfp" only).
     tolerance: the pruned size must be within ``tolerance·fraction`` of the target; when no allocation of
-        whole channels gets that close, the closest one is used and the report says how far it is.
+        whole channels gets that close, the closest one is used and the report says how far it is. Default:
+        0.01, and :data:`LATENCY_TOLERANCE` (0.05) for latency.
+    batch: samples per forward pass for a latency target (default 64).
     """
 
     fraction: float
     metric: str = "flops"
     allocation: str = "uniform"
     delta: float = 1e-16
-    tolerance: float = 0.01
+    tolerance: float | None = None
+    batch: int = 64
 
     def __post_init__(self):
+        if self.tolerance is None:
+            object.__setattr__(self, "tolerance", LATENCY_TOLERANCE if self.metric == "latency" else 0.01)
+        if not isinstance(self.batch, int) or isinstance(self.batch, bool) or self.batch < 1:
+            raise StructPruneError(f"batch must be a positive integer, got {self.batch!r}")
         _check_ratio(self.fraction, f"target {self.metric} fraction")
         if self.metric not in METRICS:
             raise StructPruneError(f"target metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
@@ -160,18 +175,27 @@ class Sizer:
     """
 
     def __init__(self, model: nn.Module, example_inputs, ignored_layers: list[str], graph: PruningGraph,
-                 scope: str = "all"):
+                 scope: str = "all", latency_batch: int | None = None):
         self.model = model
         self.example_inputs = example_inputs
         self.ignored = list(ignored_layers)
         self.scope = scope
+        #: with a batch size, every size also has the measured forward time ("latency_ms") at that batch
+        self.latency_batch = latency_batch
         groups = graph.all_groups()
         self.groups = {g.name: g.channels for g in groups}
         #: layer channels per group channel (more than one where grouped convolutions tie channels together)
         self.widths = {g.name: 1 if g.members is None else int(g.members.shape[1]) for g in groups}
         self.layer_names = {g.name: [g.name] + [p.name for p in g.producers] for g in groups}
-        self.dense = count(self.model, example_inputs)
+        self.dense = self._measure(self.model)
         self._cache: dict[tuple, dict[str, int]] = {}
+
+    def _measure(self, model: nn.Module) -> dict:
+        size = count(model, self.example_inputs)
+        if self.latency_batch is not None:
+            batch = repeat_batch(self.example_inputs, self.latency_batch)
+            size["latency_ms"] = latency_stats(model, batch)["median_ms"]
+        return size
 
     def _graph(self, model: nn.Module) -> PruningGraph:
         return build_graph(model, self.example_inputs, [model.get_submodule(n) for n in self.ignored], self.scope)
@@ -183,7 +207,7 @@ class Sizer:
             graph = self._graph(model)
             for group in graph.groups():
                 graph.apply(group, torch.arange(keeps.get(group.name, group.channels)))
-            self._cache[key] = count(model, self.example_inputs)
+            self._cache[key] = self._measure(model)
         return self._cache[key]
 
     def multiple(self, name: str, round_to: int | None) -> int | None:

@@ -249,7 +249,8 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
     graph = build_graph(pruned, example_inputs, [pruned.get_submodule(n) for n in ignored_names], scope)
     if reconstruct == "auto":
         reconstruct = "layer" if graph.residual_layers else "original"
-    sizer = allocate.Sizer(model, example_inputs, ignored_names, graph, scope)  # model: the caller's, never pruned
+    sizer = allocate.Sizer(model, example_inputs, ignored_names, graph, scope,  # model: the caller's, never pruned
+                           latency_batch=_latency_batch(budget))
     round_to = allocate.resolve_round_to(round_to, device)
     allocation = allocate.plan(budget, sizer, round_to, lambda: allocate.pfp_sensitivities(
         pruned, graph, calib, memory_bytes, seed, selection_samples))
@@ -393,11 +394,16 @@ def _auto_scope(budget, model: nn.Module, example_inputs, ignored_names: list[st
     graph = build_graph(trial, example_inputs, [trial.get_submodule(n) for n in ignored_names], "inner")
     if not graph.out_of_scope:
         return "all"  # no residual stream: both scopes are the same
-    sizer = allocate.Sizer(model, example_inputs, ignored_names, graph, "inner")
+    sizer = allocate.Sizer(model, example_inputs, ignored_names, graph, "inner", latency_batch=_latency_batch(budget))
     if not sizer.groups:
         return "all"
     smallest = sizer.fraction({name: 1 for name in sizer.groups}, budget.metric)
     return "inner" if smallest <= budget.fraction * (1 + budget.tolerance) else "all"
+
+
+def _latency_batch(budget) -> int | None:
+    """The batch a latency target is measured at (None for any other budget: nothing is timed)."""
+    return budget.batch if isinstance(budget, allocate.Target) and budget.metric == "latency" else None
 
 
 def _default_calib_samples(method: Method, model: nn.Module, calib_loader, device, example_inputs) -> int:
@@ -435,8 +441,9 @@ def _warn_if_missed(info: dict, budget) -> None:
 
 def missed_target(metric: str, target: float, achieved: float, tolerance: float) -> str:
     """The warning for a size target that whole channels cannot meet."""
-    return (f"structprune: the {metric} target {target:.4g} could not be met within {tolerance:.0%} with whole "
-            f"channels; the closest allocation keeps {achieved:.4f}")
+    why = "with whole channels and this machine's timing noise" if metric == "latency" else "with whole channels"
+    return (f"structprune: the {metric} target {target:.4g} could not be met within {tolerance:.0%} {why}; the "
+            f"closest allocation keeps {achieved:.4f}")
 
 
 def _warn_if_clamped(keeps: dict[str, int], channels: dict[str, int], budget) -> None:

@@ -203,7 +203,8 @@ def _train_config(args, epochs: int) -> TrainConfig:
 
 
 def _add_budget_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("budget (one of --ratio/--layer-ratio, --target-flops, --target-params)")
+    g = p.add_argument_group("budget (one of --ratio/--layer-ratio, --target-flops, --target-params, "
+                             "--target-latency)")
     g.add_argument("--ratio", type=_ratio, default=None,
                    help="fraction of each group's channels to keep, in (0, 1] (default: 0.5); with --layer-ratio, "
                         "the ratio of groups no pattern matches (default there: 1)")
@@ -214,6 +215,11 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="keep this fraction of the dense model's MACs, met on the real pruned model")
     g.add_argument("--target-params", type=_ratio, default=None,
                    help="keep this fraction of the dense model's parameters")
+    g.add_argument("--target-latency", type=_ratio, default=None,
+                   help="keep this fraction of the dense model's forward time, measured on this machine and "
+                        "--device at --latency-batch samples (within 5%%: timing noise)")
+    g.add_argument("--latency-batch", type=_positive, default=64, metavar="N",
+                   help="samples per forward pass that --target-latency is measured at (default: 64)")
     g.add_argument("--allocation", default="uniform", choices=["uniform", "pfp"],
                    help="how a target is split among groups: one shared ratio, or PFP's δ-based allocation "
                         "(default: uniform)")
@@ -261,16 +267,18 @@ def _recovery(args) -> dict:
 
 
 def _budget(args) -> allocate.Budget:
-    targets = [(m, v) for m, v in (("flops", args.target_flops), ("params", args.target_params)) if v is not None]
+    targets = [(m, v) for m, v in (("flops", args.target_flops), ("params", args.target_params),
+                                   ("latency", args.target_latency)) if v is not None]
     if len(targets) > 1:
-        raise StructPruneError("give only one of --target-flops and --target-params")
+        raise StructPruneError("give only one of --target-flops, --target-params and --target-latency")
     if targets:
         if args.ratio is not None or args.layer_ratio:
-            raise StructPruneError("--ratio/--layer-ratio and --target-flops/--target-params exclude each other")
+            raise StructPruneError("--ratio/--layer-ratio and --target-flops/--target-params/--target-latency "
+                                   "exclude each other")
         metric, fraction = targets[0]
-        return allocate.Target(fraction, metric, args.allocation, delta=args.delta)
+        return allocate.Target(fraction, metric, args.allocation, delta=args.delta, batch=args.latency_batch)
     if args.allocation != "uniform":
-        raise StructPruneError("--allocation pfp needs --target-flops or --target-params")
+        raise StructPruneError("--allocation pfp needs --target-flops, --target-params or --target-latency")
     if args.layer_ratio:
         return allocate.PerLayer(dict(args.layer_ratio), 1.0 if args.ratio is None else args.ratio)
     return allocate.Uniform(0.5 if args.ratio is None else args.ratio)

@@ -84,6 +84,14 @@ def accuracy(model: nn.Module, loader: Iterable, device=None) -> float:
     return 100.0 * correct / max(total, 1)
 
 
+def repeat_batch(example_inputs, batch: int):
+    """A batch of ``batch`` copies of the first sample of ``example_inputs`` (a tensor or a dict of tensors)."""
+    inputs = batch_inputs(example_inputs)
+    if isinstance(inputs, dict):
+        return {k: v[:1].expand(batch, *v.shape[1:]).contiguous() for k, v in inputs.items()}
+    return inputs[:1].expand(batch, *inputs.shape[1:]).contiguous()
+
+
 @torch.no_grad()
 def latency(model: nn.Module, example_inputs, repeats: int = 20, warmup: int = 3) -> float:
     """Median wall time of one forward pass, in milliseconds (see :func:`latency_stats`)."""
