@@ -80,6 +80,9 @@ class AttentionLayout:
     def projections(self) -> tuple[str, ...]:
         return (self.fused,) if self.fused else (self.query, self.key, self.value)
 
+    def paths(self) -> tuple[str, ...]:
+        return (*self.projections(), self.output)
+
 
 @dataclass(frozen=True)
 class FeedForwardLayout:
@@ -96,6 +99,9 @@ class FeedForwardLayout:
     name: str
     config_width: str = ""
 
+    def paths(self) -> tuple[str, ...]:
+        return (*self.up, self.down)
+
 
 _ATTENTION: list[AttentionLayout] = []
 _FEED_FORWARD: list[FeedForwardLayout] = []
@@ -108,15 +114,24 @@ def register(*layouts: AttentionLayout | FeedForwardLayout) -> None:
 
 
 @dataclass
-class AttentionBlock:
-    """An attention module matched by a layout, with its head geometry as it is now."""
+class _Block:
+    """A module matched by a layout (``module`` is the one the layout's paths start from); ``name`` names its
+    group."""
 
     name: str
     module: nn.Module
-    layout: AttentionLayout
+    layout: AttentionLayout | FeedForwardLayout
 
     def layer(self, path: str) -> nn.Module:
         return _get(self.module, path)
+
+    def layers(self) -> list[nn.Module]:
+        """The Linear layers the layout names: producers first, the consumer last."""
+        return [self.layer(p) for p in self.layout.paths()]
+
+
+class AttentionBlock(_Block):
+    """An attention module matched by a layout, with its head geometry as it is now."""
 
     @property
     def head_dim(self) -> int:
@@ -153,16 +168,8 @@ class AttentionBlock:
         return {"heads": self.heads, "kv_heads": self.kv_heads, "head_dim": self.head_dim}
 
 
-@dataclass
-class FeedForwardBlock:
-    """A feed-forward block matched by a layout (``module`` is the module the layout's paths start from)."""
-
-    name: str
-    module: nn.Module
-    layout: FeedForwardLayout
-
-    def layer(self, path: str) -> nn.Module:
-        return _get(self.module, path)
+class FeedForwardBlock(_Block):
+    """A feed-forward block matched by a layout."""
 
     @property
     def neurons(self) -> int:
@@ -181,7 +188,7 @@ def _get(module, path: str):
 
 def _attention_fits(module: nn.Module, layout: AttentionLayout) -> bool:
     head_dim = _get(module, layout.head_dim)
-    layers = [_get(module, p) for p in (*layout.projections(), layout.output)]
+    layers = [_get(module, p) for p in layout.paths()]
     if not isinstance(head_dim, int) or head_dim < 1 or not all(is_linear(m) for m in layers):
         return False
     *projections, output = layers
@@ -212,7 +219,7 @@ def find_blocks(model: nn.Module) -> tuple[list[AttentionBlock], list[FeedForwar
     for name, module in model.named_modules():
         layout = next((layout for layout in _ATTENTION if _attention_fits(module, layout)), None)
         if layout is not None:
-            layers = {id(_get(module, p)) for p in (*layout.projections(), layout.output)}
+            layers = {id(_get(module, p)) for p in layout.paths()}
             if not claimed & layers:
                 claimed |= layers
                 attention.append(AttentionBlock(name, module, layout))
@@ -225,7 +232,7 @@ def find_blocks(model: nn.Module) -> tuple[list[AttentionBlock], list[FeedForwar
             continue
         layout = next((layout for layout in _FEED_FORWARD if _ffn_fits(module, layout)), None)
         if layout is not None:
-            layers = {id(_get(module, p)) for p in (*layout.up, layout.down)}
+            layers = {id(_get(module, p)) for p in layout.paths()}
             if not claimed & layers:
                 claimed |= layers
                 feed_forward.append(FeedForwardBlock(names[_get(module, layout.name)], module, layout))
@@ -279,10 +286,9 @@ class TransformerGraph:
             for block in blocks if part in self.parts else ():
                 if not any(id(m) in ignored for m in self._inside(block)):
                     self._blocks.append(block)
-        self._blocks.sort(key=lambda b: list(self._names.values()).index(self.name_of(self._layers(b)[0])))
+        self._blocks.sort(key=lambda b: list(self._names.values()).index(self.name_of(b.layers()[0])))
         #: the layers whose outputs are added into the residual stream
-        self.residual_layers = {self.name_of(b.layer(b.layout.output if isinstance(b, AttentionBlock)
-                                                     else b.layout.down)) for b in attention + feed_forward}
+        self.residual_layers = {self.name_of(b.layers()[-1]) for b in attention + feed_forward}
         #: groups left out by scope="inner": none, heads and FFN neurons are all block-internal
         self.out_of_scope: list[str] = []
         self._warn_undescribed(attention)
@@ -301,14 +307,9 @@ class TransformerGraph:
                                        f"(structprune.attention.register); its heads are not pruned"))
             warnings.warn(f"structprune: group {name} is not pruned: {self.skipped[-1][1]}", stacklevel=3)
 
-    def _layers(self, block) -> list[nn.Module]:
-        if isinstance(block, AttentionBlock):
-            return [block.layer(p) for p in (*block.layout.projections(), block.layout.output)]
-        return [block.layer(p) for p in (*block.layout.up, block.layout.down)]
-
     def _inside(self, block) -> list[nn.Module]:
         named = self.model.get_submodule(block.name) if isinstance(block, FeedForwardBlock) else block.module
-        return [block.module, named, *named.modules(), *self._layers(block)]
+        return [block.module, named, *named.modules(), *block.layers()]
 
     def __len__(self) -> int:
         return len(self._blocks)
