@@ -1,0 +1,93 @@
+"""Latency targets: ask for a fraction of the dense model's latency, get it, measured on this machine.
+
+``structprune.Target(F, metric="latency")`` (``--target-latency F``) finds the allocation by timing pruned copies
+of the model during its search (median of ``torch.utils.benchmark`` runs at batch 64). Here each zoo CNN
+(ResNet-20, ResNet-56 and VGG-16 from the committed Fashion-MNIST checkpoints, MobileNetV2 at width 1.0 with
+random weights) is pruned to half and to 70% of its latency (magnitude selection, no recovery: latency depends
+only on the widths), then dense and pruned are timed afresh, in turn, three rounds (the fastest median of
+each), and the measured ratio is compared with the target. The MACs ratio it took is reported next to it:
+latency does not follow the MACs, so a MACs target would miss.
+
+    cd benchmarks && ../.venv/bin/python latency_target.py --out-dir results     # ~4 min on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+import warnings
+from datetime import date
+
+import torch
+from results_io import write_results
+
+import structprune
+from structprune.measure import latency_stats, repeat_batch
+
+MODELS = {
+    "ResNet-20": lambda: structprune.load("checkpoints/resnet20-fmnist.pt"),
+    "ResNet-56": lambda: structprune.load("checkpoints/resnet56-fmnist.pt"),
+    "VGG-16 (half width)": lambda: structprune.load("checkpoints/vgg16-fmnist.pt"),
+    "MobileNetV2": lambda: structprune.models.create("mobilenetv2", in_channels=1).eval(),
+}
+COMMAND = "cd benchmarks && ../.venv/bin/python latency_target.py --out-dir results"
+
+
+def timed(dense, pruned, batch, rounds: int = 3) -> tuple[float, float]:
+    """The fastest median of each model over ``rounds`` rounds, timed in turn."""
+    dense_ms, pruned_ms = [], []
+    for _ in range(rounds):
+        dense_ms.append(latency_stats(dense, batch, min_seconds=0.5)["median_ms"])
+        pruned_ms.append(latency_stats(pruned, batch, min_seconds=0.5)["median_ms"])
+    return min(dense_ms), min(pruned_ms)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default=None, help="write latency_target.json and .md here")
+    parser.add_argument("--targets", default="0.5,0.7", help="latency fractions to keep (default: 0.5,0.7)")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    example = torch.zeros(1, 1, 28, 28)
+    calib = [(torch.randn(64, 1, 28, 28), torch.zeros(64, dtype=torch.long))]
+    batch = repeat_batch(torch.randn(1, 1, 28, 28), 64)
+    rows = []
+    for name in args.models.split(","):
+        dense = MODELS[name]()
+        for target in map(float, args.targets.split(",")):
+            start = time.perf_counter()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = structprune.prune(dense, calib, "magnitude", structprune.Target(target, "latency"), example,
+                                           refit=False, recalibrate=False, progress=False)
+            seconds = time.perf_counter() - start
+            dense_ms, pruned_ms = timed(dense, result.model, batch)
+            measured = pruned_ms / dense_ms
+            rows.append({"model": name, "target": target, "search_estimate": result.budget["achieved"],
+                         "measured": measured, "relative_error": abs(measured - target) / target,
+                         "macs_ratio": result.after["macs"] / result.before["macs"], "dense_ms": dense_ms,
+                         "pruned_ms": pruned_ms, "evaluations": result.budget["size_evaluations"],
+                         "prune_seconds": seconds, "scope": result.scope,
+                         "warnings": [str(w.message) for w in caught if "structprune" in str(w.message)]})
+            r = rows[-1]
+            print(f"{name} target {target}: measured {measured:.3f} (search {r['search_estimate']:.3f}), MACs "
+                  f"{r['macs_ratio']:.3f}, {dense_ms:.1f} -> {pruned_ms:.1f} ms, {seconds:.0f} s", flush=True)
+    header = (f"# Latency targets at batch 64\n\n{date.today()}, {platform.machine()}, "
+              f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; `{COMMAND}`\n\n")
+    table = ["| model | target | measured latency ratio | error | search's estimate | MACs ratio taken | dense → "
+             "pruned (ms) | prune time (s) |", "|---|---:|---:|---:|---:|---:|---|---:|"]
+    table += [f"| {r['model']} | {r['target']:.2f} | {r['measured']:.3f} | {r['relative_error']:.1%} | "
+              f"{r['search_estimate']:.3f} | {r['macs_ratio']:.3f} | {r['dense_ms']:.1f} → {r['pruned_ms']:.1f} | "
+              f"{r['prune_seconds']:.0f} |" for r in rows]
+    text = header + "\n".join(table) + "\n"
+    print(text)
+    write_results(args.out_dir, "latency_target", {"meta": {"date": str(date.today()), "command": COMMAND,
+                                                             "machine": platform.machine(),
+                                                             "threads": torch.get_num_threads()},
+                                                    "rows": rows}, text)
+
+
+if __name__ == "__main__":
+    main()
