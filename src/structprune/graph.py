@@ -45,10 +45,12 @@ class Producer:
 
 @dataclass
 class Consumer:
-    """A Conv1d/Conv2d (groups=1) or Linear (or Hugging Face's transposed Conv1D) that reads the group's channels.
+    """A Conv1d/Conv2d (grouped ones too) or Linear (or Hugging Face's transposed Conv1D) that reads the group's
+    channels.
 
-    ``channel_index[c]`` are the consumer's input features fed by group channel c: one per channel
-    for a conv, ``H*W`` for a Linear after a Flatten. ``output_scale`` is γ/σ and ``output_shift``
+    ``channel_index[c]`` are the consumer's input features fed by group channel c: its input channels for a
+    conv (one; one per conv group where grouped convolutions tie channels together, see :attr:`Group.members`),
+    ``H*W`` for a Linear after a Flatten. ``output_scale`` is γ/σ and ``output_shift``
     β − γμ/σ of a BatchNorm that directly follows the consumer (ones and zeros when there is none),
     so that f includes that BatchNorm.
     """
@@ -99,9 +101,13 @@ class Consumer:
         with torch.no_grad():
             if self.kind == "conv":
                 cols = self.channel_index[channel_idx].reshape(-1)
-                dense = dense_conv_weight(self.module)
-                dense[:, cols] = canonical.reshape(weight.shape[0], len(cols), *weight.shape[2:]).to(weight)
-                weight.copy_(grouped_blocks(dense, self.module.groups))
+                columns = canonical.reshape(weight.shape[0], len(cols), *weight.shape[2:]).to(weight)
+                if self.grouped:  # into the dense form, then back: only each conv group's own block is kept
+                    dense = dense_conv_weight(self.module)
+                    dense[:, cols] = columns
+                    weight.copy_(grouped_blocks(dense, self.module.groups))
+                else:
+                    weight[:, cols] = columns
             elif is_transposed_linear(self.module):
                 cols = self.channel_index[channel_idx].reshape(-1)
                 weight[cols, :] = canonical.reshape(weight.shape[1], -1).T.to(weight)
@@ -154,25 +160,22 @@ class PruningGraph:
         self._param_names = {param: name for name, param in model.named_parameters()}
         was_training = model.training
         model.eval()  # tracing must not update BatchNorm statistics (nor fail on a batch of one)
-        stack = contextlib.ExitStack()
-        try:
-            # padding couples no channels, and Torch-Pruning loops forever on the slices of circular padding
-            stack.enter_context(_zero_padding(model))
-            try:
-                order = self._execution_order()
-            except Exception as exc:  # the user's forward, not ours: report it as bad input
-                raise StructPruneError(f"example_inputs: the model's forward pass failed on them "
-                                       f"({first_line(exc)})") from exc
-            try:
-                with torch.enable_grad():
-                    self.dg = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
-            except Exception as exc:  # the forward ran: it is the tracing of its outputs that failed
-                raise StructPruneError(
-                    f"Torch-Pruning could not trace the model's outputs ({first_line(exc)}); a model whose output "
-                    f"holds more than tensors (a Hugging Face cache: pass use_cache=False with the inputs) or "
-                    f"returns no tensor computed from them cannot be traced") from exc
+        try:  # padding couples no channels, and Torch-Pruning loops forever on the slices of circular padding
+            with _zero_padding(model):
+                try:
+                    order = self._execution_order()
+                except Exception as exc:  # the user's forward, not ours: report it as bad input
+                    raise StructPruneError(f"example_inputs: the model's forward pass failed on them "
+                                           f"({first_line(exc)})") from exc
+                try:
+                    with torch.enable_grad():
+                        self.dg = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
+                except Exception as exc:  # the forward ran: it is the tracing of its outputs that failed
+                    raise StructPruneError(
+                        f"Torch-Pruning could not trace the model's outputs ({first_line(exc)}); a model whose "
+                        f"output holds more than tensors (a Hugging Face cache: pass use_cache=False with the "
+                        f"inputs) or returns no tensor computed from them cannot be traced") from exc
         finally:
-            stack.close()
             model.train(was_training)
         self.output_layers = self._find_output_layers()
         ignored = list(ignored_layers) + self.output_layers
@@ -548,8 +551,6 @@ def dense_conv_weight(conv: nn.Module) -> Tensor:
 
 def grouped_blocks(dense: Tensor, groups: int) -> Tensor:
     """The inverse of :func:`dense_conv_weight`: each conv group's block of a dense (out, in, *kernel) weight."""
-    if groups == 1:
-        return dense
     out, block = dense.shape[0] // groups, dense.shape[1] // groups
     return torch.cat([dense[g * out:(g + 1) * out, g * block:(g + 1) * block] for g in range(groups)])
 
