@@ -30,7 +30,9 @@ from torch import Tensor, nn
 from .errors import StructPruneError, first_line
 
 _CONVS = (nn.Conv1d, nn.Conv2d)
-_LINEAR_LAYERS = (nn.Linear, *_CONVS)
+_LINEAR_LAYERS = (nn.Linear, *_CONVS)  # what may read a group's channels (a consumer)
+_TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d)
+_WEIGHT_LAYERS = (*_LINEAR_LAYERS, *_TRANSPOSED_CONVS)  # what may make them (a producer)
 SCOPES = ("all", "inner")
 
 
@@ -183,10 +185,10 @@ class PruningGraph:
         self.out_of_scope: list[str] = []
         #: names of the Conv/Linear layers whose outputs are added into a residual stream
         self.residual_layers = {self.name_of(item.dep.target.module)
-                                for tp_group in self.dg.get_all_groups(root_module_types=_LINEAR_LAYERS)
+                                for tp_group in self.dg.get_all_groups(root_module_types=_WEIGHT_LAYERS)
                                 if _is_residual(tp_group) for item in tp_group
-                                if self._is_out(item) and isinstance(item.dep.target.module, _LINEAR_LAYERS)}
-        for tp_group in self.dg.get_all_groups(ignored_layers=ignored, root_module_types=_LINEAR_LAYERS):
+                                if self._is_out(item) and isinstance(item.dep.target.module, _WEIGHT_LAYERS)}
+        for tp_group in self.dg.get_all_groups(ignored_layers=ignored, root_module_types=_WEIGHT_LAYERS):
             if scope == "inner" and _is_residual(tp_group):
                 self.out_of_scope.append(self.name_of(tp_group[0].dep.target.module))
                 continue
@@ -243,14 +245,14 @@ class PruningGraph:
                 return self._skip(name, f"layer {self.name_of(module)} maps channels unevenly")
             index = index[members].reshape(len(members), -1)
             if self._is_out(item):
-                if isinstance(module, _LINEAR_LAYERS):
+                if isinstance(module, _WEIGHT_LAYERS):
                     producers.append(Producer(self.name_of(module), module, index))
                 elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
                     batchnorms.append(Producer(self.name_of(module), module, index))
             elif self.dg.is_in_channel_pruning_fn(item.dep.handler):
                 if _is_pass_through(module):
                     continue
-                if not isinstance(module, _LINEAR_LAYERS):
+                if not isinstance(module, _LINEAR_LAYERS):  # a transposed conv, among others: its rows are not patches
                     return self._skip(name, f"consumer {self.name_of(module)} ({type(module).__name__}) is not a "
                                             f"Linear, Conv1d or Conv2d")
                 if isinstance(module, _CONVS) and module.padding_mode != "zeros":
@@ -286,6 +288,8 @@ class PruningGraph:
         grouped = []
         for item in tp_group:
             module = item.dep.target.module
+            if isinstance(module, _TRANSPOSED_CONVS) and module.groups > 1:
+                return f"{self.name_of(module)} is a grouped {type(module).__name__}"
             if not (isinstance(module, _CONVS) and module.groups > 1) or _is_pass_through(module):
                 continue
             if self._is_out(item):
@@ -362,7 +366,7 @@ class PruningGraph:
 
         found = []
         for module, node in self.dg.module2node.items():
-            if not isinstance(module, _LINEAR_LAYERS):
+            if not isinstance(module, _WEIGHT_LAYERS):
                 continue
             if is_output(node):
                 found.append(module)
@@ -373,7 +377,7 @@ class PruningGraph:
                 if id(nxt) in seen:
                     continue
                 seen.add(id(nxt))
-                if isinstance(nxt.module, _LINEAR_LAYERS):
+                if isinstance(nxt.module, _WEIGHT_LAYERS):
                     continue
                 if is_output(nxt):
                     found.append(module)
@@ -394,7 +398,7 @@ class PruningGraph:
             for tensor in _tensors(output):
                 produced[id(tensor)] = module
 
-        hooks = [m.register_forward_pre_hook(record) for m in self.model.modules() if isinstance(m, _LINEAR_LAYERS)]
+        hooks = [m.register_forward_pre_hook(record) for m in self.model.modules() if isinstance(m, _WEIGHT_LAYERS)]
         hooks += [m.register_forward_hook(remember) for m in self.model.modules() if m is not self.model]
         try:
             with torch.no_grad():
@@ -451,12 +455,17 @@ def weight_matrix(module: nn.Module) -> Tensor:
 
 
 def rows_first(module: nn.Module, tensor: Tensor) -> Tensor:
-    """A tensor shaped like ``module.weight`` (the weight, its gradient) with the output rows first."""
+    """A tensor shaped like ``module.weight`` (the weight, its gradient) with the output rows first (a transposed
+    Linear's is (in, out), a transposed conv's (in, out, *kernel))."""
+    if isinstance(module, _TRANSPOSED_CONVS):
+        return tensor.transpose(0, 1)
     return tensor.T if is_transposed_linear(module) else tensor
 
 
 def out_features(module: nn.Module) -> int:
-    """Output features (channels) of a Linear, a transposed Linear or a conv."""
+    """Output features (channels) of a Linear, a transposed Linear or a (transposed) conv."""
+    if isinstance(module, _TRANSPOSED_CONVS):
+        return module.out_channels
     return module.weight.shape[1] if is_transposed_linear(module) else module.weight.shape[0]
 
 

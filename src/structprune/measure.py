@@ -50,11 +50,11 @@ def output_sizes(model: nn.Module, example_inputs) -> dict[str, dict[str, int]]:
     def record(module: nn.Module, _inputs, output) -> None:
         if isinstance(output, torch.Tensor) and output.dim() >= 1 and output.shape[0] > 0:
             per_sample = output[0].numel()
-            channels = output.shape[1] if isinstance(module, (nn.Conv1d, nn.Conv2d)) else output.shape[-1]
+            channels = output.shape[1] if isinstance(module, nn.modules.conv._ConvNd) else output.shape[-1]
             sizes[names[module]] = {"elements": per_sample, "positions": max(1, per_sample // max(channels, 1))}
 
     for module in model.modules():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)) or is_linear(module):
+        if isinstance(module, nn.modules.conv._ConvNd) or is_linear(module):
             hooks.append(module.register_forward_hook(record))
     was_training = model.training
     model.eval()
