@@ -1,0 +1,99 @@
+"""Latency of pruned CNNs in PyTorch's execution modes: eager, channels_last, and torch.compile (inductor).
+
+Each model is pruned to 50% of its MACs (magnitude, no recovery: latency depends only on the widths; the
+default scope), with the kept widths as they fall and rounded up to multiples of 8, then timed at batch 64 in each
+mode next to its dense model (median of ``torch.utils.benchmark`` runs, dense and pruned in turn, three rounds,
+the fastest of each). The issue's target: a speed-up of at least 0.9 × the MACs ratio (dense MACs / pruned MACs)
+at half the MACs. ResNet-20 and VGG-16 are the committed Fashion-MNIST checkpoints, MobileNetV2 width 1.0 with
+random weights; 1×28×28 inputs.
+
+    cd benchmarks && ../.venv/bin/python latency_modes.py --out-dir results     # ~8 min on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import warnings
+from datetime import date
+
+import torch
+from results_io import write_results
+
+import structprune
+from structprune.measure import latency_stats
+
+MODELS = {
+    "ResNet-20": lambda: structprune.load("checkpoints/resnet20-fmnist.pt"),
+    "VGG-16 (half width)": lambda: structprune.load("checkpoints/vgg16-fmnist.pt"),
+    "MobileNetV2": lambda: structprune.models.create("mobilenetv2", in_channels=1).eval(),
+}
+MODES = ("eager", "channels_last", "compile")
+COMMAND = "cd benchmarks && ../.venv/bin/python latency_modes.py --out-dir results"
+
+
+def in_mode(model: torch.nn.Module, mode: str):
+    """The model (and how to shape its input) for an execution mode."""
+    if mode == "channels_last":  # a copy: .to() converts the module itself, which the other modes time too
+        return copy.deepcopy(model).to(memory_format=torch.channels_last), torch.channels_last
+    if mode == "compile":
+        return torch.compile(model), torch.contiguous_format
+    return model, torch.contiguous_format
+
+
+def timed(dense, pruned, mode: str, batch: torch.Tensor, rounds: int = 3) -> tuple[float, float]:
+    runs = []
+    for model in (dense, pruned):
+        compiled, layout = in_mode(model, mode)
+        runs.append((compiled, batch.contiguous(memory_format=layout)))
+    best = [float("inf"), float("inf")]
+    for _ in range(rounds):
+        for i, (model, x) in enumerate(runs):
+            best[i] = min(best[i], latency_stats(model, x, warmup=5, min_seconds=0.5)["median_ms"])
+    return best[0], best[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default=None, help="write latency_modes.json and .md here")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    calib = [(torch.randn(64, 1, 28, 28), torch.zeros(64, dtype=torch.long))]
+    batch = torch.randn(64, 1, 28, 28)
+    rows = []
+    for name in args.models.split(","):
+        dense = MODELS[name]()
+        for round_to in (None, 8):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = structprune.prune(dense, calib, "magnitude", structprune.Target(0.5), refit=False,
+                                           recalibrate=False, round_to=round_to, progress=False)
+            macs_ratio = result.before["macs"] / result.after["macs"]
+            for mode in MODES:
+                dense_ms, pruned_ms = timed(dense, result.model, mode, batch)
+                speedup = dense_ms / pruned_ms
+                rows.append({"model": name, "round_to": round_to, "mode": mode, "dense_ms": dense_ms,
+                             "pruned_ms": pruned_ms, "speedup": speedup, "macs_ratio": macs_ratio,
+                             "of_macs_ratio": speedup / macs_ratio})
+                print(f"{name} round_to={round_to} {mode}: {dense_ms:.1f} -> {pruned_ms:.1f} ms, x{speedup:.2f} "
+                      f"(MACs x{macs_ratio:.2f}, {speedup / macs_ratio:.2f} of it)", flush=True)
+    header = (f"# Latency of pruned CNNs by execution mode, batch 64, half the MACs\n\n{date.today()}, "
+              f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+              f"`{COMMAND}`\n\n")
+    table = ["| model | widths | mode | dense → pruned (ms) | speed-up | MACs ratio | speed-up / MACs ratio |",
+             "|---|---|---|---|---:|---:|---:|"]
+    table += [f"| {r['model']} | {'as they fall' if r['round_to'] is None else 'round_to=8'} | {r['mode']} | "
+              f"{r['dense_ms']:.1f} → {r['pruned_ms']:.1f} | ×{r['speedup']:.2f} | ×{r['macs_ratio']:.2f} | "
+              f"{r['of_macs_ratio']:.2f} |" for r in rows]
+    text = header + "\n".join(table) + "\n"
+    print(text)
+    write_results(args.out_dir, "latency_modes", {"meta": {"date": str(date.today()), "command": COMMAND,
+                                                            "machine": platform.machine(),
+                                                            "threads": torch.get_num_threads()},
+                                                   "rows": rows}, text)
+
+
+if __name__ == "__main__":
+    main()
