@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import warnings
-from datetime import date
 
 import torch
-from results_io import write_results
+from results_io import write_table
 
 import structprune
 from structprune.measure import latency_stats
@@ -79,20 +77,13 @@ def main() -> None:
                              "of_macs_ratio": speedup / macs_ratio})
                 print(f"{name} round_to={round_to} {mode}: {dense_ms:.1f} -> {pruned_ms:.1f} ms, x{speedup:.2f} "
                       f"(MACs x{macs_ratio:.2f}, {speedup / macs_ratio:.2f} of it)", flush=True)
-    header = (f"# Latency of pruned CNNs by execution mode, batch 64, half the MACs\n\n{date.today()}, "
-              f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
-              f"`{COMMAND}`\n\n")
     table = ["| model | widths | mode | dense → pruned (ms) | speed-up | MACs ratio | speed-up / MACs ratio |",
              "|---|---|---|---|---:|---:|---:|"]
     table += [f"| {r['model']} | {'as they fall' if r['round_to'] is None else 'round_to=8'} | {r['mode']} | "
               f"{r['dense_ms']:.1f} → {r['pruned_ms']:.1f} | ×{r['speedup']:.2f} | ×{r['macs_ratio']:.2f} | "
               f"{r['of_macs_ratio']:.2f} |" for r in rows]
-    text = header + "\n".join(table) + "\n"
-    print(text)
-    write_results(args.out_dir, "latency_modes", {"meta": {"date": str(date.today()), "command": COMMAND,
-                                                            "machine": platform.machine(),
-                                                            "threads": torch.get_num_threads()},
-                                                   "rows": rows}, text)
+    write_table(args.out_dir, "latency_modes", "Latency of pruned CNNs by execution mode, batch 64, half the MACs",
+                COMMAND, rows, table)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,11 @@ latency does not follow the MACs, so a MACs target would miss.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 import warnings
-from datetime import date
 
 import torch
-from results_io import write_results
+from results_io import write_table
 
 import structprune
 from structprune.measure import latency_stats, repeat_batch
@@ -74,19 +72,12 @@ def main() -> None:
             r = rows[-1]
             print(f"{name} target {target}: measured {measured:.3f} (search {r['search_estimate']:.3f}), MACs "
                   f"{r['macs_ratio']:.3f}, {dense_ms:.1f} -> {pruned_ms:.1f} ms, {seconds:.0f} s", flush=True)
-    header = (f"# Latency targets at batch 64\n\n{date.today()}, {platform.machine()}, "
-              f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; `{COMMAND}`\n\n")
     table = ["| model | target | measured latency ratio | error | search's estimate | MACs ratio taken | dense → "
              "pruned (ms) | prune time (s) |", "|---|---:|---:|---:|---:|---:|---|---:|"]
     table += [f"| {r['model']} | {r['target']:.2f} | {r['measured']:.3f} | {r['relative_error']:.1%} | "
               f"{r['search_estimate']:.3f} | {r['macs_ratio']:.3f} | {r['dense_ms']:.1f} → {r['pruned_ms']:.1f} | "
               f"{r['prune_seconds']:.0f} |" for r in rows]
-    text = header + "\n".join(table) + "\n"
-    print(text)
-    write_results(args.out_dir, "latency_target", {"meta": {"date": str(date.today()), "command": COMMAND,
-                                                             "machine": platform.machine(),
-                                                             "threads": torch.get_num_threads()},
-                                                    "rows": rows}, text)
+    write_table(args.out_dir, "latency_target", "Latency targets at batch 64", COMMAND, rows, table)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,25 @@ def write_results(out_dir: str | Path | None, name: str, payload: dict, text: st
     return out
 
 
+def write_table(out_dir: str | Path | None, name: str, title: str, command: str, rows: list[dict],
+                table: list[str]) -> str:
+    """Print a benchmark's Markdown ``table`` under a header saying when, where and how it was measured, and write
+    it (``name.md``) with ``rows`` and that meta (``name.json``); returns the text."""
+    import platform
+    from datetime import date
+
+    import torch
+
+    header = (f"# {title}\n\n{date.today()}, {platform.machine()}, {torch.get_num_threads()} torch threads, torch "
+              f"{torch.__version__}; `{command}`\n\n")
+    text = header + "\n".join(table) + "\n"
+    print(text)
+    meta = {"date": str(date.today()), "command": command, "machine": platform.machine(),
+            "threads": torch.get_num_threads()}
+    write_results(out_dir, name, {"meta": meta, "rows": rows}, text)
+    return text
+
+
 def read_results(out_dir: str | Path, name: str, required: bool = False) -> dict | None:
     """The payload of ``out_dir/name.json`` from an earlier run (None when there is none); with ``required``
     (``--replot``), its absence ends the script with a one-line message."""
