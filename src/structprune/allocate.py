@@ -211,6 +211,8 @@ class Sizer:
 
     def size(self, keeps: dict[str, int]) -> dict[str, int]:
         key = tuple(keeps.get(name, channels) for name, channels in self.groups.items())
+        if key == tuple(self.groups.values()):
+            return self.dense  # nothing removed: the dense model's own size (a timing would only add noise)
         if key not in self._cache:
             model = copy.deepcopy(self.model)
             graph = self._graph(model)
