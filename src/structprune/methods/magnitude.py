@@ -5,8 +5,9 @@ the group (a residual stream has several). Data is not used.
 
 ``coupled=True`` scores a channel by every weight that is removed with it — the rows that produce it
 and the columns of every layer that reads it — as one Lp norm, as Torch-Pruning's group importance
-does: measured 73.9% → 78.3% on the demo's LeNet-5 at half its channels with no recovery
-(benchmarks/results/demo.md), where the producer-only score trails Torch-Pruning's MagnitudePruner (77.9%).
+does: measured 73.0% → 76.9% on the demo's LeNet-5 at half its channels with no recovery
+(benchmarks/results/demo.md, 2026-12-01), where the producer-only score trails Torch-Pruning's MagnitudePruner
+(77.6%).
 """
 
 from __future__ import annotations
