@@ -353,10 +353,9 @@ def _geometry(conv: nn.Module) -> tuple[tuple[int, int], ...]:
                         for k, d in zip(conv.kernel_size, conv.dilation, strict=False))
     else:
         padding = tuple(conv.padding)
-    sizes = (tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation), padding)
-    if isinstance(conv, nn.Conv1d):
-        return tuple((0 if i == 3 else 1, size[0]) for i, size in enumerate(sizes))
-    return sizes
+    if isinstance(conv, nn.Conv1d):  # one row of height 1: kernel, stride and dilation 1 there, no padding
+        return (1, *conv.kernel_size), (1, *conv.stride), (1, *conv.dilation), (0, *padding)
+    return tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation), padding
 
 
 def _as_2d(conv: nn.Module, x: Tensor) -> Tensor:

@@ -445,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the converted checkpoint")
     p.add_argument("--arch", default=None, metavar="MODULE:NAME",
                    help="the model's importable class (or factory), when its class needs arguments to be rebuilt")
-    p.add_argument("--arch-kwargs", default="{}", metavar="JSON",
+    p.add_argument("--arch-kwargs", type=_json_object, default={}, metavar="JSON",
                    help="keyword arguments of --arch, as a JSON object (default: {})")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     _add_trust(p)
@@ -1032,12 +1032,7 @@ def cmd_convert(args) -> int:
     out = Path(args.out)
     _refuse_input(out, [args.checkpoint])
     checkpoint.check_output(out, args.force, what="OUT")
-    try:
-        arch_kwargs = json.loads(args.arch_kwargs)
-    except ValueError as exc:
-        raise StructPruneError(f"--arch-kwargs must be a JSON object: {exc}") from None
-    if not isinstance(arch_kwargs, dict):
-        raise StructPruneError(f"--arch-kwargs must be a JSON object, got {args.arch_kwargs!r}")
+    arch_kwargs = args.arch_kwargs
     source = checkpoint.read(args.checkpoint, trust_checkpoint=args.trust_checkpoint)
     model = checkpoint.unpack(source, str(args.checkpoint), trust_checkpoint=args.trust_checkpoint)
     if args.arch is not None:

@@ -31,7 +31,15 @@ import torch
 from torch import Tensor, nn
 
 from .. import attention
-from ..attention import AttentionLayout, FeedForwardLayout, TransformerGraph, layer_sizes, uniform_config
+from ..attention import (  # noqa: F401  (is_supported, part_names: this module's API too, as hf_bert's was)
+    AttentionLayout,
+    FeedForwardLayout,
+    TransformerGraph,
+    is_supported,
+    layer_sizes,
+    part_names,
+    uniform_config,
+)
 from ..errors import StructPruneError, first_line
 from ..graph import register_family
 
@@ -84,16 +92,6 @@ class HFTransformerGraph(TransformerGraph):
 
 
 register_family(attention.is_supported, HFTransformerGraph)  # build_graph gives transformers the head/FFN graph
-
-
-def is_supported(model: nn.Module) -> bool:
-    """Whether ``model`` has attention blocks that a registered layout describes."""
-    return attention.is_supported(model)
-
-
-def part_names(model: nn.Module, part: str) -> list[str]:
-    """Names of the head groups (``"heads"``) or FFN groups (``"ffn"``) of ``model``."""
-    return attention.part_names(model, part)
 
 
 def sync_config(model: nn.Module) -> None:
