@@ -384,9 +384,10 @@ def _search_pfp(budget: Target, sizer: Sizer, round_to: int | None,
 
 
 def pfp_sensitivities(model: nn.Module, graph: PruningGraph, calib: Calibration, memory_bytes: int, seed: int,
-                      samples: int | None = None) -> list[LayerSensitivity]:
+                      samples: int | None = None, cache=None) -> list[LayerSensitivity]:
     """PFP's per-group statistics on the model as it is (dense), for :func:`plan`; sensitivities over every
-    position of the first ``samples`` calibration samples (all when None)."""
+    position of the first ``samples`` calibration samples (all when None); ``cache``: the model's kept block
+    inputs (:mod:`structprune.resume`)."""
     from .capture import capture
     from .measure import output_sizes
     from .methods.pfp import group_sensitivities
@@ -395,7 +396,8 @@ def pfp_sensitivities(model: nn.Module, graph: PruningGraph, calib: Calibration,
     positions = {name: size["positions"] for name, size in output_sizes(model, calib.first()).items()}
     layers = []
     for group in graph.groups():
-        view = capture(model, group, calib, memory_bytes=memory_bytes, seed=seed, sensitivity_samples=samples)
+        view = capture(model, group, calib, memory_bytes=memory_bytes, seed=seed, sensitivity_samples=samples,
+                       cache=cache)
         scores = group_sensitivities(view)
         total = float(scores.sum())
         prob = scores / total if total > 0 else torch.full_like(scores, 1 / len(scores))

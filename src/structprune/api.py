@@ -21,11 +21,14 @@ from .methods.base import GroupView, Method, Selection
 from .progress import bar as progress_bar
 from .recalibrate import has_batchnorm, recalibrate_batchnorm
 from .refit import refit as refit_selection
+from .resume import ActivationCache, Chain, changed_modules, state
 
 #: default cap on the calibration samples the recovery (refit, BatchNorm recalibration) reads
 RECOVERY_SAMPLES = 2048
 RECONSTRUCT = ("auto", "original", "layer")
 STAGE_SAMPLES = 512
+#: the kept block inputs of a pass (:mod:`structprune.resume`) take at most this many times ``memory_bytes``
+CACHE_FACTOR = 4
 SCOPES = ("auto", "all", "inner")
 
 
@@ -163,7 +166,9 @@ def prune(
         loader gives, up to :data:`RECOVERY_SAMPLES` (and at least ``calib_samples``).
     ignored_layers: layers (names or modules of ``model``) whose outputs keep all channels.
         The output layer is always kept whole.
-    memory_bytes: bound on the captured rows per consumer (see :mod:`structprune.capture`).
+    memory_bytes: bound on the captured rows per consumer (see :mod:`structprune.capture`). The inputs of one
+        block kept between groups, so that a capture runs only the blocks after it (:mod:`structprune.resume`),
+        take at most ``CACHE_FACTOR`` (4) times as much.
     stream: do not keep the calibration samples in memory; re-read ``calib_loader`` for every group
         (it must give the same samples each pass: no shuffling). Memory then stays bounded however
         large the calibration set; each group costs one pass over it.
@@ -252,14 +257,19 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
     sizer = allocate.Sizer(model, example_inputs, ignored_names, graph, scope,  # model: the caller's, never pruned
                            latency_batch=_latency_batch(budget))
     round_to = allocate.resolve_round_to(round_to, device)
-    allocation = allocate.plan(budget, sizer, round_to, lambda: allocate.pfp_sensitivities(
-        pruned, graph, calib, memory_bytes, seed, selection_samples))
-    _warn_if_missed(allocation.info, budget)
-    _warn_if_clamped(allocation.keeps, sizer.groups, budget)
-    _warn_if_nothing_to_prune(pruned, sizer.groups, ignored_names)
     needs_gradients = getattr(method, "needs_gradients", False)
     if needs_gradients and not calib.labelled:
         raise StructPruneError(f"method {method.name} needs labelled calibration batches: (inputs, targets) pairs")
+    pfp_allocation = getattr(budget, "allocation", "uniform") == "pfp"
+    captures = refit or getattr(method, "data_informed", True)
+    cache, reference_cache = _caches(model, pruned, example_inputs, calib, memory_bytes,
+                                     (captures or pfp_allocation) and not stream and not needs_gradients,
+                                     refit and reconstruct == "original")
+    allocation = allocate.plan(budget, sizer, round_to, lambda: allocate.pfp_sensitivities(
+        pruned, graph, calib, memory_bytes, seed, selection_samples, cache=cache))
+    _warn_if_missed(allocation.info, budget)
+    _warn_if_clamped(allocation.keeps, sizer.groups, budget)
+    _warn_if_nothing_to_prune(pruned, sizer.groups, ignored_names)
 
     original_outputs: dict[str, Tensor] = {}  # layer name -> its current outputs' indices in the original model
     layers = []
@@ -272,11 +282,11 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
             reference = None
             if refit and reconstruct == "original":
                 reference = _reference(model, group, graph, original_outputs)
-            if refit or getattr(method, "data_informed", True):
+            if captures:
                 view = capture(pruned, group, calib, memory_bytes=memory_bytes, seed=seed, loss_fn=loss_fn,
                                gradients=needs_gradients,
                                sensitivity_samples=selection_samples if getattr(method, "needs_sensitivity", False)
-                               else 0, reference=reference)
+                               else 0, reference=reference, cache=cache, reference_cache=reference_cache)
             else:  # a data-free selection with nothing to refit: no pass over the calibration data at all
                 view = weights_view(group, seed)
             selection = method.select(view.restrict(selection_samples), keep)
@@ -295,10 +305,15 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
             else:
                 entry["relative_residual"] = None
             _track_outputs(original_outputs, group, selection.keep_idx)
+            before = state(pruned) if cache is not None else None
             graph.apply(group, selection.keep_idx, selection.consumer_weights, selection.consumer_biases)
+            if cache is not None:
+                cache.changed(changed_modules(before, state(pruned)))
             _check_forward(pruned, example_inputs, group.name)
             if after_group is not None:
                 after_group(pruned, group.name)
+                if cache is not None:
+                    cache.drop()  # anything may have changed
         else:
             entry["relative_residual"] = 0.0
         layers.append(entry)
@@ -329,6 +344,21 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
         stages=stages.accuracy if stages is not None and stages.accuracy else None,
         method_options={k: v for k, v in vars(method).items() if not k.startswith("_") and k != "name"},
     )
+
+
+def _caches(model: nn.Module, pruned: nn.Module, example_inputs, calib: Calibration, memory_bytes: int,
+            wanted: bool, reference: bool) -> tuple[ActivationCache | None, ActivationCache | None]:
+    """Kept block inputs of the model under pruning and, for a refit to the original, of the original
+    (:mod:`structprune.resume`), each bounded by ``CACHE_FACTOR × memory_bytes``; None where the model has no
+    chain of blocks, or where no pass is resumed (nothing captured, streamed calibration, loss gradients)."""
+    if not wanted:
+        return None, None
+    chain = Chain(pruned, example_inputs)
+    if not len(chain):
+        return None, None
+    limit = CACHE_FACTOR * memory_bytes
+    return (ActivationCache(pruned, chain, example_inputs, calib.samples, limit),
+            ActivationCache(model, chain, example_inputs, calib.samples, limit) if reference else None)
 
 
 def _reference(model: nn.Module, group, graph, original_outputs: dict[str, Tensor]):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -35,8 +36,10 @@ from torch import Tensor, nn
 from .errors import StructPruneError, first_line
 from .graph import Consumer, Group, Producer, rows_first, run_forward
 from .methods.base import ConsumerView, GroupView, ProducerView
+from .resume import ActivationCache
 
 DEFAULT_MEMORY_BYTES = 256 * 2**20
+ROWS_PER_FEATURE = 0
 _SCORE_ELEMENTS = 2**22  # input elements (× taps) scored at once for PFP's sensitivities
 
 
@@ -327,8 +330,8 @@ class _Stopper:
     """Counts the hook calls of a batch; once each hook has run as often as on the first (full) batch, the
     forward pass is cut short."""
 
-    def __init__(self, hooks: int):
-        self.expected: list[int] | None = None
+    def __init__(self, hooks: int, expected: list[int] | None = None):
+        self.expected = expected  # known calls per batch (from a traced pass), or counted on the first batch
         self.calls = [0] * hooks
 
     def wrap(self, i: int, hook):
@@ -344,6 +347,21 @@ class _Stopper:
         if self.expected is None:
             self.expected = list(self.calls)
         self.calls = [0] * len(self.calls)
+
+
+def rows_cap(features: int, samples: int, memory_bytes: int) -> int:
+    """Rows kept for a consumer reading ``features`` = C·K group inputs: ``ROWS_PER_FEATURE`` per feature (at
+    least one per sample), within ``memory_bytes``."""
+    wanted = max(samples, ROWS_PER_FEATURE * features) if ROWS_PER_FEATURE else memory_bytes
+    return max(1, min(wanted, memory_bytes // (4 * features)))
+
+
+def _expected_calls(cache: ActivationCache | None, names: list[str]) -> list[int] | None:
+    """How often each of the modules ``names`` runs in one forward pass, when the cache's traced pass says."""
+    if cache is None:
+        return None
+    calls = [cache.chain.calls.get(name, 0) for name in names]
+    return calls if all(calls) else None
 
 
 def _geometry(conv: nn.Module) -> tuple[tuple[int, int], ...]:
@@ -381,8 +399,8 @@ def _all_rows(module: nn.Module, x: Tensor, kind: str, token_mask: Tensor | None
 
 def capture(model: nn.Module, group: Group, calib: Calibration | list, memory_bytes: int = DEFAULT_MEMORY_BYTES,
             seed: int = 0, targets: list | None = None, loss_fn=None, gradients: bool = False,
-            sensitivity_samples: int = 0, reference: tuple[nn.Module, dict[str, Tensor]] | None = None
-            ) -> GroupView:
+            sensitivity_samples: int = 0, reference: tuple[nn.Module, dict[str, Tensor]] | None = None,
+            cache: ActivationCache | None = None, reference_cache: ActivationCache | None = None) -> GroupView:
     """Run the calibration samples through ``model`` and return the group's :class:`GroupView`.
 
     ``calib``: a :class:`Calibration`, or a list of input batches (with ``targets``, one per batch).
@@ -395,7 +413,10 @@ def capture(model: nn.Module, group: Group, calib: Calibration | list, memory_by
     at the same rows, so that a reconstruction can undo the error accumulated upstream.
 
     Each forward pass stops once every consumer has read its input (after a first full pass that counts
-    how often each is called), unless loss gradients are needed.
+    how often each is called, unless ``cache`` knows), unless loss gradients are needed.
+    ``cache``, ``reference_cache``: kept block inputs of ``model`` and of the reference model
+    (:mod:`structprune.resume`); a pass then resumes at the kept block when it can, and records for the next
+    group the input of the earliest block this group changes (its producers, BatchNorms and consumers).
     """
     if not isinstance(calib, Calibration):
         calib = Calibration.of(calib, targets)
@@ -407,16 +428,24 @@ def capture(model: nn.Module, group: Group, calib: Calibration | list, memory_by
     for consumer in group.consumers:
         features = consumer.channel_index.numel() * (
             consumer.module.weight[0, 0].numel() if consumer.kind == "conv" else 1)
-        collector = _RowCollector(consumer, max(1, memory_bytes // (4 * features)), samples, gen,
+        collector = _RowCollector(consumer, rows_cap(features, samples, memory_bytes), samples, gen,
                                   sensitivity_samples)
         collectors.append(collector)
-    stopper = _Stopper(len(collectors))
+    if gradients:
+        cache = reference_cache = None  # the loss needs the whole pass
+    reads = [c.name for c in group.consumers]
+    changes = reads + [layer.name for layer in (*group.producers, *group.batchnorms)]
+    resumed = cache.resumed(*cache.plan(reads, changes)) if cache is not None else nullcontext()  # before the hooks
+    ref_reads = [name for name in reads if reference is not None and name in reference[1]]
+    ref_resumed = (reference_cache.resumed(*reference_cache.plan(ref_reads))
+                   if reference is not None and reference_cache is not None else nullcontext())
+    stopper = _Stopper(len(collectors), _expected_calls(cache, reads))
     hooks = [c.consumer.module.register_forward_pre_hook(stopper.wrap(i, c)) for i, c in enumerate(collectors)]
     references = []
     if reference is not None:
         original, out_index = reference
         references = [_Reference(c, out_index[c.consumer.name]) for c in collectors if c.consumer.name in out_index]
-        ref_stopper = _Stopper(len(references))
+        ref_stopper = _Stopper(len(references), _expected_calls(reference_cache, ref_reads))
         hooks += [original.get_submodule(r.collector.consumer.name).register_forward_hook(ref_stopper.wrap(i, r))
                   for i, r in enumerate(references)]
     gradients = _LossGradients(model, group, loss_fn) if gradients else None
@@ -424,9 +453,12 @@ def capture(model: nn.Module, group: Group, calib: Calibration | list, memory_by
     for m, _ in modes:
         m.eval()
     try:
-        with torch.set_grad_enabled(gradients is not None):
+        with torch.set_grad_enabled(gradients is not None), resumed, ref_resumed:
             seen = 0
-            for inputs, target in calib:
+            for batch, (inputs, target) in enumerate(calib):
+                for kept in (cache, reference_cache):
+                    if kept is not None:
+                        kept.batch = batch
                 mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
                 for collector in collectors:
                     collector.token_mask, collector.seen = mask, seen

@@ -1,0 +1,297 @@
+"""Resume a forward pass part-way: the kept calibration inputs of one block stand in for everything before it.
+
+Most networks are mostly a chain: block after block, each reading the one tensor the block before returned
+(a ResNet's residual blocks, a VGG's layers, a transformer's layers). :class:`Chain` finds the longest such
+chain in one traced forward pass: modules called once, each taking as its first input the very tensor the
+one before returned. Resuming at block k means that every block before k returns the kept input of block k
+(the code between blocks still runs: embeddings, masks, the stem). Whether that computes the same as the
+whole pass is checked on the model, once per cut, before the cut is used: every module after the cut must see
+the same input and the model must return the same output. A cut that fails (a tensor kept from before the cut
+and read after it, as in a U-Net or a DenseNet) is never used.
+
+:class:`ActivationCache` keeps, for every calibration batch, the input of one block. A group's capture resumes
+there instead of running from the model input, and records the input of the earliest block the group changes,
+for the next group. Groups come shallow to deep, so each capture runs only the blocks between the cut and the
+group's consumers (and stops there), instead of the whole prefix of the network. After each removal the
+modules that changed are compared with the cut, and a change before it drops the cache (the next capture runs
+from the input). Memory: at most ``limit_bytes`` of kept inputs; beyond that nothing is kept.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .graph import run_forward
+
+
+@dataclass
+class _Call:
+    name: str
+    start: int
+    input: Tensor | None
+    end: int = -1
+    output: object = None
+
+
+class Chain:
+    """The longest chain of blocks in ``model``'s forward pass on ``example_inputs`` (see the module doc).
+
+    ``nodes``: the blocks' names, in order; ``calls``: how often each module ran in the pass (a capture knows
+    from it when every consumer has read a batch); :meth:`key` places any module after a block.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs):
+        calls = _trace(model, example_inputs)
+        self.calls = {name: len(c) for name, c in calls.items()}
+        once = sorted((c[0] for name, c in calls.items() if name and len(c) == 1
+                       and isinstance(c[0].input, Tensor) and isinstance(c[0].output, Tensor) and c[0].end >= 0),
+                      key=lambda call: call.start)
+        self.nodes = _longest_path(once)
+        self._starts = [call.start for call in self.nodes]
+        self._first = {name: c[0].start for name, c in calls.items()}
+        self._nodes = [call.name for call in self.nodes]
+        self._per_sample = [call.input[:1].nelement() * call.input.element_size() for call in self.nodes]
+        self._usable: dict[int, bool] = {}
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def key(self, name: str) -> int:
+        """The last block that starts no later than module ``name`` first runs (-1: it runs before the chain; a
+        module that never ran counts as after every block)."""
+        start = self._first.get(name)
+        if start is None:
+            return len(self.nodes)
+        return next((k for k in range(len(self._starts) - 1, -1, -1) if self._starts[k] <= start), -1)
+
+    def bytes_per_sample(self, cut: int) -> int:
+        return self._per_sample[cut]
+
+    def usable(self, model: nn.Module, example_inputs, cut: int) -> bool:
+        """Whether resuming ``model`` at block ``cut`` computes what its whole forward pass does (checked once)."""
+        if cut < 1 or cut >= len(self.nodes):
+            return False
+        if cut not in self._usable:
+            self._usable[cut] = _resumes_exactly(model, example_inputs, self._nodes, cut)
+        return self._usable[cut]
+
+    def resumed(self, model: nn.Module, cut: int, value):
+        """Within the block, ``model``'s blocks before ``cut`` return ``value()`` instead of running."""
+        return _stubbed(model, self._nodes[:cut], value)
+
+    def node(self, model: nn.Module, cut: int) -> nn.Module:
+        return model.get_submodule(self._nodes[cut])
+
+
+@contextmanager
+def _stubbed(model: nn.Module, names: list[str], value) -> Iterator[None]:
+    stubbed = [model.get_submodule(name) for name in names]
+
+    def stub(*_args, **_kwargs):
+        return value()
+
+    for module in stubbed:
+        module.forward = stub
+    try:
+        yield
+    finally:
+        for module in stubbed:
+            del module.forward
+
+
+def _trace(model: nn.Module, example_inputs) -> dict[str, list[_Call]]:
+    """Every module call of one forward pass, in order: when it started and ended, its first input and its
+    output (kept alive, so that tensor identity can be compared)."""
+    names = {}
+    for name, module in model.named_modules(remove_duplicate=True):
+        names.setdefault(module, name)
+    calls: dict[str, list[_Call]] = {}
+    clock = itertools.count()
+    open_calls: dict[str, list[_Call]] = {}
+
+    def before(module, args):
+        name = names[module]
+        call = _Call(name, next(clock), args[0] if args and isinstance(args[0], Tensor) else None)
+        calls.setdefault(name, []).append(call)
+        open_calls.setdefault(name, []).append(call)
+
+    def after(module, _args, output):
+        call = open_calls[names[module]].pop()
+        call.end, call.output = next(clock), output
+
+    handles = []
+    try:
+        for module in names:
+            handles.append(module.register_forward_pre_hook(before))
+            handles.append(module.register_forward_hook(after))
+        with torch.no_grad():
+            run_forward(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def _longest_path(nodes: list[_Call]) -> list[_Call]:
+    """The longest sequence of calls each of which takes the tensor the one before returned, after it ended."""
+    by_output: dict[int, list[int]] = {}
+    best, before = [1] * len(nodes), [-1] * len(nodes)
+    for i, call in enumerate(nodes):
+        for j in by_output.get(id(call.input), ()):
+            if nodes[j].end < call.start and best[j] + 1 >= best[i]:
+                best[i], before[i] = best[j] + 1, j  # ties: the later-starting (innermost) block
+        by_output.setdefault(id(call.output), []).append(i)
+    if not nodes:
+        return []
+    i = max(range(len(nodes)), key=lambda n: best[n])
+    path = []
+    while i >= 0:
+        path.append(nodes[i])
+        i = before[i]
+    return path[::-1] if len(path) > 1 else []
+
+
+def _checksum(x) -> tuple | None:
+    if not isinstance(x, Tensor) or not (x.is_floating_point() or x.is_complex()):
+        return None if not isinstance(x, Tensor) else (tuple(x.shape), int(x.sum()))
+    x = x.detach().double()
+    return tuple(x.shape), float(x.sum()), float(x.abs().sum())
+
+
+def _flat(output) -> list[Tensor]:
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, dict):
+        return [t for v in output.values() for t in _flat(v)]
+    if isinstance(output, (tuple, list)):
+        return [t for v in output for t in _flat(v)]
+    return []
+
+
+def _same(a: tuple | None, b: tuple | None) -> bool:
+    if a is None or b is None or len(a) == 2:
+        return a == b
+    return a[0] == b[0] and all(abs(x - y) <= 1e-5 * max(abs(x), abs(y), 1.0) for x, y in zip(a[1:], b[1:],
+                                                                                               strict=True))
+
+
+def _resumes_exactly(model: nn.Module, example_inputs, nodes: list[str], cut: int) -> bool:
+    """One whole pass and one resumed at ``cut`` on the same input: the same input to every module that runs in
+    both, and the same outputs."""
+    names = {}
+    for name, module in model.named_modules(remove_duplicate=True):
+        names.setdefault(module, name)
+    seen: dict[str, list] = {}
+    kept: list[Tensor] = []
+
+    def record(module, args):
+        seen.setdefault(names[module], []).append(_checksum(args[0]) if args else None)
+
+    def keep(_module, args):
+        kept.append(args[0].detach().clone())
+
+    def run(extra=None) -> tuple[dict[str, list], list[Tensor]]:
+        seen.clear()
+        handles = [m.register_forward_pre_hook(record) for m in names]
+        if extra is not None:
+            handles.append(extra)
+        try:
+            with torch.no_grad():
+                return dict(seen), _flat(run_forward(model, example_inputs))
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    training = model.training
+    model.eval()
+    try:
+        whole, whole_out = run(model.get_submodule(nodes[cut]).register_forward_pre_hook(keep))
+        whole, whole_out = dict(whole), [t.clone() for t in whole_out]
+        with _stubbed(model, nodes[:cut], lambda: kept[0].clone()):
+            part, part_out = run()
+    except Exception:
+        return False
+    finally:
+        model.train(training)
+    stubbed = set(nodes[:cut])
+    for name, sums in part.items():
+        if name in stubbed:
+            continue
+        if name not in whole or len(whole[name]) != len(sums) or not all(map(_same, whole[name], sums)):
+            return False
+    return len(whole_out) == len(part_out) and all(
+        a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6)
+        for a, b in zip(whole_out, part_out, strict=True))
+
+
+class ActivationCache:
+    """Inputs of one block of ``chain`` in ``model`` for every calibration batch (see the module doc)."""
+
+    def __init__(self, model: nn.Module, chain: Chain, example_inputs, samples: int, limit_bytes: int):
+        self.model, self.chain, self.example_inputs = model, chain, example_inputs
+        self.samples, self.limit_bytes = samples, limit_bytes
+        self.cut: int | None = None
+        self.values: list[Tensor] = []
+        self.batch = 0
+
+    def plan(self, reads: Iterable[str], changes: Iterable[str] = ()) -> tuple[int | None, int | None]:
+        """(block to resume at, block whose input to record) for a pass that must reach the modules ``reads``
+        and after which the modules ``changes`` change; None for either when it cannot be done."""
+        reads, changes = list(reads), list(changes)
+        if not reads:
+            return None, None
+        first_read = min(self.chain.key(name) for name in reads)
+        start = self.cut if self.cut is not None and self.cut <= first_read else None
+        record = min(self.chain.key(name) for name in reads + changes)
+        if (record < 1 or (start is not None and record < start) or record == start
+                or self.chain.bytes_per_sample(record) * self.samples > self.limit_bytes
+                or not self.chain.usable(self.model, self.example_inputs, record)):
+            record = None
+        return start, record
+
+    @contextmanager
+    def resumed(self, start: int | None, record: int | None) -> Iterator[None]:
+        """Passes within the block resume at ``start`` (for the batch :attr:`batch`) and record the input of
+        block ``record``; once the block ends without an error, the recorded inputs are the cache."""
+        recorded: list[Tensor] = []
+        handle = None
+        if record is not None:
+            handle = self.chain.node(self.model, record).register_forward_pre_hook(
+                lambda _module, args: recorded.append(args[0].detach().clone()), prepend=True)
+        values = self.values
+        try:
+            if start is None:
+                yield
+            else:
+                with self.chain.resumed(self.model, start, lambda: values[self.batch].clone()):
+                    yield
+        finally:
+            if handle is not None:
+                handle.remove()
+        if recorded:
+            self.cut, self.values = record, recorded
+
+    def drop(self) -> None:
+        self.cut, self.values = None, []
+
+    def changed(self, names: Iterable[str]) -> None:
+        """Modules ``names`` changed: a change before the cut makes the kept inputs stale."""
+        if self.cut is not None and any(self.chain.key(name) < self.cut for name in names):
+            self.drop()
+
+
+def state(model: nn.Module) -> dict[str, tuple]:
+    """Each module's own parameters and buffers by identity, storage and shape (to tell which ones changed)."""
+    return {name: tuple((id(t), t.data_ptr(), tuple(t.shape))
+                        for t in itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)))
+            for name, module in model.named_modules()}
+
+
+def changed_modules(before: dict[str, tuple], after: dict[str, tuple]) -> list[str]:
+    return [name for name, entry in after.items() if before.get(name) != entry]

@@ -1,0 +1,136 @@
+"""Resumed passes (structprune.resume): a capture that starts at a kept block input gives what the whole pass
+gives, runs the early blocks once rather than once per group, and never resumes where that would be wrong."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import structprune
+from conftest import calibration, make_zoo_model
+from structprune import api
+from structprune.resume import ActivationCache, Chain
+
+
+def _prune(model, calib, method, monkeypatch=None, **options):
+    if monkeypatch is not None:
+        monkeypatch.setattr(api, "_caches", lambda *args, **kwargs: (None, None))
+    return structprune.prune(model, calib, method, 0.5, progress=False, **options)
+
+
+def _assert_same(a: structprune.PruneResult, b: structprune.PruneResult) -> None:
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert sa[name].shape == sb[name].shape, name
+        torch.testing.assert_close(sa[name], sb[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert [layer["relative_residual"] for layer in a.layers] == pytest.approx(
+        [layer["relative_residual"] for layer in b.layers], rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("name,method,options", [
+    ("resnet20", "ispasp", {}),
+    ("resnet56", "pfp", {"refit": False, "recalibrate": False}),
+    ("vgg16", "ispasp", {}),  # no residual stream: the refit targets the original model, through its own cache
+    ("mobilenetv2", "thinet", {}),
+])
+def test_resumed_captures_give_the_same_pruned_model(monkeypatch, name, method, options):
+    model, shape = make_zoo_model(name)
+    calib = calibration(shape, samples=32, batch=8)
+    resumed = _prune(model, calib, method, **options)
+    whole = _prune(model, calib, method, monkeypatch, **options)
+    _assert_same(resumed, whole)
+
+
+def test_pfp_allocation_resumes_too(monkeypatch):
+    model, shape = make_zoo_model("resnet20")
+    calib = calibration(shape, samples=32, batch=8)
+    budget = structprune.Target(0.5, allocation="pfp")
+    resumed = structprune.prune(model, calib, "pfp", budget, progress=False)
+    monkeypatch.setattr(api, "_caches", lambda *args, **kwargs: (None, None))
+    whole = structprune.prune(model, calib, "pfp", budget, progress=False)
+    _assert_same(resumed, whole)
+
+
+def _samples_through_first_block(model, calib, method, monkeypatch=None) -> int:
+    """Samples that the first residual block of the pruned copy computes on over the whole pruning (a block
+    resumed past returns the kept input without running its layers)."""
+    samples = []
+    deepcopy = api.copy.deepcopy
+
+    def copy_with_counter(obj, *args):
+        copied = deepcopy(obj, *args)
+        if obj is model:
+            copied.layer1[0].conv1.register_forward_pre_hook(lambda _module, args: samples.append(len(args[0])))
+        return copied
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(api.copy, "deepcopy", copy_with_counter)
+        _prune(model, calib, method, monkeypatch, refit=False, recalibrate=False, scope="inner")
+    return sum(samples)
+
+
+def test_early_blocks_run_once_not_once_per_group(monkeypatch):
+    model, shape = make_zoo_model("resnet56")
+    calib = calibration(shape, samples=32, batch=8)
+    groups = 27  # the inner groups, one per residual block
+    resumed = _samples_through_first_block(model, calib, "ispasp")
+    whole = _samples_through_first_block(model, calib, "ispasp", monkeypatch)
+    assert whole >= groups * 32  # every capture passes the first block
+    # two passes over the calibration samples (the first capture, the accuracy of the pruned model), and per
+    # group a few single-sample passes (the check that the pruned model still runs, the check of a new cut)
+    assert resumed <= 2 * 32 + 4 * groups
+
+
+class _SkipAcross(nn.Module):
+    """Blocks in a chain, but the first block's output is also read after the last (a U-Net's skip)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.down = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.mid = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.up = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        skip = self.down(self.stem(x))
+        return self.head(torch.cat([self.up(self.mid(skip)), skip], dim=1))
+
+
+def test_a_cut_a_kept_tensor_crosses_is_never_used(monkeypatch):
+    torch.manual_seed(0)
+    model = _SkipAcross().eval()
+    example = torch.randn(1, 1, 8, 8)
+    chain = Chain(model, example)
+    names = [call.name for call in chain.nodes]
+    assert names == ["stem", "down.0", "down.1", "mid.0", "mid.1", "up.0", "up.1"]
+    assert chain.usable(model, example, names.index("mid.0"))  # the kept input is `skip` itself
+    for later in ("mid.1", "up.0", "up.1"):  # `skip` would be the kept input of a later block
+        assert not chain.usable(model, example, names.index(later))
+    calib = calibration((1, 8, 8), samples=16, batch=8)
+    _assert_same(_prune(model, calib, "ispasp"), _prune(model, calib, "ispasp", monkeypatch))
+
+
+def test_a_change_before_the_cut_drops_the_kept_inputs():
+    model, shape = make_zoo_model("resnet20")
+    example = torch.randn(1, *shape)
+    chain = Chain(model, example)
+    cache = ActivationCache(model, chain, example, samples=8, limit_bytes=2**30)
+    cut = [call.name for call in chain.nodes].index("layer2.0")
+    cache.cut, cache.values = cut, [torch.zeros(1)]
+    cache.changed(["layer2.0.conv1", "layer3.1.bn2"])  # in and after the block: the kept inputs still hold
+    assert cache.cut == cut
+    cache.changed(["layer1.2.conv2"])
+    assert cache.cut is None and cache.values == []
+
+
+def test_nothing_is_kept_beyond_the_memory_bound():
+    model, shape = make_zoo_model("resnet20")
+    example = torch.randn(1, *shape)
+    chain = Chain(model, example)
+    cache = ActivationCache(model, chain, example, samples=1000, limit_bytes=1024)
+    assert cache.plan(["layer2.1.conv1"], ["layer2.0.conv2"]) == (None, None)
+    roomy = ActivationCache(model, chain, example, samples=1000, limit_bytes=2**30)
+    assert roomy.plan(["layer2.1.conv1"], ["layer2.0.conv2"])[1] == [c.name for c in chain.nodes].index("layer2.0")
