@@ -208,6 +208,24 @@ def test_default_pipeline_refits_and_recalibrates_and_the_bare_step_does_neither
     assert not torch.equal(bn_default.running_mean, bn_bare.running_mean)
 
 
+def test_a_refit_shift_goes_into_the_batchnorm_so_later_groups_read_the_refitted_output():
+    # the kept inputs are non-negative (after a ReLU), so removing channels lowers the layer's mean output: the
+    # refit's bias change restores it, and for a conv without bias it must reach the BatchNorm's running mean
+    # before the next group is captured, not only at the final recalibration
+    block = _block()
+    net = nn.Sequential(block, nn.ReLU(), nn.Conv2d(16, 8, 1)).eval()
+    calib = calibration((16, 8, 8), samples=64)
+    x = torch.cat([batch for batch, _ in calib])
+    result = structprune.prune(net, calib, "magnitude", {"0.0": 0.5, "*": 1.0}, recalibrate=False, progress=False)
+    assert result.layers[0]["kept"] == 8 and result.layers[0]["refit"]["0.3"]["applied"]
+    with torch.no_grad():
+        dense_out, pruned_out = net[0](x), result.model[0](x)
+    dense_mean, error_mean = dense_out.mean(dim=(0, 2, 3)), (pruned_out - dense_out).mean(dim=(0, 2, 3))
+    assert error_mean.abs().max() < 0.02 * dense_out.std()  # the least-squares fit leaves no mean error
+    assert not torch.allclose(result.model[0][4].running_mean, block[4].running_mean)  # it went into μ
+    assert dense_mean.abs().max() > 0.1 * dense_out.std()  # (the check above is not vacuous)
+
+
 def test_recovery_reads_more_samples_than_the_selection():
     model, shape = make_zoo_model("lenet5")
     calib = calibration(shape, samples=96)

@@ -63,6 +63,9 @@ class Consumer:
     output_scale: Tensor
     output_shift: Tensor
     normalized: bool = False  # whether those come from a BatchNorm
+    #: that BatchNorm when nothing else reads the consumer's output: a constant added to the output of a consumer
+    #: without bias (a refit's bias change) goes into its running mean
+    batchnorm: nn.Module | None = None
 
     @property
     def grouped(self) -> bool:
@@ -259,12 +262,12 @@ class PruningGraph:
                     # its input rows would be padded with other values than the ones the layer reads
                     return self._skip(name, f"consumer {self.name_of(module)} pads with "
                                             f"padding_mode={module.padding_mode!r}; only zero padding is supported")
-                scale, shift = self._output_affine(module)
+                scale, shift, batchnorm = self._output_affine(module)
                 normalized = scale is not None
                 if not normalized:
                     scale = torch.ones(module.weight.shape[0], device=module.weight.device)
                     shift = torch.zeros_like(scale)
-                consumers.append(Consumer(self.name_of(module), module, index, scale, shift, normalized))
+                consumers.append(Consumer(self.name_of(module), module, index, scale, shift, normalized, batchnorm))
         if not consumers:
             return self._skip(name, "no Linear/Conv1d/Conv2d reads these channels")
         attention = self._inside_attention(tp_group, producers, consumers)
@@ -348,14 +351,15 @@ class PruningGraph:
     def _is_out(self, item) -> bool:
         return self.dg.is_out_channel_pruning_fn(item.dep.handler)
 
-    def _output_affine(self, consumer: nn.Module) -> tuple[Tensor | None, Tensor | None]:
-        """(γ/σ, β − γμ/σ) of a BatchNorm that reads the consumer's output directly, else (None, None)."""
+    def _output_affine(self, consumer: nn.Module) -> tuple[Tensor | None, Tensor | None, nn.Module | None]:
+        """(γ/σ, β − γμ/σ) of a BatchNorm that reads the consumer's output directly, else (None, None); and that
+        BatchNorm when it is the output's only reader."""
         node = self.dg.module2node.get(consumer)
         for nxt in node.outputs if node is not None else []:
             bn = nxt.module
             if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats:
-                return batchnorm_affine(bn)
-        return None, None
+                return (*batchnorm_affine(bn), bn if len(node.outputs) == 1 else None)
+        return None, None, None
 
     def _find_output_layers(self) -> list[nn.Module]:
         """Conv/Linear layers whose outputs reach the model's output without passing another Conv/Linear,
@@ -587,11 +591,15 @@ def write_consumer_weights(group: Group, keep_idx, consumer_weights: dict[str, T
     for name, weight in (consumer_weights or {}).items():
         by_name[name].write_weight(keep_idx, weight)
     for name, bias in (consumer_biases or {}).items():
-        module_bias = by_name[name].module.bias
-        if module_bias is None:
-            raise StructPruneError(f"consumer_biases: {name} has no bias to replace")
+        consumer = by_name[name]
+        module_bias = consumer.module.bias
         with torch.no_grad():
-            module_bias.copy_(bias.to(module_bias))
+            if module_bias is not None:
+                module_bias.copy_(bias.to(module_bias))
+            elif consumer.batchnorm is not None:  # BN(y + b) is BN(y) with the running mean lowered by b
+                consumer.batchnorm.running_mean.sub_(bias.to(consumer.batchnorm.running_mean))
+            elif not consumer.normalized:  # (a BatchNorm that shares the output with other layers: left to its
+                raise StructPruneError(f"consumer_biases: {name} has no bias to replace")  # recalibration)
     return keep_idx
 
 
