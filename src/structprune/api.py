@@ -193,11 +193,17 @@ def prune(
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = _prune(model, calib_loader, method, budget, example_inputs, refit=refit,
-                            reconstruct=reconstruct, recalibrate=recalibrate, scope=scope, round_to=round_to,
-                            calib_samples=calib_samples, recovery_samples=recovery_samples,
-                            ignored_layers=ignored_layers, memory_bytes=memory_bytes, stream=stream, seed=seed,
-                            progress=progress, after_group=after_group, loss_fn=loss_fn, **method_kwargs)
+            options = dict(refit=refit, reconstruct=reconstruct, recalibrate=recalibrate, scope=scope,
+                           round_to=round_to, calib_samples=calib_samples, recovery_samples=recovery_samples,
+                           ignored_layers=ignored_layers, memory_bytes=memory_bytes, stream=stream, seed=seed,
+                           after_group=after_group, loss_fn=loss_fn, **method_kwargs)
+            try:
+                result = _prune(model, calib_loader, method, budget, example_inputs, progress=progress, **options)
+            except _BrokenForward as broken:  # pruned again, checking after every group, to name the one
+                _prune(model, calib_loader, method, budget, example_inputs, progress=False, check_each_group=True,
+                       **options)
+                raise StructPruneError(f"the pruned model's forward pass fails ({broken}); no single group's "
+                                       f"removal was found to cause it") from None
     finally:
         for w in caught:  # shown to the caller as usual, and ours kept for the report
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
@@ -207,7 +213,7 @@ def prune(
 
 def _prune(model, calib_loader, method, budget, example_inputs, *, refit, reconstruct, recalibrate, scope, round_to,
            calib_samples, recovery_samples, ignored_layers, memory_bytes, stream, seed, progress, after_group,
-           loss_fn, **method_kwargs) -> PruneResult:
+           loss_fn, check_each_group: bool = False, **method_kwargs) -> PruneResult:
     if not isinstance(model, nn.Module):
         raise StructPruneError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     budget = allocate.as_budget(budget)
@@ -309,7 +315,8 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
             graph.apply(group, selection.keep_idx, selection.consumer_weights, selection.consumer_biases)
             if cache is not None:
                 cache.changed(changed_modules(before, state(pruned)))
-            _check_forward(pruned, example_inputs, group.name)
+            if captures or after_group is not None or check_each_group:  # the next pass would fail obscurely
+                _check_forward(pruned, example_inputs, group.name)
             if after_group is not None:
                 after_group(pruned, group.name)
                 if cache is not None:
@@ -320,6 +327,12 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
         bar.update(1)
     bar.update(len(graph) - bar.n)  # groups skipped with a warning count as done
     bar.close()
+    if not (captures or after_group is not None or check_each_group):  # one check for a weights-only pruning
+        try:
+            with torch.no_grad():
+                run_forward(pruned, example_inputs)
+        except Exception as exc:
+            raise _BrokenForward(first_line(exc)) from None
     recalibration = None
     pruned_any = any(layer["kept"] < layer["channels"] for layer in layers)
     stages = _StageAccuracy(calib) if pruned_any and reads_data else None
@@ -449,6 +462,10 @@ def _default_calib_samples(method: Method, model: nn.Module, calib_loader, devic
 
 def model_dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters(), torch.empty(0)).dtype
+
+
+class _BrokenForward(Exception):
+    """A weights-only pruning left a model whose forward pass fails (checked once, at the end)."""
 
 
 def _check_forward(model: nn.Module, example_inputs, group: str) -> None:
