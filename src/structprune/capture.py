@@ -1,17 +1,24 @@
 """Collect a group's hidden representation, as each consumer reads it, on calibration data.
 
-Memory bound
-------------
+Rows and memory bound
+---------------------
 For a consumer reading C group channels with K taps each (K = kernel positions of a conv, the
-``H*W`` features of a Linear after a Flatten, or the head size of an attention head), at most
-``rows_cap = memory_bytes / (4*C*K)`` rows are kept (plus at most one per batch from rounding), where
-a row is one output position of one sample. A Linear on a (N, features) input has one row per
-sample; on a (N, L, features) sequence, one per token (padding tokens, those with a 0 in the batch's
-``attention_mask``, are left out); a conv output has one per output position. While ``rows_cap`` is
-at least the number of samples, each sample contributes ``rows_cap // samples`` rows drawn at
-random (seeded); beyond that, each batch contributes its share of ``rows_cap``. Only the patches at
-the drawn positions are ever materialised, so peak memory is about ``memory_bytes`` per consumer
-plus one calibration batch's activations, however many samples there are.
+``H*W`` features of a Linear after a Flatten, or the head size of an attention head), ``rows_cap =
+ROWS_PER_FEATURE·C·K`` rows are kept (32 per feature, at least one per sample), and never more than
+``memory_bytes / (4*C*K)`` (plus at most one per batch from rounding), where a row is one output position
+of one sample. A Linear on a (N, features) input has one row per sample; on a (N, L, features) sequence,
+one per token (padding tokens, those with a 0 in the batch's ``attention_mask``, are left out); a conv
+output has one per output position. While ``rows_cap`` is at least the number of samples, each sample
+contributes ``rows_cap // samples`` rows drawn at random (seeded); beyond that, each batch contributes its
+share of ``rows_cap``. Only the patches at the drawn positions are ever materialised, so peak memory is
+about ``memory_bytes`` per consumer plus one calibration batch's activations, however many samples there are.
+
+Why 32 rows per feature: the rows feed least-squares problems in C·K unknowns (the refit; ThiNet's and
+GFS's fits) and correlations over them (i-SpaSP). For ordinary least squares with p unknowns and n rows
+the expected excess error of the fit grows as p/n (the classical σ²·p/n risk of a regression, e.g. Hastie,
+Tibshirani & Friedman, *The Elements of Statistical Learning*, §3.2), about 3% at n = 32·p. More rows cost
+time in proportion and measured no better: benchmarks/rows.py (results/rows.md) prunes the Fashion-MNIST
+checkpoints with every row count up to the memory bound's.
 
 The calibration samples themselves are kept in memory (read once, so every group sees the same
 samples) unless ``stream=True`` (:class:`Calibration`): then each pass re-reads the loader and only one
@@ -39,7 +46,8 @@ from .methods.base import ConsumerView, GroupView, ProducerView
 from .resume import ActivationCache
 
 DEFAULT_MEMORY_BYTES = 256 * 2**20
-ROWS_PER_FEATURE = 0
+#: rows kept per captured feature (C·K; see the module doc); 0: as many as ``memory_bytes`` allows
+ROWS_PER_FEATURE = 32
 _SCORE_ELEMENTS = 2**22  # input elements (× taps) scored at once for PFP's sensitivities
 
 
