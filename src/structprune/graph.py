@@ -399,7 +399,7 @@ class PruningGraph:
             order.setdefault(module, len(order))
 
         def remember(module: nn.Module, _inputs, output) -> None:
-            for tensor in _tensors(output):
+            for tensor in output_tensors(output):
                 produced[id(tensor)] = module
 
         hooks = [m.register_forward_pre_hook(record) for m in self.model.modules() if isinstance(m, _WEIGHT_LAYERS)]
@@ -410,7 +410,7 @@ class PruningGraph:
         finally:
             for hook in hooks:
                 hook.remove()
-        self._output_modules = {produced[id(t)] for t in _tensors(outputs) if id(t) in produced}
+        self._output_modules = {produced[id(t)] for t in output_tensors(outputs) if id(t) in produced}
         return order
 
     # -- surgery -------------------------------------------------------------------------------
@@ -512,14 +512,14 @@ def _zero_padding(model: nn.Module) -> Iterator[None]:
             module.padding_mode = mode
 
 
-def _tensors(value) -> list[Tensor]:
+def output_tensors(value) -> list[Tensor]:
     """The tensors in a module's or model's output: a tensor, tuples/lists/dicts of them, or a ModelOutput."""
     if isinstance(value, Tensor):
         return [value]
     if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
+        return [t for v in value.values() for t in output_tensors(v)]
     if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
+        return [t for v in value for t in output_tensors(v)]
     return []
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .graph import run_forward
+from .graph import output_tensors, run_forward
 
 
 @dataclass
@@ -164,16 +164,6 @@ def _checksum(x) -> tuple | None:
     return tuple(x.shape), float(x.sum()), float(x.abs().sum())
 
 
-def _flat(output) -> list[Tensor]:
-    if isinstance(output, Tensor):
-        return [output]
-    if isinstance(output, dict):
-        return [t for v in output.values() for t in _flat(v)]
-    if isinstance(output, (tuple, list)):
-        return [t for v in output for t in _flat(v)]
-    return []
-
-
 def _same(a: tuple | None, b: tuple | None) -> bool:
     if a is None or b is None or len(a) == 2:
         return a == b
@@ -203,7 +193,7 @@ def _resumes_exactly(model: nn.Module, example_inputs, nodes: list[str], cut: in
             handles.append(extra)
         try:
             with torch.no_grad():
-                return dict(seen), _flat(run_forward(model, example_inputs))
+                return dict(seen), output_tensors(run_forward(model, example_inputs))
         finally:
             for handle in handles:
                 handle.remove()
