@@ -133,4 +133,5 @@ def test_nothing_is_kept_beyond_the_memory_bound():
     cache = ActivationCache(model, chain, example, samples=1000, limit_bytes=1024)
     assert cache.plan(["layer2.1.conv1"], ["layer2.0.conv2"]) == (None, None)
     roomy = ActivationCache(model, chain, example, samples=1000, limit_bytes=2**30)
+    assert roomy.plan(["a.layer.that.never.ran"]) == (None, None)  # placed after every block: nothing to keep
     assert roomy.plan(["layer2.1.conv1"], ["layer2.0.conv2"])[1] == [c.name for c in chain.nodes].index("layer2.0")

@@ -239,7 +239,7 @@ class ActivationCache:
         first_read = min(self.chain.key(name) for name in reads)
         start = self.cut if self.cut is not None and self.cut <= first_read else None
         record = min(self.chain.key(name) for name in reads + changes)
-        if (record < 1 or (start is not None and record < start) or record == start
+        if (record < 1 or record >= len(self.chain) or (start is not None and record < start) or record == start
                 or self.chain.bytes_per_sample(record) * self.samples > self.limit_bytes
                 or not self.chain.usable(self.model, self.example_inputs, record)):
             record = None
