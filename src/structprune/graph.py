@@ -598,8 +598,9 @@ def write_consumer_weights(group: Group, keep_idx, consumer_weights: dict[str, T
                 module_bias.copy_(bias.to(module_bias))
             elif consumer.batchnorm is not None:  # BN(y + b) is BN(y) with the running mean lowered by b
                 consumer.batchnorm.running_mean.sub_(bias.to(consumer.batchnorm.running_mean))
-            elif not consumer.normalized:  # (a BatchNorm that shares the output with other layers: left to its
-                raise StructPruneError(f"consumer_biases: {name} has no bias to replace")  # recalibration)
+            elif not consumer.normalized:
+                raise StructPruneError(f"consumer_biases: {name} has no bias to replace")
+            # else a BatchNorm that shares the output with other layers: the shift is left to its recalibration
     return keep_idx
 
 

@@ -19,6 +19,7 @@ from the input). Memory: at most ``limit_bytes`` of kept inputs; beyond that not
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -68,7 +69,7 @@ class Chain:
         start = self._first.get(name)
         if start is None:
             return len(self.nodes)
-        return next((k for k in range(len(self._starts) - 1, -1, -1) if self._starts[k] <= start), -1)
+        return bisect.bisect_right(self._starts, start) - 1  # the blocks' starts are in order
 
     def bytes_per_sample(self, cut: int) -> int:
         return self._per_sample[cut]
@@ -105,12 +106,15 @@ def _stubbed(model: nn.Module, names: list[str], value) -> Iterator[None]:
             del module.forward
 
 
+def _module_names(model: nn.Module) -> dict[nn.Module, str]:
+    """Each module's (first) name: the key of every per-module record here."""
+    return {module: name for name, module in model.named_modules()}
+
+
 def _trace(model: nn.Module, example_inputs) -> dict[str, list[_Call]]:
     """Every module call of one forward pass, in order: when it started and ended, its first input and its
     output (kept alive, so that tensor identity can be compared)."""
-    names = {}
-    for name, module in model.named_modules(remove_duplicate=True):
-        names.setdefault(module, name)
+    names = _module_names(model)
     calls: dict[str, list[_Call]] = {}
     clock = itertools.count()
     open_calls: dict[str, list[_Call]] = {}
@@ -174,9 +178,7 @@ def _same(a: tuple | None, b: tuple | None) -> bool:
 def _resumes_exactly(model: nn.Module, example_inputs, nodes: list[str], cut: int) -> bool:
     """One whole pass and one resumed at ``cut`` on the same input: the same input to every module that runs in
     both, and the same outputs."""
-    names = {}
-    for name, module in model.named_modules(remove_duplicate=True):
-        names.setdefault(module, name)
+    names = _module_names(model)
     seen: dict[str, list] = {}
     kept: list[Tensor] = []
 
@@ -202,7 +204,7 @@ def _resumes_exactly(model: nn.Module, example_inputs, nodes: list[str], cut: in
     model.eval()
     try:
         whole, whole_out = run(model.get_submodule(nodes[cut]).register_forward_pre_hook(keep))
-        whole, whole_out = dict(whole), [t.clone() for t in whole_out]
+        whole_out = [t.clone() for t in whole_out]
         with _stubbed(model, nodes[:cut], lambda: kept[0].clone()):
             part, part_out = run()
     except Exception:
