@@ -185,6 +185,22 @@ def test_batchnorm_recalibration_writes_the_exact_statistics_of_the_inputs():
     assert torch.equal(net[1].num_batches_tracked, tracked)
 
 
+class _OwnBatchNorm(nn.BatchNorm2d):
+    """A BatchNorm class of the user's own: recalibration may not assume torch's forward."""
+
+
+def test_recalibration_of_a_batchnorm_subclass_measures_its_inputs_and_momentum_is_restored():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), _OwnBatchNorm(4, momentum=None), nn.ReLU(), nn.Conv2d(4, 3, 3),
+                        nn.BatchNorm2d(3, momentum=0.3)).eval()
+    batches = [torch.randn(n, 2, 9, 9) * 3 + 1 for n in (7, 16, 5)]
+    recalibrate_batchnorm(net, batches)
+    first = torch.cat([net[0](b) for b in batches]).detach().double()
+    assert torch.allclose(net[1].running_mean.double(), first.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(net[1].running_var.double(), first.var(dim=(0, 2, 3)), rtol=1e-4)
+    assert net[1].momentum is None and net[4].momentum == 0.3
+
+
 def test_recalibration_restores_training_mode_too():
     net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2)).train()
     recalibrate_batchnorm(net, [torch.randn(8, 3)])

@@ -4,9 +4,17 @@ Removing channels (and refitting the layers that read them) changes what every l
 sees, while its running mean and variance still describe the dense network; in a residual network
 pruned everywhere at once that mismatch alone can drop accuracy to chance. Recalibration passes the
 calibration samples through the pruned model with every BatchNorm normalising by its batch's own
-statistics (as in training; nothing else changes mode, no gradients), accumulates the exact mean and
-unbiased variance of each BatchNorm's input over all samples and positions (float64), and writes them
-as the running statistics. The model's modes are restored afterwards.
+statistics (as in training; nothing else changes mode, no gradients), accumulates the mean and
+unbiased variance of each BatchNorm's input over all samples and positions, and writes them as the
+running statistics. The model's modes are restored afterwards.
+
+Each batch's mean and variance per channel come from torch's own BatchNorm kernel: a native BatchNorm
+(``nn.BatchNorm1d/2d/3d``) runs with momentum 1, so right after each call its running statistics are the
+batch's mean and unbiased variance, with no second pass over the activations. Any other BatchNorm class
+(its forward may differ) is measured before the call by ``torch.var_mean`` in the input's precision.
+Batches are combined in float64 by the pairwise update of Chan, Golub and LeVeque ("Algorithms for
+computing the sample variance", 1983): with counts n_a, n_b, means μ_a, μ_b and sums of squared deviations
+M_a, M_b, M = M_a + M_b + (μ_b − μ_a)²·n_a·n_b/(n_a + n_b), so unequal batches weigh by their counts.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .errors import StructPruneError, first_line
 from .graph import run_forward
@@ -32,26 +40,51 @@ def has_batchnorm(model: nn.Module) -> bool:
     return bool(_tracked_batchnorms(model))
 
 
+#: BatchNorms whose training-mode forward is torch's own: with momentum 1 their running statistics are the
+#: batch's mean and unbiased variance right after each call, computed by the BatchNorm kernel itself
+_NATIVE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
 class _Moments:
-    """Forward pre-hook: Σx, Σx² and the count per channel of a BatchNorm's input, in float64."""
+    """The count, mean and sum of squared deviations per channel of a BatchNorm's input, combined over
+    batches in float64 (module docstring). A forward hook reading the batch's statistics from the running
+    ones for a native BatchNorm run with momentum 1; a pre-hook computing them for any other."""
 
     def __init__(self, bn: nn.Module):
         self.bn = bn
-        self.total = torch.zeros(bn.num_features, dtype=torch.float64, device=bn.running_mean.device)
-        self.squares = torch.zeros_like(self.total)
+        self.native = type(bn) in _NATIVE
+        self.mean = torch.zeros(bn.num_features, dtype=torch.float64, device=bn.running_mean.device)
+        self.deviations = torch.zeros_like(self.mean)  # Σ (x − mean)²
         self.count = 0
 
-    def __call__(self, _module, args) -> None:
-        x = args[0].detach().double()
-        dims = [d for d in range(x.dim()) if d != 1]
-        self.total += x.sum(dim=dims)
-        self.squares += x.square().sum(dim=dims)
-        self.count += x.numel() // x.shape[1]
+    def register(self):
+        if self.native:
+            return self.bn.register_forward_hook(self._after)
+        return self.bn.register_forward_pre_hook(self._before)
+
+    def _after(self, _module, args, _output) -> None:
+        n = args[0].numel() // args[0].shape[1]
+        if n > 1:  # torch stores the unbiased variance
+            self._add(n, self.bn.running_mean, self.bn.running_var * (n - 1))
+
+    def _before(self, _module, args) -> None:
+        x = args[0].detach()
+        n = x.numel() // x.shape[1]
+        if n:
+            var, mean = torch.var_mean(x if x.is_floating_point() else x.double(),
+                                       dim=[d for d in range(x.dim()) if d != 1], correction=0)
+            self._add(n, mean, var * n)
+
+    def _add(self, n: int, mean: Tensor, deviations: Tensor) -> None:
+        total = self.count + n
+        delta = mean.double() - self.mean
+        self.deviations += deviations.double() + delta.square() * (self.count * n / total)
+        self.mean += delta * (n / total)
+        self.count = total
 
     def write(self) -> None:
-        mean = self.total / self.count
-        var = (self.squares - self.count * mean.square()).clamp(min=0) / max(self.count - 1, 1)
-        self.bn.running_mean.copy_(mean.to(self.bn.running_mean))
+        var = self.deviations.clamp(min=0) / max(self.count - 1, 1)
+        self.bn.running_mean.copy_(self.mean.to(self.bn.running_mean))
         self.bn.running_var.copy_(var.to(self.bn.running_var))
 
 
@@ -69,13 +102,15 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable) -> dict:
 
     modes = {m: m.training for m in model.modules()}
     moments = [_Moments(bn) for bn in norms]
-    hooks = [bn.register_forward_pre_hook(m) for bn, m in zip(norms, moments, strict=True)]
+    hooks = [m.register() for m in moments]
     samples = 0
     model.eval()
+    saved = [(bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()
+              if bn.num_batches_tracked is not None else None, bn.momentum) for bn in norms]
     for bn in norms:
         bn.train()  # normalise by the batch's statistics while the running ones are being measured
-    saved = [(bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()
-              if bn.num_batches_tracked is not None else None) for bn in norms]
+        if type(bn) in _NATIVE:
+            bn.momentum = 1.0  # the running statistics become each batch's own (read by _Moments)
     try:
         for batch in batches:
             inputs = batch_inputs(batch)
@@ -91,9 +126,10 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable) -> dict:
             hook.remove()
         for module, training in modes.items():
             module.training = training
-        for bn, (mean, var, tracked) in zip(norms, saved, strict=True):  # undo training mode's own updates
+        for bn, (mean, var, tracked, momentum) in zip(norms, saved, strict=True):  # undo training mode's updates
             bn.running_mean.copy_(mean)
             bn.running_var.copy_(var)
+            bn.momentum = momentum
             if tracked is not None:
                 bn.num_batches_tracked.copy_(tracked)
     if samples == 0:
