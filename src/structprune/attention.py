@@ -188,8 +188,10 @@ def _get(module, path: str):
 
 def _attention_fits(module: nn.Module, layout: AttentionLayout) -> bool:
     head_dim = _get(module, layout.head_dim)
+    if not isinstance(head_dim, int) or head_dim < 1:  # most modules: no head size, nothing else to look up
+        return False
     layers = [_get(module, p) for p in layout.paths()]
-    if not isinstance(head_dim, int) or head_dim < 1 or not all(is_linear(m) for m in layers):
+    if not all(is_linear(m) for m in layers):
         return False
     *projections, output = layers
     width = output.weight.numel() // out_features(output)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import time
 import timeit
 from collections.abc import Iterable
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from .attention import attention_macs
@@ -23,6 +20,10 @@ def count(model: nn.Module, example_inputs) -> dict[str, int]:
     MACs are Torch-Pruning's count over layers, plus what its counter does not see: the attention products
     (Q·Kᵀ and A·V, 2·L²·heads·head_size per block and sample) of every transformer block
     :mod:`structprune.attention` describes, and Hugging Face's transposed Linear layers (``Conv1D``, GPT-2).
+
+    The layers' count is Torch-Pruning's own rule (``tp.utils.count_ops_and_params``: its per-layer formulas,
+    the outermost layer of a type it knows counts, the total per sample of the first input), applied by
+    :func:`_layer_macs` on the model itself: no deep copy of the model per count.
     """
     was_training = model.training
     model.eval()
@@ -30,14 +31,56 @@ def count(model: nn.Module, example_inputs) -> dict[str, int]:
     hooks = [m.register_forward_hook(lambda m, _args, out: transposed.append(out[..., :1].numel() * m.weight.numel()))
              for m in model.modules() if is_transposed_linear(m)]
     try:
-        with (torch.no_grad(), contextlib.redirect_stdout(io.StringIO()),  # its notes on keyword-only inputs
-              attention_macs(model) as attention):
-            macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+        with torch.no_grad(), attention_macs(model) as attention:
+            macs = _layer_macs(model, example_inputs)
     finally:
         model.train(was_training)
         for hook in hooks:
             hook.remove()
+    params = sum(p.numel() for p in model.parameters())
     return {"params": int(params), "macs": int(macs) + sum(attention) + sum(transposed)}
+
+
+class _Tally:
+    """A layer as Torch-Pruning's counter hooks see it: its attributes, and a ``__flops__`` they add to."""
+
+    def __init__(self, module: nn.Module):
+        object.__setattr__(self, "_module", module)
+        self.__flops__ = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+    @property
+    def __class__(self):  # isinstance() inside the hooks (RNN kinds) sees the layer's class
+        return type(self._module)
+
+
+def _layer_macs(model: nn.Module, example_inputs) -> float:
+    """Torch-Pruning's MACs per sample of ``model``'s layers on one forward pass (see :func:`count`)."""
+    from torch_pruning.utils import op_counter
+
+    rules = {**op_counter.MODULES_MAPPING, **op_counter.CUSTOM_MODULES_MAPPING}
+    counted: list[_Tally] = []
+
+    def outermost(module: nn.Module) -> None:
+        if type(module) in rules:
+            counted.append(_Tally(module))
+        else:
+            for child in module.children():
+                outermost(child)
+
+    outermost(model)
+    batch: list[int] = []
+    hooks = [model.register_forward_hook(lambda _m, args, _out: batch.append(len(args[0]) if args else 1))]
+    hooks += [tally._module.register_forward_hook(lambda _m, args, out, tally=tally: rules[type(tally._module)](
+        tally, args, out)) for tally in counted]
+    try:
+        run_forward(model, example_inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(tally.__flops__ for tally in counted) / max(sum(batch), 1)
 
 
 @torch.no_grad()
