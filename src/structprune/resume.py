@@ -5,7 +5,7 @@ Most networks are mostly a chain: block after block, each reading the one tensor
 chain in one traced forward pass: modules called once, each taking as its first input the very tensor the
 one before returned. Resuming at block k means that every block before k returns the kept input of block k
 (the code between blocks still runs: embeddings, masks, the stem). Whether that computes the same as the
-whole pass is checked on the model, once per cut, before the cut is used: every module after the cut must see
+whole pass is checked on the model, for every cut at once before the first is used: every module after the cut must see
 the same input and the model must return the same output. A cut that fails (a tensor kept from before the cut
 and read after it, as in a U-Net or a DenseNet) is never used.
 
@@ -58,7 +58,7 @@ class Chain:
         self._first = {name: c[0].start for name, c in calls.items()}
         self._nodes = [call.name for call in self.nodes]
         self._per_sample = [call.input[:1].nelement() * call.input.element_size() for call in self.nodes]
-        self._usable: dict[int, bool] = {}
+        self._usable: dict[int, bool] | None = None  # per cut, once checked
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -75,12 +75,13 @@ class Chain:
         return self._per_sample[cut]
 
     def usable(self, model: nn.Module, example_inputs, cut: int) -> bool:
-        """Whether resuming ``model`` at block ``cut`` computes what its whole forward pass does (checked once)."""
+        """Whether resuming ``model`` at block ``cut`` computes what its whole forward pass does. Every cut is
+        checked at the first question, on one whole pass (each cut then costs a pass from it to the end)."""
         if cut < 1 or cut >= len(self.nodes):
             return False
-        if cut not in self._usable:
-            self._usable[cut] = _resumes_exactly(model, example_inputs, self._nodes, cut)
-        return self._usable[cut]
+        if self._usable is None:
+            self._usable = _resumable_cuts(model, example_inputs, self._nodes)
+        return self._usable.get(cut, False)
 
     def resumed(self, model: nn.Module, cut: int, value):
         """Within the block, ``model``'s blocks before ``cut`` return ``value()`` instead of running."""
@@ -175,27 +176,25 @@ def _same(a: tuple | None, b: tuple | None) -> bool:
                                                                                                strict=True))
 
 
-def _resumes_exactly(model: nn.Module, example_inputs, nodes: list[str], cut: int) -> bool:
-    """One whole pass and one resumed at ``cut`` on the same input: the same input to every module that runs in
-    both, and the same outputs."""
+def _resumable_cuts(model: nn.Module, example_inputs, nodes: list[str]) -> dict[int, bool]:
+    """For each cut 1..len(nodes)-1: whether a pass resumed there on the whole pass's input of that block gives
+    every module that runs in both the same input, and the same outputs."""
     names = _module_names(model)
     seen: dict[str, list] = {}
-    kept: list[Tensor] = []
+    kept: dict[str, Tensor] = {}
 
     def record(module, args):
         seen.setdefault(names[module], []).append(_checksum(args[0]) if args else None)
 
-    def keep(_module, args):
-        kept.append(args[0].detach().clone())
+    def keep(module, args):
+        kept[names[module]] = args[0].detach().clone()
 
-    def run(extra=None) -> tuple[dict[str, list], list[Tensor]]:
+    def run(extra=()) -> tuple[dict[str, list], list[Tensor]]:
         seen.clear()
-        handles = [m.register_forward_pre_hook(record) for m in names]
-        if extra is not None:
-            handles.append(extra)
+        handles = [m.register_forward_pre_hook(record) for m in names] + list(extra)
         try:
             with torch.no_grad():
-                return dict(seen), output_tensors(run_forward(model, example_inputs))
+                return dict(seen), [t.clone() for t in output_tensors(run_forward(model, example_inputs))]
         finally:
             for handle in handles:
                 handle.remove()
@@ -203,15 +202,26 @@ def _resumes_exactly(model: nn.Module, example_inputs, nodes: list[str], cut: in
     training = model.training
     model.eval()
     try:
-        whole, whole_out = run(model.get_submodule(nodes[cut]).register_forward_pre_hook(keep))
-        whole_out = [t.clone() for t in whole_out]
-        with _stubbed(model, nodes[:cut], lambda: kept[0].clone()):
-            part, part_out = run()
-    except Exception:
-        return False
+        try:
+            whole, whole_out = run([model.get_submodule(n).register_forward_pre_hook(keep) for n in nodes[1:]])
+        except Exception:
+            return {}
+        result = {}
+        for cut in range(1, len(nodes)):
+            try:
+                with _stubbed(model, nodes[:cut], lambda cut=cut: kept[nodes[cut]].clone()):
+                    part, part_out = run()
+            except Exception:
+                result[cut] = False
+                continue
+            result[cut] = _same_pass(whole, whole_out, part, part_out, set(nodes[:cut]))
+        return result
     finally:
         model.train(training)
-    stubbed = set(nodes[:cut])
+
+
+def _same_pass(whole: dict[str, list], whole_out: list[Tensor], part: dict[str, list], part_out: list[Tensor],
+               stubbed: set[str]) -> bool:
     for name, sums in part.items():
         if name in stubbed:
             continue
