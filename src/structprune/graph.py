@@ -186,12 +186,17 @@ class PruningGraph:
         ignored = list(ignored_layers) + self.output_layers
         roots = []
         self.out_of_scope: list[str] = []
+        # every group, the ignored ones too: Torch-Pruning's get_all_groups(ignored_layers=...) yields the same
+        # groups (same roots) less those with an ignored layer among their outputs, without a second search
+        tp_groups = list(self.dg.get_all_groups(root_module_types=_WEIGHT_LAYERS))
         #: names of the Conv/Linear layers whose outputs are added into a residual stream
-        self.residual_layers = {self.name_of(item.dep.target.module)
-                                for tp_group in self.dg.get_all_groups(root_module_types=_WEIGHT_LAYERS)
+        self.residual_layers = {self.name_of(item.dep.target.module) for tp_group in tp_groups
                                 if _is_residual(tp_group) for item in tp_group
                                 if self._is_out(item) and isinstance(item.dep.target.module, _WEIGHT_LAYERS)}
-        for tp_group in self.dg.get_all_groups(ignored_layers=ignored, root_module_types=_WEIGHT_LAYERS):
+        ignored_ids = {id(m) for m in ignored + list(self.dg.IGNORED_LAYERS_IN_TRACING)}
+        for tp_group in tp_groups:
+            if any(id(item.dep.target.module) in ignored_ids for item in tp_group if self._is_out(item)):
+                continue
             if scope == "inner" and _is_residual(tp_group):
                 self.out_of_scope.append(self.name_of(tp_group[0].dep.target.module))
                 continue
