@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 from .errors import StructPruneError
 from .graph import PruningGraph, build_graph
 from .measure import count, latency_stats, repeat_batch
+from .sizing import analytic_sizes
 
 METRICS = {"flops": "macs", "params": "params", "latency": "latency_ms"}
 #: a latency target's default tolerance: timing on a shared machine moves by a few percent between runs
@@ -167,7 +168,9 @@ def _check_ratio(value, what: str) -> None:
 
 
 class Sizer:
-    """Params and MACs of the model with given per-group keep counts, measured on a pruned copy.
+    """Params and MACs of the model with given per-group keep counts: read off the dense model where
+    :mod:`structprune.sizing` covers it (the chosen allocation confirmed on a pruned copy, :meth:`confirm`),
+    else measured on a pruned copy each (always, for latency).
 
     ``model`` must stay as it is while the Sizer is used (each evaluation prunes a fresh copy of it);
     ``graph`` is the graph (:func:`structprune.graph.build_graph`) of a model with the same structure,
@@ -189,6 +192,13 @@ class Sizer:
         self.layer_names = {g.name: [g.name] + [p.name for p in g.producers] for g in groups}
         self.dense = self._measure(self.model)
         self._cache: dict[tuple, dict[str, int]] = {}
+        #: sizes read off the dense model (:mod:`structprune.sizing`) instead of pruned copies, where its rules
+        #: cover the model and agree with the dense count; None: every size is a pruned copy's
+        self.analytic = None
+        if latency_batch is None:
+            analytic = analytic_sizes(self.model, example_inputs, groups)
+            if analytic is not None and analytic.size({}) == self.dense:
+                self.analytic = analytic
 
     def _measure(self, model: nn.Module) -> dict:
         size = count(model, self.example_inputs)
@@ -214,12 +224,27 @@ class Sizer:
         if key == tuple(self.groups.values()):
             return self.dense  # nothing removed: the dense model's own size (a timing would only add noise)
         if key not in self._cache:
-            model = copy.deepcopy(self.model)
-            graph = self._graph(model)
-            for group in graph.groups():
-                graph.apply(group, torch.arange(keeps.get(group.name, group.channels)))
-            self._cache[key] = self._measure(model)
+            self._cache[key] = self.analytic.size(keeps) if self.analytic is not None else self._pruned_size(keeps)
         return self._cache[key]
+
+    def _pruned_size(self, keeps: dict[str, int]) -> dict:
+        model = copy.deepcopy(self.model)
+        graph = self._graph(model)
+        for group in graph.groups():
+            graph.apply(group, torch.arange(keeps.get(group.name, group.channels)))
+        return self._measure(model)
+
+    def confirm(self, keeps: dict[str, int]) -> bool:
+        """Whether the size given for ``keeps`` is a pruned copy's. Where the sizes read off the dense model
+        are wrong, they are dropped (every size from then on is a pruned copy's) and False is returned."""
+        if self.analytic is None:
+            return True
+        size = self.size(keeps)
+        if size is self.dense or self._pruned_size(keeps) == size:
+            return True
+        self.analytic = None
+        self._cache.clear()
+        return False
 
     def multiple(self, name: str, round_to: int | None) -> int | None:
         """The keep count multiple of group ``name`` that makes its layers' widths multiples of ``round_to``."""
@@ -263,12 +288,18 @@ def plan(budget: Budget, sizer: Sizer, round_to: int | None = None,
     if isinstance(budget, PerLayer):
         return Allocation(_per_layer(budget, sizer, round_to), {"budget": "per-layer", "ratios": budget.ratios,
                                                                 "default": budget.default, "round_to": round_to})
-    if budget.allocation == "uniform":
-        keeps = _search_uniform(budget, sizer, round_to)
-    else:
-        if sensitivities is None:
-            raise StructPruneError("PFP allocation needs calibration data")
-        keeps = _search_pfp(budget, sizer, round_to, sensitivities())
+    if budget.allocation == "pfp" and sensitivities is None:
+        raise StructPruneError("PFP allocation needs calibration data")
+    layers = sensitivities() if budget.allocation == "pfp" else None
+
+    def search() -> dict[str, int]:
+        if layers is None:
+            return _search_uniform(budget, sizer, round_to)
+        return _search_pfp(budget, sizer, round_to, layers)
+
+    keeps = search()
+    if not sizer.confirm(keeps):  # sizes read off the dense model disagree with a pruned copy's: search again
+        keeps = search()
     achieved = sizer.fraction(keeps, budget.metric)
     info = {"budget": "target", "metric": budget.metric, "allocation": budget.allocation,
             "target": budget.fraction, "achieved": achieved,

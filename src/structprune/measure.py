@@ -56,21 +56,28 @@ class _Tally:
         return type(self._module)
 
 
+def outermost_counted(model: nn.Module, rules: dict) -> list[nn.Module]:
+    """The layers Torch-Pruning's counter counts: those of a type in ``rules`` inside no other such layer (a
+    layer kept in two containers is listed, and counted, twice, as the counter does)."""
+    found: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        if type(module) in rules:
+            found.append(module)
+        else:
+            for child in module.children():
+                visit(child)
+
+    visit(model)
+    return found
+
+
 def _layer_macs(model: nn.Module, example_inputs) -> float:
     """Torch-Pruning's MACs per sample of ``model``'s layers on one forward pass (see :func:`count`)."""
     from torch_pruning.utils import op_counter
 
     rules = {**op_counter.MODULES_MAPPING, **op_counter.CUSTOM_MODULES_MAPPING}
-    counted: list[_Tally] = []
-
-    def outermost(module: nn.Module) -> None:
-        if type(module) in rules:
-            counted.append(_Tally(module))
-        else:
-            for child in module.children():
-                outermost(child)
-
-    outermost(model)
+    counted = [_Tally(module) for module in outermost_counted(model, rules)]
     batch: list[int] = []
     hooks = [model.register_forward_hook(lambda _m, args, _out: batch.append(len(args[0]) if args else 1))]
     hooks += [tally._module.register_forward_hook(lambda _m, args, out, tally=tally: rules[type(tally._module)](
