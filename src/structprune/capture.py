@@ -214,9 +214,6 @@ class _RowCollector:
 
     def __call__(self, module: nn.Module, args) -> None:
         x = args[0].detach()
-        if not torch.isfinite(x).all():
-            raise StructPruneError(f"calibration data: NaN or Inf activations reach layer {self.consumer.name}; "
-                                   f"check the model and the input normalisation")
         batch = x.shape[0]
         if self.consumer.kind == "conv":
             self._conv_rows(module, x)
@@ -258,7 +255,12 @@ class _RowCollector:
         return torch.randperm(total, generator=self.generator)[:wanted].sort().values.to(device)
 
     def _add_sums(self, sums: Tensor) -> None:
-        """Per-sample channel sums of this batch; a layer that runs twice per batch adds to the same samples."""
+        """Per-sample channel sums of this batch; a layer that runs twice per batch adds to the same samples.
+        A NaN or an Inf among the group's input channels makes its sum one (float64 sums of finite float32
+        values stay finite): the check costs no pass over the activations of its own."""
+        if not torch.isfinite(sums).all():
+            raise StructPruneError(f"calibration data: NaN or Inf activations reach layer {self.consumer.name}; "
+                                   f"check the model and the input normalisation")
         if self.sums and self._sums_of == self.seen:
             self.sums[-1] += sums
         else:
@@ -293,7 +295,7 @@ class _RowCollector:
     def _conv_rows(self, conv: nn.Module, x: Tensor) -> None:
         channels, width = self.consumer.channel_index.shape  # width > 1: the input channels a channel stands for
         x = _as_2d(conv, x[:, self.consumer.channel_index.reshape(-1).to(x.device)])
-        self._add_sums(x.double().sum(dim=(2, 3)).reshape(len(x), channels, width).sum(dim=2).cpu())
+        self._add_sums(x.sum(dim=(2, 3), dtype=torch.float64).reshape(len(x), channels, width).sum(dim=2).cpu())
         (kh, kw), (sh, sw), (dh, dw), pad = _geometry(conv)
         h, w = x.shape[2:]
         x = nn.functional.pad(x, (pad[1], pad[1], pad[0], pad[0]))

@@ -93,13 +93,22 @@ class Chain:
 
 @contextmanager
 def _stubbed(model: nn.Module, names: list[str], value) -> Iterator[None]:
+    """Within the block, the modules ``names`` (blocks of a chain, in order) return ``value()`` instead of
+    running: the first of them fetches it on each pass, the others return that same tensor (one copy per pass,
+    not one per block). Code between blocks that changed it in place would change what the cut block reads:
+    the cut check runs this same way, so such a cut is never used."""
     stubbed = [model.get_submodule(name) for name in names]
+    fetched: list = [None]
 
-    def stub(*_args, **_kwargs):
-        return value()
+    def first(*_args, **_kwargs):
+        fetched[0] = value()
+        return fetched[0]
 
-    for module in stubbed:
-        module.forward = stub
+    def again(*_args, **_kwargs):
+        return fetched[0]
+
+    for i, module in enumerate(stubbed):
+        module.forward = first if i == 0 else again
     try:
         yield
     finally:
