@@ -256,8 +256,8 @@ class _RowCollector:
 
     def _add_sums(self, sums: Tensor) -> None:
         """Per-sample channel sums of this batch; a layer that runs twice per batch adds to the same samples.
-        A NaN or an Inf among the group's input channels makes its sum one (float64 sums of finite float32
-        values stay finite): the check costs no pass over the activations of its own."""
+        A NaN or an Inf among the group's input channels makes its sum one (a sum of finite values overflows
+        only near float32's range): the check costs no pass over the activations of its own."""
         if not torch.isfinite(sums).all():
             raise StructPruneError(f"calibration data: NaN or Inf activations reach layer {self.consumer.name}; "
                                    f"check the model and the input normalisation")
@@ -293,23 +293,30 @@ class _RowCollector:
         self._keep(x[rows][:, index], sample[rows])
 
     def _conv_rows(self, conv: nn.Module, x: Tensor) -> None:
+        """Rows at sampled output positions: the group channels' patches, read from the input itself (the
+        padding is zeros written into the few rows, not a padded copy of the batch; sums are taken over every
+        channel and then indexed, not over a copy of the group's channels)."""
         channels, width = self.consumer.channel_index.shape  # width > 1: the input channels a channel stands for
-        x = _as_2d(conv, x[:, self.consumer.channel_index.reshape(-1).to(x.device)])
-        self._add_sums(x.sum(dim=(2, 3), dtype=torch.float64).reshape(len(x), channels, width).sum(dim=2).cpu())
+        index = self.consumer.channel_index.reshape(-1).to(x.device)
+        x = _as_2d(conv, x)
+        # per (sample, channel) over its positions in float32 at least (pairwise summation; a float64 accumulator
+        # makes torch's reduction ~25× slower), then float64 across channels and batches
+        low = x.dtype in (torch.float16, torch.bfloat16)
+        sums = x.sum(dim=(2, 3), dtype=torch.float32 if low else None)[:, index].double()
+        self._add_sums(sums.reshape(len(x), channels, width).sum(dim=2).cpu())
         (kh, kw), (sh, sw), (dh, dw), pad = _geometry(conv)
-        h, w = x.shape[2:]
-        x = nn.functional.pad(x, (pad[1], pad[1], pad[0], pad[0]))
-        n = x.shape[0]
+        n, _, h, w = x.shape
         out_h, out_w = _out_size(h + 2 * pad[0], kh, sh, dh), _out_size(w + 2 * pad[1], kw, sw, dw)
         positions = self._pick(n * out_h * out_w, self._wanted(n), x.device)
         self.picked = positions
         sample, rest = positions // (out_h * out_w), positions % (out_h * out_w)
-        top, left = (rest // out_w) * sh, (rest % out_w) * sw
+        top, left = (rest // out_w) * sh - pad[0], (rest % out_w) * sw - pad[1]
         dy = (torch.arange(kh, device=x.device) * dh).repeat_interleave(kw)
         dx = (torch.arange(kw, device=x.device) * dw).repeat(kh)
-        ys, xs = top[:, None] + dy, left[:, None] + dx  # (rows, taps) in padded coordinates
-        patches = x[sample[:, None], :, ys, xs]  # (rows, taps, C·width)
-        real = (ys >= pad[0]) & (ys < pad[0] + h) & (xs >= pad[1]) & (xs < pad[1] + w)
+        ys, xs = top[:, None] + dy, left[:, None] + dx  # (rows, taps) in input coordinates
+        real = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+        patches = x[sample[:, None], :, ys.clamp(0, h - 1), xs.clamp(0, w - 1)][:, :, index]  # (rows, taps, C·width)
+        patches = patches * real[:, :, None].to(patches.dtype)
         rows = patches.transpose(1, 2).reshape(len(patches), channels, -1)  # (rows, C, width·taps)
         self._keep(rows.contiguous(), sample, real.repeat(1, width).cpu())
 
