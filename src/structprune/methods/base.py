@@ -85,7 +85,7 @@ class ConsumerView:
             inputs = inputs[:, channel_idx]
             if weight is None:
                 w = w[:, channel_idx]
-        out = torch.einsum("mck,ock->mo", inputs, w)
+        out = inputs.reshape(len(inputs), -1) @ w.reshape(len(w), -1).T  # Σ over c, k as one matrix product
         bias = self.bias if bias is None else bias
         if bias is not None:
             out = out + bias

@@ -201,9 +201,13 @@ def contribution_norms(consumer, chunk: int = 4096) -> torch.Tensor:
 def residual_correlation(consumer, residual, chunk: int = 4096) -> torch.Tensor:
     """⟨x_c, R⟩ for every channel c (see :func:`contribution_norms`), computed through the taps."""
     out = torch.zeros(consumer.inputs.shape[1], dtype=torch.float64)
+    weight = consumer.weight.reshape(len(consumer.weight), -1).T  # (c·k, out)
     for start in range(0, consumer.inputs.shape[0], chunk):
-        back = torch.einsum("mo,ock->mck", residual[start:start + chunk] * consumer.output_scale, consumer.weight)
-        out += (consumer.inputs[start:start + chunk] * back).sum(dim=(0, 2)).double().cpu()
+        z = consumer.inputs[start:start + chunk]
+        # Σ_m Σ_k Z[m, c, k]·Σ_o W[o, c, k]·R'[m, o] = Σ_{k, o} (Zᵀ R')[(c, k), o]·W[o, (c, k)]: one (c·k, m)×(m, out)
+        # product, no (m, c, k) temporary
+        moments = z.reshape(len(z), -1).T @ (residual[start:start + chunk] * consumer.output_scale)
+        out += (moments * weight).reshape(z.shape[1], -1).sum(dim=1).double().cpu()
     return out
 
 
