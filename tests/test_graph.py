@@ -271,3 +271,54 @@ def test_round_to_counts_the_layer_widths_of_grouped_channels():
     model, x = _randomised(_ResNeXtBlock()), torch.randn(16, 1, 8, 8)
     result = structprune.prune(model, [x], "magnitude", {"reduce": 0.5, "*": 1.0}, round_to=8, progress=False)
     assert result.model.reduce.out_channels == 8 and result.model.grouped.in_channels == 8
+
+
+def _same_group(a, b) -> bool:
+    def layers(items):
+        return [(i.name, i.module, i.channel_index.tolist()) for i in items]
+
+    return (a.name == b.name and a.channels == b.channels and a.residual == b.residual
+            and layers(a.producers) == layers(b.producers) and layers(a.batchnorms) == layers(b.batchnorms)
+            and layers(a.consumers) == layers(b.consumers)
+            and all(torch.equal(x.output_scale, y.output_scale) and torch.equal(x.output_shift, y.output_shift)
+                    and x.normalized == y.normalized and x.batchnorm is y.batchnorm
+                    for x, y in zip(a.consumers, b.consumers, strict=True))
+            and (a.members is None) == (b.members is None)
+            and (a.members is None or torch.equal(a.members, b.members)))
+
+
+class _TwoIntoOne(nn.Module):
+    """A concatenation: pruning one branch moves the other's offsets in the consumer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(10)
+        self.mix = nn.Conv2d(10, 8, 1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mix(torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], dim=1))))))
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet20", "mobilenetv2", "lenet5", "concat"])
+def test_a_group_reused_between_removals_is_the_one_resolved_afresh(name):
+    from conftest import make_zoo_model
+
+    if name == "concat":
+        torch.manual_seed(0)
+        model, shape = _TwoIntoOne().eval(), (3, 8, 8)
+    else:
+        model, shape = make_zoo_model(name)
+    example = torch.randn(1, *shape)
+    graph = PruningGraph(model, example)
+    before = {g.root: g for g in graph.all_groups()}  # every group resolved before any removal, as the Sizer does
+    reused = []
+    for group in graph.groups():
+        fresh = graph._resolve(group.root, group.root_fn)
+        assert _same_group(group, fresh), group.name
+        reused.append(group is before[group.root])
+        graph.apply(group, torch.arange(max(1, group.channels // 2)))
+    assert any(reused) and (all(reused) or name != "vgg16")  # a chain of layers: every group reused
+    assert not all(reused) or name in ("vgg16", "lenet5")  # elsewhere some removal moves another group's sizes
+    model(torch.randn(2, *shape))

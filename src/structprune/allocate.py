@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 from .errors import StructPruneError
 from .graph import PruningGraph, build_graph
 from .measure import count, latency_stats, repeat_batch
-from .sizing import analytic_sizes
+from .sizing import AnalyticSizes, analytic_sizes
 
 METRICS = {"flops": "macs", "params": "params", "latency": "latency_ms"}
 #: a latency target's default tolerance: timing on a shared machine moves by a few percent between runs
@@ -192,13 +192,22 @@ class Sizer:
         self.layer_names = {g.name: [g.name] + [p.name for p in g.producers] for g in groups}
         self.dense = self._measure(self.model)
         self._cache: dict[tuple, dict[str, int]] = {}
-        #: sizes read off the dense model (:mod:`structprune.sizing`) instead of pruned copies, where its rules
-        #: cover the model and agree with the dense count; None: every size is a pruned copy's
-        self.analytic = None
-        if latency_batch is None:
-            analytic = analytic_sizes(self.model, example_inputs, groups)
-            if analytic is not None and analytic.size({}) == self.dense:
-                self.analytic = analytic
+        self._groups = groups
+        self._analytic: AnalyticSizes | None | bool = False  # False: not looked at yet
+
+    @property
+    def analytic(self) -> AnalyticSizes | None:
+        """Sizes read off the dense model (:mod:`structprune.sizing`) instead of pruned copies, where its rules
+        cover the model and agree with the dense count (read at the first size asked); None: every size is a
+        pruned copy's."""
+        if self._analytic is False:
+            analytic = None
+            if self.latency_batch is None:
+                analytic = analytic_sizes(self.model, self.example_inputs, self._groups)
+                if analytic is not None and analytic.size({}) != self.dense:
+                    analytic = None
+            self._analytic = analytic
+        return self._analytic
 
     def _measure(self, model: nn.Module) -> dict:
         size = count(model, self.example_inputs)
@@ -242,7 +251,7 @@ class Sizer:
         size = self.size(keeps)
         if size is self.dense or self._pruned_size(keeps) == size:
             return True
-        self.analytic = None
+        self._analytic = None
         self._cache.clear()
         return False
 

@@ -322,6 +322,7 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
                 _check_forward(pruned, example_inputs, group.name)
             if after_group is not None:
                 after_group(pruned, group.name)
+                graph.forget()  # the callback may have changed anything: later groups are resolved afresh
                 if cache is not None:
                     cache.drop()  # anything may have changed
         else:

@@ -206,6 +206,7 @@ class PruningGraph:
         roots.sort(key=lambda r: r[0])
         self._roots = [(module, fn) for _, module, fn in roots]
         self.skipped: list[tuple[str, str]] = []  # (group, reason)
+        self._resolved: dict[nn.Module, tuple[tuple, Group]] = {}  # root -> (the sizes it was read from, group)
 
     # -- discovery -----------------------------------------------------------------------------
 
@@ -215,11 +216,25 @@ class PruningGraph:
         Resolving lazily matters: pruning one group shifts indices that later groups see (for
         instance behind a concatenation), so a group is read off the model as it is when its turn comes.
         Groups that cannot be pruned are skipped with a warning that names the layer.
+
+        A group resolved before is reused while the sizes it was read from stay: its producers' outputs, its
+        consumers' inputs and outputs, its BatchNorms' channels (what another group's removal changes: the
+        offsets behind a concatenation or a split, a BatchNorm after a consumer). Pruning a network in order
+        changes other groups' layers only on their other side (a producer's inputs), so most are reused.
         """
         for root, root_fn in self._roots:
+            kept = self._resolved.get(root)
+            if kept is not None and kept[0] == _sizes(kept[1]):
+                yield kept[1]
+                continue
             group = self._resolve(root, root_fn)
             if group is not None:
+                self._resolved[root] = (_sizes(group), group)
                 yield group
+
+    def forget(self) -> None:
+        """Resolve every group afresh from now on (the model may have changed in ways sizes do not show)."""
+        self._resolved.clear()
 
     def all_groups(self) -> list[Group]:
         """All prunable groups of the model as it is now (no pruning in between)."""
@@ -445,6 +460,15 @@ class PruningGraph:
     def replay(self, history: list) -> None:
         """Redo recorded removals (see :meth:`history`) on this graph's model."""
         self.dg.load_pruning_history([list(entry) for entry in history])
+
+
+def _sizes(group: Group) -> tuple:
+    """What a resolution of ``group`` depends on that pruning other groups may change (see
+    :meth:`PruningGraph.groups`): output sizes of its producers and BatchNorms, input and output sizes of its
+    consumers."""
+    return (tuple(out_features(p.module) for p in (*group.producers, *group.batchnorms)),
+            tuple((int(c.module.weight.shape[1] if not is_transposed_linear(c.module) else c.module.weight.shape[0]),
+                   out_features(c.module)) for c in group.consumers))
 
 
 def is_transposed_linear(module) -> bool:
