@@ -331,12 +331,14 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
         bar.update(1)
     bar.update(len(graph) - bar.n)  # groups skipped with a warning count as done
     bar.close()
-    if not (captures or after_group is not None or check_each_group):  # one check for a weights-only pruning
-        try:
-            with torch.no_grad():
-                run_forward(pruned, example_inputs)
-        except Exception as exc:
-            raise _BrokenForward(first_line(exc)) from None
+    # the pruned size (BatchNorm statistics change no size); its forward pass is the one check of a weights-only
+    # pruning, whose groups were not checked one by one
+    try:
+        after = count(pruned, example_inputs)
+    except Exception as exc:
+        if captures or after_group is not None or check_each_group:
+            raise
+        raise _BrokenForward(first_line(exc)) from None
     recalibration = None
     pruned_any = any(layer["kept"] < layer["channels"] for layer in layers)
     stages = _StageAccuracy(calib) if pruned_any and reads_data else None
@@ -348,7 +350,6 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
         if stages is not None:
             stages.score("recalibrated", pruned)
 
-    after = count(pruned, example_inputs)
     pruned.structprune_history = list(getattr(model, "structprune_history", [])) + graph.history()
     pruned.structprune_example_input = _input_spec(example_inputs)
     skipped = [{"group": g, "reason": r} for g, r in graph.skipped]
