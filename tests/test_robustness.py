@@ -44,11 +44,14 @@ def test_a_group_through_a_custom_layer_is_skipped_with_a_warning_and_the_rest_p
     assert result.model(torch.randn(3, 10)).shape == (3, 5)
 
 
+@pytest.mark.parametrize("later_group", [False, True])
 @pytest.mark.parametrize("method, options", [("ispasp", {}),
                                              ("magnitude", {"refit": False, "recalibrate": False})])
-def test_a_removal_that_breaks_the_forward_pass_is_named(method, options):
-    # a weights-only pruning checks the forward pass once at the end, then names the group by pruning again
-    net = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), Fold(), nn.Linear(4, 5))
+def test_a_removal_that_breaks_the_forward_pass_is_named(method, options, later_group):
+    # the forward pass is checked once at the end (or fails in a later group's capture), then the group is named
+    # by pruning again with a check after every group
+    tail = [nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 5)] if later_group else [nn.Linear(4, 5)]
+    net = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), Fold(), *tail)
     with pytest.raises(StructPruneError, match=r"pruning group 0 broke the model's forward pass .*--ignore 0"):
         structprune.prune(net, calib(), method, 0.5, progress=False, **options)
     result = structprune.prune(net, calib(), "ispasp", 0.5, ignored_layers=["0"], progress=False)

@@ -281,6 +281,10 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
     _warn_if_nothing_to_prune(pruned, sizer.groups, ignored_names)
 
     original_outputs: dict[str, Tensor] = {}  # layer name -> its current outputs' indices in the original model
+    # the forward pass checked after every removal: with a callback between groups (it would fail obscurely), or
+    # asked for (to name the group that broke it). Else once, at the end, and a capture that fails after a
+    # removal reports it: then everything is pruned again with checks (prune()), which names the group
+    checked = after_group is not None or check_each_group
     layers = []
     bar = progress_bar(total=len(graph), desc=f"pruning ({method.name})", unit="groups", enabled=progress)
     for group in graph.groups():
@@ -292,10 +296,16 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
             if refit and reconstruct == "original":
                 reference = _reference(model, group, graph, original_outputs)
             if captures:
-                view = capture(pruned, group, calib, memory_bytes=memory_bytes, seed=seed, loss_fn=loss_fn,
-                               gradients=needs_gradients,
-                               sensitivity_samples=selection_samples if getattr(method, "needs_sensitivity", False)
-                               else 0, reference=reference, cache=cache, reference_cache=reference_cache)
+                try:
+                    view = capture(pruned, group, calib, memory_bytes=memory_bytes, seed=seed, loss_fn=loss_fn,
+                                   gradients=needs_gradients, sensitivity_samples=selection_samples
+                                   if getattr(method, "needs_sensitivity", False) else 0,
+                                   reference=reference, cache=cache, reference_cache=reference_cache)
+                except Exception as exc:  # after a removal: most likely it broke the forward pass (named below)
+                    if checked or isinstance(exc, StructPruneError) or not any(
+                            layer["kept"] < layer["channels"] for layer in layers):
+                        raise
+                    raise _BrokenForward(first_line(exc)) from None
             else:  # a data-free selection with nothing to refit: no pass over the calibration data at all
                 view = weights_view(group, seed)
             selection = method.select(view.restrict(selection_samples), keep)
@@ -318,7 +328,7 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
             graph.apply(group, selection.keep_idx, selection.consumer_weights, selection.consumer_biases)
             if cache is not None:
                 cache.changed(changed_modules(before, state(pruned)))
-            if captures or after_group is not None or check_each_group:  # the next pass would fail obscurely
+            if checked:
                 _check_forward(pruned, example_inputs, group.name)
             if after_group is not None:
                 after_group(pruned, group.name)
@@ -331,12 +341,11 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
         bar.update(1)
     bar.update(len(graph) - bar.n)  # groups skipped with a warning count as done
     bar.close()
-    # the pruned size (BatchNorm statistics change no size); its forward pass is the one check of a weights-only
-    # pruning, whose groups were not checked one by one
+    # the pruned size (BatchNorm statistics change no size); its forward pass is the end check
     try:
         after = count(pruned, example_inputs)
     except Exception as exc:
-        if captures or after_group is not None or check_each_group:
+        if checked:
             raise
         raise _BrokenForward(first_line(exc)) from None
     recalibration = None
@@ -470,7 +479,8 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 
 class _BrokenForward(Exception):
-    """A weights-only pruning left a model whose forward pass fails (checked once, at the end)."""
+    """The pruned model's forward pass fails: at the end, or in a capture after a removal (the groups are not
+    checked one by one unless asked: prune() then prunes again with ``check_each_group`` to name the group)."""
 
 
 def _check_forward(model: nn.Module, example_inputs, group: str) -> None:
