@@ -167,6 +167,38 @@ def test_pfp_bounded_sensitivity_is_bit_identical_to_the_dense_definition(dense_
         assert torch.equal(pfp.consumer_sensitivity(rows[half:], weight, features, floor=first), reference), trial
 
 
+@pytest.mark.parametrize("conv", [nn.Conv2d(6, 5, 3, padding=1), nn.Conv2d(6, 4, 3, stride=2, padding=1),
+                                  nn.Conv2d(6, 4, 3, padding=1, dilation=2), nn.Conv2d(6, 4, (1, 3), padding=(0, 1)),
+                                  nn.Conv1d(6, 4, 5, padding=2), nn.Conv2d(6, 4, 1), nn.Conv2d(6, 4, 3, stride=2)],
+                         ids=["3x3", "stride", "dilation", "1x3", "conv1d", "1x1", "valid"])
+def test_pfp_on_a_conv_input_equals_pfp_on_its_unfolded_rows(conv):
+    from structprune.capture import _all_rows
+    from structprune.methods.pfp import consumer_sensitivity, conv_sensitivity, conv_sensitivity_applies
+
+    torch.manual_seed(0)
+    assert conv_sensitivity_applies(conv)
+    taps = conv.weight[0, 0].numel()
+    weight = conv.weight.detach().reshape(len(conv.weight), -1)
+    shape = (5, 6, 9, 9) if isinstance(conv, nn.Conv2d) else (5, 6, 11)
+    for x in (torch.randn(shape).relu(), torch.randn(shape), torch.randn(shape).relu() ** 3):  # ≥ 0, signed, peaky
+        for index in (torch.arange(6)[:, None], torch.tensor([[0, 3], [5, 1], [2, 4]]), torch.tensor([[4], [1]])):
+            features = (index[:, :, None] * taps + torch.arange(taps)).reshape(len(index), -1)
+            rows = consumer_sensitivity(_all_rows(conv, x, "conv", None), weight, features)
+            direct = conv_sensitivity(x, conv, index)
+            assert torch.allclose(direct, rows, rtol=1e-5, atol=1e-7)
+            half = conv_sensitivity(x[3:], conv, index, floor=conv_sensitivity(x[:3], conv, index))
+            assert torch.allclose(half, rows, rtol=1e-5, atol=1e-7)  # in chunks, as the capture scores
+
+
+def test_pfp_conv_shortcut_leaves_out_what_max_pooling_cannot_pad():
+    from structprune.methods.pfp import conv_sensitivity_applies
+
+    assert not conv_sensitivity_applies(nn.Conv2d(4, 4, 3, padding=2))  # padding more than half the kernel
+    assert not conv_sensitivity_applies(nn.Conv2d(4, 4, 3, padding=1, groups=2))
+    assert not conv_sensitivity_applies(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+    assert not conv_sensitivity_applies(nn.Conv2d(4, 4, 4, padding="same"))
+
+
 def test_batchnorm_recalibration_writes_the_exact_statistics_of_the_inputs():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 3), nn.BatchNorm2d(3)).eval()

@@ -225,14 +225,19 @@ class _RowCollector:
 
     def _score(self, module: nn.Module, x: Tensor) -> None:
         """PFP's sensitivities on every row of ``x``, a few samples at a time (bounded memory)."""
-        from .methods.pfp import consumer_sensitivity
+        from .methods.pfp import consumer_sensitivity, conv_sensitivity, conv_sensitivity_applies
 
         per_sample = max(1, x[0].numel() * (module.weight[0, 0].numel() if self.consumer.kind == "conv" else 1))
-        step = max(1, _SCORE_ELEMENTS // per_sample)
+        step = max(1, _SCORE_ELEMENTS // per_sample)  # unfolded elements: what the evaluation may form
+        direct = self.consumer.kind == "conv" and conv_sensitivity_applies(module)
         weight = self.consumer.flat_weight()
         features = self.consumer.input_features()
         for start in range(0, x.shape[0], step):
             chunk = x[start:start + step]
+            if direct:  # a conv's input as it is, not unfolded into rows
+                self.sensitivity = conv_sensitivity(chunk, module, self.consumer.channel_index,
+                                                    floor=self.sensitivity)
+                continue
             rows = _all_rows(module, chunk, self.consumer.kind, self._mask(chunk.shape[0], chunk))
             self.sensitivity = consumer_sensitivity(rows, weight, features, floor=self.sensitivity)
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import StructPruneError
 from . import register
@@ -57,48 +57,185 @@ def consumer_sensitivity(rows: Tensor, weight: Tensor, features: Tensor, floor: 
     monotone, so the float bounds bound the float products: the result is bit for bit the dense evaluation's.
     """
     rows, weight = rows.float(), weight.float()
+    return _sensitivity(_Rows(rows, features), weight, features, floor)
+
+
+def conv_sensitivity(x: Tensor, conv: nn.Module, channel_index: Tensor, floor: Tensor | None = None) -> Tensor:
+    """:func:`consumer_sensitivity` of a Conv1d/Conv2d consumer (``groups=1``) on its whole input ``x``, without
+    unfolding it: T is the convolution of A' with W±, max_κ A' a max-pooling of the group's input channels, and
+    only the (p, c) the bound leaves are read as patches (the full patches only where the bound prunes little).
+    ``channel_index`` (C, w): the conv's input channels each group channel stands for. Equal to the unfolded
+    evaluation up to the rounding of the convolution against the matrix product."""
+    taps = conv.weight[0, 0].numel()
+    features = (channel_index[:, :, None] * taps + torch.arange(taps)).reshape(len(channel_index), -1)
+    weight = conv.weight.detach().float().reshape(len(conv.weight), -1)
+    return _sensitivity(_ConvInput(x.float(), conv, channel_index.to(x.device)), weight, features, floor)
+
+
+def conv_sensitivity_applies(conv: nn.Module) -> bool:
+    """Whether :func:`conv_sensitivity` covers ``conv``: an ungrouped Conv1d/Conv2d with zero padding that
+    max-pooling accepts (at most half the kernel)."""
+    if not isinstance(conv, (nn.Conv1d, nn.Conv2d)) or conv.groups != 1 or conv.padding_mode != "zeros":
+        return False
+    if isinstance(conv.padding, str):
+        return conv.padding == "valid"
+    return all(p <= k // 2 for p, k in zip(conv.padding, conv.kernel_size, strict=True))
+
+
+class _Rows:
+    """The consumer's input as rows (P, F): what :func:`_sensitivity` reads of it."""
+
+    def __init__(self, rows: Tensor, features: Tensor):
+        self.rows = rows
+        channels, taps = features.shape
+        self.columns = features.reshape(-1).to(rows.device)
+        self.whole = len(self.columns) == rows.shape[1] and bool(
+            (self.columns == torch.arange(len(self.columns), device=rows.device)).all())
+        self.shape = channels, taps
+        self.device = rows.device
+
+    def parts(self) -> list[_Rows]:
+        if not self.rows.numel() or float(self.rows.min()) >= 0:
+            return [self]
+        return [self._part(self.rows.clamp(min=0)), self._part((-self.rows).clamp(min=0))]
+
+    def _part(self, rows: Tensor) -> _Rows:
+        part = object.__new__(_Rows)
+        part.__dict__.update(self.__dict__, rows=rows, _numerators=None)
+        return part
+
+    def total(self, w: Tensor) -> Tensor:
+        return self.rows @ w.T
+
+    def numerators(self) -> Tensor:  # (P, C, k)
+        if getattr(self, "_numerators", None) is None:
+            self._numerators = (self.rows if self.whole else self.rows[:, self.columns]).reshape(
+                len(self.rows), *self.shape)
+        return self._numerators
+
+    def a_max(self) -> Tensor:  # (P, C)
+        numerators = self.numerators()
+        return numerators.transpose(1, 2).amax(dim=1) if self.shape[1] > 1 else numerators[:, :, 0]
+
+    def at(self, p: Tensor, c: Tensor) -> Tensor:  # (n, k)
+        return self.numerators()[p, c]
+
+
+class _ConvInput:
+    """A conv consumer's input (N, C_in, H, W) read as the rows of its unfolding, without forming them."""
+
+    def __init__(self, x: Tensor, conv: nn.Module, channel_index: Tensor):
+        from ..capture import _as_2d, _geometry, _out_size
+
+        self.x, self.conv, self.channel_index = _as_2d(conv, x), conv, channel_index
+        self.kernel, self.stride, self.dilation, self.padding = _geometry(conv)
+        n, _, h, w = self.x.shape
+        self.out = tuple(_out_size(size + 2 * pad, k, st, d) for size, pad, k, st, d in zip(
+            (h, w), self.padding, self.kernel, self.stride, self.dilation, strict=True))
+        self.device = x.device
+        self._numerators = None
+
+    def parts(self) -> list[_ConvInput]:
+        if not self.x.numel() or float(self.x.min()) >= 0:
+            return [self]
+        return [self._part(self.x.clamp(min=0)), self._part((-self.x).clamp(min=0))]
+
+    def _part(self, x: Tensor) -> _ConvInput:
+        part = object.__new__(_ConvInput)
+        part.__dict__.update(self.__dict__, x=x, _numerators=None)
+        return part
+
+    def _rows(self, value: Tensor) -> Tensor:  # (N, D, H', W') -> (P, D), positions in the unfolding's order
+        return value.permute(0, 2, 3, 1).reshape(-1, value.shape[1])
+
+    def total(self, w: Tensor) -> Tensor:
+        weight = w.reshape(len(w), self.x.shape[1], *self.kernel)
+        return self._rows(nn.functional.conv2d(self.x, weight, stride=self.stride, padding=self.padding,
+                                               dilation=self.dilation))
+
+    def a_max(self) -> Tensor:
+        channels, width = self.channel_index.shape
+        pooled = nn.functional.max_pool2d(self.x[:, self.channel_index.reshape(-1)], self.kernel, self.stride,
+                                          self.padding, self.dilation)  # pads with -inf: the taps on zeros
+        pooled = pooled.clamp(min=0)  # ...are zeros (the input is ≥ 0)
+        if width > 1:
+            pooled = pooled.reshape(len(pooled), channels, width, *pooled.shape[2:]).amax(dim=2)
+        return self._rows(pooled)
+
+    def numerators(self) -> Tensor:  # every (P, C, k): the unfolding itself
+        if self._numerators is None:
+            cols = nn.functional.unfold(self.x, self.kernel, dilation=self.dilation, padding=self.padding,
+                                        stride=self.stride)
+            rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+            taps = self.kernel[0] * self.kernel[1]
+            features = (self.channel_index[:, :, None] * taps + torch.arange(taps, device=self.device)).reshape(-1)
+            self._numerators = rows[:, features].reshape(len(rows), len(self.channel_index), -1)
+        return self._numerators
+
+    def at(self, p: Tensor, c: Tensor) -> Tensor:
+        """The patches of group channels ``c`` at positions ``p``: (n, w·k), zero on the padding."""
+        if self._numerators is not None:
+            return self._numerators[p, c]
+        (kh, kw), (sh, sw), (dh, dw), (ph, pw) = self.kernel, self.stride, self.dilation, self.padding
+        out_h, out_w = self.out
+        h, w = self.x.shape[2:]
+        sample, rest = p // (out_h * out_w), p % (out_h * out_w)
+        dy = (torch.arange(kh, device=self.device) * dh).repeat_interleave(kw)
+        dx = (torch.arange(kw, device=self.device) * dw).repeat(kh)
+        ys = (rest // out_w * sh - ph)[:, None] + dy  # (n, k)
+        xs = (rest % out_w * sw - pw)[:, None] + dx
+        real = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+        inputs = self.channel_index[c]  # (n, w)
+        values = self.x[sample[:, None, None], inputs[:, :, None], ys.clamp(0, h - 1)[:, None],
+                        xs.clamp(0, w - 1)[:, None]]  # (n, w, k)
+        return (values * real[:, None].to(values.dtype)).reshape(len(p), -1)
+
+
+def _sensitivity(source, weight: Tensor, features: Tensor, floor: Tensor | None) -> Tensor:
+    """The evaluation :func:`consumer_sensitivity` describes, on ``source`` (:class:`_Rows` or
+    :class:`_ConvInput`)."""
     channels, taps = features.shape
-    columns = features.reshape(-1).to(rows.device)
-    whole = len(columns) == rows.shape[1] and bool((columns == torch.arange(len(columns), device=rows.device)).all())
-    parts = [rows] if not rows.numel() or float(rows.min()) >= 0 else [rows.clamp(min=0), (-rows).clamp(min=0)]
-    best = torch.zeros(channels, device=rows.device) if floor is None else floor.float().to(rows.device).clone()
+    columns = features.reshape(-1).to(weight.device)
+    whole = len(columns) == weight.shape[1] and bool((columns == torch.arange(len(columns),
+                                                                              device=weight.device)).all())
+    best = torch.zeros(channels, device=source.device) if floor is None else floor.float().to(source.device).clone()
     seeded = floor is not None
-    for part in parts:
-        numerators = (part if whole else part[:, columns]).reshape(len(part), channels, taps)
-        a_max = numerators.transpose(1, 2).amax(dim=1) if taps > 1 else numerators[:, :, 0]  # (P, C): max over taps
+    for part in source.parts():
+        a_max = None
         for w in (weight.clamp(min=0), (-weight).clamp(min=0)):
-            total = part @ w.T  # (P, O): Σ over every input feature
+            total = part.total(w)  # (P, O): Σ over every input feature
             inverse = torch.where(total > 1e-12, 1 / total.clamp(min=1e-12), 0.0)
             w_group = (w if whole else w[:, columns]).reshape(len(w), channels, taps).permute(1, 2, 0).contiguous()
             w_max = w_group.amax(dim=1) if taps > 1 else w_group[:, 0]  # (C, O): max over the channel's taps
+            if a_max is None:
+                a_max = part.a_max()  # (P, C): max over taps
             bound = (inverse.amax(dim=1)[:, None] * w_max.amax(dim=1)[None]).mul_(a_max)  # (P, C)
             if not seeded:  # a first lower bound: each channel's likeliest row
                 top = bound.amax(dim=0)
                 p, c = ((bound == top) & (top > best)).nonzero(as_tuple=True)
-                _raise_to_products(best, inverse, w_group, numerators, p, c)
+                _raise_to_products(best, inverse, w_group, part, p, c)
                 seeded = True
             p, c = (bound > best).nonzero(as_tuple=True)
             if _DENSE_SHARE * len(p) > bound.numel():  # the bound prunes little here: every pair, without gathers
-                _dense_products(best, inverse, w_group, numerators)
+                _dense_products(best, inverse, w_group, part.numerators())
                 continue
             if taps > 1 and len(p):
                 closer = (inverse.index_select(0, p) * w_max.index_select(0, c)).amax(dim=1).mul_(a_max[p, c])
                 beats = closer > best.index_select(0, c)
                 p, c = p[beats], c[beats]
-            _raise_to_products(best, inverse, w_group, numerators, p, c)
+            _raise_to_products(best, inverse, w_group, part, p, c)
     return best
 
 
-def _raise_to_products(best: Tensor, inverse: Tensor, w_group: Tensor, numerators: Tensor, p: Tensor,
-                       c: Tensor) -> None:
+def _raise_to_products(best: Tensor, inverse: Tensor, w_group: Tensor, source, p: Tensor, c: Tensor) -> None:
     """best[c] ← max(best[c], max over κ of A'[p, c, κ]·max_i (1/T[p, i])·W[i, c, κ]) for each pair (p, c):
-    inverse (P, O), w_group (C, k, O), numerators (P, C, k)."""
+    inverse (P, O), w_group (C, k, O), ``source.at(p, c)`` the (n, k) values A'[p, c, :]."""
     taps, out = w_group.shape[1], w_group.shape[2]
     step = max(1, _CHUNK_ELEMENTS // (out * taps))
     for start in range(0, len(p), step):
         rows, chans = p[start:start + step], c[start:start + step]
         m = (inverse.index_select(0, rows)[:, None, :] * w_group.index_select(0, chans)).amax(dim=2)  # (n, k)
-        best.scatter_reduce_(0, chans, (numerators[rows, chans] * m).amax(dim=1), "amax")
+        best.scatter_reduce_(0, chans, (source.at(rows, chans) * m).amax(dim=1), "amax")
 
 
 def _dense_products(best: Tensor, inverse: Tensor, w_group: Tensor, numerators: Tensor) -> None:
