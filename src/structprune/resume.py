@@ -5,9 +5,9 @@ Most networks are mostly a chain: block after block, each reading the one tensor
 chain in one traced forward pass: modules called once, each taking as its first input the very tensor the
 one before returned. Resuming at block k means that every block before k returns the kept input of block k
 (the code between blocks still runs: embeddings, masks, the stem). Whether that computes the same as the
-whole pass is checked on the model, for every cut at once before the first is used: every module after the cut must see
-the same input and the model must return the same output. A cut that fails (a tensor kept from before the cut
-and read after it, as in a U-Net or a DenseNet) is never used.
+whole pass is checked on the model, for every cut at once before the first is used: every module after the
+cut must see the same input and the model must return the same output. A cut that fails (a tensor kept from
+before the cut and read after it, as in a U-Net or a DenseNet) is never used.
 
 :class:`ActivationCache` keeps, for every calibration batch, the input of one block. A group's capture resumes
 there instead of running from the model input, and records the input of the earliest block the group changes,

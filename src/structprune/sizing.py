@@ -95,7 +95,8 @@ class AnalyticSizes:
         def total(terms) -> float:
             return sum(amount * kept(first) * kept(second) for amount, first, second in terms)
 
-        return {"params": int(round(total(self.params))), "macs": int(total(self.macs) / self.batch)}
+        # the counts are whole numbers (summed in floats: rounded), the MACs per sample as Torch-Pruning divides
+        return {"params": round(total(self.params)), "macs": int(round(total(self.macs)) / self.batch)}
 
 
 def analytic_sizes(model: nn.Module, example_inputs, groups: list) -> AnalyticSizes | None:
