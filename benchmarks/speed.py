@@ -18,7 +18,7 @@ multiple of 8 (``round_to=8``), median CPU time of a forward pass at batch 1 and
 the MACs ratio. The issue's target: speed-up ≥ 0.8 × dense MACs / pruned MACs
 at batch 64.
 
-    python benchmarks/speed.py --out-dir benchmarks/results      # ~20 min on 2 CPU cores; --part time|latency
+    python benchmarks/speed.py --out-dir benchmarks/results      # ~22 min on 2 CPU cores; --part time|latency
 """
 
 from __future__ import annotations

@@ -10,9 +10,12 @@ A budget is one of
   ``allocation="uniform"`` one keep ratio shared by all groups is searched; with ``allocation="pfp"``
   the per-group counts follow PFP's δ-based rule (below) with one ε shared by all groups.
 
-Sizes are measured, not modelled: a candidate allocation is applied to a copy of the model (first-k
-channels; sizes do not depend on which channels) and counted with the same counter as the report; for a
-latency target the copy is timed too (:func:`structprune.measure.latency_stats`: median of
+Sizes are the counter's, not a model's. MACs and parameters of a candidate allocation are read off the
+dense model (:mod:`structprune.sizing`: each layer call's count times the kept fractions of its channels,
+exact where its rules cover the model, which it checks) and the chosen allocation is applied to a copy of the
+model (first-k channels; sizes do not depend on which channels) and counted with the same counter as the
+report; a disagreement searches again with every candidate counted on a copy. For a latency target every
+candidate copy is timed (:func:`structprune.measure.latency_stats`: median of
 ``torch.utils.benchmark`` runs on the model's device), so the latency a user asks for is the one this machine
 measures, with its kernels' preferences for some widths included (no per-layer model to drift from it).
 
