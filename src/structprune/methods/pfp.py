@@ -30,6 +30,7 @@ processed as matrix and (max, ×) products, not one sample and one filter at a t
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -82,11 +83,30 @@ def conv_sensitivity_applies(conv: nn.Module) -> bool:
     return all(p <= k // 2 for p, k in zip(conv.padding, conv.kernel_size, strict=True))
 
 
-class _Rows:
-    """The consumer's input as rows (P, F): what :func:`_sensitivity` reads of it."""
+class _Source:
+    """The consumer's input as :func:`_sensitivity` reads it (``values``: the input itself, in some layout):
+    its non-negative parts, then per part the denominators, the taps' maxima and the values at (p, c) pairs."""
+
+    values: Tensor
+    _numerators: Tensor | None = None
+
+    def parts(self) -> list:
+        """A' itself if the input is non-negative, else relu(A) and relu(−A)."""
+        if not self.values.numel() or float(self.values.min()) >= 0:
+            return [self]
+        return [self._with(self.values.clamp(min=0)), self._with((-self.values).clamp(min=0))]
+
+    def _with(self, values: Tensor):
+        part = copy.copy(self)
+        part.values, part._numerators = values, None
+        return part
+
+
+class _Rows(_Source):
+    """The consumer's input as rows (P, F)."""
 
     def __init__(self, rows: Tensor, features: Tensor):
-        self.rows = rows
+        self.values = rows
         channels, taps = features.shape
         self.columns = features.reshape(-1).to(rows.device)
         self.whole = len(self.columns) == rows.shape[1] and bool(
@@ -94,23 +114,13 @@ class _Rows:
         self.shape = channels, taps
         self.device = rows.device
 
-    def parts(self) -> list[_Rows]:
-        if not self.rows.numel() or float(self.rows.min()) >= 0:
-            return [self]
-        return [self._part(self.rows.clamp(min=0)), self._part((-self.rows).clamp(min=0))]
-
-    def _part(self, rows: Tensor) -> _Rows:
-        part = object.__new__(_Rows)
-        part.__dict__.update(self.__dict__, rows=rows, _numerators=None)
-        return part
-
     def total(self, w: Tensor) -> Tensor:
-        return self.rows @ w.T
+        return self.values @ w.T
 
     def numerators(self) -> Tensor:  # (P, C, k)
-        if getattr(self, "_numerators", None) is None:
-            self._numerators = (self.rows if self.whole else self.rows[:, self.columns]).reshape(
-                len(self.rows), *self.shape)
+        if self._numerators is None:
+            rows = self.values
+            self._numerators = (rows if self.whole else rows[:, self.columns]).reshape(len(rows), *self.shape)
         return self._numerators
 
     def a_max(self) -> Tensor:  # (P, C)
@@ -121,41 +131,30 @@ class _Rows:
         return self.numerators()[p, c]
 
 
-class _ConvInput:
+class _ConvInput(_Source):
     """A conv consumer's input (N, C_in, H, W) read as the rows of its unfolding, without forming them."""
 
     def __init__(self, x: Tensor, conv: nn.Module, channel_index: Tensor):
         from ..capture import _as_2d, _geometry, _out_size
 
-        self.x, self.conv, self.channel_index = _as_2d(conv, x), conv, channel_index
+        self.values, self.conv, self.channel_index = _as_2d(conv, x), conv, channel_index
         self.kernel, self.stride, self.dilation, self.padding = _geometry(conv)
-        n, _, h, w = self.x.shape
+        n, _, h, w = self.values.shape
         self.out = tuple(_out_size(size + 2 * pad, k, st, d) for size, pad, k, st, d in zip(
             (h, w), self.padding, self.kernel, self.stride, self.dilation, strict=True))
         self.device = x.device
-        self._numerators = None
-
-    def parts(self) -> list[_ConvInput]:
-        if not self.x.numel() or float(self.x.min()) >= 0:
-            return [self]
-        return [self._part(self.x.clamp(min=0)), self._part((-self.x).clamp(min=0))]
-
-    def _part(self, x: Tensor) -> _ConvInput:
-        part = object.__new__(_ConvInput)
-        part.__dict__.update(self.__dict__, x=x, _numerators=None)
-        return part
 
     def _rows(self, value: Tensor) -> Tensor:  # (N, D, H', W') -> (P, D), positions in the unfolding's order
         return value.permute(0, 2, 3, 1).reshape(-1, value.shape[1])
 
     def total(self, w: Tensor) -> Tensor:
-        weight = w.reshape(len(w), self.x.shape[1], *self.kernel)
-        return self._rows(nn.functional.conv2d(self.x, weight, stride=self.stride, padding=self.padding,
+        weight = w.reshape(len(w), self.values.shape[1], *self.kernel)
+        return self._rows(nn.functional.conv2d(self.values, weight, stride=self.stride, padding=self.padding,
                                                dilation=self.dilation))
 
     def a_max(self) -> Tensor:
         channels, width = self.channel_index.shape
-        pooled = nn.functional.max_pool2d(self.x[:, self.channel_index.reshape(-1)], self.kernel, self.stride,
+        pooled = nn.functional.max_pool2d(self.values[:, self.channel_index.reshape(-1)], self.kernel, self.stride,
                                           self.padding, self.dilation)  # pads with -inf: the taps on zeros
         pooled = pooled.clamp(min=0)  # ...are zeros (the input is ≥ 0)
         if width > 1:
@@ -164,7 +163,7 @@ class _ConvInput:
 
     def numerators(self) -> Tensor:  # every (P, C, k): the unfolding itself
         if self._numerators is None:
-            cols = nn.functional.unfold(self.x, self.kernel, dilation=self.dilation, padding=self.padding,
+            cols = nn.functional.unfold(self.values, self.kernel, dilation=self.dilation, padding=self.padding,
                                         stride=self.stride)
             rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
             taps = self.kernel[0] * self.kernel[1]
@@ -178,7 +177,7 @@ class _ConvInput:
             return self._numerators[p, c]
         (kh, kw), (sh, sw), (dh, dw), (ph, pw) = self.kernel, self.stride, self.dilation, self.padding
         out_h, out_w = self.out
-        h, w = self.x.shape[2:]
+        h, w = self.values.shape[2:]
         sample, rest = p // (out_h * out_w), p % (out_h * out_w)
         dy = (torch.arange(kh, device=self.device) * dh).repeat_interleave(kw)
         dx = (torch.arange(kw, device=self.device) * dw).repeat(kh)
@@ -186,13 +185,13 @@ class _ConvInput:
         xs = (rest % out_w * sw - pw)[:, None] + dx
         real = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
         inputs = self.channel_index[c]  # (n, w)
-        values = self.x[sample[:, None, None], inputs[:, :, None], ys.clamp(0, h - 1)[:, None],
-                        xs.clamp(0, w - 1)[:, None]]  # (n, w, k)
+        values = self.values[sample[:, None, None], inputs[:, :, None], ys.clamp(0, h - 1)[:, None],
+                             xs.clamp(0, w - 1)[:, None]]  # (n, w, k)
         return (values * real[:, None].to(values.dtype)).reshape(len(p), -1)
 
 
 def _sensitivity(source, weight: Tensor, features: Tensor, floor: Tensor | None) -> Tensor:
-    """The evaluation :func:`consumer_sensitivity` describes, on ``source`` (:class:`_Rows` or
+    """The evaluation :func:`consumer_sensitivity` describes, on a :class:`_Source` (:class:`_Rows` or
     :class:`_ConvInput`)."""
     channels, taps = features.shape
     columns = features.reshape(-1).to(weight.device)
