@@ -224,13 +224,17 @@ class _OwnBatchNorm(nn.BatchNorm2d):
 def test_recalibration_of_a_batchnorm_subclass_measures_its_inputs_and_momentum_is_restored():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(2, 4, 3), _OwnBatchNorm(4, momentum=None), nn.ReLU(), nn.Conv2d(4, 3, 3),
-                        nn.BatchNorm2d(3, momentum=0.3)).eval()
+                        nn.BatchNorm2d(3, momentum=None), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3, momentum=0.3)).eval()
     batches = [torch.randn(n, 2, 9, 9) * 3 + 1 for n in (7, 16, 5)]
     recalibrate_batchnorm(net, batches)
     first = torch.cat([net[0](b) for b in batches]).detach().double()
     assert torch.allclose(net[1].running_mean.double(), first.mean(dim=(0, 2, 3)), atol=1e-5)
     assert torch.allclose(net[1].running_var.double(), first.var(dim=(0, 2, 3)), rtol=1e-4)
-    assert net[1].momentum is None and net[4].momentum == 0.3
+    # a native BatchNorm whose momentum is None (a cumulative average) is read the same way
+    second = torch.cat([net[3](torch.relu(nn.functional.batch_norm(
+        net[0](b), None, None, net[1].weight, net[1].bias, training=True, eps=net[1].eps))) for b in batches])
+    assert torch.allclose(net[4].running_mean.double(), second.detach().double().mean(dim=(0, 2, 3)), atol=1e-5)
+    assert net[1].momentum is None and net[4].momentum is None and net[6].momentum == 0.3
 
 
 def test_recalibration_restores_training_mode_too():
