@@ -237,6 +237,23 @@ def test_recalibration_of_a_batchnorm_subclass_measures_its_inputs_and_momentum_
     assert net[1].momentum is None and net[4].momentum is None and net[6].momentum == 0.3
 
 
+def test_the_recalibration_reads_the_first_whole_batches_of_its_sample_count():
+    model, shape = make_zoo_model("resnet20")
+    calib = calibration(shape, samples=700, batch=100)
+    default = structprune.prune(model, calib, "magnitude", 0.5, refit=False, progress=False)
+    assert default.recalibration["samples"] == 600  # the first whole batches holding 512 (RECALIBRATION_SAMPLES)
+    assert default.recovery_samples == 700
+    few = structprune.prune(model, calib, "magnitude", 0.5, refit=False, recalibration_samples=150, progress=False)
+    assert few.recalibration["samples"] == 200
+    bare = structprune.prune(model, calib, "magnitude", 0.5, refit=False, recalibrate=False, progress=False)
+    recalibrate_batchnorm(bare.model, calib[:2])  # what the pipeline does with the first 200 samples
+    for a, b in zip(few.model.modules(), bare.model.modules(), strict=True):
+        if isinstance(a, nn.BatchNorm2d):
+            assert torch.allclose(a.running_mean, b.running_mean) and torch.allclose(a.running_var, b.running_var)
+    with pytest.raises(structprune.StructPruneError, match="recalibration_samples"):
+        structprune.prune(model, calib, "magnitude", 0.5, recalibration_samples=0, progress=False)
+
+
 def test_recalibration_restores_training_mode_too():
     net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2)).train()
     recalibrate_batchnorm(net, [torch.randn(8, 3)])

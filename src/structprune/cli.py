@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import __version__, allocate, checkpoint, data, exporter, measure, methods, models, progress, report, schedule
-from .api import RECONSTRUCT, RECOVERY_SAMPLES, SCOPES, prune
+from .api import RECALIBRATION_SAMPLES, RECONSTRUCT, RECOVERY_SAMPLES, SCOPES, prune
 from .errors import StructPruneError, first_line, strip_ansi
 from .finetune import ShardedBatches, TrainConfig, cuda_device_for, init_distributed, process, train
 from .graph import build_graph
@@ -255,6 +255,9 @@ def _add_recovery_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recovery-samples", type=_positive, default=None,
                    help=f"calibration images the refit and the recalibration read (default: {RECOVERY_SAMPLES}, "
                         "and at least --calib-samples)")
+    g.add_argument("--recalibration-samples", type=_positive, default=None,
+                   help=f"of those, the images the BatchNorm recalibration reads (whole batches; default: "
+                        f"{RECALIBRATION_SAMPLES}, measured as good as 2048)")
     g.add_argument("--scope", default="auto", choices=SCOPES,
                    help="all: every group; inner: only channels no residual stream shares (block-internal, as "
                         "i-SpaSP's paper prunes); auto: inner for a --target-* the inner groups can meet, else all "
@@ -263,7 +266,8 @@ def _add_recovery_args(p: argparse.ArgumentParser) -> None:
 
 def _recovery(args) -> dict:
     return {"refit": args.refit, "reconstruct": args.reconstruct, "recalibrate": args.recalibrate,
-            "recovery_samples": args.recovery_samples, "scope": args.scope}
+            "recovery_samples": args.recovery_samples, "recalibration_samples": args.recalibration_samples,
+            "scope": args.scope}
 
 
 def _budget(args) -> allocate.Budget:
