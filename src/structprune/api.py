@@ -234,8 +234,7 @@ def prune(
 
 def _prune(model, calib_loader, method, budget, example_inputs, *, refit, reconstruct, recalibrate, scope, round_to,
            calib_samples, recovery_samples, recalibration_samples, ignored_layers, memory_bytes, stream, seed,
-           progress, after_group,
-           loss_fn, check_each_group: bool = False, **method_kwargs) -> PruneResult:
+           progress, after_group, loss_fn, check_each_group: bool = False, **method_kwargs) -> PruneResult:
     if not isinstance(model, nn.Module):
         raise StructPruneError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     budget = allocate.as_budget(budget)
