@@ -19,26 +19,15 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
 from results_io import write_table
-from torch.utils.data import DataLoader
+from rows import accuracy, fashion_mnist
 
 import structprune
-from structprune import data
 from structprune.recalibrate import recalibrate_batchnorm
 
 HERE = Path(__file__).resolve().parent
 SAMPLES = (2048, 1024, 512, 256)
 BATCH = 128
-
-
-def accuracy(model, test) -> float:
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in test:
-            correct += int((model(x).argmax(1) == y).sum())
-            total += len(y)
-    return 100 * correct / total
 
 
 def main() -> None:
@@ -47,9 +36,7 @@ def main() -> None:
     parser.add_argument("--models", default="resnet20,resnet56,vgg16", help="checkpoints (default: %(default)s)")
     parser.add_argument("--test-limit", type=int, default=None, help="score on the first N test images only")
     args = parser.parse_args()
-    x, y = next(iter(DataLoader(data.load("fashion-mnist", "train"), batch_size=max(SAMPLES))))
-    calib = [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, len(x), BATCH)]
-    test = DataLoader(data.load("fashion-mnist", "test", limit=args.test_limit), batch_size=500)
+    calib, test = fashion_mnist(args.test_limit, max(SAMPLES), BATCH)
     rows = []
     for name in args.models.split(","):
         dense = structprune.load(HERE / "checkpoints" / f"{name}-fmnist.pt").eval()

@@ -27,6 +27,14 @@ HERE = Path(__file__).resolve().parent
 SETTINGS = (0, 64, 32)
 
 
+def fashion_mnist(test_limit: int | None = None, samples: int = 2048, batch: int = 128) -> tuple[list, DataLoader]:
+    """The calibration batches (the first ``samples`` training images) and the test split, as these benchmarks
+    use them."""
+    x, y = next(iter(DataLoader(data.load("fashion-mnist", "train"), batch_size=samples)))
+    calib = [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)]
+    return calib, DataLoader(data.load("fashion-mnist", "test", limit=test_limit), batch_size=500)
+
+
 def accuracy(model, test) -> float:
     correct = total = 0
     with torch.no_grad():
@@ -42,9 +50,7 @@ def main() -> None:
     parser.add_argument("--models", default="resnet20,vgg16,resnet56", help="checkpoints (default: %(default)s)")
     parser.add_argument("--test-limit", type=int, default=None, help="score on the first N test images only")
     args = parser.parse_args()
-    x, y = next(iter(DataLoader(data.load("fashion-mnist", "train"), batch_size=2048)))
-    calib = [(x[i:i + 128], y[i:i + 128]) for i in range(0, len(x), 128)]
-    test = DataLoader(data.load("fashion-mnist", "test", limit=args.test_limit), batch_size=500)
+    calib, test = fashion_mnist(args.test_limit)
     rows = []
     for name in args.models.split(","):
         dense = structprune.load(HERE / "checkpoints" / f"{name}-fmnist.pt").eval()
