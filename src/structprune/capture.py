@@ -229,15 +229,15 @@ class _RowCollector:
 
         per_sample = max(1, x[0].numel() * (module.weight[0, 0].numel() if self.consumer.kind == "conv" else 1))
         step = max(1, _SCORE_ELEMENTS // per_sample)  # unfolded elements: what the evaluation may form
-        direct = self.consumer.kind == "conv" and conv_sensitivity_applies(module)
+        if self.consumer.kind == "conv" and conv_sensitivity_applies(module):  # its input as it is, not unfolded
+            for start in range(0, x.shape[0], step):
+                self.sensitivity = conv_sensitivity(x[start:start + step], module, self.consumer.channel_index,
+                                                    floor=self.sensitivity)
+            return
         weight = self.consumer.flat_weight()
         features = self.consumer.input_features()
         for start in range(0, x.shape[0], step):
             chunk = x[start:start + step]
-            if direct:  # a conv's input as it is, not unfolded into rows
-                self.sensitivity = conv_sensitivity(chunk, module, self.consumer.channel_index,
-                                                    floor=self.sensitivity)
-                continue
             rows = _all_rows(module, chunk, self.consumer.kind, self._mask(chunk.shape[0], chunk))
             self.sensitivity = consumer_sensitivity(rows, weight, features, floor=self.sensitivity)
 

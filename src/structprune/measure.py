@@ -72,11 +72,16 @@ def outermost_counted(model: nn.Module, rules: dict) -> list[nn.Module]:
     return found
 
 
-def _layer_macs(model: nn.Module, example_inputs) -> float:
-    """Torch-Pruning's MACs per sample of ``model``'s layers on one forward pass (see :func:`count`)."""
+def counter_rules() -> dict:
+    """Torch-Pruning's counter hook per layer type (its own and the ones registered with it)."""
     from torch_pruning.utils import op_counter
 
-    rules = {**op_counter.MODULES_MAPPING, **op_counter.CUSTOM_MODULES_MAPPING}
+    return {**op_counter.MODULES_MAPPING, **op_counter.CUSTOM_MODULES_MAPPING}
+
+
+def _layer_macs(model: nn.Module, example_inputs) -> float:
+    """Torch-Pruning's MACs per sample of ``model``'s layers on one forward pass (see :func:`count`)."""
+    rules = counter_rules()
     counted = [_Tally(module) for module in outermost_counted(model, rules)]
     batch: list[int] = []
     hooks = [model.register_forward_hook(lambda _m, args, _out: batch.append(len(args[0]) if args else 1))]

@@ -215,11 +215,9 @@ def _layer_terms(call: _Call, layer: _Layer) -> list:
 def _trace(model: nn.Module, example_inputs) -> tuple[list[_Call] | None, int]:
     """Every module call of one forward pass: its first input and output tensors (kept alive, so that their ids
     stay theirs) and Torch-Pruning's count for it (:func:`structprune.measure.count`'s rule)."""
-    from torch_pruning.utils import op_counter
+    from .measure import _Tally, counter_rules, outermost_counted
 
-    from .measure import _Tally, outermost_counted
-
-    rules = {**op_counter.MODULES_MAPPING, **op_counter.CUSTOM_MODULES_MAPPING}
+    rules = counter_rules()
     counted = Counter(outermost_counted(model, rules))  # a layer kept in two containers counts twice
     calls: list[_Call] = []
     batch: list[int] = []

@@ -70,7 +70,7 @@ def conv_sensitivity(x: Tensor, conv: nn.Module, channel_index: Tensor, floor: T
     taps = conv.weight[0, 0].numel()
     features = (channel_index[:, :, None] * taps + torch.arange(taps)).reshape(len(channel_index), -1)
     weight = conv.weight.detach().float().reshape(len(conv.weight), -1)
-    return _sensitivity(_ConvInput(x.float(), conv, channel_index.to(x.device)), weight, features, floor)
+    return _sensitivity(_ConvInput(x.float(), conv, channel_index.to(x.device), features), weight, features, floor)
 
 
 def conv_sensitivity_applies(conv: nn.Module) -> bool:
@@ -81,6 +81,13 @@ def conv_sensitivity_applies(conv: nn.Module) -> bool:
     if isinstance(conv.padding, str):
         return conv.padding == "valid"
     return all(p <= k // 2 for p, k in zip(conv.padding, conv.kernel_size, strict=True))
+
+
+def _columns(features: Tensor, width: int, device) -> tuple[Tensor, bool]:
+    """The flat column indices ``features`` (C, k) name among ``width`` columns, and whether they are all of
+    them in order (then no gather is needed)."""
+    columns = features.reshape(-1).to(device)
+    return columns, len(columns) == width and bool((columns == torch.arange(width, device=device)).all())
 
 
 class _Source:
@@ -107,11 +114,8 @@ class _Rows(_Source):
 
     def __init__(self, rows: Tensor, features: Tensor):
         self.values = rows
-        channels, taps = features.shape
-        self.columns = features.reshape(-1).to(rows.device)
-        self.whole = len(self.columns) == rows.shape[1] and bool(
-            (self.columns == torch.arange(len(self.columns), device=rows.device)).all())
-        self.shape = channels, taps
+        self.columns, self.whole = _columns(features, rows.shape[1], rows.device)
+        self.shape = tuple(features.shape)  # (C, k)
         self.device = rows.device
 
     def total(self, w: Tensor) -> Tensor:
@@ -134,10 +138,11 @@ class _Rows(_Source):
 class _ConvInput(_Source):
     """A conv consumer's input (N, C_in, H, W) read as the rows of its unfolding, without forming them."""
 
-    def __init__(self, x: Tensor, conv: nn.Module, channel_index: Tensor):
+    def __init__(self, x: Tensor, conv: nn.Module, channel_index: Tensor, features: Tensor):
         from ..capture import _as_2d, _geometry, _out_size
 
         self.values, self.conv, self.channel_index = _as_2d(conv, x), conv, channel_index
+        self.features = features.reshape(-1).to(x.device)  # the unfolding's columns of each group channel
         self.kernel, self.stride, self.dilation, self.padding = _geometry(conv)
         n, _, h, w = self.values.shape
         self.out = tuple(_out_size(size + 2 * pad, k, st, d) for size, pad, k, st, d in zip(
@@ -166,9 +171,7 @@ class _ConvInput(_Source):
             cols = nn.functional.unfold(self.values, self.kernel, dilation=self.dilation, padding=self.padding,
                                         stride=self.stride)
             rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-            taps = self.kernel[0] * self.kernel[1]
-            features = (self.channel_index[:, :, None] * taps + torch.arange(taps, device=self.device)).reshape(-1)
-            self._numerators = rows[:, features].reshape(len(rows), len(self.channel_index), -1)
+            self._numerators = rows[:, self.features].reshape(len(rows), len(self.channel_index), -1)
         return self._numerators
 
     def at(self, p: Tensor, c: Tensor) -> Tensor:
@@ -194,9 +197,7 @@ def _sensitivity(source, weight: Tensor, features: Tensor, floor: Tensor | None)
     """The evaluation :func:`consumer_sensitivity` describes, on a :class:`_Source` (:class:`_Rows` or
     :class:`_ConvInput`)."""
     channels, taps = features.shape
-    columns = features.reshape(-1).to(weight.device)
-    whole = len(columns) == weight.shape[1] and bool((columns == torch.arange(len(columns),
-                                                                              device=weight.device)).all())
+    columns, whole = _columns(features, weight.shape[1], weight.device)
     best = torch.zeros(channels, device=source.device) if floor is None else floor.float().to(source.device).clone()
     seeded = floor is not None
     for part in source.parts():
