@@ -322,3 +322,38 @@ def test_a_group_reused_between_removals_is_the_one_resolved_afresh(name):
     assert any(reused) and (all(reused) or name != "vgg16")  # a chain of layers: every group reused
     assert not all(reused) or name in ("vgg16", "lenet5")  # elsewhere some removal moves another group's sizes
     model(torch.randn(2, *shape))
+
+
+def _channel_table(idxs, root_idxs, channels):
+    """The table written out channel by channel: what graph._channel_index computes at once."""
+    rows = [[] for _ in range(channels)]
+    for idx, root in zip(idxs, root_idxs, strict=True):
+        if root is None or root >= channels:
+            return None
+        rows[root].append(idx)
+    if not rows[0] or any(len(r) != len(rows[0]) for r in rows):
+        return None
+    return [sorted(r) for r in rows]
+
+
+@pytest.mark.parametrize("case", range(40))
+def test_channel_index_groups_each_channels_indices_in_order(case):
+    from structprune.graph import _channel_index
+
+    gen = torch.Generator().manual_seed(case)
+    channels, width = int(torch.randint(1, 6, (1,), generator=gen)), int(torch.randint(1, 4, (1,), generator=gen))
+    roots = torch.arange(channels).repeat_interleave(width)
+    idxs = torch.randperm(channels * width * 3, generator=gen)[:channels * width]
+    order = torch.randperm(len(roots), generator=gen)
+    roots, idxs = roots[order].tolist(), idxs[order].tolist()
+    if case % 4 == 1:  # one channel with one index more: uneven
+        roots, idxs = roots + [0], idxs + [channels * width * 3]
+    elif case % 4 == 2:  # a root outside the group
+        roots[0] = channels
+    elif case % 4 == 3 and case % 8 == 3:
+        roots[-1] = None
+    expected = _channel_table(idxs, roots, channels)
+    table = _channel_index(idxs, roots, channels)
+    assert (table is None) == (expected is None)
+    if expected is not None:
+        assert table.tolist() == expected

@@ -675,13 +675,18 @@ def _is_pass_through(module: nn.Module) -> bool:
 
 
 def _channel_index(idxs: Sequence[int], root_idxs: Sequence[int], channels: int) -> Tensor | None:
-    """(channels, k) table of a layer's indices per group channel; None if channels map to unequal counts."""
-    per_channel: list[list[int]] = [[] for _ in range(channels)]
-    for idx, root in zip(idxs, root_idxs, strict=False):
-        if root is None or root >= channels:
-            return None
-        per_channel[root].append(idx)
-    width = len(per_channel[0])
-    if width == 0 or any(len(p) != width for p in per_channel):
+    """(channels, k) table of a layer's indices per group channel, each row ascending; None if channels map to
+    unequal counts (or to none)."""
+    n = min(len(idxs), len(root_idxs))
+    if not n or None in root_idxs[:n]:
         return None
-    return torch.tensor([sorted(p) for p in per_channel], dtype=torch.long)
+    roots = torch.tensor(list(root_idxs[:n]), dtype=torch.long)
+    index = torch.tensor(list(idxs[:n]), dtype=torch.long)
+    if int(roots.min()) < 0 or int(roots.max()) >= channels:
+        return None
+    counts = torch.bincount(roots, minlength=channels)
+    width = int(counts[0])
+    if width == 0 or bool((counts != width).any()):
+        return None
+    order = torch.argsort(roots * (int(index.max()) + 1) + index)  # by channel, then index
+    return index[order].reshape(channels, width)
