@@ -216,3 +216,19 @@ def test_cli_prunes_a_gpt2_directory_whose_tokenizer_has_no_pad_token(tmp_path, 
     assert 0 < report["embedding_cosine_similarity"] <= 1
     reloaded = structprune.load(tmp_path / "out")
     assert reloaded.h[0].attn.split_size == 16 and reloaded.h[0].attn.c_attn.nf == 48
+
+
+@pytest.mark.parametrize("family", ["vit", "gpt2"])
+def test_attention_products_and_transposed_layers_count_per_sample_like_the_layers(family):
+    import torch_pruning as tp
+
+    from structprune.measure import count
+
+    model = build(family)
+    batch = next(iter(inputs(family, n=3).values()))  # one positional tensor: the counter divides by its length
+
+    def beyond_torch_prunings_counter(x) -> int:  # its own count moves a little with the batch on ViT
+        return count(model, x)["macs"] - int(tp.utils.count_ops_and_params(model, x)[0])
+
+    extra = beyond_torch_prunings_counter(batch[:1])
+    assert extra > 0 and beyond_torch_prunings_counter(batch) == extra  # before: the batch's products

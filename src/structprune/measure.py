@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 import timeit
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -22,23 +23,46 @@ def count(model: nn.Module, example_inputs) -> dict[str, int]:
     :mod:`structprune.attention` describes, and Hugging Face's transposed Linear layers (``Conv1D``, GPT-2).
 
     The layers' count is Torch-Pruning's own rule (``tp.utils.count_ops_and_params``: its per-layer formulas,
-    the outermost layer of a type it knows counts, the total per sample of the first input), applied by
-    :func:`_layer_macs` on the model itself: no deep copy of the model per count.
+    the outermost layer of a type it knows counts, the total per sample of the first input), applied by hooks on
+    the model itself: no deep copy of the model per count.
     """
     was_training = model.training
     model.eval()
-    transposed: list[int] = []
-    hooks = [m.register_forward_hook(lambda m, _args, out: transposed.append(out[..., :1].numel() * m.weight.numel()))
-             for m in model.modules() if is_transposed_linear(m)]
     try:
-        with torch.no_grad(), attention_macs(model) as attention:
-            macs = _layer_macs(model, example_inputs)
+        with torch.no_grad(), counting(model) as size:
+            run_forward(model, example_inputs)
     finally:
         model.train(was_training)
+    return size()
+
+
+@contextmanager
+def counting(model: nn.Module) -> Iterator[Callable[[], dict[str, int]]]:
+    """While open, the forward passes of ``model`` are counted as :func:`count` counts one (run them in eval mode,
+    without gradients); yields a function that gives the size ({"params", "macs"}) of what ran. Another pass
+    that must run anyway (a trace) can count the model with it, instead of a pass of its own."""
+    rules = counter_rules()
+    counted = [_Tally(module) for module in outermost_counted(model, rules)]
+    batch: list[int] = []
+    transposed: list[int] = []
+    hooks = [model.register_forward_hook(lambda _m, args, _out: batch.append(len(args[0]) if args else 1))]
+    hooks += [tally._module.register_forward_hook(lambda _m, args, out, tally=tally: rules[type(tally._module)](
+        tally, args, out)) for tally in counted]
+    hooks += [m.register_forward_hook(lambda m, _args, out: transposed.append(out[..., :1].numel() * m.weight.numel()))
+              for m in model.modules() if is_transposed_linear(m)]
+
+    def size() -> dict[str, int]:  # per sample: the layers' as Torch-Pruning's counter has it, and the rest alike
+        samples = max(sum(batch), 1)
+        macs = int(sum(tally.__flops__ for tally in counted) / samples)
+        return {"params": int(sum(p.numel() for p in model.parameters())),
+                "macs": macs + (sum(attention) + sum(transposed)) // samples}
+
+    try:
+        with attention_macs(model) as attention:
+            yield size
+    finally:
         for hook in hooks:
             hook.remove()
-    params = sum(p.numel() for p in model.parameters())
-    return {"params": int(params), "macs": int(macs) + sum(attention) + sum(transposed)}
 
 
 class _Tally:
@@ -77,22 +101,6 @@ def counter_rules() -> dict:
     from torch_pruning.utils import op_counter
 
     return {**op_counter.MODULES_MAPPING, **op_counter.CUSTOM_MODULES_MAPPING}
-
-
-def _layer_macs(model: nn.Module, example_inputs) -> float:
-    """Torch-Pruning's MACs per sample of ``model``'s layers on one forward pass (see :func:`count`)."""
-    rules = counter_rules()
-    counted = [_Tally(module) for module in outermost_counted(model, rules)]
-    batch: list[int] = []
-    hooks = [model.register_forward_hook(lambda _m, args, _out: batch.append(len(args[0]) if args else 1))]
-    hooks += [tally._module.register_forward_hook(lambda _m, args, out, tally=tally: rules[type(tally._module)](
-        tally, args, out)) for tally in counted]
-    try:
-        run_forward(model, example_inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return sum(tally.__flops__ for tally in counted) / max(sum(batch), 1)
 
 
 @torch.no_grad()
