@@ -61,6 +61,19 @@ def test_zoo_macs_and_params_are_torch_prunings(name):
     assert count(model, example) == {"macs": int(macs), "params": int(params)}
 
 
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_the_graphs_ordering_pass_counts_the_model_as_count_does(name):
+    from structprune.graph import build_graph
+    from structprune.measure import counting
+
+    model, shape = make_zoo_model(name)
+    example = torch.randn(1, *shape)
+    model.train()  # the pass runs in eval mode whatever the model's mode
+    graph = build_graph(model, example, observe=counting(model))
+    assert graph.observed() == count(model, example) and model.training
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 @pytest.mark.parametrize("make, example", [
     (_Recurrent, lambda: torch.randn(2, 7, 6)),
     (_Shared, lambda: torch.randn(2, 3, 9, 9)),

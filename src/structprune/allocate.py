@@ -181,7 +181,7 @@ class Sizer:
     """
 
     def __init__(self, model: nn.Module, example_inputs, ignored_layers: list[str], graph: PruningGraph,
-                 scope: str = "all", latency_batch: int | None = None):
+                 scope: str = "all", latency_batch: int | None = None, dense: dict[str, int] | None = None):
         self.model = model
         self.example_inputs = example_inputs
         self.ignored = list(ignored_layers)
@@ -193,7 +193,11 @@ class Sizer:
         #: layer channels per group channel (more than one where grouped convolutions tie channels together)
         self.widths = {g.name: 1 if g.members is None else int(g.members.shape[1]) for g in groups}
         self.layer_names = {g.name: [g.name] + [p.name for p in g.producers] for g in groups}
-        self.dense = self._measure(self.model)
+        #: the dense model's size; ``dense``: its count as :func:`structprune.measure.count` gives it, read already
+        #: (on the graph's own pass: :func:`structprune.measure.counting`)
+        self.dense = self._measure(self.model) if dense is None else dict(dense)
+        if dense is not None and latency_batch is not None:
+            self.dense["latency_ms"] = self._latency(self.model)
         self._cache: dict[tuple, dict[str, int]] = {}
         self._groups = groups
         self._analytic: AnalyticSizes | None | bool = False  # False: not looked at yet

@@ -25,7 +25,7 @@ from .capture import (
 )
 from .errors import StructPruneError, check_positive_int, first_line
 from .graph import build_graph, out_features, run_forward
-from .measure import count, output_sizes
+from .measure import count, counting, output_sizes
 from .methods.base import GroupView, Method, Selection
 from .progress import bar as progress_bar
 from .recalibrate import has_batchnorm, recalibrate_batchnorm
@@ -280,11 +280,13 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
         example_inputs = take_samples(calib.first(), 1, device)
     if scope == "auto":
         scope = _auto_scope(budget, model, example_inputs, ignored_names)
-    graph = build_graph(pruned, example_inputs, [pruned.get_submodule(n) for n in ignored_names], scope)
+    graph = build_graph(pruned, example_inputs, [pruned.get_submodule(n) for n in ignored_names], scope,
+                        observe=counting(pruned))  # the dense size, counted on the pass that orders the layers
     if reconstruct == "auto":
         reconstruct = "layer" if graph.residual_layers else "original"
     sizer = allocate.Sizer(model, example_inputs, ignored_names, graph, scope,  # model: the caller's, never pruned
-                           latency_batch=_latency_batch(budget))
+                           latency_batch=_latency_batch(budget),
+                           dense=graph.observed() if graph.observed is not None else None)
     round_to = allocate.resolve_round_to(round_to, device)
     needs_gradients = getattr(method, "needs_gradients", False)
     if needs_gradients and not calib.labelled:

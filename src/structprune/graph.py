@@ -152,10 +152,13 @@ class PruningGraph:
     scope: "all" offers every group; "inner" only groups whose channels no residual stream shares
         (no addition of several layers' outputs: block-internal channels, as the i-SpaSP paper prunes).
         The groups left out are listed in ``out_of_scope``.
+    observe: a context manager entered around one forward pass of the model on ``example_inputs`` (eval mode,
+        no gradients; :func:`structprune.measure.counting` counts the model on it); what it yields is
+        :attr:`observed`.
     """
 
     def __init__(self, model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Module] = (),
-                 scope: str = "all"):
+                 scope: str = "all", observe: contextlib.AbstractContextManager | None = None):
         if scope not in SCOPES:
             raise StructPruneError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
         self.model = model
@@ -168,7 +171,11 @@ class PruningGraph:
         try:  # padding couples no channels, and Torch-Pruning loops forever on the slices of circular padding
             with _zero_padding(model):
                 try:
-                    order = self._execution_order()
+                    with observe if observe is not None else contextlib.nullcontext() as observed:
+                        order = self._execution_order()
+                    #: what ``observe`` yielded around the pass that orders the layers (eval mode, no
+                    #: gradients, the example inputs): a pass another part can watch instead of running its own
+                    self.observed = observed
                 except Exception as exc:  # the user's forward, not ours: report it as bad input
                     raise StructPruneError(f"example_inputs: the model's forward pass failed on them "
                                            f"({first_line(exc)})") from exc
@@ -646,15 +653,19 @@ def register_family(matches: Callable[[nn.Module], bool], graph_class: Callable)
     _FAMILIES.append((matches, graph_class))
 
 
-def build_graph(model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Module] = (), scope: str = "all"):
+def build_graph(model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Module] = (), scope: str = "all",
+                observe: contextlib.AbstractContextManager | None = None):
     """The graph for ``model``: a registered family's own (:func:`register_family`; BERT-family encoders get
-    heads and FFN groups), everything else a :class:`PruningGraph`."""
+    heads and FFN groups), everything else a :class:`PruningGraph`. ``observe``: see :class:`PruningGraph`; a
+    family's graph runs no pass, and its ``observed`` is None."""
     for matches, graph_class in _FAMILIES:
         if matches(model):
             if scope not in SCOPES:
                 raise StructPruneError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
-            return graph_class(model, example_inputs, ignored_layers)
-    return PruningGraph(model, example_inputs, ignored_layers, scope)
+            graph = graph_class(model, example_inputs, ignored_layers)
+            graph.observed = None
+            return graph
+    return PruningGraph(model, example_inputs, ignored_layers, scope, observe)
 
 
 def run_forward(model: nn.Module, example_inputs):
