@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -81,18 +83,34 @@ def test_bad_budgets_are_clear():
         structprune.prune(model, calibration(shape), "magnitude", 0.5, round_to=0, progress=False)
 
 
-def test_round_to_auto_takes_the_devices_multiple():
+def test_round_to_auto_by_default_takes_the_devices_multiple_for_a_target_and_a_ratio_as_given():
     model, shape = make_zoo_model("vgg16")  # widths 8..64 at width 0.125
     calib = calibration(shape)
-    result = structprune.prune(model, calib, "magnitude", 0.3, round_to="auto", progress=False)
-    assert result.budget["round_to"] == structprune.allocate.HARDWARE_MULTIPLE["cpu"] == 8
-    assert all(layer["kept"] % 8 == 0 or layer["kept"] == layer["channels"] for layer in result.layers)
-    plain = structprune.prune(model, calib, "magnitude", 0.3, progress=False)
-    assert plain.budget["round_to"] is None and any(layer["kept"] % 8 for layer in plain.layers)
-    target = structprune.prune(model, calib, "magnitude", structprune.Target(0.5), round_to="auto", progress=False)
+    target = structprune.prune(model, calib, "magnitude", structprune.Target(0.5), progress=False)
+    assert target.budget["round_to"] == structprune.allocate.HARDWARE_MULTIPLE["cpu"] == 8
     assert all(layer["kept"] % 8 == 0 or layer["kept"] == layer["channels"] for layer in target.layers)
-    with pytest.raises(StructPruneError, match="positive integer or 'auto'"):
+    assert abs(target.budget["achieved"] - 0.5) <= 0.01 and "round_to_auto" not in target.budget
+    exact = structprune.prune(model, calib, "magnitude", structprune.Target(0.5), round_to=None, progress=False)
+    assert exact.budget["round_to"] is None and any(layer["kept"] % 8 for layer in exact.layers)
+    plain = structprune.prune(model, calib, "magnitude", 0.3, progress=False)  # a ratio: ⌈0.3·C⌉ each
+    assert plain.budget["round_to"] is None
+    assert [layer["kept"] for layer in plain.layers] == [math.ceil(0.3 * layer["channels"]) for layer in plain.layers]
+    rounded = structprune.prune(model, calib, "magnitude", 0.3, round_to=8, progress=False)
+    assert rounded.budget["round_to"] == 8
+    assert all(layer["kept"] % 8 == 0 or layer["kept"] == layer["channels"] for layer in rounded.layers)
+    with pytest.raises(StructPruneError, match="positive integer, 'auto' or None"):
         structprune.prune(model, calib, "magnitude", 0.5, round_to="fast", progress=False)
+
+
+def test_round_to_auto_gives_up_its_multiple_where_a_narrow_model_cannot_meet_the_target_with_it():
+    model, shape = make_zoo_model("resnet20")  # widths 4..16: multiples of 8 leave 8 or 16
+    calib = calibration(shape)
+    result = structprune.prune(model, calib, "magnitude", structprune.Target(0.3), refit=False, progress=False)
+    assert result.budget["round_to"] is None and result.budget["round_to_auto"] == 8
+    assert abs(result.budget["achieved"] - 0.3) <= 0.3 * 0.01
+    rounded = structprune.prune(model, calib, "magnitude", structprune.Target(0.3), round_to=8, refit=False,
+                                progress=False)  # asked for: kept, however far from the target
+    assert rounded.budget["round_to"] == 8 and rounded.budget["achieved"] > 0.31
 
 
 def test_a_latency_target_is_measured_on_this_machine_and_met_by_timing_pruned_copies():

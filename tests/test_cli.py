@@ -187,12 +187,25 @@ def test_cascade_resumes_after_an_interruption_with_the_same_result(tmp_path, fm
 def test_prune_round_to_auto(tmp_path, fmnist_dir, capsys):
     dense = _trained(tmp_path, fmnist_dir)
     common = ["--data-dir", str(fmnist_dir), "--calib-samples", "32", "--no-eval", "-q"]
-    assert main(["prune", str(dense), "--ratio", "0.3", "--round-to", "auto", "--out", str(tmp_path / "a.pt"),
+    assert main(["prune", str(dense), "--ratio", "0.3", "--round-to", "8", "--out", str(tmp_path / "a.pt"),
                  *common]) == 0
     report = json.loads((tmp_path / "a.json").read_text())
     assert report["budget"]["round_to"] == 8
     # ⌈0.3·C⌉ rounded up to 8: conv1 6 → 2 → 8 > 6, so all 6; conv2 16 → 5 → 8; fc1 120 → 36 → 40; fc2 84 → 26 → 32
     assert [layer["kept"] for layer in report["layers"]] == [6, 8, 40, 32]
+    # the default, auto, takes a ratio as given
+    assert main(["prune", str(dense), "--ratio", "0.3", "--out", str(tmp_path / "c.pt"), *common]) == 0
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert report["budget"]["round_to"] is None and [layer["kept"] for layer in report["layers"]] == [2, 5, 36, 26]
+    # and tries the device's multiple on a target: LeNet-5's 6 and 16 channels cannot meet half the MACs in
+    # multiples of 8, so it gives it up (the report says so); none tries nothing
+    assert main(["prune", str(dense), "--target-flops", "0.5", "--out", str(tmp_path / "d.pt"), *common]) == 0
+    budget = json.loads((tmp_path / "d.json").read_text())["budget"]
+    assert budget["round_to"] is None and budget["round_to_auto"] == 8
+    assert main(["prune", str(dense), "--target-flops", "0.5", "--round-to", "none", "--out", str(tmp_path / "e.pt"),
+                 *common]) == 0
+    budget = json.loads((tmp_path / "e.json").read_text())["budget"]
+    assert budget["round_to"] is None and "round_to_auto" not in budget
     with pytest.raises(SystemExit) as exit_:
         main(["prune", str(dense), "--round-to", "fast", "--out", str(tmp_path / "b.pt"), *common])
-    assert exit_.value.code == 2 and "--round-to: must be a positive integer or auto" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "--round-to: must be a positive integer, auto or none" in capsys.readouterr().err

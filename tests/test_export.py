@@ -170,9 +170,9 @@ def test_onnx_export_of_a_pruned_cnn_with_unaligned_widths_says_how_to_prune_for
     model, shape = make_zoo_model("vgg16")
     calib = calibration(shape)
     odd = structprune.prune(model, calib, "magnitude", 0.3, refit=False, progress=False)
-    with pytest.warns(UserWarning, match="round_to='auto'"):
+    with pytest.warns(UserWarning, match="round_to=8"):
         export(odd, tmp_path / "odd.onnx")
-    aligned = structprune.prune(model, calib, "magnitude", 0.3, refit=False, round_to="auto", progress=False)
+    aligned = structprune.prune(model, calib, "magnitude", 0.3, refit=False, round_to=8, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # neither the dense model nor the aligned one is warned about
         export(aligned, tmp_path / "aligned.onnx")

@@ -135,23 +135,28 @@ def as_budget(budget) -> Budget:
                            f"or structprune.Target(...); got {budget!r}")
 
 
-#: the width multiple ``round_to="auto"`` takes per device type: the kept widths the kernels run fastest. CPU 8:
-#: ONNX Runtime's convolutions gain from pruning only at multiples of 8 (ResNet-20 at half the MACs ×0.95 → ×1.46,
-#: MobileNetV2 ×0.87 → ×1.97; 16 is no faster there and costs budget) and oneDNN's run MobileNetV2 ×1.45 → ×1.68
-#: (benchmarks/README.md: export.py, speed.py). CUDA 8: tensor cores take fp16/bf16 matrices in multiples of 8
-#: (NVIDIA's performance guide; not measured here, no GPU).
+#: the width multiple ``round_to="auto"`` (the default) takes per device type for a size target: the kept widths
+#: the kernels run fastest. CPU 8: ONNX Runtime's convolutions gain from pruning only at multiples of 8, and at no
+#: cost in accuracy (benchmarks/README.md, round_to.py: ResNet-20/56 and VGG-16 at half the MACs with i-SpaSP and
+#: PFP's default pipeline, accuracy within 0.2 points of the widths as they fall, ONNX Runtime ×1.26–1.62 faster
+#: than dense instead of ×0.73–1.03; MobileNetV2 ×1.89 instead of ×0.93); eager PyTorch (oneDNN) gains on some
+#: models and loses on others within the timing noise. CUDA 8: tensor cores take fp16/bf16 matrices in multiples
+#: of 8 (NVIDIA's performance guide; not measured here, no GPU).
 HARDWARE_MULTIPLE = {"cpu": 8, "cuda": 8}
 
 
-def resolve_round_to(round_to, device) -> int | None:
-    """``round_to`` as an int or None: ``"auto"`` is :data:`HARDWARE_MULTIPLE` for ``device``'s type (None for a
-    device type with no rule)."""
+def resolve_round_to(round_to, device, budget=None) -> int | None:
+    """``round_to`` as an int or None. ``"auto"``: for a size target (:class:`Target`, where structprune chooses
+    the widths) :data:`HARDWARE_MULTIPLE` for ``device``'s type (None for a device type with no rule); for keep
+    ratios (a number or a dict: the user's own widths) None, each group keeps ⌈ratio·channels⌉."""
     if isinstance(round_to, str):
         if round_to != "auto":
-            raise StructPruneError(f"round_to must be a positive integer or 'auto', got {round_to!r}")
+            raise StructPruneError(f"round_to must be a positive integer, 'auto' or None, got {round_to!r}")
+        if not isinstance(budget, Target):
+            return None
         return HARDWARE_MULTIPLE.get(torch.device(device).type)
     if round_to is not None and (not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1):
-        raise StructPruneError(f"round_to must be a positive integer or 'auto', got {round_to!r}")
+        raise StructPruneError(f"round_to must be a positive integer, 'auto' or None, got {round_to!r}")
     return round_to
 
 
@@ -290,13 +295,17 @@ class Allocation:
     info: dict
 
 
-def plan(budget: Budget, sizer: Sizer, round_to: int | None = None,
-         sensitivities: Callable[[], list[LayerSensitivity]] | None = None) -> Allocation:
+def plan(budget: Budget, sizer: Sizer, round_to: int | str | None = None,
+         sensitivities: Callable[[], list[LayerSensitivity]] | None = None, device="cpu") -> Allocation:
     """Per-group keep counts for ``budget``.
 
     ``sensitivities`` computes PFP's per-group statistics on demand (only for ``Target(allocation="pfp")``).
+    ``round_to="auto"`` with a MACs or params target: the multiple of ``device`` (:func:`resolve_round_to`)
+    where it can meet the target, else the widths as they fall (a model too narrow for it; the report's
+    ``round_to_auto`` says which multiple was given up).
     """
-    round_to = resolve_round_to(round_to, "cpu")
+    auto = round_to == "auto"
+    round_to = resolve_round_to(round_to, device, budget)
     groups = sizer.groups
     if isinstance(budget, Uniform):
         keeps = {name: keep_count(c, budget.ratio, sizer.multiple(name, round_to)) for name, c in groups.items()}
@@ -308,19 +317,28 @@ def plan(budget: Budget, sizer: Sizer, round_to: int | None = None,
         raise StructPruneError("PFP allocation needs calibration data")
     layers = sensitivities() if budget.allocation == "pfp" else None
 
-    def search() -> dict[str, int]:
-        if layers is None:
-            return _search_uniform(budget, sizer, round_to)
-        return _search_pfp(budget, sizer, round_to, layers)
+    def search(multiple: int | None) -> tuple[dict[str, int], float]:
+        keeps = _search_uniform(budget, sizer, multiple) if layers is None else _search_pfp(budget, sizer, multiple,
+                                                                                             layers)
+        if not sizer.confirm(keeps):  # sizes read off the dense model disagree with a pruned copy's: search again
+            keeps = _search_uniform(budget, sizer, multiple) if layers is None else _search_pfp(budget, sizer,
+                                                                                                multiple, layers)
+        achieved = sizer.fraction(keeps, budget.metric)
+        return keeps, achieved
 
-    keeps = search()
-    if not sizer.confirm(keeps):  # sizes read off the dense model disagree with a pruned copy's: search again
-        keeps = search()
-    achieved = sizer.fraction(keeps, budget.metric)
+    keeps, achieved = search(round_to)
+    gave_up = None
+    if (auto and round_to and budget.metric != "latency"  # a latency search times every candidate: not twice
+            and abs(achieved - budget.fraction) / budget.fraction > budget.tolerance):
+        exact, exact_achieved = search(None)
+        if abs(exact_achieved - budget.fraction) < abs(achieved - budget.fraction):
+            keeps, achieved, gave_up, round_to = exact, exact_achieved, round_to, None
     info = {"budget": "target", "metric": budget.metric, "allocation": budget.allocation,
             "target": budget.fraction, "achieved": achieved,
             "relative_error": abs(achieved - budget.fraction) / budget.fraction,
             "size_evaluations": len(sizer._cache), "round_to": round_to}
+    if gave_up is not None:
+        info["round_to_auto"] = gave_up
     if budget.allocation == "pfp":
         info["delta"] = budget.delta
     return Allocation(keeps, info)

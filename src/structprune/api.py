@@ -128,7 +128,7 @@ def prune(
     reconstruct: str = "auto",
     recalibrate: bool | None = None,
     scope: str = "auto",
-    round_to: int | str | None = None,
+    round_to: int | str | None = "auto",
     calib_samples: int | None = None,
     recovery_samples: int | None = None,
     recalibration_samples: int | None = None,
@@ -173,9 +173,11 @@ def prune(
         ones, as the i-SpaSP paper prunes); residual streams are then kept whole. "auto" (default): for a
         :class:`~structprune.allocate.Target`, "inner" when the inner groups alone can meet it (measured
         better: benchmarks/README.md), else "all"; for keep ratios, "all".
-    round_to: round every keep count up to a multiple of this (hardware-friendly widths); ``"auto"``: the
+    round_to: round every keep count up to a multiple of this (hardware-friendly widths), under any budget;
+        None: the widths as they fall. ``"auto"`` (default): for a :class:`~structprune.allocate.Target` the
         multiple the model's device runs fastest (:data:`structprune.allocate.HARDWARE_MULTIPLE`: 8 on CPU and
-        CUDA). The report's ``budget["round_to"]`` says what was used.
+        CUDA; as accurate, and what ONNX Runtime needs to run a pruned CNN faster), for keep ratios none (the
+        user's own widths: ⌈ratio·channels⌉). The report's ``budget["round_to"]`` says what was used.
     calib_samples: calibration samples the method selects on; default: the method's own (1,280 for
         i-SpaSP, PFP's ⌈3·ln(8·η·η*/δ)⌉ rule for PFP, 256 for the rest).
     recovery_samples: calibration samples the refit and the recalibration use (the first ones of
@@ -248,6 +250,7 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
         check_positive_int(recovery_samples, "recovery_samples")
     if recalibration_samples is not None:
         check_positive_int(recalibration_samples, "recalibration_samples")
+    allocate.resolve_round_to(round_to, "cpu", budget)  # a bad value is an error before any work (plan resolves it)
     if reconstruct not in RECONSTRUCT:
         raise StructPruneError(f"reconstruct must be one of {', '.join(RECONSTRUCT)}, got {reconstruct!r}")
     if scope not in SCOPES:
@@ -287,7 +290,6 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
     sizer = allocate.Sizer(model, example_inputs, ignored_names, graph, scope,  # model: the caller's, never pruned
                            latency_batch=_latency_batch(budget),
                            dense=graph.observed() if graph.observed is not None else None)
-    round_to = allocate.resolve_round_to(round_to, device)
     needs_gradients = getattr(method, "needs_gradients", False)
     if needs_gradients and not calib.labelled:
         raise StructPruneError(f"method {method.name} needs labelled calibration batches: (inputs, targets) pairs")
@@ -297,7 +299,7 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
                                      (captures or pfp_allocation) and not stream and not needs_gradients,
                                      refit and reconstruct == "original")
     allocation = allocate.plan(budget, sizer, round_to, lambda: allocate.pfp_sensitivities(
-        pruned, graph, calib, memory_bytes, seed, selection_samples, cache=cache))
+        pruned, graph, calib, memory_bytes, seed, selection_samples, cache=cache), device=device)
     _warn_if_missed(allocation.info, budget)
     _warn_if_clamped(allocation.keeps, sizer.groups, budget)
     _warn_if_nothing_to_prune(pruned, sizer.groups, ignored_names)

@@ -48,13 +48,15 @@ def _positive(text: str) -> int:
     return value
 
 
-def _round_to(text: str) -> int | str:
+def _round_to(text: str) -> int | str | None:
     if text == "auto":
         return text
+    if text == "none":
+        return None
     try:
         return _positive(text)
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be a positive integer, auto or none, got {text!r}") from None
 
 
 def _fractions(text: str) -> list[float]:
@@ -224,10 +226,10 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="how a target is split among groups: one shared ratio, or PFP's δ-based allocation "
                         "(default: uniform)")
     g.add_argument("--delta", type=float, default=1e-16, help="PFP allocation's failure probability δ (default: 1e-16)")
-    g.add_argument("--round-to", type=_round_to, default=None, metavar="N|auto",
-                   help="round every kept width up to a multiple of N; auto: the multiple the device runs fastest "
-                        "(8 on CPU and CUDA: ONNX Runtime and oneDNN kernels, tensor cores) (default: widths as "
-                        "they fall)")
+    g.add_argument("--round-to", type=_round_to, default="auto", metavar="N|auto|none",
+                   help="round every kept width up to a multiple of N; none: the widths as they fall; auto: with a "
+                        "--target-*, the multiple the device runs fastest (8 on CPU and CUDA: what ONNX Runtime "
+                        "needs, as accurate), with --ratio none (default: auto)")
     _add_recovery_args(p)
     p.add_argument("--calib-samples", type=_positive, default=None,
                    help="calibration samples the method selects on, from the training split (default: the "

@@ -150,7 +150,8 @@ def _warn_if_unaligned(model: nn.Module) -> None:
         warnings.warn(f"structprune: {len(odd)} of {len(convs)} convolutions keep a width that is not a multiple "
                       f"of {ALIGNED}; ONNX Runtime's CPU kernels run those slower, so the pruned model may be no "
                       f"faster there than the dense one (a ResNet-20 at half the MACs: ×0.95, ×1.46 with "
-                      f"round_to=8). Prune with round_to='auto' (--round-to auto) for ONNX Runtime",
+                      f"round_to=8). Prune with round_to=8 (--round-to 8) for ONNX Runtime (a Target rounds to 8 "
+                      f"by default)",
                       stacklevel=4)
 
 
