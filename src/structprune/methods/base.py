@@ -68,6 +68,8 @@ class ConsumerView:
     #: (rows, out) the original (unpruned) model's output of this layer at the same rows, bias included:
     #: what a reconstruction aims at instead of the dense layer on the already-pruned inputs
     target: Tensor | None = None
+    #: the dense output on all rows, kept at its first use (a selection, its report and the refit each ask)
+    _dense: Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def full_output(self) -> Tensor:
         """The consumer's real output on the rows (bias and BatchNorm shift included)."""
@@ -79,6 +81,13 @@ class ConsumerView:
         """f restricted to ``channel_idx`` (all channels when None), optionally with replacement weights
         (out, len(channel_idx), taps) and bias (out,). Output shape: (rows, out).
         """
+        if channel_idx is None and weight is None and bias is None and rows == slice(None):
+            if self._dense is None:  # read-only view: the same inputs and weights give the same output
+                object.__setattr__(self, "_dense", self._output(None, None, rows, None))
+            return self._dense
+        return self._output(channel_idx, weight, rows, bias)
+
+    def _output(self, channel_idx: Tensor | None, weight: Tensor | None, rows: slice, bias: Tensor | None) -> Tensor:
         inputs = self.inputs[rows]
         w = self.weight if weight is None else weight
         if channel_idx is not None:
