@@ -121,6 +121,7 @@ def test_a_latency_target_is_measured_on_this_machine_and_met_by_timing_pruned_c
     result = structprune.prune(model, [x], "magnitude", structprune.Target(0.5, "latency", batch=64), refit=False,
                                progress=False)
     assert result.budget["metric"] == "latency" and result.budget["size_evaluations"] >= 3
+    assert result.budget["round_to"] is None  # auto: a latency search times the widths as they fall
     assert 0.25 < result.budget["achieved"] < 0.8  # the search's timing (loose: the machine may be busy)
     # a wide MLP's time follows its MACs: half the time cannot be had without losing a good share of them
     assert result.after["macs"] < 0.85 * result.before["macs"]

@@ -146,13 +146,14 @@ HARDWARE_MULTIPLE = {"cpu": 8, "cuda": 8}
 
 
 def resolve_round_to(round_to, device, budget=None) -> int | None:
-    """``round_to`` as an int or None. ``"auto"``: for a size target (:class:`Target`, where structprune chooses
-    the widths) :data:`HARDWARE_MULTIPLE` for ``device``'s type (None for a device type with no rule); for keep
-    ratios (a number or a dict: the user's own widths) None, each group keeps ⌈ratio·channels⌉."""
+    """``round_to`` as an int or None. ``"auto"``: for a MACs or params target (:class:`Target`, where structprune
+    chooses the widths) :data:`HARDWARE_MULTIPLE` for ``device``'s type (None for a device type with no rule); None
+    for keep ratios (a number or a dict: the user's own widths, ⌈ratio·channels⌉ each) and for a latency target
+    (its search times the widths on this machine: which ones run fast is in the measurement)."""
     if isinstance(round_to, str):
         if round_to != "auto":
             raise StructPruneError(f"round_to must be a positive integer, 'auto' or None, got {round_to!r}")
-        if not isinstance(budget, Target):
+        if not isinstance(budget, Target) or budget.metric == "latency":
             return None
         return HARDWARE_MULTIPLE.get(torch.device(device).type)
     if round_to is not None and (not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1):
@@ -318,18 +319,19 @@ def plan(budget: Budget, sizer: Sizer, round_to: int | str | None = None,
     layers = sensitivities() if budget.allocation == "pfp" else None
 
     def search(multiple: int | None) -> tuple[dict[str, int], float]:
-        keeps = _search_uniform(budget, sizer, multiple) if layers is None else _search_pfp(budget, sizer, multiple,
-                                                                                             layers)
+        def once() -> dict[str, int]:
+            if layers is None:
+                return _search_uniform(budget, sizer, multiple)
+            return _search_pfp(budget, sizer, multiple, layers)
+
+        keeps = once()
         if not sizer.confirm(keeps):  # sizes read off the dense model disagree with a pruned copy's: search again
-            keeps = _search_uniform(budget, sizer, multiple) if layers is None else _search_pfp(budget, sizer,
-                                                                                                multiple, layers)
-        achieved = sizer.fraction(keeps, budget.metric)
-        return keeps, achieved
+            keeps = once()
+        return keeps, sizer.fraction(keeps, budget.metric)
 
     keeps, achieved = search(round_to)
     gave_up = None
-    if (auto and round_to and budget.metric != "latency"  # a latency search times every candidate: not twice
-            and abs(achieved - budget.fraction) / budget.fraction > budget.tolerance):
+    if auto and round_to and abs(achieved - budget.fraction) / budget.fraction > budget.tolerance:
         exact, exact_achieved = search(None)
         if abs(exact_achieved - budget.fraction) < abs(achieved - budget.fraction):
             keeps, achieved, gave_up, round_to = exact, exact_achieved, round_to, None

@@ -174,10 +174,12 @@ def prune(
         :class:`~structprune.allocate.Target`, "inner" when the inner groups alone can meet it (measured
         better: benchmarks/README.md), else "all"; for keep ratios, "all".
     round_to: round every keep count up to a multiple of this (hardware-friendly widths), under any budget;
-        None: the widths as they fall. ``"auto"`` (default): for a :class:`~structprune.allocate.Target` the
-        multiple the model's device runs fastest (:data:`structprune.allocate.HARDWARE_MULTIPLE`: 8 on CPU and
-        CUDA; as accurate, and what ONNX Runtime needs to run a pruned CNN faster), for keep ratios none (the
-        user's own widths: ⌈ratio·channels⌉). The report's ``budget["round_to"]`` says what was used.
+        None: the widths as they fall. ``"auto"`` (default): for a MACs or params
+        :class:`~structprune.allocate.Target`, the multiple the model's device runs fastest
+        (:data:`structprune.allocate.HARDWARE_MULTIPLE`: 8 on CPU and CUDA; as accurate, and what ONNX Runtime
+        needs to run a pruned CNN faster) where it meets the target; none for keep ratios (the user's own widths,
+        ⌈ratio·channels⌉) and latency targets (timed as they are). ``budget["round_to"]`` in the report says
+        what was used.
     calib_samples: calibration samples the method selects on; default: the method's own (1,280 for
         i-SpaSP, PFP's ⌈3·ln(8·η·η*/δ)⌉ rule for PFP, 256 for the rest).
     recovery_samples: calibration samples the refit and the recalibration use (the first ones of
