@@ -377,3 +377,26 @@ def test_a_weights_only_selection_without_recovery_reads_no_data():
     assert torch.equal(without_example.model.layer1[0].conv1.weight, bare.model.layer1[0].conv1.weight)
     default = structprune.prune(model, loader, "magnitude", 0.5, progress=False)  # the refit and the BN statistics
     assert default.recovery_samples == 64 and set(default.stages) == {"samples", "dense", "pruned", "recalibrated"}
+
+
+def test_the_refit_reads_rows_per_kept_input_as_the_capture_reads_them_per_captured_input(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    inputs, weight = torch.randn(200, 4, 3, generator=gen), torch.randn(5, 4, 3, generator=gen)
+
+    def view(rows) -> ConsumerView:
+        return ConsumerView(name="c", inputs=rows, weight=weight, bias=None, output_scale=torch.ones(5))
+
+    keep = torch.tensor([0, 2])
+    strided, direct = view(inputs).normal_equations(keep, stride=3), view(inputs[::3]).normal_equations(keep)
+    assert torch.equal(strided.gram, direct.gram) and torch.equal(strided.cross, direct.cross)
+    assert strided.gram[-1, -1] == 67  # the constant column counts the rows
+    strides = []
+    real = ConsumerView.normal_equations
+    monkeypatch.setattr(ConsumerView, "normal_equations",
+                        lambda self, idx, stride=1: strides.append(stride) or real(self, idx, stride))
+    monkeypatch.setattr(structprune.capture, "ROWS_PER_FEATURE", 4)
+    group = GroupView(name="g", channels=4, consumers=(view(inputs),), producers=())
+    refit_module.refit(group, Selection(keep))  # 6 kept inputs: 24 rows wanted of 200, every 8th
+    monkeypatch.setattr(structprune.capture, "ROWS_PER_FEATURE", 0)  # 0: every row
+    refit_module.refit(group, Selection(keep))
+    assert strides == [8, 1]

@@ -18,7 +18,9 @@ mean eigenvalue of Z_Sᵀ·Z_S) that pulls W' towards the method's own weights, 
 the rows do not determine a weight (fewer rows than kept inputs, or channels that never fire on
 the calibration data), it stays as the method left it. The refit is kept only where it lowers the
 consumer's reconstruction error on the calibration rows, so it never makes a layer worse there; the
-errors come from the same normal equations, without another pass over the rows. Consumers with more
+errors come from the same normal equations, without another pass over the rows. The equations read
+``ROWS_PER_FEATURE`` rows per kept input (every k-th captured row: the capture keeps that many per captured
+input, and the kept inputs are fewer), the rule the capture itself follows. Consumers with more
 than ``max_features`` kept inputs (s·taps) are left as the method chose them, and the report says so.
 """
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import capture
 from .methods.base import GroupView, NormalEquations, Selection
 
 MAX_FEATURES = 16384
@@ -50,7 +53,11 @@ def refit(view: GroupView, selection: Selection, max_features: int = MAX_FEATURE
                                      "groups keep zero)" if consumer.grouped
                                      else f"not refitted: {features} kept inputs, more than {max_features}")
             continue
-        equations = consumer.normal_equations(keep_idx)
+        # ROWS_PER_FEATURE rows per unknown, as the capture keeps per captured input (more measured no better):
+        # the kept inputs are fewer, so every k-th row (k = rows per kept input over the rule, at least 1)
+        per_input = capture.ROWS_PER_FEATURE  # read here: benchmarks/rows.py varies it (0: every row)
+        stride = max(1, len(consumer.inputs) // (per_input * features)) if per_input else 1
+        equations = consumer.normal_equations(keep_idx, stride)
         start_flat = start.reshape(out, -1).T.double().cpu()
         intercept = consumer.bias is not None or consumer.normalized
         fitted, delta = _solve(equations, start_flat, ridge, fit_bias=intercept)

@@ -100,12 +100,15 @@ class ConsumerView:
             out = out + bias
         return out * self.output_scale
 
-    def normal_equations(self, channel_idx: Tensor) -> NormalEquations:
+    def normal_equations(self, channel_idx: Tensor, stride: int = 1) -> NormalEquations:
         """The least-squares system of reconstructing the target from the rows of ``channel_idx`` (and a
         constant): Σ over rows of [Z_S 1]ᵀ[Z_S 1], [Z_S 1]ᵀ·Y and Y², accumulated in float64 over row
         chunks (memory independent of the number of rows). Y is :attr:`target` less the bias when the
-        capture recorded it, else the dense layer without its bias, Z·Wᵀ."""
-        rows, channels, taps = self.inputs.shape
+        capture recorded it, else the dense layer without its bias, Z·Wᵀ. ``stride``: every stride-th row only
+        (the rows are each sample's in turn: a stride keeps every sample's share)."""
+        inputs = self.inputs[::stride]
+        targets = None if self.target is None else self.target[::stride]
+        rows, channels, taps = inputs.shape
         features = len(channel_idx) * taps
         weight = self.weight.reshape(self.weight.shape[0], -1)
         gram = torch.zeros(features + 1, features + 1, dtype=torch.float64)
@@ -113,11 +116,11 @@ class ConsumerView:
         target_sq = torch.zeros(weight.shape[0], dtype=torch.float64)
         chunk = max(1, _CHUNK_ELEMENTS // (channels * taps))
         for start in range(0, rows, chunk):
-            z = self.inputs[start:start + chunk]
-            if self.target is None:
+            z = inputs[start:start + chunk]
+            if targets is None:
                 y = (z.reshape(len(z), -1) @ weight.T).double()
             else:  # the original layer's output, less the bias the consumer keeps
-                y = self.target[start:start + chunk].double()
+                y = targets[start:start + chunk].double()
                 if self.bias is not None:
                     y = y - self.bias.double()
             kept = torch.cat([z[:, channel_idx].reshape(len(z), -1).double(),
