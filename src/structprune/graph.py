@@ -21,7 +21,7 @@ import contextlib
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch_pruning as tp
@@ -231,9 +231,19 @@ class PruningGraph:
         """
         for root, root_fn in self._roots:
             kept = self._resolved.get(root)
-            if kept is not None and kept[0] == _sizes(kept[1]):
-                yield kept[1]
-                continue
+            if kept is not None:
+                sizes = _sizes(kept[1])
+                if kept[0] == sizes:
+                    yield kept[1]
+                    continue
+                if kept[0][0] == sizes[0] and [c[0] for c in kept[0][1]] == [c[0] for c in sizes[1]]:
+                    # only consumers' outputs changed (a residual stream's removal behind a block): the channel
+                    # tables hold, the BatchNorms after those consumers are read again
+                    group = self._with_output_affines(kept[1], [old[1] != new[1] for old, new in
+                                                                zip(kept[0][1], sizes[1], strict=True)])
+                    self._resolved[root] = (sizes, group)
+                    yield group
+                    continue
             group = self._resolve(root, root_fn)
             if group is not None:
                 self._resolved[root] = (_sizes(group), group)
@@ -289,12 +299,7 @@ class PruningGraph:
                     # its input rows would be padded with other values than the ones the layer reads
                     return self._skip(name, f"consumer {self.name_of(module)} pads with "
                                             f"padding_mode={module.padding_mode!r}; only zero padding is supported")
-                scale, shift, batchnorm = self._output_affine(module)
-                normalized = scale is not None
-                if not normalized:
-                    scale = torch.ones(module.weight.shape[0], device=module.weight.device)
-                    shift = torch.zeros_like(scale)
-                consumers.append(Consumer(self.name_of(module), module, index, scale, shift, normalized, batchnorm))
+                consumers.append(Consumer(self.name_of(module), module, index, *self._consumer_affine(module)))
         if not consumers:
             return self._skip(name, "no Linear/Conv1d/Conv2d reads these channels")
         attention = self._inside_attention(tp_group, producers, consumers)
@@ -377,6 +382,25 @@ class PruningGraph:
 
     def _is_out(self, item) -> bool:
         return self.dg.is_out_channel_pruning_fn(item.dep.handler)
+
+    def _with_output_affines(self, group: Group, changed: list[bool]) -> Group:
+        """``group`` with the BatchNorm scale and shift after each consumer flagged in ``changed`` read again."""
+        consumers = []
+        for consumer, again in zip(group.consumers, changed, strict=True):
+            if again:
+                scale, shift, normalized, batchnorm = self._consumer_affine(consumer.module)
+                consumer = replace(consumer, output_scale=scale, output_shift=shift, normalized=normalized,
+                                   batchnorm=batchnorm)
+            consumers.append(consumer)
+        return replace(group, consumers=consumers)
+
+    def _consumer_affine(self, module: nn.Module) -> tuple[Tensor, Tensor, bool, nn.Module | None]:
+        """A consumer's (output_scale, output_shift, normalized, batchnorm) as :class:`Consumer` holds them."""
+        scale, shift, batchnorm = self._output_affine(module)
+        if scale is None:
+            scale = torch.ones(module.weight.shape[0], device=module.weight.device)
+            return scale, torch.zeros_like(scale), False, batchnorm
+        return scale, shift, True, batchnorm
 
     def _output_affine(self, consumer: nn.Module) -> tuple[Tensor | None, Tensor | None, nn.Module | None]:
         """(γ/σ, β − γμ/σ) of a BatchNorm that reads the consumer's output directly, else (None, None); and that
