@@ -135,3 +135,56 @@ def test_nothing_is_kept_beyond_the_memory_bound():
     roomy = ActivationCache(model, chain, example, samples=1000, limit_bytes=2**30)
     assert roomy.plan(["a.layer.that.never.ran"]) == (None, None)  # placed after every block: nothing to keep
     assert roomy.plan(["layer2.1.conv1"], ["layer2.0.conv2"])[1] == [c.name for c in chain.nodes].index("layer2.0")
+
+
+def test_a_pruned_producer_is_not_run_again_on_every_batch_of_the_next_pass():
+    """Block k's conv1 reads the block's own input: after its group's removal, the pass that resumes at block k
+    takes the kept rows of what conv1 computed in the group's own capture, after checking one batch."""
+    model, shape = make_zoo_model("resnet56")
+    calib = calibration(shape, samples=32, batch=8)  # 4 batches
+    name = "layer2.3.conv1"
+    channels = model.get_submodule(name).out_channels
+    runs = []  # (out_channels, batch) of every run of that layer of the model being pruned, during the captures
+    capturing = [False]
+    real_forward, real_capture = nn.Conv2d.forward, api.capture
+
+    def forward(self, x):
+        if capturing[0] and getattr(self, "_watched", False):
+            runs.append((self.out_channels, x.shape[0]))
+        return real_forward(self, x)
+
+    def capture(model, *args, **kwargs):
+        model.get_submodule(name)._watched = True
+        capturing[0] = True
+        try:
+            return real_capture(model, *args, **kwargs)
+        finally:
+            capturing[0] = False
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nn.Conv2d, "forward", forward)
+        patch.setattr(api, "capture", capture)
+        result = structprune.prune(model, calib, "ispasp", 0.5, scope="inner", progress=False)
+    assert runs.count((channels, 8)) == 4  # its own group's capture: every batch
+    assert runs.count((channels // 2, 8)) == 1  # the next group's pass: the first batch only, to check the rows
+    assert result.model.get_submodule(name).out_channels == channels // 2
+
+
+def test_a_producer_whose_kept_output_no_longer_matches_runs_again():
+    from structprune.resume import _taking
+
+    full, rows = nn.Conv2d(2, 4, 1), torch.tensor([0, 2])
+    pruned = nn.Conv2d(2, 2, 1)
+    with torch.no_grad():
+        pruned.weight.copy_(full.weight[rows])
+        pruned.bias.copy_(full.bias[rows])
+        x = torch.randn(3, 2, 5, 5)
+        recorded = [full(x)]
+        with _taking({pruned: (recorded, rows, 1)}, lambda: 0):
+            assert torch.equal(pruned(x), recorded[0][:, rows]) and torch.equal(pruned(x), recorded[0][:, rows])
+        stale = [full(x) + 1.0]  # as if its input had changed since it was recorded
+        with _taking({pruned: (stale, rows, 1)}, lambda: 0):
+            computed = nn.Conv2d.forward(pruned, x)
+            assert torch.equal(pruned(x), computed)  # the check finds the difference
+            assert torch.equal(pruned(x), computed)  # and the layer runs from then on
+        assert "forward" not in vars(pruned)

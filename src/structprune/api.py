@@ -192,7 +192,7 @@ def prune(
         The output layer is always kept whole.
     memory_bytes: bound on the captured rows per consumer (see :mod:`structprune.capture`). The inputs of one
         block kept between groups, so that a capture runs only the blocks after it (:mod:`structprune.resume`),
-        take at most ``CACHE_FACTOR`` (4) times as much.
+        and the outputs of the layers that read them take at most ``CACHE_FACTOR`` (4) times as much together.
     stream: do not keep the calibration samples in memory; re-read ``calib_loader`` for every group
         (it must give the same samples each pass: no shuffling). Memory then stays bounded however
         large the calibration set; each group costs one pass over it.
@@ -352,7 +352,9 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
             _track_outputs(original_outputs, group, selection.keep_idx)
             before = state(pruned) if cache is not None else None
             graph.apply(group, selection.keep_idx, selection.consumer_weights, selection.consumer_biases)
-            if cache is not None:
+            if cache is not None:  # the producers' recorded outputs stand for the next pass, in the rows kept
+                cache.pruned((p.name, p.channel_index[selection.keep_idx].reshape(-1).sort().values)
+                             for p in group.producers)
                 cache.changed(changed_modules(before, state(pruned)))
             if checked:
                 _check_forward(pruned, example_inputs, group.name)

@@ -457,7 +457,8 @@ def capture(model: nn.Module, group: Group, calib: Calibration | list, memory_by
         cache = reference_cache = None  # the loss needs the whole pass
     reads = [c.name for c in group.consumers]
     changes = reads + [layer.name for layer in (*group.producers, *group.batchnorms)]
-    resumed = cache.resumed(*cache.plan(reads, changes)) if cache is not None else nullcontext()  # before the hooks
+    resumed = (cache.resumed(*cache.plan(reads, changes), producers=[p.name for p in group.producers])
+               if cache is not None else nullcontext())  # before the hooks
     ref_reads = [name for name in reads if reference is not None and name in reference[1]]
     ref_resumed = (reference_cache.resumed(*reference_cache.plan(ref_reads))
                    if reference is not None and reference_cache is not None else nullcontext())

@@ -15,6 +15,12 @@ for the next group. Groups come shallow to deep, so each capture runs only the b
 group's consumers (and stops there), instead of the whole prefix of the network. After each removal the
 modules that changed are compared with the cut, and a change before it drops the cache (the next capture runs
 from the input). Memory: at most ``limit_bytes`` of kept inputs; beyond that nothing is kept.
+
+The group's producers that read the cut block's own input (a residual block's first conv, a VGG layer) have
+their outputs kept with it, within the same bound. Their group's removal keeps some of their output rows and
+changes nothing they read, so the next pass, which resumes at that cut, takes those rows of the kept outputs
+instead of running them again (checked against a real run on its first batch; a difference makes the layer
+run from then on).
 """
 
 from __future__ import annotations
@@ -59,6 +65,10 @@ class Chain:
         self._nodes = [call.name for call in self.nodes]
         self._per_sample = [call.input[:1].nelement() * call.input.element_size() for call in self.nodes]
         self._usable: dict[int, bool] | None = None  # per cut, once checked
+        node_inputs = {id(call.input): i for i, call in enumerate(self.nodes)}
+        #: modules called once whose input is a block's own input: module name -> that block
+        self._reads_block_input = {name: node_inputs[id(c[0].input)] for name, c in calls.items()
+                                   if len(c) == 1 and isinstance(c[0].input, Tensor) and id(c[0].input) in node_inputs}
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -73,6 +83,10 @@ class Chain:
 
     def bytes_per_sample(self, cut: int) -> int:
         return self._per_sample[cut]
+
+    def reads_block_input(self, name: str) -> int | None:
+        """The block whose own input module ``name`` reads (it runs once, first thing on it), else None."""
+        return self._reads_block_input.get(name)
 
     def usable(self, model: nn.Module, example_inputs, cut: int) -> bool:
         """Whether resuming ``model`` at block ``cut`` computes what its whole forward pass does. Every cut is
@@ -250,6 +264,11 @@ class ActivationCache:
         self.cut: int | None = None
         self.values: list[Tensor] = []
         self.batch = 0
+        #: outputs, per batch, of the group's producers that read the cut block's own input (recorded with it);
+        #: once the group's removal says which rows each keeps (:meth:`pruned`), the next pass that resumes at
+        #: the cut takes them instead of running those producers again
+        self._outputs: dict[str, list[Tensor]] = {}
+        self._rows: dict[str, Tensor] = {}
 
     def plan(self, reads: Iterable[str], changes: Iterable[str] = ()) -> tuple[int | None, int | None]:
         """(block to resume at, block whose input to record) for a pass that must reach the modules ``reads``
@@ -267,34 +286,126 @@ class ActivationCache:
         return start, record
 
     @contextmanager
-    def resumed(self, start: int | None, record: int | None) -> Iterator[None]:
+    def resumed(self, start: int | None, record: int | None, producers: Iterable[str] = ()) -> Iterator[None]:
         """Passes within the block resume at ``start`` (for the batch :attr:`batch`) and record the input of
-        block ``record``; once the block ends without an error, the recorded inputs are the cache."""
+        block ``record``, and the outputs of those of the modules ``producers`` that read it (see
+        :meth:`pruned`); once the block ends without an error, the recorded inputs are the cache."""
         recorded: list[Tensor] = []
-        handle = None
+        handles = []
         if record is not None:
-            handle = self.chain.node(self.model, record).register_forward_pre_hook(
-                lambda _module, args: recorded.append(args[0].detach().clone()), prepend=True)
+            handles.append(self.chain.node(self.model, record).register_forward_pre_hook(
+                lambda _module, args: recorded.append(args[0].detach().clone()), prepend=True))
+        outputs = _Outputs(self.limit_bytes - self.chain.bytes_per_sample(record) * self.samples
+                           if record is not None else 0)
+        for name in producers if record is not None else ():
+            module = self.model.get_submodule(name)
+            if (self.chain.reads_block_input(name) == record and _channel_dim(module) is not None
+                    and "forward" not in vars(module)):  # a module whose forward is already replaced: left alone
+                handles.append(module.register_forward_hook(outputs.keeper(name)))
+        stubs = self._stubs() if start is not None and start == self.cut else {}
+        self._outputs, self._rows = {}, {}  # used by this pass or never
         values = self.values
         try:
-            if start is None:
-                yield
-            else:
-                with self.chain.resumed(self.model, start, lambda: values[self.batch].clone()):
+            with _taking(stubs, lambda: self.batch):
+                if start is None:
                     yield
+                else:
+                    with self.chain.resumed(self.model, start, lambda: values[self.batch].clone()):
+                        yield
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
         if recorded:
             self.cut, self.values = record, recorded
+            self._outputs = outputs.complete(len(recorded))
+
+    def pruned(self, producers: Iterable[tuple[str, Tensor]]) -> None:
+        """The group whose capture recorded producer outputs was removed: (producer, the output rows it keeps,
+        ascending) for each. A producer whose input the removal left alone computes those rows of what it
+        computed before, so the next pass that resumes at the cut takes them (checked on its first batch)."""
+        self._rows = {name: rows for name, rows in producers if name in self._outputs}
+
+    def _stubs(self) -> dict[nn.Module, tuple[list[Tensor], Tensor, int]]:
+        return {self.model.get_submodule(name): (self._outputs[name], rows,
+                                                 _channel_dim(self.model.get_submodule(name)))
+                for name, rows in self._rows.items()}
 
     def drop(self) -> None:
         self.cut, self.values = None, []
+        self._outputs, self._rows = {}, {}
 
     def changed(self, names: Iterable[str]) -> None:
         """Modules ``names`` changed: a change before the cut makes the kept inputs stale."""
         if self.cut is not None and any(self.chain.key(name) < self.cut for name in names):
             self.drop()
+
+
+def _channel_dim(module: nn.Module) -> int | None:
+    """The dimension of a Conv1d/Conv2d's or Linear's output that holds its output channels."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return 1
+    return -1 if isinstance(module, nn.Linear) else None
+
+
+class _Outputs:
+    """A forward hook per module keeping a clone of each output, within ``limit_bytes`` in all."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit_bytes, self.bytes = limit_bytes, 0
+        self.kept: dict[str, list[Tensor]] = {}
+
+    def keeper(self, name: str):
+        self.kept[name] = []
+
+        def keep(_module, _args, output) -> None:
+            if not isinstance(output, Tensor) or self.bytes + output.nelement() * output.element_size() > \
+                    self.limit_bytes:
+                self.kept[name] = None  # over the bound (or not one tensor): not kept at all
+            elif self.kept[name] is not None:
+                self.bytes += output.nelement() * output.element_size()
+                self.kept[name].append(output.detach().clone())
+
+        return keep
+
+    def complete(self, batches: int) -> dict[str, list[Tensor]]:
+        """The modules whose output was kept for every one of ``batches`` batches."""
+        return {name: kept for name, kept in self.kept.items() if kept is not None and len(kept) == batches}
+
+
+@contextmanager
+def _taking(stubs: dict[nn.Module, tuple[list[Tensor], Tensor, int]], batch) -> Iterator[None]:
+    """Within the block each module in ``stubs`` returns the kept rows of its recorded output for the batch
+    ``batch()`` instead of running. On the first call each runs once more and its output is compared with
+    the kept rows; if they differ (its input changed after all), it runs from then on."""
+    real = {}
+
+    def stub(module: nn.Module, outputs: list[Tensor], rows: Tensor, dim: int):
+        checked, failed = [False], [False]
+
+        def forward(*args, **kwargs):
+            if failed[0]:
+                return real[module](*args, **kwargs)
+            kept = outputs[batch()].index_select(dim, rows.to(outputs[0].device))
+            if not checked[0]:
+                checked[0] = True
+                computed = real[module](*args, **kwargs)
+                scale = float(computed.detach().abs().max()) if computed.numel() else 0.0
+                if computed.shape != kept.shape or not torch.allclose(computed, kept, rtol=1e-4,
+                                                                       atol=1e-5 * scale + 1e-12):
+                    failed[0] = True
+                    return computed
+            return kept
+
+        return forward
+
+    for module, (outputs, rows, dim) in stubs.items():
+        real[module] = module.forward
+        module.forward = stub(module, outputs, rows, dim)
+    try:
+        yield
+    finally:
+        for module in stubs:
+            del module.forward
 
 
 def state(model: nn.Module) -> dict[str, tuple]:
