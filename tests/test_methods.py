@@ -137,3 +137,16 @@ def test_coupled_magnitude_also_weighs_the_columns_that_read_a_channel():
     coupled = structprune.prune(net, calib, "magnitude", 0.5, refit=False, progress=False, coupled=True, norm=2)
     assert plain.model[2].weight[0].tolist()[0] == pytest.approx(0.1)  # kept channel 0
     assert sorted(coupled.model[2].weight[0].tolist()) == pytest.approx([3.0, 5.0])  # kept channels 1 and 3
+
+
+def test_the_contribution_gram_of_whole_rows_is_the_exact_one_and_estimates_it_when_sampled():
+    from structprune.methods.base import ConsumerView
+
+    gen = torch.Generator().manual_seed(0)
+    inputs, weight = torch.randn(300, 6, 4, generator=gen), torch.randn(5, 6, 4, generator=gen)
+    view = ConsumerView(name="c", inputs=inputs, weight=weight, bias=None, output_scale=torch.rand(5, generator=gen))
+    exact = view.contribution_gram(max_pairs=300 * 5)  # every (row, output) pair
+    torch.testing.assert_close(view.contribution_gram(max_pairs=300 * 5, whole_rows=True), exact, rtol=1e-5,
+                               atol=0)  # float32 products summed in another order
+    sampled = view.contribution_gram(max_pairs=150 * 5, generator=torch.Generator().manual_seed(1), whole_rows=True)
+    assert float((sampled - exact).norm() / exact.norm()) < 0.2  # half the rows, scaled to the whole sum

@@ -7,7 +7,8 @@ between the dense consumer output and the output restricted to the kept set:
     S = ∅;  repeat keep times:  S ← S ∪ {argmin_i ‖Y − f(H_{S ∪ {i}})‖²}
 
 With x_j channel j's contribution and G their Gram matrix, ‖Y − f(H_S)‖² = Σ_{i,j ∉ S} G[i, j], so each
-step is exact in O(C) after G is built (one pass over the calibration rows, O(rows·out·C²)).
+step is exact in O(C) after G is built (one pass over the calibration rows, O(rows·out·C²); beyond
+``max_pairs`` (row, output) pairs, on about max_pairs / out rows drawn at random, all outputs of each).
 Ye et al. select against the network's final loss on a mini-batch; this is the layer-wise residual
 objective that i-SpaSP bounds, which makes the two directly comparable.
 """
@@ -31,7 +32,7 @@ class GFS:
         self.max_pairs = max_pairs
 
     def select(self, group: GroupView, keep: int) -> Selection:
-        gram = group.contribution_gram(self.max_pairs)
+        gram = group.contribution_gram(self.max_pairs, whole_rows=True)  # rows with all their outputs: no gather
         channels = group.channels
         kept = torch.zeros(channels, dtype=torch.bool)
         # residual(S) = 1ᵀG1 − 2·Σ_{i∈S} (G1)_i + 1_SᵀG1_S; adding i changes it by −2(G1)_i + 2(G1_S)_i + G_ii
