@@ -67,7 +67,7 @@ def latencies(dense, pruned, batch: torch.Tensor, directory: Path, tag: str) -> 
     return out
 
 
-def cases(calib: list) -> list[tuple[str, torch.nn.Module, str, dict, bool]]:
+def cases() -> list[tuple[str, torch.nn.Module, str, dict, bool]]:
     """(model, dense model, method, prune options, scored)."""
     out = []
     for name in CHECKPOINTS:
@@ -91,7 +91,7 @@ def main() -> None:
     batch = torch.cat([x for x, _ in calib])[:BATCH]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, dense, method, options, scored in cases(calib):
+        for name, dense, method, options, scored in cases():
             if name not in wanted:
                 continue
             dense_accuracy = accuracy(dense, test) if scored else None

@@ -349,12 +349,13 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
                     entry["relative_residual_refit"] = residuals[1]
             else:
                 entry["relative_residual"] = None
-            _track_outputs(original_outputs, group, selection.keep_idx)
+            kept_rows = {p.name: p.channel_index[selection.keep_idx].reshape(-1).sort().values
+                         for p in group.producers}  # each producer's output rows the removal keeps
+            _track_outputs(original_outputs, group, kept_rows)
             before = state(pruned) if cache is not None else None
             graph.apply(group, selection.keep_idx, selection.consumer_weights, selection.consumer_biases)
             if cache is not None:  # the producers' recorded outputs stand for the next pass, in the rows kept
-                cache.pruned((p.name, p.channel_index[selection.keep_idx].reshape(-1).sort().values)
-                             for p in group.producers)
+                cache.pruned(kept_rows.items())
                 cache.changed(changed_modules(before, state(pruned)))
             if checked:
                 _check_forward(pruned, example_inputs, group.name)
@@ -437,12 +438,12 @@ def _reference(model: nn.Module, group, graph, original_outputs: dict[str, Tenso
     return (model, targets) if targets else None
 
 
-def _track_outputs(original_outputs: dict[str, Tensor], group, keep_idx: Tensor) -> None:
-    """Record which of the original outputs each of the group's producers keeps (indices compose over groups)."""
+def _track_outputs(original_outputs: dict[str, Tensor], group, kept_rows: dict[str, Tensor]) -> None:
+    """Record which of the original outputs each of the group's producers keeps, given the output rows it keeps
+    now (indices compose over groups)."""
     for producer in group.producers:
-        rows = producer.channel_index[keep_idx].reshape(-1).sort().values
         current = original_outputs.get(producer.name, torch.arange(out_features(producer.module)))
-        original_outputs[producer.name] = current[rows]
+        original_outputs[producer.name] = current[kept_rows[producer.name]]
 
 
 class _StageAccuracy:

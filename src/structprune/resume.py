@@ -326,8 +326,8 @@ class ActivationCache:
         self._rows = {name: rows for name, rows in producers if name in self._outputs}
 
     def _stubs(self) -> dict[nn.Module, tuple[list[Tensor], Tensor, int]]:
-        return {self.model.get_submodule(name): (self._outputs[name], rows,
-                                                 _channel_dim(self.model.get_submodule(name)))
+        modules = {name: self.model.get_submodule(name) for name in self._rows}
+        return {modules[name]: (self._outputs[name], rows, _channel_dim(modules[name]))
                 for name, rows in self._rows.items()}
 
     def drop(self) -> None:

@@ -143,7 +143,7 @@ class ConsumerView:
         every output of about max_pairs / out rows drawn uniformly (without replacement), an estimate as
         unbiased, computed as one matrix product per channel with no gather: O(pairs·C·(taps/out + C)).
         """
-        rows, channels, taps = self.inputs.shape
+        rows, channels, _ = self.inputs.shape
         out = self.weight.shape[0]
         if whole_rows:
             return self._gram_of_rows(min(rows, max(1, max_pairs // out)), generator)
