@@ -29,6 +29,24 @@ def test_output_layer_is_never_a_group_and_first_layer_keeps_its_inputs():
     assert result.model.fc3.out_features == 10
 
 
+@pytest.mark.parametrize("name", ["lenet5", "resnet20"])
+def test_the_graph_runs_the_model_once_and_counts_it_on_that_pass(name):
+    from structprune.measure import count, counting
+
+    model = structprune.models.create(name).eval()
+    x = torch.randn(1, 1, 28, 28)
+    calls = []
+    model.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape))
+    graph = PruningGraph(model, x, observe=counting(model))
+    assert calls == [x.shape]  # the trace, the layer order and the count share one pass on the batch as given
+    assert graph.observed() == count(model, x)
+    # the groups found on it are what a second search finds once the model changed
+    first = graph.all_groups()[0]
+    graph.apply(first, torch.arange(first.channels // 2))
+    fresh = PruningGraph(model, x)
+    assert [(g.name, g.channels) for g in graph.groups()] == [(g.name, g.channels) for g in fresh.groups()]
+
+
 def test_conv_flatten_linear_maps_each_channel_to_its_spatial_features():
     model = structprune.models.create("lenet5")
     _, groups = groups_of(model, (1, 28, 28))
@@ -344,7 +362,7 @@ def test_channel_index_groups_each_channels_indices_in_order(case):
     channels, width = int(torch.randint(1, 6, (1,), generator=gen)), int(torch.randint(1, 4, (1,), generator=gen))
     roots = torch.arange(channels).repeat_interleave(width)
     idxs = torch.randperm(channels * width * 3, generator=gen)[:channels * width]
-    order = torch.randperm(len(roots), generator=gen)
+    order = torch.randperm(len(roots), generator=gen) if case % 5 else torch.arange(len(roots))  # in order too
     roots, idxs = roots[order].tolist(), idxs[order].tolist()
     if case % 4 == 1:  # one channel with one index more: uneven
         roots, idxs = roots + [0], idxs + [channels * width * 3]

@@ -216,9 +216,10 @@ def find_blocks(model: nn.Module) -> tuple[list[AttentionBlock], list[FeedForwar
     """The attention and feed-forward blocks of ``model`` that a registered layout describes, in model order.
 
     A layer belongs to at most one block (the first layout that fits claims it)."""
-    names = {module: name for name, module in model.named_modules()}
+    # a layout's paths name submodules: a module without any (most of a model) fits none
+    modules = [(name, module) for name, module in model.named_modules() if module._modules]
     attention, claimed = [], set()
-    for name, module in model.named_modules():
+    for name, module in modules:
         layout = next((layout for layout in _ATTENTION if _attention_fits(module, layout)), None)
         if layout is not None:
             layers = {id(_get(module, p)) for p in layout.paths()}
@@ -229,7 +230,8 @@ def find_blocks(model: nn.Module) -> tuple[list[AttentionBlock], list[FeedForwar
     # itself), so that attribute names alone (fc1, fc2) never take a classifier head for an FFN
     layer_names = {_parent(b.name) for b in attention}
     feed_forward = []
-    for name, module in model.named_modules():
+    names = {module: name for name, module in model.named_modules()} if layer_names else {}
+    for name, module in modules:
         if name not in layer_names and _parent(name) not in layer_names:
             continue
         layout = next((layout for layout in _FEED_FORWARD if _ffn_fits(module, layout)), None)

@@ -152,9 +152,9 @@ class PruningGraph:
     scope: "all" offers every group; "inner" only groups whose channels no residual stream shares
         (no addition of several layers' outputs: block-internal channels, as the i-SpaSP paper prunes).
         The groups left out are listed in ``out_of_scope``.
-    observe: a context manager entered around one forward pass of the model on ``example_inputs`` (eval mode,
-        no gradients; :func:`structprune.measure.counting` counts the model on it); what it yields is
-        :attr:`observed`.
+    observe: a context manager entered around the one forward pass of the model on ``example_inputs`` (eval mode,
+        gradients on: the pass Torch-Pruning traces; :func:`structprune.measure.counting` counts the model on
+        it); what it yields is :attr:`observed`.
     """
 
     def __init__(self, model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Module] = (),
@@ -168,30 +168,36 @@ class PruningGraph:
         self._param_names = {param: name for name, param in model.named_parameters()}
         was_training = model.training
         model.eval()  # tracing must not update BatchNorm statistics (nor fail on a batch of one)
+        # one forward pass serves all three: Torch-Pruning traces its outputs, the hooks of _ordered_forward
+        # order the layers, and ``observe`` watches it
+        ran: dict = {}
         try:  # padding couples no channels, and Torch-Pruning loops forever on the slices of circular padding
-            with _zero_padding(model):
+            with _zero_padding(model), torch.enable_grad():
                 try:
-                    with observe if observe is not None else contextlib.nullcontext() as observed:
-                        order = self._execution_order()
-                    #: what ``observe`` yielded around the pass that orders the layers (eval mode, no
-                    #: gradients, the example inputs): a pass another part can watch instead of running its own
-                    self.observed = observed
-                except Exception as exc:  # the user's forward, not ours: report it as bad input
-                    raise StructPruneError(f"example_inputs: the model's forward pass failed on them "
-                                           f"({first_line(exc)})") from exc
-                try:
-                    with torch.enable_grad():
-                        self.dg = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
-                except Exception as exc:  # the forward ran: it is the tracing of its outputs that failed
+                    self.dg = tp.DependencyGraph().build_dependency(
+                        model, example_inputs, forward_fn=lambda m, x: self._ordered_forward(x, observe, ran),
+                        verbose=False)
+                except Exception as exc:
+                    if "outputs" not in ran:  # the user's forward, not ours: report it as bad input
+                        raise StructPruneError(f"example_inputs: the model's forward pass failed on them "
+                                               f"({first_line(exc)})") from exc
+                    # the forward ran: it is the tracing of its outputs that failed
                     raise StructPruneError(
                         f"Torch-Pruning could not trace the model's outputs ({first_line(exc)}); a model whose "
                         f"output holds more than tensors (a Hugging Face cache: pass use_cache=False with the "
                         f"inputs) or returns no tensor computed from them cannot be traced") from exc
+            order = ran["order"]
+            #: what ``observe`` yielded around the pass that orders the layers (eval mode, the example inputs):
+            #: a pass another part can watch instead of running its own
+            self.observed = ran["observed"]
         finally:
             model.train(was_training)
         self.output_layers = self._find_output_layers()
         ignored = list(ignored_layers) + self.output_layers
         roots = []
+        #: root -> its Torch-Pruning group as get_all_groups found it, which _resolve takes (instead of searching
+        #: it again) until the model changes
+        self._found: dict[nn.Module, list] = {}
         self.out_of_scope: list[str] = []
         # every group, the ignored ones too: Torch-Pruning's get_all_groups(ignored_layers=...) yields the same
         # groups (same roots) less those with an ignored layer among their outputs, without a second search
@@ -210,6 +216,7 @@ class PruningGraph:
             producers = [item.dep.target.module for item in tp_group if self._is_out(item)]
             position = min(order.get(m, len(order)) for m in producers)
             roots.append((position, tp_group[0].dep.target.module, tp_group[0].dep.handler))
+            self._found[tp_group[0].dep.target.module] = tp_group
         roots.sort(key=lambda r: r[0])
         self._roots = [(module, fn) for _, module, fn in roots]
         self.skipped: list[tuple[str, str]] = []  # (group, reason)
@@ -252,6 +259,7 @@ class PruningGraph:
     def forget(self) -> None:
         """Resolve every group afresh from now on (the model may have changed in ways sizes do not show)."""
         self._resolved.clear()
+        self._found.clear()
 
     def all_groups(self) -> list[Group]:
         """All prunable groups of the model as it is now (no pruning in between)."""
@@ -267,7 +275,7 @@ class PruningGraph:
         pruner = self.dg.get_pruner_of_module(root)
         channels = pruner.get_out_channels(root)
         name = self.name_of(root)
-        tp_group = self.dg.get_pruning_group(root, root_fn, list(range(channels)))
+        tp_group = self._found.pop(root, None) or self.dg.get_pruning_group(root, root_fn, list(range(channels)))
         members = self._super_channels(tp_group, channels)
         if isinstance(members, str):
             return self._skip(name, members)
@@ -440,9 +448,11 @@ class PruningGraph:
                 stack.extend(nxt.outputs)
         return list(dict.fromkeys(found))
 
-    def _execution_order(self) -> dict[nn.Module, int]:
-        """The order in which the Conv/Linear layers first run; also finds the modules whose own output
-        tensors are (part of) the model's output (``_output_modules``)."""
+    def _ordered_forward(self, example_inputs, observe: contextlib.AbstractContextManager | None, ran: dict):
+        """The model's forward pass on ``example_inputs``, inside ``observe``, recording into ``ran``: "order",
+        the order in which the Conv/Linear layers first run, "observed", what ``observe`` yielded, and
+        "outputs" once the pass returned. It also finds the modules whose own output tensors are (part of) the
+        model's output (``_output_modules``)."""
         order: dict[nn.Module, int] = {}
         produced: dict[int, nn.Module] = {}  # id of an output tensor -> the module that returned it
 
@@ -456,13 +466,14 @@ class PruningGraph:
         hooks = [m.register_forward_pre_hook(record) for m in self.model.modules() if isinstance(m, _WEIGHT_LAYERS)]
         hooks += [m.register_forward_hook(remember) for m in self.model.modules() if m is not self.model]
         try:
-            with torch.no_grad():
-                outputs = run_forward(self.model, self.example_inputs)
+            with observe if observe is not None else contextlib.nullcontext() as observed:
+                outputs = run_forward(self.model, example_inputs)
         finally:
             for hook in hooks:
                 hook.remove()
         self._output_modules = {produced[id(t)] for t in output_tensors(outputs) if id(t) in produced}
-        return order
+        ran.update(order=order, observed=observed, outputs=True)
+        return outputs
 
     # -- surgery -------------------------------------------------------------------------------
 
@@ -481,6 +492,7 @@ class PruningGraph:
         prune_idx = members[mask].reshape(-1).sort().values.tolist()
         if not prune_idx:
             return
+        self._found.clear()  # every group is searched again on the changed model
         tp_group = self.dg.get_pruning_group(group.root, group.root_fn, prune_idx)
         tp_group.prune()
 
@@ -490,6 +502,7 @@ class PruningGraph:
 
     def replay(self, history: list) -> None:
         """Redo recorded removals (see :meth:`history`) on this graph's model."""
+        self._found.clear()
         self.dg.load_pruning_history([list(entry) for entry in history])
 
 
@@ -715,6 +728,8 @@ def _channel_index(idxs: Sequence[int], root_idxs: Sequence[int], channels: int)
     n = min(len(idxs), len(root_idxs))
     if not n or None in root_idxs[:n]:
         return None
+    if n == channels and list(root_idxs[:n]) == list(range(n)):  # most layers: group channel i is index idxs[i]
+        return torch.tensor(list(idxs[:n]), dtype=torch.long).reshape(n, 1)
     roots = torch.tensor(list(root_idxs[:n]), dtype=torch.long)
     index = torch.tensor(list(idxs[:n]), dtype=torch.long)
     if int(roots.min()) < 0 or int(roots.max()) >= channels:

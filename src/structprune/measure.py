@@ -39,7 +39,7 @@ def count(model: nn.Module, example_inputs) -> dict[str, int]:
 @contextmanager
 def counting(model: nn.Module) -> Iterator[Callable[[], dict[str, int]]]:
     """While open, the forward passes of ``model`` are counted as :func:`count` counts one (run them in eval mode,
-    without gradients); yields a function that gives the size ({"params", "macs"}) of what ran. Another pass
+    with gradients or without); yields a function that gives the size ({"params", "macs"}) of what ran. Another pass
     that must run anyway (a trace) can count the model with it, instead of a pass of its own."""
     rules = counter_rules()
     counted = [_Tally(module) for module in outermost_counted(model, rules)]
