@@ -127,6 +127,31 @@ def test_a_latency_target_is_measured_on_this_machine_and_met_by_timing_pruned_c
     assert result.after["macs"] < 0.85 * result.before["macs"]
 
 
+class _Twice(nn.Module):
+    """The same layer run twice: twice the work of one run."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x) + self.layer(x)
+
+
+def test_latency_ratio_times_two_models_in_pairs_of_blocks():
+    from structprune.measure import latency_ratio
+
+    torch.manual_seed(0)
+    layer = nn.Linear(1024, 1024)
+    x = torch.randn(256, 1024)
+    result = latency_ratio(_Twice(layer), layer, x, min_pairs=6, block=3, min_seconds=0.0)
+    assert result["pairs"] == 6 and result["threads"] == torch.get_num_threads()
+    assert 1.4 < result["ratio"] < 2.8  # twice the work (loose: the machine may be busy)
+    assert result["model_ms"] > result["reference_ms"] > 0 and result["iqr"] >= 0
+    with pytest.raises(StructPruneError, match="block must be at least 2"):
+        latency_ratio(layer, layer, x, block=1)
+
+
 def test_latency_target_options_are_checked():
     with pytest.raises(structprune.StructPruneError, match="batch must be a positive integer"):
         structprune.Target(0.5, "latency", batch=0)

@@ -12,6 +12,7 @@ from torch import nn
 
 from .attention import attention_macs
 from .capture import batch_inputs, take_samples
+from .errors import StructPruneError
 from .graph import is_linear, is_transposed_linear, run_forward
 
 
@@ -164,7 +165,8 @@ def latency(model: nn.Module, example_inputs, repeats: int = 20, warmup: int = 3
 @torch.no_grad()
 def latency_stats(model: nn.Module, example_inputs, min_runs: int = 20, warmup: int = 3,
                   min_seconds: float = 0.2) -> dict:
-    """Forward-pass time of ``model`` on ``example_inputs`` (see :func:`time_call`)."""
+    """Forward-pass time of ``model`` on ``example_inputs``, without gradients, as inference runs (see
+    :func:`time_call`)."""
     model.eval()
     inputs = batch_inputs(example_inputs)
     on_cuda = next(model.parameters(), torch.empty(0)).device.type != "cpu"
@@ -191,6 +193,50 @@ def time_call(run, on_cuda: bool = False, min_runs: int = 20, warmup: int = 3, m
     times_ms = torch.tensor(times, dtype=torch.float64) * 1000
     q1, median, q3 = (float(v) for v in torch.quantile(times_ms, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)))
     return {"median_ms": median, "iqr_ms": q3 - q1, "runs": len(times), "threads": torch.get_num_threads()}
+
+
+@torch.no_grad()
+def latency_ratio(model: nn.Module, reference: nn.Module, example_inputs, min_pairs: int = 10, block: int = 4,
+                  warmup: int = 3, min_seconds: float = 0.4) -> dict:
+    """Forward time of ``model`` over that of ``reference`` on ``example_inputs``, timed in pairs of blocks: ``block``
+    runs of one, then of the other (which goes first alternates), each block's first run left out (the switch
+    from the other model costs it extra: on CPU a ratio of single alternating runs came out 0.56–0.60 where
+    blocks gave 0.46–0.52 for the same two models), until at least ``min_pairs`` pairs and ``min_seconds``; the
+    median of the pairs' ratios of block medians, without gradients, as inference runs. A machine whose speed
+    drifts (load, clocks: up to 3× within a minute on this project's shared one) moves both blocks of a pair
+    alike, so the ratio holds where two separate medians would not. Returns "ratio", its interquartile range,
+    "pairs", each model's median ("model_ms", "reference_ms") and the CPU threads used."""
+    from torch.utils import benchmark
+
+    if block < 2:
+        raise StructPruneError(f"block must be at least 2 (its first run is left out), got {block!r}")
+    timers = []
+    for module in (model, reference):
+        module.eval()
+        inputs = batch_inputs(example_inputs)
+        on_cuda = next(module.parameters(), torch.empty(0)).device.type != "cpu"
+        def run(module=module, inputs=inputs):
+            return run_forward(module, inputs)
+
+        for _ in range(warmup):
+            run()
+        timers.append(benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=torch.get_num_threads(),
+                                      timer=benchmark.utils.timer.timer if on_cuda else timeit.default_timer))
+    medians: list[tuple[float, float]] = []
+    start = time.perf_counter()
+    while len(medians) < min_pairs or time.perf_counter() - start < min_seconds:
+        first = len(medians) % 2  # 0: the model first, 1: the reference first
+        pair = [0.0, 0.0]
+        for i in (first, 1 - first):
+            times = [timers[i].timeit(1).raw_times[0] for _ in range(block)][1:]
+            pair[i] = sorted(times)[len(times) // 2]
+        medians.append((pair[0], pair[1]))
+    pairs = torch.tensor(medians, dtype=torch.float64)
+    ratios = pairs[:, 0] / pairs[:, 1]
+    q1, median, q3 = (float(v) for v in torch.quantile(ratios, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)))
+    model_ms, reference_ms = (float(v) for v in pairs.median(dim=0).values * 1000)
+    return {"ratio": median, "iqr": q3 - q1, "pairs": len(medians), "model_ms": model_ms,
+            "reference_ms": reference_ms, "threads": torch.get_num_threads()}
 
 
 @torch.no_grad()
