@@ -153,7 +153,7 @@ def run_model(name: str, calib: list, test) -> dict:
             rows.append(row)
     return {"checkpoint": f"benchmarks/checkpoints/{spec['checkpoint']}", "dense_accuracy": dense_accuracy,
             "params": size["params"], "macs": size["macs"], "budget": spec["budget"],
-            "test_images": len(test.dataset), "rows": rows}
+            "test_images": len(test.dataset), "rows": rows, "date": date.today().isoformat()}
 
 
 def _row(label: str, target: float, model, seconds: float, size: dict, example, test) -> dict:
@@ -182,7 +182,7 @@ def run_timing(calib: list, rounds: int = 3) -> dict:
                 key = f"{method} {label}"
                 seconds[key] = min(seconds.get(key, float("inf")), result.seconds)
                 print(f"  timing {key}: {result.seconds:.1f} s", flush=True)
-    return {"model": "resnet20", "target": 0.5, "rounds": rounds, "seconds": seconds}
+    return {"model": "resnet20", "target": 0.5, "rounds": rounds, "seconds": seconds, "date": date.today().isoformat()}
 
 
 def run_finetune(calib: list, test, finetune_set) -> dict:
@@ -209,7 +209,8 @@ def run_finetune(calib: list, test, finetune_set) -> dict:
             print(f"    fine-tuned: {row['accuracy_finetuned']:.2f}%", flush=True)
             rows.append(row)
     return {"model": "resnet20", "finetune_images": len(finetune_set),
-            "finetune": {"epochs": FINETUNE.epochs, "lr": FINETUNE.lr, "schedule": FINETUNE.schedule}, "rows": rows}
+            "finetune": {"epochs": FINETUNE.epochs, "lr": FINETUNE.lr, "schedule": FINETUNE.schedule}, "rows": rows,
+            "date": date.today().isoformat()}
 
 
 # ---- reporting -------------------------------------------------------------------------------------
@@ -225,6 +226,11 @@ def _at(rows: list[dict], variant: str, target: float) -> dict | None:
     return next((r for r in rows if r["variant"] == variant and r["target"] == target), None)
 
 
+def _day(section: dict) -> str:
+    """The day a section of the results was measured (2026-11-25 for the sections recorded before days were)."""
+    return section.get("date", "2026-11-25")
+
+
 def tables(payload: dict) -> str:
     meta = payload["meta"]
     commands = "; then ".join(f"`{c}`" for c in meta["commands"])
@@ -232,12 +238,13 @@ def tables(payload: dict) -> str:
              f"{commands}", "",
              f"Calibration: the first {meta['calib_samples']:,} training images for every method (each selects on "
              "its own default number of them; the recovery reads all). No fine-tune. Cells: test accuracy (%), "
-             "with the MACs kept when they differ from the target by more than 1 point.", ""]
+             "with the MACs kept when they differ from the target by more than 1 point. Each section says the day "
+             "it was measured (the commands above each ran some of them).", ""]
     for name, res in payload["models"].items():
         targets = sorted({r["target"] for r in res["rows"]}, reverse=True)
         unit = "of every group's channels" if res["budget"] == "ratio" else "MACs"
         lines += [f"### {name} ({res['checkpoint']}): dense {res['dense_accuracy']:.2f}%, {res['params']:,} params, "
-                  f"{res['macs']:,} MACs; {res['test_images']:,} test images", "",
+                  f"{res['macs']:,} MACs; {res['test_images']:,} test images; measured {_day(res)}", "",
                   "| variant | " + " | ".join(f"{t:.0%} {unit}" for t in targets) + " | prune time (s) |",
                   "|---|" + "---:|" * (len(targets) + 1)]
         for variant in dict.fromkeys(r["variant"] for r in res["rows"]):
@@ -255,7 +262,7 @@ def tables(payload: dict) -> str:
         ft = payload["finetune"]
         how = ft["finetune"]
         lines += [f"### ResNet-20 after the same fine-tune ({how['epochs']} epoch, lr {how['lr']} "
-                  f"{how['schedule']}, {ft['finetune_images']:,} training images)", "",
+                  f"{how['schedule']}, {ft['finetune_images']:,} training images); measured {_day(ft)}", "",
                   "| variant | 50% MACs: pruned → fine-tuned | 30% MACs: pruned → fine-tuned |", "|---|---:|---:|"]
         for variant in dict.fromkeys(r["variant"] for r in ft["rows"]):
             cells = [(lambda r: "–" if r is None else f"{r['accuracy']:.2f} → {r['accuracy_finetuned']:.2f} "
@@ -305,7 +312,8 @@ def targets_met(payload: dict) -> list[str]:
         for method in ("ispasp", "pfp"):
             bare, default = timing["seconds"][f"{method} bare"], timing["seconds"][f"{method} default"]
             lines.append(f"- ResNet-20, prune time of the default pipeline ≤ 1.5 × the selection alone ({method}, 50% "
-                         f"MACs, fastest of {timing['rounds']} rounds): {default:.1f} s vs {bare:.1f} s "
+                         f"MACs, fastest of {timing['rounds']} rounds, measured {_day(timing)}): {default:.1f} s vs "
+                         f"{bare:.1f} s "
                          f"(×{default / bare:.2f}) — {_verdict(default <= 1.5 * bare)}.")
         for label in ("bare", "default"):  # issue 16: PFP ≤ 1.5 × i-SpaSP on the same model and calibration set
             pfp, ispasp = timing["seconds"][f"pfp {label}"], timing["seconds"][f"ispasp {label}"]
