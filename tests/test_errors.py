@@ -46,6 +46,15 @@ def test_forward_failing_on_example_inputs():
         structprune.prune(mlp(), CALIB, example_inputs=torch.randn(1, 5), progress=False)
 
 
+def test_a_failing_forward_leaves_no_hook_on_the_model():
+    from structprune.graph import PruningGraph
+
+    model = mlp()
+    with pytest.raises(StructPruneError, match="example_inputs: the model's forward pass failed"):
+        PruningGraph(model, torch.randn(1, 5))  # the trace hooks every layer before the forward fails
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 def test_calibration_loader_that_yields_nothing():
     with pytest.raises(StructPruneError, match="calib_loader yielded no samples"):
         structprune.prune(mlp(), [], progress=False)

@@ -172,7 +172,7 @@ class PruningGraph:
         # order the layers, and ``observe`` watches it
         ran: dict = {}
         try:  # padding couples no channels, and Torch-Pruning loops forever on the slices of circular padding
-            with _zero_padding(model), torch.enable_grad():
+            with _zero_padding(model), _hooks_removed_on_error(model), torch.enable_grad():
                 try:
                     self.dg = tp.DependencyGraph().build_dependency(
                         model, example_inputs, forward_fn=lambda m, x: self._ordered_forward(x, observe, ran),
@@ -583,6 +583,20 @@ def _zero_padding(model: nn.Module) -> Iterator[None]:
     finally:
         for module, mode in changed:
             module.padding_mode = mode
+
+
+@contextlib.contextmanager
+def _hooks_removed_on_error(model: nn.Module) -> Iterator[None]:
+    """On an error inside, the forward hooks added to ``model``'s modules meanwhile are removed: Torch-Pruning's
+    trace removes its own only after a forward pass that returned."""
+    before = {module: set(module._forward_hooks) for module in model.modules()}
+    try:
+        yield
+    except BaseException:
+        for module, hooks in before.items():
+            for key in [k for k in module._forward_hooks if k not in hooks]:
+                del module._forward_hooks[key]
+        raise
 
 
 def output_tensors(value) -> list[Tensor]:
