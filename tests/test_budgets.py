@@ -88,7 +88,10 @@ def test_round_to_auto_by_default_takes_the_devices_multiple_for_a_target_and_a_
     calib = calibration(shape)
     target = structprune.prune(model, calib, "magnitude", structprune.Target(0.5), progress=False)
     assert target.budget["round_to"] == structprune.allocate.HARDWARE_MULTIPLE["cpu"] == 8
-    assert all(layer["kept"] % 8 == 0 or layer["kept"] == layer["channels"] for layer in target.layers)
+    wide = [layer for layer in target.layers if layer["channels"] >= 4 * 8]  # four multiples or more: rounded
+    assert wide and all(layer["kept"] % 8 == 0 or layer["kept"] == layer["channels"] for layer in wide)
+    # a narrower group could only stay whole or lose half: its width falls as it may
+    assert target.budget["unrounded_groups"] == [layer["group"] for layer in target.layers if layer["channels"] < 32]
     assert abs(target.budget["achieved"] - 0.5) <= 0.01 and "round_to_auto" not in target.budget
     exact = structprune.prune(model, calib, "magnitude", structprune.Target(0.5), round_to=None, progress=False)
     assert exact.budget["round_to"] is None and any(layer["kept"] % 8 for layer in exact.layers)
@@ -102,12 +105,25 @@ def test_round_to_auto_by_default_takes_the_devices_multiple_for_a_target_and_a_
         structprune.prune(model, calib, "magnitude", 0.5, round_to="fast", progress=False)
 
 
-def test_round_to_auto_gives_up_its_multiple_where_a_narrow_model_cannot_meet_the_target_with_it():
-    model, shape = make_zoo_model("resnet20")  # widths 4..16: multiples of 8 leave 8 or 16
+def test_round_to_auto_leaves_narrow_groups_as_they_fall_and_gives_up_on_a_narrow_model():
+    model, shape = make_zoo_model("resnet20")  # groups of 8, 16 and 32 channels
     calib = calibration(shape)
     result = structprune.prune(model, calib, "magnitude", structprune.Target(0.3), refit=False, progress=False)
-    assert result.budget["round_to"] is None and result.budget["round_to_auto"] == 8
-    assert abs(result.budget["achieved"] - 0.3) <= 0.3 * 0.01
+    assert result.budget["round_to"] == 8 and abs(result.budget["achieved"] - 0.3) <= 0.3 * 0.01
+    kept = {layer["group"]: (layer["channels"], layer["kept"]) for layer in result.layers}
+    assert result.budget["unrounded_groups"] == [name for name, (channels, _) in kept.items() if channels < 32]
+    assert all(k % 8 == 0 for c, k in kept.values() if c >= 32)
+    assert any(k % 8 for c, k in kept.values() if c < 32)  # e.g. 3 of 8: a multiple of 8 would keep them whole
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 3))
+    narrow = structprune.prune(mlp, [torch.randn(32, 8)], "magnitude", structprune.Target(0.5), refit=False,
+                               progress=False)  # every group narrower than four multiples: nothing rounded
+    assert narrow.budget["round_to"] is None and narrow.budget["round_to_auto"] == 8
+    assert "unrounded_groups" not in narrow.budget
+    rounded = structprune.prune(model, calib, "magnitude", structprune.Target(0.3), round_to=8, refit=False,
+                                progress=False)  # asked for: every group rounded, however far from the target
+    assert rounded.budget["round_to"] == 8 and rounded.budget["achieved"] > 0.31
+    assert "unrounded_groups" not in rounded.budget
     rounded = structprune.prune(model, calib, "magnitude", structprune.Target(0.3), round_to=8, refit=False,
                                 progress=False)  # asked for: kept, however far from the target
     assert rounded.budget["round_to"] == 8 and rounded.budget["achieved"] > 0.31

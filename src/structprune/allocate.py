@@ -148,6 +148,11 @@ def as_budget(budget) -> Budget:
 #: models and loses on others within the timing noise. CUDA 8: tensor cores take fp16/bf16 matrices in multiples
 #: of 8 (NVIDIA's performance guide; not measured here, no GPU).
 HARDWARE_MULTIPLE = {"cpu": 8, "cuda": 8}
+#: ``round_to="auto"`` rounds a group only where its layers have at least this many multiples of channels (32 on
+#: CPU): a group of 16 could only stay whole or be halved, which moves the pruning onto the other groups
+#: (ResNet-20 at 70% of the MACs, default i-SpaSP: 92.81% with the widths as they fall, 91.85% with every group
+#: in multiples of 8; benchmarks/README.md, round_to.py)
+AUTO_MIN_MULTIPLES = 4
 
 
 def resolve_round_to(round_to, device, budget=None) -> int | None:
@@ -273,9 +278,18 @@ class Sizer:
         self._cache.clear()
         return False
 
-    def multiple(self, name: str, round_to: int | None) -> int | None:
-        """The keep count multiple of group ``name`` that makes its layers' widths multiples of ``round_to``."""
+    def multiple(self, name: str, round_to: int | dict[str, int | None] | None) -> int | None:
+        """The keep count multiple of group ``name`` that makes its layers' widths multiples of ``round_to`` (a
+        dict: each group's own, see :meth:`auto_multiples`)."""
+        if isinstance(round_to, dict):
+            round_to = round_to.get(name)
         return round_to and round_to // math.gcd(round_to, self.widths.get(name, 1))
+
+    def auto_multiples(self, round_to: int) -> dict[str, int | None]:
+        """``round_to`` for the groups whose layers are at least :data:`AUTO_MIN_MULTIPLES` multiples of it wide,
+        None (widths as they fall) for the narrower ones."""
+        return {name: round_to if channels * self.widths.get(name, 1) >= AUTO_MIN_MULTIPLES * round_to else None
+                for name, channels in self.groups.items()}
 
     def fraction(self, keeps: dict[str, int], metric: str) -> float:
         key = METRICS[metric]
@@ -307,8 +321,9 @@ def plan(budget: Budget, sizer: Sizer, round_to: int | str | None = None,
 
     ``sensitivities`` computes PFP's per-group statistics on demand (only for ``Target(allocation="pfp")``).
     ``round_to="auto"`` with a MACs or params target: the multiple of ``device`` (:func:`resolve_round_to`)
-    where it can meet the target, else the widths as they fall (a model too narrow for it; the report's
-    ``round_to_auto`` says which multiple was given up).
+    for the groups at least :data:`AUTO_MIN_MULTIPLES` multiples wide (the report's ``unrounded_groups`` lists
+    the narrower ones, whose widths fall as they may), where it can meet the target; else the widths as they
+    fall everywhere (a model too narrow for it; the report's ``round_to_auto`` says which multiple was given up).
     """
     auto = round_to == "auto"
     round_to = resolve_round_to(round_to, device, budget)
@@ -323,7 +338,7 @@ def plan(budget: Budget, sizer: Sizer, round_to: int | str | None = None,
         raise StructPruneError("PFP allocation needs calibration data")
     layers = sensitivities() if budget.allocation == "pfp" else None
 
-    def search(multiple: int | None) -> tuple[dict[str, int], float]:
+    def search(multiple: int | dict[str, int | None] | None) -> tuple[dict[str, int], float]:
         def once() -> dict[str, int]:
             if layers is None:
                 return _search_uniform(budget, sizer, multiple)
@@ -334,9 +349,12 @@ def plan(budget: Budget, sizer: Sizer, round_to: int | str | None = None,
             keeps = once()
         return keeps, sizer.fraction(keeps, budget.metric)
 
-    keeps, achieved = search(round_to)
+    multiples = sizer.auto_multiples(round_to) if auto and round_to else round_to
     gave_up = None
-    if auto and round_to and abs(achieved - budget.fraction) / budget.fraction > budget.tolerance:
+    if isinstance(multiples, dict) and not any(multiples.values()):  # every group too narrow for the multiple
+        multiples, gave_up, round_to = None, round_to, None
+    keeps, achieved = search(multiples)
+    if isinstance(multiples, dict) and abs(achieved - budget.fraction) / budget.fraction > budget.tolerance:
         exact, exact_achieved = search(None)
         if abs(exact_achieved - budget.fraction) < abs(achieved - budget.fraction):
             keeps, achieved, gave_up, round_to = exact, exact_achieved, round_to, None
@@ -346,6 +364,8 @@ def plan(budget: Budget, sizer: Sizer, round_to: int | str | None = None,
             "size_evaluations": len(sizer._cache), "round_to": round_to}
     if gave_up is not None:
         info["round_to_auto"] = gave_up
+    elif isinstance(multiples, dict) and None in multiples.values():
+        info["unrounded_groups"] = [name for name, m in multiples.items() if m is None]
     if budget.allocation == "pfp":
         info["delta"] = budget.delta
     return Allocation(keeps, info)
@@ -378,7 +398,7 @@ def _within(keeps: dict[str, int], budget: Target, sizer: Sizer) -> bool:
     return abs(sizer.fraction(keeps, budget.metric) - budget.fraction) <= budget.tolerance * budget.fraction
 
 
-def _search_uniform(budget: Target, sizer: Sizer, round_to: int | None) -> dict[str, int]:
+def _search_uniform(budget: Target, sizer: Sizer, round_to: int | dict[str, int | None] | None) -> dict[str, int]:
     """The keep ratio shared by all groups whose real size is closest to the target.
 
     Keep counts only change at ratios k/C, so the search bisects over those breakpoints; if the two
@@ -400,17 +420,18 @@ def _search_uniform(budget: Target, sizer: Sizer, round_to: int | None) -> dict[
             low = mid
         else:
             high = mid
-    return _refine(keeps_at(ratios[low]), keeps_at(ratios[high]), budget, sizer, round_to or 1)
+    return _refine(keeps_at(ratios[low]), keeps_at(ratios[high]), budget, sizer, round_to)
 
 
 def _refine(below: dict[str, int], above: dict[str, int], budget: Target, sizer: Sizer,
-            step: int = 1) -> dict[str, int]:
+            round_to: int | dict[str, int | None] | None = None) -> dict[str, int]:
     """The closest to the target of ``below``, ``above`` and, if neither is within the tolerance, the
-    allocations met on the way from ``below`` to ``above``: each group in turn (shallow to deep) grows by
-    ``step`` channels while that stays under the target."""
+    allocations met on the way from ``below`` to ``above``: each group in turn (shallow to deep) grows by its
+    multiple of ``round_to`` (:meth:`Sizer.multiple`; one channel without) while that stays under the target."""
     candidates = [below, above]
     current = dict(below)
     for name in sizer.groups:
+        step = sizer.multiple(name, round_to) or 1
         while current[name] < above[name] and not _within(_closest(candidates, budget, sizer), budget, sizer):
             grown = {**current, name: min(above[name], current[name] + step)}
             candidates.append(grown)
@@ -430,7 +451,7 @@ def pfp_keep(layer: LayerSensitivity, epsilon: float, delta: float) -> int:
     return min(layer.channels, max(1, math.ceil(expected - 1e-9)))
 
 
-def _search_pfp(budget: Target, sizer: Sizer, round_to: int | None,
+def _search_pfp(budget: Target, sizer: Sizer, round_to: int | dict[str, int | None] | None,
                 layers: list[LayerSensitivity]) -> dict[str, int]:
     """One ε for all groups, by bisection in log ε, so that the pruned size meets the target."""
     def keeps_at(log_eps: float) -> dict[str, int]:
@@ -452,7 +473,7 @@ def _search_pfp(budget: Target, sizer: Sizer, round_to: int | None,
             high = mid
         if high - low < 1e-6:
             break
-    return _refine(keeps_at(high), keeps_at(low), budget, sizer, round_to or 1)
+    return _refine(keeps_at(high), keeps_at(low), budget, sizer, round_to)
 
 
 def pfp_sensitivities(model: nn.Module, graph: PruningGraph, calib: Calibration, memory_bytes: int, seed: int,
