@@ -197,11 +197,14 @@ def test_prune_round_to_auto(tmp_path, fmnist_dir, capsys):
     assert main(["prune", str(dense), "--ratio", "0.3", "--out", str(tmp_path / "c.pt"), *common]) == 0
     report = json.loads((tmp_path / "c.json").read_text())
     assert report["budget"]["round_to"] is None and [layer["kept"] for layer in report["layers"]] == [2, 5, 36, 26]
-    # and tries the device's multiple on a target: LeNet-5's 6 and 16 channels cannot meet half the MACs in
-    # multiples of 8, so it gives it up (the report says so); none tries nothing
+    # and takes the device's multiple on a target, in the groups of 32 channels or more: LeNet-5's fc1 and fc2;
+    # conv1 and conv2 (6 and 16) keep their widths as they fall (the report says so); none tries nothing
     assert main(["prune", str(dense), "--target-flops", "0.5", "--out", str(tmp_path / "d.pt"), *common]) == 0
-    budget = json.loads((tmp_path / "d.json").read_text())["budget"]
-    assert budget["round_to"] is None and budget["round_to_auto"] == 8
+    report = json.loads((tmp_path / "d.json").read_text())
+    budget = report["budget"]
+    assert budget["round_to"] == 8 and budget["unrounded_groups"] == ["conv1", "conv2"]
+    assert "round_to_auto" not in budget and abs(budget["achieved"] - 0.5) <= 0.005
+    assert all(layer["kept"] % 8 == 0 for layer in report["layers"] if layer["group"] in ("fc1", "fc2"))
     assert main(["prune", str(dense), "--target-flops", "0.5", "--round-to", "none", "--out", str(tmp_path / "e.pt"),
                  *common]) == 0
     budget = json.loads((tmp_path / "e.json").read_text())["budget"]
