@@ -10,7 +10,7 @@ on each candidate with 10 pairs; the machine's drift cancels within a pair), and
 three rounds, the fastest median of each. The MACs ratio it took is reported next to it:
 latency does not follow the MACs, so a MACs target would miss.
 
-    cd benchmarks && ../.venv/bin/python latency_target.py --out-dir results     # ~4 min on 2 CPU cores
+    cd benchmarks && ../.venv/bin/python latency_target.py --out-dir results     # 20 min or more on 2 CPU cores
 """
 
 from __future__ import annotations

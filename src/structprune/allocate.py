@@ -150,8 +150,8 @@ def as_budget(budget) -> Budget:
 HARDWARE_MULTIPLE = {"cpu": 8, "cuda": 8}
 #: ``round_to="auto"`` rounds a group only where its layers have at least this many multiples of channels (32 on
 #: CPU): a group of 16 could only stay whole or be halved, which moves the pruning onto the other groups
-#: (ResNet-20 at 70% of the MACs, default i-SpaSP: 92.81% with the widths as they fall, 91.85% with every group
-#: in multiples of 8; benchmarks/README.md, round_to.py)
+#: (ResNet-20 at 70% of the MACs, default i-SpaSP: 91.85% with every group in multiples of 8, 92.56% with this
+#: rule; benchmarks/README.md, recovery.py's two runs of 2026-12-02)
 AUTO_MIN_MULTIPLES = 4
 
 
