@@ -50,9 +50,9 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
     args = parser.parse_args()
     torch.manual_seed(0)
-    example = torch.zeros(1, 1, 28, 28)
+    example = torch.randn(1, 1, 28, 28)
     calib = [(torch.randn(64, 1, 28, 28), torch.zeros(64, dtype=torch.long))]
-    batch = repeat_batch(torch.randn(1, 1, 28, 28), 64)
+    batch = repeat_batch(example, 64)  # what the search times: 64 copies of the example input
     rows = []
     for name in args.models.split(","):
         dense = MODELS[name]()
