@@ -169,8 +169,25 @@ def latency_stats(model: nn.Module, example_inputs, min_runs: int = 20, warmup: 
     :func:`time_call`)."""
     model.eval()
     inputs = batch_inputs(example_inputs)
-    on_cuda = next(model.parameters(), torch.empty(0)).device.type != "cpu"
-    return time_call(lambda: run_forward(model, inputs), on_cuda, min_runs, warmup, min_seconds)
+    return time_call(lambda: run_forward(model, inputs), _on_cuda(model), min_runs, warmup, min_seconds)
+
+
+def _on_cuda(model: nn.Module) -> bool:
+    return next(model.parameters(), torch.empty(0)).device.type != "cpu"
+
+
+def _timer(run, on_cuda: bool):
+    """A ``torch.utils.benchmark.Timer`` of ``run()`` on this process's threads."""
+    from torch.utils import benchmark
+
+    return benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=torch.get_num_threads(),
+                           # the default timer synchronises any accelerator present: only wanted for a model on it
+                           timer=benchmark.utils.timer.timer if on_cuda else timeit.default_timer)
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    q = torch.quantile(torch.tensor(values, dtype=torch.float64), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    return float(q[0]), float(q[1]), float(q[2])
 
 
 def time_call(run, on_cuda: bool = False, min_runs: int = 20, warmup: int = 3, min_seconds: float = 0.2) -> dict:
@@ -178,20 +195,15 @@ def time_call(run, on_cuda: bool = False, min_runs: int = 20, warmup: int = 3, m
     untimed runs, then blocks of runs until at least ``min_runs`` runs and ``min_seconds``. CUDA is synchronised
     by the timer only when ``on_cuda`` (the model is on CUDA). Returns median and interquartile range (ms), the
     runs, and the CPU threads used, so that two measurements can be compared honestly."""
-    from torch.utils import benchmark
-
     for _ in range(warmup):
         run()
-    timer = benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=torch.get_num_threads(),
-                            # the default timer synchronises any accelerator present: only wanted for a model on it
-                            timer=benchmark.utils.timer.timer if on_cuda else timeit.default_timer)
+    timer = _timer(run, on_cuda)
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < min_runs or time.perf_counter() - start < min_seconds:
         measurement = timer.timeit(1)
         times.extend(measurement.raw_times)
-    times_ms = torch.tensor(times, dtype=torch.float64) * 1000
-    q1, median, q3 = (float(v) for v in torch.quantile(times_ms, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)))
+    q1, median, q3 = _quartiles([t * 1000 for t in times])
     return {"median_ms": median, "iqr_ms": q3 - q1, "runs": len(times), "threads": torch.get_num_threads()}
 
 
@@ -206,22 +218,19 @@ def latency_ratio(model: nn.Module, reference: nn.Module, example_inputs, min_pa
     drifts (load, clocks: up to 3× within a minute on this project's shared one) moves both blocks of a pair
     alike, so the ratio holds where two separate medians would not. Returns "ratio", its interquartile range,
     "pairs", each model's median ("model_ms", "reference_ms") and the CPU threads used."""
-    from torch.utils import benchmark
-
     if block < 2:
         raise StructPruneError(f"block must be at least 2 (its first run is left out), got {block!r}")
     timers = []
     for module in (model, reference):
         module.eval()
         inputs = batch_inputs(example_inputs)
-        on_cuda = next(module.parameters(), torch.empty(0)).device.type != "cpu"
+
         def run(module=module, inputs=inputs):
             return run_forward(module, inputs)
 
         for _ in range(warmup):
             run()
-        timers.append(benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=torch.get_num_threads(),
-                                      timer=benchmark.utils.timer.timer if on_cuda else timeit.default_timer))
+        timers.append(_timer(run, _on_cuda(module)))
     medians: list[tuple[float, float]] = []
     start = time.perf_counter()
     while len(medians) < min_pairs or time.perf_counter() - start < min_seconds:
@@ -231,10 +240,8 @@ def latency_ratio(model: nn.Module, reference: nn.Module, example_inputs, min_pa
             times = [timers[i].timeit(1).raw_times[0] for _ in range(block)][1:]
             pair[i] = sorted(times)[len(times) // 2]
         medians.append((pair[0], pair[1]))
-    pairs = torch.tensor(medians, dtype=torch.float64)
-    ratios = pairs[:, 0] / pairs[:, 1]
-    q1, median, q3 = (float(v) for v in torch.quantile(ratios, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)))
-    model_ms, reference_ms = (float(v) for v in pairs.median(dim=0).values * 1000)
+    q1, median, q3 = _quartiles([m / r for m, r in medians])
+    model_ms, reference_ms = (float(v) for v in torch.tensor(medians, dtype=torch.float64).median(dim=0).values * 1000)
     return {"ratio": median, "iqr": q3 - q1, "pairs": len(medians), "model_ms": model_ms,
             "reference_ms": reference_ms, "threads": torch.get_num_threads()}
 
