@@ -53,8 +53,8 @@ from .sizing import AnalyticSizes, analytic_sizes
 
 METRICS = {"flops": "macs", "params": "params", "latency": "latency_ms"}
 #: pairs of blocks (candidate, dense; :func:`structprune.measure.latency_ratio`) per candidate of a latency search:
-#: at 10, six timings of the same two models spread by 2.4–6.4% (relative s.d.) on this project's 2-core machine,
-#: against 5.2–9.8% for two separate medians (ResNet-20/56 and a copy at a keep ratio of 0.6, 2026-12-02)
+#: at 10, six timings of the same two models spread by 3.2–4.2% (relative s.d.) on this project's 2-core machine,
+#: against 4.2–7.3% for two separate medians (benchmarks/latency_ratio.py, 2026-12-02)
 LATENCY_PAIRS = 10
 #: a latency target's default tolerance: timing on a shared machine moves by a few percent between runs
 LATENCY_TOLERANCE = 0.05

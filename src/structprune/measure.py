@@ -212,12 +212,13 @@ def latency_ratio(model: nn.Module, reference: nn.Module, example_inputs, min_pa
                   warmup: int = 3, min_seconds: float = 0.4) -> dict:
     """Forward time of ``model`` over that of ``reference`` on ``example_inputs``, timed in pairs of blocks: ``block``
     runs of one, then of the other (which goes first alternates), each block's first run left out (the switch
-    from the other model costs it extra: on CPU a ratio of single alternating runs came out 0.56–0.60 where
-    blocks gave 0.46–0.52 for the same two models), until at least ``min_pairs`` pairs and ``min_seconds``; the
-    median of the pairs' ratios of block medians, without gradients, as inference runs. A machine whose speed
-    drifts (load, clocks: up to 3× within a minute on this project's shared one) moves both blocks of a pair
-    alike, so the ratio holds where two separate medians would not. Returns "ratio", its interquartile range,
-    "pairs", each model's median ("model_ms", "reference_ms") and the CPU threads used."""
+    from the other model costs it extra: on CPU single alternating runs read ResNet-56's ratio 0.648 on average
+    where blocks read 0.579, benchmarks/latency_ratio.py), until at least ``min_pairs`` pairs and
+    ``min_seconds``; the median of the pairs' ratios of block medians, without gradients, as inference runs. A
+    machine whose speed drifts (load, clocks: the dense ResNet-56 at 84–118 ms within minutes on this project's
+    shared one) moves both blocks of a pair alike, so the ratio holds where two separate medians would not.
+    Returns "ratio", its interquartile range, "pairs", each model's median ("model_ms", "reference_ms") and the
+    CPU threads used."""
     if block < 2:
         raise StructPruneError(f"block must be at least 2 (its first run is left out), got {block!r}")
     timers = []
