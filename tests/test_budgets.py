@@ -83,11 +83,23 @@ def test_bad_budgets_are_clear():
         structprune.prune(model, calibration(shape), "magnitude", 0.5, round_to=0, progress=False)
 
 
-def test_round_to_auto_by_default_takes_the_devices_multiple_for_a_target_and_a_ratio_as_given():
+def test_the_cpu_multiple_is_the_vector_width_of_the_code_torch_runs():
+    assert structprune.allocate.cpu_multiple("AVX512") == 16  # oneDNN's and ONNX Runtime's 16-float blocks
+    assert structprune.allocate.cpu_multiple("AVX2") == structprune.allocate.cpu_multiple("DEFAULT") == 8
+    assert structprune.allocate.HARDWARE_MULTIPLE["cpu"] == structprune.allocate.cpu_multiple()
+
+
+def test_round_to_auto_by_default_takes_the_devices_multiple_for_a_target_and_a_ratio_as_given(monkeypatch):
     model, shape = make_zoo_model("vgg16")  # widths 8..64 at width 0.125
     calib = calibration(shape)
+    monkeypatch.setitem(structprune.allocate.HARDWARE_MULTIPLE, "cpu", 16)  # an AVX-512 CPU's
+    wide16 = structprune.prune(model, calib, "magnitude", structprune.Target(0.5), progress=False)
+    assert wide16.budget["round_to"] == 16
+    assert wide16.budget["unrounded_groups"] == [layer["group"] for layer in wide16.layers if layer["channels"] < 64]
+    assert all(layer["kept"] % 16 == 0 for layer in wide16.layers if layer["channels"] >= 64)
+    monkeypatch.setitem(structprune.allocate.HARDWARE_MULTIPLE, "cpu", 8)  # an AVX2 CPU's: what follows assumes it
     target = structprune.prune(model, calib, "magnitude", structprune.Target(0.5), progress=False)
-    assert target.budget["round_to"] == structprune.allocate.HARDWARE_MULTIPLE["cpu"] == 8
+    assert target.budget["round_to"] == 8
     wide = [layer for layer in target.layers if layer["channels"] >= 4 * 8]  # four multiples or more: rounded
     assert wide and all(layer["kept"] % 8 == 0 or layer["kept"] == layer["channels"] for layer in wide)
     # a narrower group could only stay whole or lose half: its width falls as it may
@@ -105,7 +117,8 @@ def test_round_to_auto_by_default_takes_the_devices_multiple_for_a_target_and_a_
         structprune.prune(model, calib, "magnitude", 0.5, round_to="fast", progress=False)
 
 
-def test_round_to_auto_leaves_narrow_groups_as_they_fall_and_gives_up_on_a_narrow_model():
+def test_round_to_auto_leaves_narrow_groups_as_they_fall_and_gives_up_on_a_narrow_model(monkeypatch):
+    monkeypatch.setitem(structprune.allocate.HARDWARE_MULTIPLE, "cpu", 8)  # an AVX2 CPU's, whatever this one runs
     model, shape = make_zoo_model("resnet20")  # groups of 8, 16 and 32 channels
     calib = calibration(shape)
     result = structprune.prune(model, calib, "magnitude", structprune.Target(0.3), refit=False, progress=False)

@@ -140,16 +140,29 @@ def as_budget(budget) -> Budget:
                            f"or structprune.Target(...); got {budget!r}")
 
 
+def cpu_multiple(capability: str | None = None) -> int:
+    """The channel block of this CPU's convolution kernels: 16 where PyTorch runs AVX-512 code (oneDNN's and ONNX
+    Runtime's fp32 blocks are 16 floats there), else 8 (AVX2's 8 floats; any other CPU gets the same, unmeasured).
+    Measured (benchmarks/conv_widths.py, 2026-12-02, AVX-512, eager and ONNX Runtime): a 3×3 convolution's time
+    steps at every 16 output channels (20 to 32 outputs cost the same), so a width in multiples of 8 but not of 16
+    costs what the next multiple of 16 does."""
+    if capability is None:
+        probe = getattr(torch.backends.cpu, "get_cpu_capability", None)  # torch ≥ 2.1
+        capability = probe() if probe is not None else ""
+    return 16 if capability.upper().startswith("AVX512") else 8
+
+
 #: the width multiple ``round_to="auto"`` (the default) takes per device type for a size target: the kept widths
-#: the kernels run fastest. CPU 8: ONNX Runtime's convolutions gain from pruning only at multiples of 8, and at no
-#: cost in accuracy (benchmarks/README.md, round_to.py: ResNet-20/56 and VGG-16 at half the MACs with i-SpaSP and
-#: PFP's default pipeline, accuracy within 0.2 points of the widths as they fall, ONNX Runtime ×1.26–1.62 faster
-#: than dense instead of ×0.73–1.03; MobileNetV2 ×1.89 instead of ×0.93); eager PyTorch (oneDNN) gains on some
-#: models and loses on others within the timing noise. CUDA 8: tensor cores take fp16/bf16 matrices in multiples
-#: of 8 (NVIDIA's performance guide; not measured here, no GPU).
-HARDWARE_MULTIPLE = {"cpu": 8, "cuda": 8}
-#: ``round_to="auto"`` rounds a group only where its layers have at least this many multiples of channels (32 on
-#: CPU): a group of 16 could only stay whole or be halved, which moves the pruning onto the other groups
+#: the kernels run fastest. CPU (:func:`cpu_multiple`, 16 with AVX-512, else 8): ONNX Runtime's convolutions gain
+#: from pruning only at such multiples, at no cost in accuracy (benchmarks/README.md, round_to.py: ResNet-20/56
+#: and VGG-16 at half the MACs with i-SpaSP and PFP's default pipeline, accuracy within 0.2 points of the widths
+#: as they fall, ONNX Runtime ×1.26–1.62 faster than dense in multiples of 8 instead of ×0.73–1.03; MobileNetV2
+#: ×1.89 instead of ×0.93); and a width between two multiples costs what the next one does (conv_widths.py).
+#: CUDA 8: tensor cores take fp16/bf16 matrices in multiples of 8 (NVIDIA's performance guide; not measured here,
+#: no GPU).
+HARDWARE_MULTIPLE = {"cpu": cpu_multiple(), "cuda": 8}
+#: ``round_to="auto"`` rounds a group only where its layers have at least this many multiples of channels (32 or 64
+#: on CPU): a group of 16 could only stay whole or be halved, which moves the pruning onto the other groups
 #: (ResNet-20 at 70% of the MACs, default i-SpaSP: 91.85% with every group in multiples of 8, 92.56% with this
 #: rule; benchmarks/README.md, recovery.py's two runs of 2026-12-02)
 AUTO_MIN_MULTIPLES = 4

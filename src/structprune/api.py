@@ -176,12 +176,13 @@ def prune(
     round_to: round every keep count up to a multiple of this (hardware-friendly widths), under any budget;
         None: the widths as they fall. ``"auto"`` (default): for a MACs or params
         :class:`~structprune.allocate.Target`, the multiple the model's device runs fastest
-        (:data:`structprune.allocate.HARDWARE_MULTIPLE`: 8 on CPU and CUDA; what ONNX Runtime needs to run a
+        (:data:`structprune.allocate.HARDWARE_MULTIPLE`: on CPU the channel block of its kernels, 16 with AVX-512
+        and 8 otherwise, :func:`structprune.allocate.cpu_multiple`; 8 on CUDA; what ONNX Runtime needs to run a
         pruned CNN faster) for the groups at least :data:`structprune.allocate.AUTO_MIN_MULTIPLES` multiples wide
-        (32 channels: a group of 16 could only stay whole or be halved; ``budget["unrounded_groups"]`` lists the
-        narrower ones), where it meets the target; none for keep ratios (the user's own widths,
-        ⌈ratio·channels⌉) and latency targets (timed as they are). ``budget["round_to"]`` in the report says
-        what was used.
+        (64 or 32 channels: a group of two multiples could only stay whole or be halved;
+        ``budget["unrounded_groups"]`` lists the narrower ones), where it meets the target; none for keep ratios
+        (the user's own widths, ⌈ratio·channels⌉) and latency targets (timed as they are).
+        ``budget["round_to"]`` in the report says what was used.
     calib_samples: calibration samples the method selects on; default: the method's own (1,280 for
         i-SpaSP, PFP's ⌈3·ln(8·η·η*/δ)⌉ rule for PFP, 256 for the rest).
     recovery_samples: calibration samples the refit and the recalibration use (the first ones of

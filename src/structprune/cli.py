@@ -228,9 +228,9 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--delta", type=float, default=1e-16, help="PFP allocation's failure probability δ (default: 1e-16)")
     g.add_argument("--round-to", type=_round_to, default="auto", metavar="N|auto|none",
                    help="round every kept width up to a multiple of N; none: the widths as they fall; auto: with "
-                        "--target-flops/--target-params, the multiple the device runs fastest (8 on CPU and CUDA: "
-                        "what ONNX Runtime needs) for the groups of at least 4 multiples (32 channels), where it "
-                        "meets the target, else none (default: auto)")
+                        "--target-flops/--target-params, the multiple the device runs fastest (CPU: 16 with AVX-512, "
+                        "else 8; CUDA 8: what ONNX Runtime needs) for the groups of at least 4 multiples (64 or 32 "
+                        "channels), where it meets the target, else none (default: auto)")
     _add_recovery_args(p)
     p.add_argument("--calib-samples", type=_positive, default=None,
                    help="calibration samples the method selects on, from the training split (default: the "

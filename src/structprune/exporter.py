@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from . import allocate
 from .checkpoint import check_output, example_input, load, write_atomic
 from .errors import StructPruneError, first_line, strip_ansi
 from .measure import count, time_call
@@ -135,23 +136,22 @@ def _export(model: nn.Module, out: Path, format, example_inputs, opset, check, a
     return result
 
 
-#: ONNX Runtime's CPU convolutions work on blocks of this many channels (benchmarks/README.md, export.py)
-ALIGNED = 8
-
-
 def _warn_if_unaligned(model: nn.Module) -> None:
-    """A pruned model whose convolutions keep widths off ONNX Runtime's blocks can be no faster there than the
-    dense one: say so, and how to prune instead."""
+    """A pruned model whose convolutions keep widths off ONNX Runtime's blocks (this CPU's
+    :func:`~structprune.allocate.cpu_multiple`: benchmarks/README.md, export.py and conv_widths.py) can be no
+    faster there than the dense one: say so, and how to prune instead."""
     if not getattr(model, "structprune_history", None):
         return  # not pruned by structprune: its widths are the architect's
+    aligned = allocate.HARDWARE_MULTIPLE["cpu"]
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
-    odd = [m for m in convs if m.out_channels % ALIGNED]
+    odd = [m for m in convs if m.out_channels % aligned]
     if odd:
         warnings.warn(f"structprune: {len(odd)} of {len(convs)} convolutions keep a width that is not a multiple "
-                      f"of {ALIGNED}; ONNX Runtime's CPU kernels run those slower, so the pruned model may be no "
+                      f"of {aligned}; ONNX Runtime's CPU kernels run those slower, so the pruned model may be no "
                       f"faster there than the dense one (a ResNet-20 at half the MACs: ×0.95, ×1.46 with "
-                      f"round_to=8). Prune with round_to=8 (--round-to 8) for ONNX Runtime (a Target rounds to 8 "
-                      f"by default)",
+                      f"round_to=8). Prune with round_to={aligned} (--round-to {aligned}) for ONNX Runtime (a "
+                      f"Target rounds the groups of {allocate.AUTO_MIN_MULTIPLES * aligned} channels or more to "
+                      f"{aligned} by default)",
                       stacklevel=4)
 
 
