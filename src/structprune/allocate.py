@@ -154,10 +154,11 @@ def cpu_multiple(capability: str | None = None) -> int:
 
 #: the width multiple ``round_to="auto"`` (the default) takes per device type for a size target: the kept widths
 #: the kernels run fastest. CPU (:func:`cpu_multiple`, 16 with AVX-512, else 8): ONNX Runtime's convolutions gain
-#: from pruning only at such multiples, at no cost in accuracy (benchmarks/README.md, round_to.py: ResNet-20/56
-#: and VGG-16 at half the MACs with i-SpaSP and PFP's default pipeline, accuracy within 0.2 points of the widths
-#: as they fall, ONNX Runtime ×1.26–1.62 faster than dense in multiples of 8 instead of ×0.73–1.03; MobileNetV2
-#: ×1.89 instead of ×0.93); and a width between two multiples costs what the next one does (conv_widths.py).
+#: from pruning only at such multiples, at no cost in accuracy (benchmarks/README.md, round_to.py, 2026-12-02 on an
+#: AVX-512 CPU: ResNet-20/56 and VGG-16 at half the MACs with i-SpaSP and PFP's default pipeline, "auto" +0.06 to
+#: +0.35 points over the widths as they fall and at or above multiples of 8 everywhere, ONNX Runtime ×1.35–1.58
+#: faster than dense instead of ×0.77–1.15; MobileNetV2 ×1.79 instead of ×0.91); and a width between two
+#: multiples costs what the next one does (conv_widths.py).
 #: CUDA 8: tensor cores take fp16/bf16 matrices in multiples of 8 (NVIDIA's performance guide; not measured here,
 #: no GPU).
 HARDWARE_MULTIPLE = {"cpu": cpu_multiple(), "cuda": 8}
