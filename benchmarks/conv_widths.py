@@ -98,7 +98,7 @@ def rounding_cost(times: list[float], m: int) -> float:
 
 def multiple(times: list[float]) -> int:
     """The largest multiple m (of the sweep's step, up to 32) whose rounding up costs at most ``TOLERANCE``."""
-    return next(m for m in MULTIPLES[::-1] + (WIDTHS[0],) if m == WIDTHS[0] or rounding_cost(times, m) <= TOLERANCE)
+    return next((m for m in reversed(MULTIPLES) if rounding_cost(times, m) <= TOLERANCE), WIDTHS[0])
 
 
 def measure(runtime: str) -> dict:

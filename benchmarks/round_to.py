@@ -44,8 +44,7 @@ def onnxruntime_available() -> bool:
 
 def timed(pruned, dense, batch) -> tuple[float, float, float]:
     """(dense ms, pruned ms, pruned/dense ratio) at ``batch``, in pairs of blocks."""
-    with torch.no_grad():
-        out = latency_ratio(pruned, dense, batch, min_pairs=PAIRS)
+    out = latency_ratio(pruned, dense, batch, min_pairs=PAIRS)
     return out["reference_ms"], out["model_ms"], out["ratio"]
 
 

@@ -162,8 +162,7 @@ def latencies(models: list[str], calib: list) -> list[dict]:
                    "scope": result.scope, "macs_ratio": macs_ratio,
                    "params_ratio": result.after["params"] / result.before["params"], "pairs": PAIRS}
             for b in (1, 64):
-                with torch.no_grad():
-                    timed = latency_ratio(result.model, dense, torch.randn(b, 3, 32, 32), min_pairs=PAIRS)
+                timed = latency_ratio(result.model, dense, torch.randn(b, 3, 32, 32), min_pairs=PAIRS)
                 row[f"dense_ms_b{b}"], row[f"pruned_ms_b{b}"] = timed["reference_ms"], timed["model_ms"]
                 row[f"speedup_b{b}"], row[f"speedup_iqr_b{b}"] = 1 / timed["ratio"], timed["iqr"] / timed["ratio"] ** 2
             row["speedup_target_b64"] = LATENCY_TARGET / macs_ratio
@@ -189,10 +188,10 @@ def main() -> None:
                 draw(json.loads(path.read_text())["rows"], path.with_suffix(".png"))
         return
     calib = calibration()
+    tunables = os.environ.get("GLIBC_TUNABLES")  # the allocator's settings move eager CPU timings (conv_widths.py)
     meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
             "torch": torch.__version__,
-            "command": " ".join(f"{k}={os.environ[k]}" for k in ("GLIBC_TUNABLES",) if os.environ.get(k))
-            + (" " if os.environ.get("GLIBC_TUNABLES") else "") + "python " + " ".join(sys.argv)}
+            "command": (f"GLIBC_TUNABLES={tunables} " if tunables else "") + "python " + " ".join(sys.argv)}
     head = f"{meta['date']}, {meta['machine']}, torch {meta['torch']}; `{meta['command']}`"
     if args.part in ("time", "all"):
         timing = pruning_times(calib)
