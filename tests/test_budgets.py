@@ -156,6 +156,40 @@ def test_a_latency_target_is_measured_on_this_machine_and_met_by_timing_pruned_c
     assert result.after["macs"] < 0.85 * result.before["macs"]
 
 
+def _activation_latency(sizer, model):
+    """A memory-bound machine's latency, deterministic: the elements every convolution writes."""
+    batch = structprune.measure.repeat_batch(sizer.example_inputs, 2)
+    written = []
+    hooks = [m.register_forward_hook(lambda m, i, o: written.append(o.numel())) for m in model.modules()
+             if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model(batch)
+    for h in hooks:
+        h.remove()
+    return float(sum(written))
+
+
+@pytest.mark.parametrize("inner_first", [False, True])
+def test_a_latency_target_the_inner_groups_cannot_meet_prunes_the_residual_streams_too(monkeypatch, inner_first):
+    """Where the residual streams' work does not shrink with the inner channels, half the latency needs them
+    pruned too: scope "auto" gives every group, also when its one timing of the smallest inner allocation read
+    low (``inner_first``: the search then misses with the inner groups and is redone over all of them)."""
+    from structprune import api
+
+    monkeypatch.setattr(allocate.Sizer, "_latency", _activation_latency)
+    if inner_first:
+        monkeypatch.setattr(api, "_auto_scope", lambda *args: "inner")
+    model, shape = make_zoo_model("resnet20")
+    result = structprune.prune(model, calibration(shape, samples=8), "magnitude", Target(0.5, "latency", batch=2),
+                               refit=False, progress=False)
+    assert result.scope == "all"
+    assert abs(result.budget["achieved"] - 0.5) <= 0.05 * 0.5
+    if inner_first:  # the inner groups alone could not go below the residual streams' share
+        assert result.budget["inner_scope_achieved"] > 0.5 * 1.05
+    else:
+        assert "inner_scope_achieved" not in result.budget
+
+
 class _Twice(nn.Module):
     """The same layer run twice: twice the work of one run."""
 

@@ -24,7 +24,7 @@ from .capture import (
     weights_view,
 )
 from .errors import StructPruneError, check_positive_int, first_line
-from .graph import build_graph, out_features, run_forward
+from .graph import PruningGraph, build_graph, out_features, run_forward
 from .measure import count, counting, output_sizes
 from .methods.base import GroupView, Method, Selection
 from .progress import bar as progress_bar
@@ -172,7 +172,9 @@ def prune(
     scope: "all" prunes every group; "inner" only channels that no residual stream shares (block-internal
         ones, as the i-SpaSP paper prunes); residual streams are then kept whole. "auto" (default): for a
         :class:`~structprune.allocate.Target`, "inner" when the inner groups alone can meet it (measured
-        better: benchmarks/README.md), else "all"; for keep ratios, "all".
+        better: benchmarks/README.md), else "all" (also when the search with the inner groups then misses the
+        target, as a latency target can after the one timing that chose the scope: it is searched again over every
+        group, and ``budget["inner_scope_achieved"]`` says what the inner groups reached); for keep ratios, "all".
     round_to: round every keep count up to a multiple of this (hardware-friendly widths), under any budget;
         None: the widths as they fall. ``"auto"`` (default): for a MACs or params
         :class:`~structprune.allocate.Target`, the multiple the model's device runs fastest
@@ -286,15 +288,21 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
     selection_samples = min(calib_samples, calib.samples) if reads_data else 0
     if example_inputs is None:
         example_inputs = take_samples(calib.first(), 1, device)
-    if scope == "auto":
+    auto_scope = scope == "auto"
+    if auto_scope:
         scope = _auto_scope(budget, model, example_inputs, ignored_names)
-    graph = build_graph(pruned, example_inputs, [pruned.get_submodule(n) for n in ignored_names], scope,
-                        observe=counting(pruned))  # the dense size, counted on the pass that orders the layers
+
+    def scoped(scope: str) -> tuple[PruningGraph, allocate.Sizer]:
+        graph = build_graph(pruned, example_inputs, [pruned.get_submodule(n) for n in ignored_names], scope,
+                            observe=counting(pruned))  # the dense size, counted on the pass that orders the layers
+        sizer = allocate.Sizer(model, example_inputs, ignored_names, graph, scope,  # model: the caller's, never pruned
+                               latency_batch=_latency_batch(budget),
+                               dense=graph.observed() if graph.observed is not None else None)
+        return graph, sizer
+
+    graph, sizer = scoped(scope)
     if reconstruct == "auto":
         reconstruct = "layer" if graph.residual_layers else "original"
-    sizer = allocate.Sizer(model, example_inputs, ignored_names, graph, scope,  # model: the caller's, never pruned
-                           latency_batch=_latency_batch(budget),
-                           dense=graph.observed() if graph.observed is not None else None)
     needs_gradients = getattr(method, "needs_gradients", False)
     if needs_gradients and not calib.labelled:
         raise StructPruneError(f"method {method.name} needs labelled calibration batches: (inputs, targets) pairs")
@@ -303,8 +311,20 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
     cache, reference_cache = _caches(model, pruned, example_inputs, calib, memory_bytes,
                                      (captures or pfp_allocation) and not stream and not needs_gradients,
                                      refit and reconstruct == "original")
-    allocation = allocate.plan(budget, sizer, round_to, lambda: allocate.pfp_sensitivities(
-        pruned, graph, calib, memory_bytes, seed, selection_samples, cache=cache), device=device)
+
+    def plan(graph: PruningGraph, sizer: allocate.Sizer) -> allocate.Allocation:
+        return allocate.plan(budget, sizer, round_to, lambda: allocate.pfp_sensitivities(
+            pruned, graph, calib, memory_bytes, seed, selection_samples, cache=cache), device=device)
+
+    allocation = plan(graph, sizer)
+    if auto_scope and scope == "inner" and _missed_above(allocation.info, budget):
+        # the scope was chosen on one timing of the smallest inner allocation; a latency search that then finds
+        # the inner groups too slow (the residual streams' work stays) searches again over every group
+        inner_achieved = allocation.info["achieved"]
+        scope = "all"
+        graph, sizer = scoped(scope)
+        allocation = plan(graph, sizer)
+        allocation.info["inner_scope_achieved"] = inner_achieved
     _warn_if_missed(allocation.info, budget)
     _warn_if_clamped(allocation.keeps, sizer.groups, budget)
     _warn_if_nothing_to_prune(pruned, sizer.groups, ignored_names)
@@ -537,6 +557,11 @@ def _check_forward(model: nn.Module, example_inputs, group: str) -> None:
         first = first_line(exc)
         raise StructPruneError(f"pruning group {group} broke the model's forward pass ({first}); keep it whole "
                                f"with ignored_layers=[{group!r}] (--ignore {group})") from None
+
+
+def _missed_above(info: dict, budget) -> bool:
+    """Whether a target's allocation kept more than the target allows (the groups could not shrink enough)."""
+    return info.get("budget") == "target" and info["achieved"] > info["target"] * (1 + budget.tolerance)
 
 
 def _warn_if_missed(info: dict, budget) -> None:
