@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from results_io import read_results, write_table
 
-from structprune.measure import time_call
+from structprune.measure import fastest_medians
 
 COMMAND = "cd benchmarks && ../.venv/bin/python conv_widths.py --out-dir results"
 BATCH = 64
@@ -80,15 +80,6 @@ def onnx_runs(case, directory: Path) -> list:
     return runs
 
 
-def fastest(runs: list, rounds: int = 3) -> list[float]:
-    best = [float("inf")] * len(runs)
-    with torch.no_grad():
-        for _ in range(rounds):
-            for i, run in enumerate(runs):
-                best[i] = min(best[i], time_call(run, min_runs=10, warmup=3, min_seconds=0.2)["median_ms"])
-    return best
-
-
 def rounding_cost(times: list[float], m: int) -> float:
     """The mean extra time of rounding every width of the sweep up to the next multiple of ``m`` (0.05: +5%)."""
     pairs = [(t, times[WIDTHS.index(-(-w // m) * m)]) for w, t in zip(WIDTHS, times, strict=True)
@@ -110,7 +101,7 @@ def measure(runtime: str) -> dict:
             runs = eager_runs(case) if runtime == "eager" else onnx_runs(case, Path(directory))
             fixed = "in" if case[2] == "out" else "out"
             out[f"{case[0]}×{case[0]}, {case[2]}put width swept, {fixed}put at {case[1]}"] = {
-                "side": case[2], "ms": fastest(runs)}
+                "side": case[2], "ms": fastest_medians(runs, min_runs=10)}
     return out
 
 

@@ -20,7 +20,7 @@ import torch
 from results_io import write_table
 
 import structprune
-from structprune.measure import latency_stats
+from structprune.measure import fastest_medians
 
 MODELS = {
     "ResNet-20": lambda: structprune.load("checkpoints/resnet20-fmnist.pt"),
@@ -45,11 +45,8 @@ def timed(dense, pruned, mode: str, batch: torch.Tensor, rounds: int = 3) -> tup
     for model in (dense, pruned):
         compiled, layout = in_mode(model, mode)
         runs.append((compiled, batch.contiguous(memory_format=layout)))
-    best = [float("inf"), float("inf")]
-    for _ in range(rounds):
-        for i, (model, x) in enumerate(runs):
-            best[i] = min(best[i], latency_stats(model, x, warmup=5, min_seconds=0.5)["median_ms"])
-    return best[0], best[1]
+    dense_ms, pruned_ms = fastest_medians([lambda m=m, x=x: m(x) for m, x in runs], rounds, warmup=5, min_seconds=0.5)
+    return dense_ms, pruned_ms
 
 
 def main() -> None:

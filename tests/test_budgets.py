@@ -215,6 +215,25 @@ def test_latency_ratio_times_two_models_in_pairs_of_blocks():
         latency_ratio(layer, layer, x, block=1)
 
 
+def test_fastest_medians_times_runs_in_turn_and_keeps_each_ones_fastest_round():
+    import time
+
+    from structprune.measure import fastest_medians
+
+    order = []
+
+    def sleeper(name: str, seconds: float):
+        def run():
+            order.append(name)
+            time.sleep(seconds)
+        return run
+
+    fast, slow = fastest_medians([sleeper("fast", 0.0), sleeper("slow", 0.003)], rounds=2, min_runs=3, warmup=1,
+                                 min_seconds=0.0)
+    assert slow >= 3.0 > fast  # milliseconds: a sleep is at least as long as asked
+    runs = [name for i, name in enumerate(order) if i == 0 or order[i - 1] != name]
+    assert runs == ["fast", "slow", "fast", "slow"]  # in turn, round after round
+
 def test_latency_target_options_are_checked():
     with pytest.raises(structprune.StructPruneError, match="batch must be a positive integer"):
         structprune.Target(0.5, "latency", batch=0)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import time
 import timeit
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -205,6 +206,19 @@ def time_call(run, on_cuda: bool = False, min_runs: int = 20, warmup: int = 3, m
         times.extend(measurement.raw_times)
     q1, median, q3 = _quartiles([t * 1000 for t in times])
     return {"median_ms": median, "iqr_ms": q3 - q1, "runs": len(times), "threads": torch.get_num_threads()}
+
+
+@torch.no_grad()
+def fastest_medians(runs: Sequence[Callable[[], object]], rounds: int = 3, on_cuda: bool = False,
+                    **timing) -> list[float]:
+    """The fastest median (ms) of each of ``runs`` over ``rounds`` rounds, every round timing them in turn
+    (:func:`time_call` with ``timing``): a slow spell of the machine costs each run one round, not the comparison.
+    Without gradients."""
+    best = [math.inf] * len(runs)
+    for _ in range(rounds):
+        for i, run in enumerate(runs):
+            best[i] = min(best[i], time_call(run, on_cuda, **timing)["median_ms"])
+    return best
 
 
 @torch.no_grad()
