@@ -16,6 +16,8 @@ latency does not follow the MACs, so a MACs target would miss.
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 import time
 import warnings
 
@@ -23,7 +25,7 @@ import torch
 from results_io import write_table
 
 import structprune
-from structprune.measure import latency_ratio, latency_stats, repeat_batch
+from structprune.measure import fastest_medians, latency_ratio, repeat_batch
 
 MODELS = {
     "ResNet-20": lambda: structprune.load("checkpoints/resnet20-fmnist.pt"),
@@ -31,16 +33,13 @@ MODELS = {
     "VGG-16 (half width)": lambda: structprune.load("checkpoints/vgg16-fmnist.pt"),
     "MobileNetV2": lambda: structprune.models.create("mobilenetv2", in_channels=1).eval(),
 }
-COMMAND = "cd benchmarks && ../.venv/bin/python latency_target.py --out-dir results"
+COMMAND = "cd benchmarks && ../.venv/bin/python latency_target.py"
 
 
 def timed(dense, pruned, batch, rounds: int = 3) -> tuple[float, float]:
     """The fastest median of each model over ``rounds`` rounds, timed in turn."""
-    dense_ms, pruned_ms = [], []
-    for _ in range(rounds):
-        dense_ms.append(latency_stats(dense, batch, min_seconds=0.5)["median_ms"])
-        pruned_ms.append(latency_stats(pruned, batch, min_seconds=0.5)["median_ms"])
-    return min(dense_ms), min(pruned_ms)
+    dense_ms, pruned_ms = fastest_medians([lambda: dense(batch), lambda: pruned(batch)], rounds, min_seconds=0.5)
+    return dense_ms, pruned_ms
 
 
 def main() -> None:
@@ -73,19 +72,28 @@ def main() -> None:
                          "macs_ratio": result.after["macs"] / result.before["macs"], "dense_ms": dense_ms,
                          "pruned_ms": pruned_ms, "evaluations": result.budget["size_evaluations"],
                          "prune_seconds": seconds, "scope": result.scope,
+                         "inner_scope_achieved": result.budget.get("inner_scope_achieved"),
                          "warnings": [str(w.message) for w in caught if "structprune" in str(w.message)]})
             r = rows[-1]
             print(f"{name} target {target}: measured {measured:.3f}, in turn {r['in_turn']:.3f} (search "
                   f"{r['search_estimate']:.3f}), MACs "
                   f"{r['macs_ratio']:.3f}, {dense_ms:.1f} -> {pruned_ms:.1f} ms, {seconds:.0f} s", flush=True)
     table = ["| model | target | measured latency ratio (pairs; IQR) | error | in turn (error) | search's estimate | "
-             "MACs ratio taken | dense → pruned in turn (ms) | prune time (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "MACs ratio taken | scope | dense → pruned in turn (ms) | prune time (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     table += [f"| {r['model']} | {r['target']:.2f} | {r['measured']:.3f} ({r['measured_iqr']:.3f}) | "
               f"{r['relative_error']:.1%} | {r['in_turn']:.3f} ({r['in_turn_error']:.1%}) | "
-              f"{r['search_estimate']:.3f} | {r['macs_ratio']:.3f} | {r['dense_ms']:.1f} → {r['pruned_ms']:.1f} | "
+              f"{r['search_estimate']:.3f} | {r['macs_ratio']:.3f} | {_scope(r)} | "
+              f"{r['dense_ms']:.1f} → {r['pruned_ms']:.1f} | "
               f"{r['prune_seconds']:.0f} |" for r in rows]
-    write_table(args.out_dir, "latency_target", "Latency targets at batch 64", COMMAND, rows, table)
+    write_table(args.out_dir, "latency_target", "Latency targets at batch 64", f"{COMMAND} {shlex.join(sys.argv[1:])}",
+                rows, table)
+
+
+def _scope(row: dict) -> str:
+    """The groups pruned; where the inner ones were searched first and missed, what they reached."""
+    inner = row.get("inner_scope_achieved")
+    return row["scope"] if inner is None else f"{row['scope']} (inner groups: {inner:.3f})"
 
 
 if __name__ == "__main__":
