@@ -10,7 +10,7 @@ every activation to it and back). The issue's target: a speed-up of at least 0.9
 pruned MACs) at half the MACs. ResNet-20/56 and VGG-16 are the committed Fashion-MNIST checkpoints, MobileNetV2
 width 1.0 with random weights; 1×28×28 inputs.
 
-    cd benchmarks && ../.venv/bin/python latency_modes.py --out-dir results     # 8–25 min on 2 CPU cores
+    cd benchmarks && ../.venv/bin/python latency_modes.py --out-dir results     # 10–30 min on 2 CPU cores
 """
 
 from __future__ import annotations
