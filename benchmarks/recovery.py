@@ -12,7 +12,8 @@ fine-tune:
 * structprune's magnitude, i-SpaSP and PFP, each as the bare one-shot step (``refit=False,
   recalibrate=False``) and with the default pipeline (``structprune.prune`` with no options);
   i-SpaSP with the released code's proxy (``proxy="paper"``) too, and with each alternative to the
-  defaults ``reconstruct="auto"`` and ``scope="auto"`` (see ``structprune.prune``).
+  defaults ``reconstruct="auto"`` and ``scope="auto"`` (see ``structprune.prune``); PFP with its sensitivity's
+  "denominator ≈ 0" read literally (``zero_below=0``, see ``structprune.methods.pfp``) too.
 
 With ``--finetune`` (ResNet-20 only): the default i-SpaSP and PFP and Torch-Pruning's magnitude, Taylor
 and BN-scale, each followed by the same fine-tune (one epoch of SGD, lr 0.01 cosine, on the first 10,000
@@ -54,7 +55,8 @@ MODELS = {  # variants: all of VARIANTS, or only those the targets need (the lar
     "resnet56": {"checkpoint": "resnet56-fmnist.pt", "targets": [0.7, 0.5], "budget": "flops", "variants": "targets"},
     "vgg16": {"checkpoint": "vgg16-fmnist.pt", "targets": [0.7, 0.5], "budget": "flops", "variants": "targets"},
 }
-TARGET_VARIANTS = ("magnitude default", "ispasp bare", "ispasp default", "pfp bare", "pfp default")
+TARGET_VARIANTS = ("magnitude default", "ispasp bare", "ispasp default", "pfp bare", "pfp default",
+                   "pfp zero_below=0 default")
 CALIB_SAMPLES = 2048
 VARIANTS = [  # (row name, method, prune options)
     ("magnitude bare", "magnitude", {"refit": False, "recalibrate": False}),
@@ -64,6 +66,7 @@ VARIANTS = [  # (row name, method, prune options)
     ("ispasp paper-proxy default", "ispasp", {"proxy": "paper"}),
     ("pfp bare", "pfp", {"refit": False, "recalibrate": False}),
     ("pfp default", "pfp", {}),
+    ("pfp zero_below=0 default", "pfp", {"zero_below": 0.0}),  # the sensitivity's "≈ 0" read literally
     # the defaults' alternatives, to show what each default is worth
     ("ispasp reconstruct=original", "ispasp", {"reconstruct": "original"}),
     ("ispasp reconstruct=layer", "ispasp", {"reconstruct": "layer"}),

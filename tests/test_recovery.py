@@ -82,10 +82,13 @@ def test_ispasp_aggregate_activation_counts_each_position_once():
     assert torch.allclose(view.activation, hidden.sum(dim=(0, 2, 3)).double(), rtol=1e-5)
 
 
-def _pfp_reference(x: torch.Tensor, weight: torch.Tensor, padding: int, channels: torch.Tensor) -> torch.Tensor:
+def _pfp_reference(x: torch.Tensor, weight: torch.Tensor, padding: int, channels: torch.Tensor,
+                   zero_below: float = 0.0) -> torch.Tensor:
     """PFP's s_j straight from the definition, in float64: for every sample, output position, output unit
-    and kernel tap, over the positive and negative parts of the input and of the weight."""
+    and kernel tap, over the positive and negative parts of the input and of the weight; a sum counts as ≈ 0
+    below ``zero_below`` × its unit's mean over the sample's positions."""
     x, weight = x.double(), weight.double()
+    samples = len(x)
     out, cin, kh, kw = weight.shape
     patches = nn.functional.unfold(x, (kh, kw), padding=padding).transpose(1, 2).reshape(-1, cin, kh * kw)
     parts = [patches] if bool((patches >= 0).all()) else [patches.clamp(min=0), (-patches).clamp(min=0)]
@@ -95,7 +98,9 @@ def _pfp_reference(x: torch.Tensor, weight: torch.Tensor, padding: int, channels
         for wp in (w.clamp(min=0), (-w).clamp(min=0)):
             terms = a[:, None] * wp[None]  # (positions, out, cin, taps)
             total = terms.sum(dim=(2, 3), keepdim=True)
-            g = torch.where(total > 1e-12, terms / total.clamp(min=1e-12), 0.0)
+            per_sample = total.reshape(samples, -1, out)
+            means = per_sample.mean(dim=1, keepdim=True).expand_as(per_sample).reshape(total.shape)
+            g = torch.where((total > 1e-12) & (total > zero_below * means), terms / total.clamp(min=1e-12), 0.0)
             best = torch.maximum(best, g[:, :, channels].amax(dim=(0, 1, 3)))
     return best
 
@@ -122,21 +127,77 @@ def test_pfp_sensitivities_match_the_definition_over_every_position_and_input_ch
     with torch.no_grad():
         full_input = torch.cat([torch.relu(net.a(x)), net.b(x)], dim=1)
     for name, channels in (("a", torch.arange(6)), ("b", torch.arange(6, 10))):
-        view = capture(net, groups[name], [x], memory_bytes=4096, sensitivity_samples=12)  # few rows kept...
-        assert len(view.consumers[0].inputs) < 12 * 49
-        ours = methods.get("pfp").scores(view)  # ...but every position scored
-        reference = _pfp_reference(full_input, net.consumer.weight.detach(), 1, channels)
-        assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-9)
+        for zero_below in (0.0, 0.5):
+            view = capture(net, groups[name], [x], memory_bytes=4096, sensitivity_samples=12,
+                           zero_below=zero_below)  # few rows kept...
+            assert len(view.consumers[0].inputs) < 12 * 49
+            ours = methods.get("pfp").scores(view)  # ...but every position scored
+            reference = _pfp_reference(full_input, net.consumer.weight.detach(), 1, channels, zero_below)
+            assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-9)
 
 
-def _dense_sensitivity(rows, weight, features):
-    """PFP's (max, ×) product evaluated at every (row, output, feature), as the definition reads."""
+def test_pfp_sums_near_zero_for_their_image_do_not_make_a_channel_sensitive():
+    """A channel that fires only, and faintly, where the rest of the image is empty (background) is alone in
+    every sum it enters: g = 1 read literally; with ``zero_below`` those positions count as ≈ 0, and the channel
+    that carries the image outranks it."""
+    from structprune.methods.pfp import conv_sensitivity
+
+    x = torch.zeros(4, 3, 8, 8)
+    x[:, 0, 2:6, 2:6] = 1.0 + torch.rand(4, 4, 4)  # the object
+    x[:, 1, 2:6, 2:6] = 0.5 * torch.rand(4, 4, 4)  # a second channel on the object
+    x[:, 2, :, :2] = 1e-3  # faint, and only on the background
+    conv = nn.Conv2d(3, 4, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.rand(4, 3, 1, 1) + 0.1)
+    index = torch.arange(3)[:, None]
+    literal = conv_sensitivity(x, conv, index)
+    assert float(literal[2]) == pytest.approx(1.0)  # the faint channel ties with the image's
+    relative = conv_sensitivity(x, conv, index, zero_below=0.5)
+    assert float(relative[2]) == 0.0 and float(relative[0]) > float(relative[1]) > 0
+    assert torch.equal(relative[:2], literal[:2])  # the object's positions are unchanged
+
+
+def test_pfp_rejects_a_zero_below_outside_zero_one():
+    for bad in (-0.1, 1.0, 2, True, "0.5"):
+        with pytest.raises(structprune.StructPruneError, match="zero_below"):
+            methods.get("pfp", zero_below=bad)
+    assert methods.get("pfp-top", zero_below=0).zero_below == 0.0
+
+
+def test_prune_hands_pfp_zero_below_to_the_capture(monkeypatch):
+    from structprune import api
+
+    seen = []
+    real = api.capture
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["sensitivity_samples"] > 0, kwargs["zero_below"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "capture", spy)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).eval()
+    calib = [torch.randn(8, 3, 6, 6)]
+    for options, expected in (({}, methods.pfp.ZERO_BELOW), ({"zero_below": 0.0}, 0.0)):
+        seen.clear()
+        structprune.prune(net, calib, "pfp", 0.5, example_inputs=calib[0][:1], progress=False, **options)
+        assert seen and all(scored and value == expected for scored, value in seen)
+
+
+def _dense_sensitivity(rows, weight, features, row_sample=None, zero_below=0.0):
+    """PFP's (max, ×) product evaluated at every (row, output, feature), as the definition reads (a sum ≈ 0
+    below ``zero_below`` × its unit's mean over the rows of its sample, one sample at a time)."""
     parts = [rows] if bool((rows >= 0).all()) else [rows.clamp(min=0), (-rows).clamp(min=0)]
     best = torch.zeros(features.numel())
     for part in parts:
         for w in (weight.clamp(min=0), (-weight).clamp(min=0)):
             total = part @ w.T
-            inverse = torch.where(total > 1e-12, 1 / total.clamp(min=1e-12), 0.0)
+            limit = torch.full_like(total, 1e-12)
+            if row_sample is not None:
+                for sample in row_sample.unique():
+                    rows_of = row_sample == sample
+                    limit[rows_of] = torch.clamp(zero_below * total[rows_of].mean(dim=0), min=1e-12)
+            inverse = torch.where(total > limit, 1 / total.clamp(min=1e-12), 0.0)
             m = (inverse[:, :, None] * w[:, features.reshape(-1)][None]).amax(dim=1)
             best = torch.maximum(best, (part[:, features.reshape(-1)] * m).amax(dim=0))
     return best.reshape(features.shape).amax(dim=1)
@@ -165,6 +226,11 @@ def test_pfp_bounded_sensitivity_is_bit_identical_to_the_dense_definition(dense_
         half = positions // 2
         first = pfp.consumer_sensitivity(rows[:half], weight, features) if half else None
         assert torch.equal(pfp.consumer_sensitivity(rows[half:], weight, features, floor=first), reference), trial
+        # rows of a few samples, sums near their sample's zero left out: the bounds read the same inverses
+        row_sample = torch.randint(0, 4, (positions,), generator=gen)
+        reference = _dense_sensitivity(rows, weight, features, row_sample, 0.5)
+        ours = pfp.consumer_sensitivity(rows, weight, features, row_sample=row_sample, zero_below=0.5)
+        assert torch.allclose(ours, reference, rtol=1e-6, atol=0), trial
 
 
 @pytest.mark.parametrize("conv", [nn.Conv2d(6, 5, 3, padding=1), nn.Conv2d(6, 4, 3, stride=2, padding=1),
@@ -188,6 +254,10 @@ def test_pfp_on_a_conv_input_equals_pfp_on_its_unfolded_rows(conv):
             assert torch.allclose(direct, rows, rtol=1e-5, atol=1e-7)
             half = conv_sensitivity(x[3:], conv, index, floor=conv_sensitivity(x[:3], conv, index))
             assert torch.allclose(half, rows, rtol=1e-5, atol=1e-7)  # in chunks, as the capture scores
+            unfolded = _all_rows(conv, x, "conv", None)  # sums ≈ 0 relative to their sample's mean
+            row_sample = torch.arange(len(x)).repeat_interleave(len(unfolded) // len(x))
+            rows = consumer_sensitivity(unfolded, weight, features, row_sample=row_sample, zero_below=0.5)
+            assert torch.allclose(conv_sensitivity(x, conv, index, zero_below=0.5), rows, rtol=1e-5, atol=1e-7)
 
 
 def test_pfp_conv_shortcut_leaves_out_what_max_pooling_cannot_pad():

@@ -491,20 +491,21 @@ def _search_pfp(budget: Target, sizer: Sizer, round_to: int | dict[str, int | No
 
 
 def pfp_sensitivities(model: nn.Module, graph: PruningGraph, calib: Calibration, memory_bytes: int, seed: int,
-                      samples: int | None = None, cache=None) -> list[LayerSensitivity]:
+                      samples: int | None = None, cache=None, zero_below: float | None = None
+                      ) -> list[LayerSensitivity]:
     """PFP's per-group statistics on the model as it is (dense), for :func:`plan`; sensitivities over every
     position of the first ``samples`` calibration samples (all when None); ``cache``: the model's kept block
-    inputs (:mod:`structprune.resume`)."""
+    inputs (:mod:`structprune.resume`); ``zero_below``: PFP's option (default: its default)."""
     from .capture import capture
     from .measure import output_sizes
-    from .methods.pfp import group_sensitivities
+    from .methods.pfp import ZERO_BELOW, group_sensitivities
 
     samples = calib.samples if samples is None else samples
     positions = {name: size["positions"] for name, size in output_sizes(model, calib.first()).items()}
     layers = []
     for group in graph.groups():
         view = capture(model, group, calib, memory_bytes=memory_bytes, seed=seed, sensitivity_samples=samples,
-                       cache=cache)
+                       cache=cache, zero_below=ZERO_BELOW if zero_below is None else zero_below)
         scores = group_sensitivities(view)
         total = float(scores.sum())
         prob = scores / total if total > 0 else torch.full_like(scores, 1 / len(scores))

@@ -27,6 +27,7 @@ from .errors import StructPruneError, check_positive_int, first_line
 from .graph import PruningGraph, build_graph, out_features, run_forward
 from .measure import count, counting, output_sizes
 from .methods.base import GroupView, Method, Selection
+from .methods.pfp import ZERO_BELOW
 from .progress import bar as progress_bar
 from .recalibrate import has_batchnorm, recalibrate_batchnorm
 from .refit import refit as refit_selection
@@ -312,9 +313,12 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
                                      (captures or pfp_allocation) and not stream and not needs_gradients,
                                      refit and reconstruct == "original")
 
+    zero_below = getattr(method, "zero_below", ZERO_BELOW)  # PFP's, for its sensitivities (selection, allocation)
+
     def plan(graph: PruningGraph, sizer: allocate.Sizer) -> allocate.Allocation:
         return allocate.plan(budget, sizer, round_to, lambda: allocate.pfp_sensitivities(
-            pruned, graph, calib, memory_bytes, seed, selection_samples, cache=cache), device=device)
+            pruned, graph, calib, memory_bytes, seed, selection_samples, cache=cache, zero_below=zero_below),
+            device=device)
 
     allocation = plan(graph, sizer)
     if auto_scope and scope == "inner" and _missed_above(allocation.info, budget):
@@ -348,7 +352,7 @@ def _prune(model, calib_loader, method, budget, example_inputs, *, refit, recons
                 try:
                     view = capture(pruned, group, calib, memory_bytes=memory_bytes, seed=seed, loss_fn=loss_fn,
                                    gradients=needs_gradients, sensitivity_samples=selection_samples
-                                   if getattr(method, "needs_sensitivity", False) else 0,
+                                   if getattr(method, "needs_sensitivity", False) else 0, zero_below=zero_below,
                                    reference=reference, cache=cache, reference_cache=reference_cache)
                 except Exception as exc:  # after a removal: most likely it broke the forward pass (named below)
                     if checked or isinstance(exc, StructPruneError) or not any(

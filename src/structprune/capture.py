@@ -194,14 +194,15 @@ def _fingerprint(inputs) -> float:
 class _RowCollector:
     """Forward pre-hook on one consumer: turns its input into rows (M, C, K) at sampled positions, and
     keeps what needs every position: per-sample sums of each channel and, when asked, PFP's sensitivities
-    over every position of the first ``sensitivity_samples`` samples."""
+    over every position of the first ``sensitivity_samples`` samples (``zero_below``: PFP's option)."""
 
     def __init__(self, consumer: Consumer, rows_cap: int, samples: int, generator: torch.Generator,
-                 sensitivity_samples: int = 0):
+                 sensitivity_samples: int = 0, zero_below: float = 0.0):
         self.consumer = consumer
         self.rows_cap, self.samples = rows_cap, samples
         self.generator = generator
         self.sensitivity_samples = sensitivity_samples
+        self.zero_below = zero_below
         self.chunks: list[Tensor] = []
         self.masks: list[Tensor] = []  # (rows, taps) real-position taps of conv rows
         self.row_samples: list[Tensor] = []
@@ -232,14 +233,18 @@ class _RowCollector:
         if self.consumer.kind == "conv" and conv_sensitivity_applies(module):  # its input as it is, not unfolded
             for start in range(0, x.shape[0], step):
                 self.sensitivity = conv_sensitivity(x[start:start + step], module, self.consumer.channel_index,
-                                                    floor=self.sensitivity)
+                                                    floor=self.sensitivity, zero_below=self.zero_below)
             return
         weight = self.consumer.flat_weight()
         features = self.consumer.input_features()
         for start in range(0, x.shape[0], step):
             chunk = x[start:start + step]
             rows = _all_rows(module, chunk, self.consumer.kind, self._mask(chunk.shape[0], chunk))
-            self.sensitivity = consumer_sensitivity(rows, weight, features, floor=self.sensitivity)
+            row_sample = None  # a Linear layer's rows stand alone; a conv's rows of one sample are its positions
+            if self.consumer.kind == "conv":
+                row_sample = torch.arange(len(chunk), device=rows.device).repeat_interleave(len(rows) // len(chunk))
+            self.sensitivity = consumer_sensitivity(rows, weight, features, floor=self.sensitivity,
+                                                    row_sample=row_sample, zero_below=self.zero_below)
 
     def _mask(self, n: int, x: Tensor) -> Tensor | None:
         mask = self.token_mask
@@ -422,14 +427,16 @@ def _all_rows(module: nn.Module, x: Tensor, kind: str, token_mask: Tensor | None
 def capture(model: nn.Module, group: Group, calib: Calibration | list, memory_bytes: int = DEFAULT_MEMORY_BYTES,
             seed: int = 0, targets: list | None = None, loss_fn=None, gradients: bool = False,
             sensitivity_samples: int = 0, reference: tuple[nn.Module, dict[str, Tensor]] | None = None,
-            cache: ActivationCache | None = None, reference_cache: ActivationCache | None = None) -> GroupView:
+            cache: ActivationCache | None = None, reference_cache: ActivationCache | None = None,
+            zero_below: float = 0.0) -> GroupView:
     """Run the calibration samples through ``model`` and return the group's :class:`GroupView`.
 
     ``calib``: a :class:`Calibration`, or a list of input batches (with ``targets``, one per batch).
     With ``gradients`` (or ``targets`` given), the producers' ``weight_grad`` is the gradient of
     ``loss_fn(model(inputs), targets)`` (default: cross-entropy) summed over the batches.
     ``sensitivity_samples``: compute PFP's sensitivities (:func:`structprune.methods.pfp.consumer_sensitivity`)
-    over every position of the first this many samples, against the consumer's whole input.
+    over every position of the first this many samples, against the consumer's whole input (``zero_below``:
+    PFP's option of that name).
     ``reference``: (the original, unpruned model, {consumer name: indices of its current outputs among the
     original's}); each consumer named there gets as ``target`` the original model's output of that layer
     at the same rows, so that a reconstruction can undo the error accumulated upstream.
@@ -451,7 +458,7 @@ def capture(model: nn.Module, group: Group, calib: Calibration | list, memory_by
         features = consumer.channel_index.numel() * (
             consumer.module.weight[0, 0].numel() if consumer.kind == "conv" else 1)
         collector = _RowCollector(consumer, rows_cap(features, samples, memory_bytes), samples, gen,
-                                  sensitivity_samples)
+                                  sensitivity_samples, zero_below)
         collectors.append(collector)
     if gradients:
         cache = reference_cache = None  # the loss needs the whole pass

@@ -240,7 +240,8 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                         "for large calibration sets; one pass over them per group)")
     p.add_argument("--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="method option, repeatable: ispasp iterations=20 proxy=contribution|paper|cosamp; "
-                        "pfp* delta=1e-16; magnitude norm=1|2 coupled=True|False")
+                        "pfp* delta=1e-16 zero_below=0.5 (a sensitivity's sum below this fraction of its "
+                        "unit's mean over the sample's positions counts as 0); magnitude norm=1|2 coupled=True|False")
 
 
 def _add_recovery_args(p: argparse.ArgumentParser) -> None:
