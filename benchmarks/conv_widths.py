@@ -34,7 +34,7 @@ from results_io import read_results, write_table
 
 from structprune.measure import fastest_medians
 
-COMMAND = "cd benchmarks && ../.venv/bin/python conv_widths.py --out-dir results"
+COMMAND = "cd benchmarks && ../.venv/bin/python conv_widths.py --out-dir {out_dir}"
 BATCH = 64
 WIDTHS = tuple(range(4, 65, 4))
 #: (resolution, the fixed side's width, the side swept): the CIFAR ResNets' stages, both sides of the middle one
@@ -161,7 +161,8 @@ def report(out_dir, rows: list[dict]) -> None:
     table += [f"| {r['runtime']} | {r['convolution']} | " + " | ".join(f"{t:.2f}" for t in r["ms"]) + " | "
               + " | ".join(f"{r['rounding_cost'][str(m)]:+.0%}" for m in MULTIPLES) + f" | {r['multiple']} |"
               for r in rows]
-    write_table(out_dir, "conv_widths", "Convolution time by channel width", COMMAND, rows, table)
+    write_table(out_dir, "conv_widths", "Convolution time by channel width", COMMAND.format(out_dir=out_dir), rows,
+                table)
 
 if __name__ == "__main__":
     main()

@@ -143,9 +143,9 @@ def as_budget(budget) -> Budget:
 def cpu_multiple(capability: str | None = None) -> int:
     """The channel block of this CPU's convolution kernels: 16 where PyTorch runs AVX-512 code (oneDNN's and ONNX
     Runtime's fp32 blocks are 16 floats there), else 8 (AVX2's 8 floats; any other CPU gets the same, unmeasured).
-    Measured (benchmarks/conv_widths.py, 2026-12-02, AVX-512, eager and ONNX Runtime): a 3×3 convolution's time
+    Measured (benchmarks/conv_widths.py, eager and ONNX Runtime): on AVX-512 (2026-12-02) a 3×3 convolution's time
     steps at every 16 output channels (20 to 32 outputs cost the same), so a width in multiples of 8 but not of 16
-    costs what the next multiple of 16 does."""
+    costs what the next multiple of 16 does; on AVX2 (2026-12-03) it steps at every 8."""
     if capability is None:
         probe = getattr(torch.backends.cpu, "get_cpu_capability", None)  # torch ≥ 2.1
         capability = probe() if probe is not None else ""
