@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from . import allocate
 from .checkpoint import check_output, example_input, load, write_atomic
 from .errors import StructPruneError, first_line, strip_ansi
-from .measure import count, time_call
+from .measure import count, output_sizes, time_call
 
 FORMATS = ("onnx", "torchscript")
 #: file suffixes that name a format when ``format`` is not given
@@ -90,12 +90,12 @@ def export(model, out: str | os.PathLike, format: str | None = None, example_inp
 def _export(model: nn.Module, out: Path, format, example_inputs, opset, check, atol, force, seed, source,
             start) -> ExportResult:
     format = _format(format, out)
-    if format == "onnx":
-        _warn_if_unaligned(model)
     check_output(out, force, what="out:")
     if atol <= 0:
         raise StructPruneError(f"atol must be > 0, got {atol}")
     example = _example(model, example_inputs)
+    if format == "onnx":
+        _warn_if_unaligned(model, example)
     names, args = _positional(example)
     wrapper = _TensorOutputs(model, names).eval()
     device = next(model.parameters(), torch.empty(0)).device
@@ -136,22 +136,37 @@ def _export(model: nn.Module, out: Path, format, example_inputs, opset, check, a
     return result
 
 
-def _warn_if_unaligned(model: nn.Module) -> None:
+#: the share of a pruned model's convolution MACs in widths off the CPU's block above which an ONNX export warns:
+#: ResNet-20 at half the MACs with the defaults keeps one of 21 convolutions at 7 outputs (about 5% of the MACs)
+#: and runs ×1.94 faster than dense in ONNX Runtime against ×2.03 with every group in multiples of 8; with every
+#: width as it falls (more than a tenth) ×1.60, MobileNetV2 ×1.00 against ×2.05 (benchmarks/export.py,
+#: 2026-12-03, AVX2)
+UNALIGNED_SHARE = 0.1
+
+
+def _warn_if_unaligned(model: nn.Module, example) -> None:
     """A pruned model whose convolutions keep widths off ONNX Runtime's blocks (this CPU's
     :func:`~structprune.allocate.cpu_multiple`: benchmarks/README.md, export.py and conv_widths.py) can be no
-    faster there than the dense one: say so, and how to prune instead."""
+    faster there than the dense one: where such convolutions hold more than :data:`UNALIGNED_SHARE` of the
+    convolutions' MACs on ``example``, say so, and how to prune instead."""
     if not getattr(model, "structprune_history", None):
         return  # not pruned by structprune: its widths are the architect's
     aligned = allocate.HARDWARE_MULTIPLE["cpu"]
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
-    odd = [m for m in convs if m.out_channels % aligned]
-    if odd:
-        warnings.warn(f"structprune: {len(odd)} of {len(convs)} convolutions keep a width that is not a multiple "
-                      f"of {aligned}; ONNX Runtime's CPU kernels run those slower, so the pruned model may be no "
-                      f"faster there than the dense one (a ResNet-20 at half the MACs: ×0.95, ×1.46 with "
-                      f"round_to=8). Prune with round_to={aligned} (--round-to {aligned}) for ONNX Runtime (a "
-                      f"Target rounds the groups of {allocate.AUTO_MIN_MULTIPLES * aligned} channels or more to "
-                      f"{aligned} by default)",
+    convs = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1}
+    odd = [name for name, m in convs.items() if m.out_channels % aligned]
+    if not odd:
+        return
+    positions = {name: size["positions"] for name, size in output_sizes(model, example).items()}
+    macs = {name: m.weight.numel() * positions.get(name, 0) for name, m in convs.items()}
+    share = sum(macs[name] for name in odd) / max(sum(macs.values()), 1)
+    if share > UNALIGNED_SHARE:
+        warnings.warn(f"structprune: {len(odd)} of {len(convs)} convolutions ({share:.0%} of their MACs) keep a "
+                      f"width that is not a multiple of {aligned}; ONNX Runtime's CPU kernels run those slower, so "
+                      f"the pruned model may be little or no faster there than the dense one (with every width as "
+                      f"it falls at half the MACs: ResNet-20 ×1.60 and MobileNetV2 ×1.00 against ×2.03 and ×2.05 "
+                      f"with round_to=8 on an AVX2 CPU). Prune with round_to={aligned} (--round-to {aligned}) for "
+                      f"ONNX Runtime (a Target rounds the groups of {allocate.AUTO_MIN_MULTIPLES * aligned} channels "
+                      f"or more to {aligned} by default)",
                       stacklevel=4)
 
 
