@@ -99,6 +99,20 @@ def test_prune_budget_flags_are_validated(tmp_path, fmnist_dir, capsys):
     assert not (tmp_path / "x.pt").exists()
 
 
+def test_out_of_range_fractions_are_refused_naming_what_they_are_fractions_of(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "x.pt")]
+    for flag, what in [("--ratio", "channels"), ("--target-flops", "the dense MACs"),
+                       ("--target-params", "the dense parameters"), ("--target-latency", "the dense forward time")]:
+        with pytest.raises(SystemExit) as exc:
+            main(["prune", "--model", "lenet5", flag, "1.5", *out])
+        assert exc.value.code == 2
+        assert f"argument {flag}: must be in (0, 1] (the fraction of {what} kept), got 1.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compare", "x.pt", "--targets", "0.5,0"])
+    assert "--targets: must be comma-separated numbers in (0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_compare_writes_table_json_and_plot(tmp_path, fmnist_dir, capsys):
     dense = _trained(tmp_path, fmnist_dir)
     out_dir = tmp_path / "cmp"

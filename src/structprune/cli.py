@@ -28,14 +28,20 @@ from .graph import build_graph
 log = logging.getLogger("structprune")
 
 
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1] (the fraction of channels kept), got {value}")
-    return value
+def _fraction_of(what: str):
+    """An argparse type: a number in (0, 1], the fraction of ``what`` kept (named in the error)."""
+    def fraction(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+        if not 0 < value <= 1:
+            raise argparse.ArgumentTypeError(f"must be in (0, 1] (the fraction of {what} kept), got {value}")
+        return value
+    return fraction
+
+
+_ratio = _fraction_of("channels")
 
 
 def _positive(text: str) -> int:
@@ -61,7 +67,7 @@ def _round_to(text: str) -> int | str | None:
 
 def _fractions(text: str) -> list[float]:
     try:
-        return [_ratio(part) for part in text.split(",") if part.strip()]
+        return [_fraction_of("the dense model's --metric")(part) for part in text.split(",") if part.strip()]
     except argparse.ArgumentTypeError as exc:
         raise argparse.ArgumentTypeError(f"must be comma-separated numbers in (0, 1]: {exc}") from None
 
@@ -213,11 +219,11 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layer-ratio", type=_layer_ratio, action="append", default=[], metavar="PATTERN=RATIO",
                    help="keep ratio of the groups whose name (or a producer's) matches PATTERN (fnmatch, "
                         "first match wins), repeatable; see `structprune info` for the group names")
-    g.add_argument("--target-flops", type=_ratio, default=None,
+    g.add_argument("--target-flops", type=_fraction_of("the dense MACs"), default=None,
                    help="keep this fraction of the dense model's MACs, met on the real pruned model")
-    g.add_argument("--target-params", type=_ratio, default=None,
+    g.add_argument("--target-params", type=_fraction_of("the dense parameters"), default=None,
                    help="keep this fraction of the dense model's parameters")
-    g.add_argument("--target-latency", type=_ratio, default=None,
+    g.add_argument("--target-latency", type=_fraction_of("the dense forward time"), default=None,
                    help="keep this fraction of the dense model's forward time, measured on this machine and "
                         "--device at --latency-batch samples (within 5%%: timing noise)")
     g.add_argument("--latency-batch", type=_positive, default=64, metavar="N",
