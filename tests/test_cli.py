@@ -41,6 +41,13 @@ def test_train_prune_eval_info(tmp_path, capsys, fmnist_dir):
     rows = json.loads(table.read_text())["rows"]
     assert rows[1]["macs"] < rows[0]["macs"] and rows[1]["params"] < rows[0]["params"]
     assert "| checkpoint | runtime | accuracy (%)" in capsys.readouterr().out
+    assert (rows[1]["dense_params"], rows[1]["dense_macs"]) == (rows[0]["params"], rows[0]["macs"])
+    assert "dense_params" not in rows[0]  # the dense checkpoint records no pruning
+
+    assert main(["eval", str(tmp_path / "pfp.pt"), "--data-dir", str(fmnist_dir)]) == 0  # alone: kept of its dense
+    pfp_report = json.loads((tmp_path / "pfp.json").read_text())
+    kept = pfp_report["after"]["params"] / pfp_report["before"]["params"]
+    assert f"| {kept:.1%} |" in capsys.readouterr().out and kept < 1
 
     assert main(["info", str(tmp_path / "pfp.pt")]) == 0
     out = capsys.readouterr().out

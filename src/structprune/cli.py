@@ -424,7 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust(p)
 
     p = sub.add_parser("eval", help="accuracy, params, MACs and latency of checkpoints",
-                       description="Print a table of test accuracy, parameters, MACs and CPU/GPU latency.")
+                       description="Print a table of test accuracy, parameters, MACs and CPU/GPU latency. Params "
+                                   "and MACs kept: of the checkpoint's own dense model where it records its "
+                                   "pruning, else of the first checkpoint's dense model (an exported file's, of "
+                                   "the first checkpoint's).")
     p.add_argument("checkpoints", nargs="+", help="checkpoints to evaluate")
     p.add_argument("--json", dest="json_out", default=None, help="also write the table as JSON to this file")
     p.add_argument("--force", action="store_true", help="overwrite --json if it exists")
@@ -997,13 +1000,23 @@ def cmd_eval(args) -> int:
         rows.append({
             "checkpoint": str(path), "runtime": "pytorch",
             "accuracy": measure.accuracy(model, test_loader, device),
-            **size,
+            **size, **_dense_size(model, example, args),
             **{f"latency_{k}_batch1": v for k, v in measure.latency_stats(model, example.to(device)).items()},
         })
     print(report.eval_table(rows))
     if json_path is not None:
         _write_json(json_path, {"command": "eval", "data": args.data, "device": str(device), "rows": rows}, args.force)
     return 0
+
+
+def _dense_size(model: torch.nn.Module, example: torch.Tensor, args) -> dict[str, int]:
+    """{"dense_params", "dense_macs"}: the size of a pruned checkpoint's model before its recorded pruning (its
+    architecture rebuilt without the removals), or {} for a model with no pruning recorded."""
+    arch = getattr(model, "structprune_arch", None)
+    if not getattr(model, "structprune_history", None) or not isinstance(arch, dict):
+        return {}
+    dense = checkpoint.rebuild({"arch": arch}, trust=args.trust_checkpoint).eval()
+    return {f"dense_{k}": v for k, v in measure.count(dense, example).items()}
 
 
 def cmd_info(args) -> int:

@@ -11,13 +11,17 @@ from pathlib import Path
 
 
 def eval_table(rows: list[dict]) -> str:
-    """A Markdown table of ``structprune eval`` rows, with params and MACs relative to the first row (an exported
-    file's are those recorded at export)."""
-    base = rows[0]
+    """A Markdown table of ``structprune eval`` rows (an exported file's params and MACs are those recorded at
+    export). Params and MACs kept: of the row's own dense model where the row has one ("dense_params" and
+    "dense_macs": a checkpoint that records its pruning), else of the first row's dense model, else of the first
+    row."""
+    first = rows[0]
+    fallback = {k: first.get(f"dense_{k}", first[k]) for k in ("params", "macs")}
     lines = ["| checkpoint | runtime | accuracy (%) | params | MACs | params kept | MACs kept | "
              "latency b=1 (ms, median ± IQR) |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
+        base = {k: row.get(f"dense_{k}", fallback[k]) for k in ("params", "macs")}
         lines.append(f"| {row['checkpoint']} | {row.get('runtime', 'pytorch')} | {row['accuracy']:.2f} | "
                      f"{row['params']:,} | {row['macs']:,} | "
                      f"{row['params'] / base['params']:.1%} | {row['macs'] / base['macs']:.1%} | "
