@@ -1,5 +1,5 @@
-"""Speed: pruning wall time against one dense pass over the calibration set, and measured CPU latency of pruned
-vs dense models.
+"""Speed: pruning wall time against one dense pass over the calibration set, and measured latency of pruned vs
+dense models, on the CPU or (``--device cuda``) the GPU.
 
 (a) Pruning time. ResNet-56 (CIFAR layout, 1,280 random 3×32×32 images; random weights: the time depends on
 the shapes, not on training) to 50% of its MACs, and all-MiniLM-L6-v2 (1,280 Debian fortunes of at most 128
@@ -19,6 +19,12 @@ widths as they fall in every group (``round_to=None, scope="all"``); magnitude s
 target: speed-up ≥ 0.9 × dense MACs / pruned MACs at batch 64 with the defaults.
 
     python benchmarks/speed.py --out-dir benchmarks/results      # ~27 min on 2 CPU cores; --part time|latency
+    python benchmarks/speed.py --out-dir benchmarks/results/cuda --device cuda     # the same on the GPU
+
+``--device cuda``: the models, calibration batches and inputs live on the GPU, structprune prunes there and
+Torch-Pruning's pruner runs there; each timing synchronises CUDA (``structprune.measure.latency_ratio`` does
+when the model is on CUDA, the dense passes and Torch-Pruning's step here), and ``round_to="auto"`` takes CUDA's
+multiple.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from structprune.graph import run_forward
 from structprune.measure import latency_ratio
 
 CALIB_SAMPLES = 1280
+CPU = torch.device("cpu")
 TIME_METHODS = ("ispasp", "pfp", "gfs")
 
 
@@ -66,20 +73,42 @@ def minilm_calibration(samples: int = CALIB_SAMPLES):
     return hf.load_pretrained(path), list(text.TokenBatches(text.read()[:samples], tokenizer, 64, 128))
 
 
+def to_device(batches: list, device: torch.device) -> list:
+    """The batches (tensors, (inputs, targets) pairs or dicts of tensors) on ``device``."""
+    def move(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        if isinstance(value, tuple):
+            return tuple(move(v) for v in value)
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        return value
+    return [move(batch) for batch in batches]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def dense_pass_seconds(model, calib: list, rounds: int = 3) -> float:
-    """The fastest of ``rounds`` timed passes over the calibration batches (eval mode, no gradients)."""
+    """The fastest of ``rounds`` timed passes over the calibration batches (eval mode, no gradients; on the
+    model's device, synchronised)."""
     model.eval()
+    device = next(model.parameters()).device
     times = []
     for _ in range(rounds):
+        synchronize(device)
         start = time.perf_counter()
         for batch in calib:
             run_forward(model, batch[0] if isinstance(batch, tuple) else batch)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return min(times)
 
 
-def pruning_times(calib: list) -> list[dict]:
+def pruning_times(calib: list, device: torch.device = CPU) -> list[dict]:
     torch.manual_seed(0)
     cases = [("resnet56", structprune.models.create("resnet56", in_channels=3).eval(), calib,
               structprune.Target(0.5, "flops"))]
@@ -88,6 +117,7 @@ def pruning_times(calib: list) -> list[dict]:
         cases.append(("all-MiniLM-L6-v2", minilm[0], minilm[1], 0.5))
     rows = []
     for name, model, batches, budget in cases:
+        model, batches = model.to(device), to_device(batches, device)
         dense_pass_seconds(model, batches, rounds=1)  # warm-up: the first pass over new shapes is slower
         after = dense_pass_seconds(model, batches)
         for method in TIME_METHODS:
@@ -109,7 +139,7 @@ def pruning_times(calib: list) -> list[dict]:
     return rows
 
 
-def data_free_times(models: list[str], rounds: int = 5) -> list[dict]:
+def data_free_times(models: list[str], rounds: int = 5, device: torch.device = CPU) -> list[dict]:
     """Bare magnitude against Torch-Pruning's MagnitudePruner at a keep ratio of 0.5; fastest of ``rounds``."""
     import torch_pruning as tp
 
@@ -117,8 +147,8 @@ def data_free_times(models: list[str], rounds: int = 5) -> list[dict]:
     for name in models:
         torch.manual_seed(0)
         size = {"input_size": 32} if structprune.models.accepts(name, "input_size") else {}
-        model = structprune.models.create(name, in_channels=3, **size).eval()
-        example = torch.randn(1, 3, 32, 32)
+        model = structprune.models.create(name, in_channels=3, **size).eval().to(device)
+        example = torch.randn(1, 3, 32, 32, device=device)
         ours, theirs = [], []
         for _ in range(rounds):
             with warnings.catch_warnings():
@@ -130,6 +160,7 @@ def data_free_times(models: list[str], rounds: int = 5) -> list[dict]:
             output = [m for m in copied.modules() if isinstance(m, torch.nn.Linear)][-1]
             tp.pruner.MagnitudePruner(copied, example, importance=tp.importance.MagnitudeImportance(p=2),
                                       pruning_ratio=0.5, ignored_layers=[output]).step()
+            synchronize(device)
             theirs.append(time.perf_counter() - start)
         rows.append({"model": name, "structprune_seconds": min(ours), "torch_pruning_seconds": min(theirs),
                      "ratio": min(ours) / min(theirs)})
@@ -145,13 +176,14 @@ LATENCY_TARGET = 0.9
 PAIRS = 30
 
 
-def latencies(models: list[str], calib: list) -> list[dict]:
-    """Every model pruned by each of :data:`LATENCY_SETTINGS`, timed against its dense model in pairs of blocks."""
+def latencies(models: list[str], calib: list, device: torch.device = CPU) -> list[dict]:
+    """Every model pruned by each of :data:`LATENCY_SETTINGS`, timed against its dense model in pairs of blocks,
+    on ``device``."""
     rows = []
     for name in models:
         torch.manual_seed(0)
         size = {"input_size": 32} if structprune.models.accepts(name, "input_size") else {}
-        dense = structprune.models.create(name, in_channels=3, **size).eval()
+        dense = structprune.models.create(name, in_channels=3, **size).eval().to(device)
         for setting, fraction, options in LATENCY_SETTINGS:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -162,7 +194,7 @@ def latencies(models: list[str], calib: list) -> list[dict]:
                    "scope": result.scope, "macs_ratio": macs_ratio,
                    "params_ratio": result.after["params"] / result.before["params"], "pairs": PAIRS}
             for b in (1, 64):
-                timed = latency_ratio(result.model, dense, torch.randn(b, 3, 32, 32), min_pairs=PAIRS)
+                timed = latency_ratio(result.model, dense, torch.randn(b, 3, 32, 32, device=device), min_pairs=PAIRS)
                 row[f"dense_ms_b{b}"], row[f"pruned_ms_b{b}"] = timed["reference_ms"], timed["model_ms"]
                 row[f"speedup_b{b}"], row[f"speedup_iqr_b{b}"] = 1 / timed["ratio"], timed["iqr"] / timed["ratio"] ** 2
             row["speedup_target_b64"] = LATENCY_TARGET / macs_ratio
@@ -179,23 +211,32 @@ def main() -> None:
     parser.add_argument("--out-dir", help="directory for speed_time.{json,md,png} and speed_latency.{json,md,png}")
     parser.add_argument("--part", choices=["time", "latency", "all"], default="all",
                         help="(a) pruning time, (b) latency, or both (default: all)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default) or cuda[:N]: where the models are pruned and timed")
     parser.add_argument("--replot", action="store_true", help="only redraw the PNGs from the JSON in --out-dir")
     args = parser.parse_args()
     if args.replot:
         for name, draw in (("speed_time", plot_time), ("speed_latency", plot_latency)):
             path = Path(args.out_dir or ".") / f"{name}.json"
             if path.exists():
-                draw(json.loads(path.read_text())["rows"], path.with_suffix(".png"))
+                payload = json.loads(path.read_text())
+                draw(payload["rows"], path.with_suffix(".png"), payload["meta"].get("device", "CPU"))
         return
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        sys.exit(f"--device must be cpu or cuda[:N], got {args.device!r}")
     calib = calibration()
     tunables = os.environ.get("GLIBC_TUNABLES")  # the allocator's settings move eager CPU timings (conv_widths.py)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-            "torch": torch.__version__,
+            "device": where, "torch": torch.__version__,
             "command": (f"GLIBC_TUNABLES={tunables} " if tunables else "") + "python " + " ".join(sys.argv)}
-    head = f"{meta['date']}, {meta['machine']}, torch {meta['torch']}; `{meta['command']}`"
+    head = f"{meta['date']}, {meta['machine']}, {where}, torch {meta['torch']}; `{meta['command']}`"
     if args.part in ("time", "all"):
-        timing = pruning_times(calib)
-        free = data_free_times(["lenet5", "vgg16", "resnet20", "resnet56", "mobilenetv2"], rounds=10)
+        timing = pruning_times(calib, device)
+        free = data_free_times(["lenet5", "vgg16", "resnet20", "resnet56", "mobilenetv2"], rounds=10, device=device)
         lines = [head, "", f"(a) pruning wall time, {CALIB_SAMPLES:,} calibration samples, against one dense "
                  "forward pass over them (target: ≤ 5×)", "",
                  "| model | method | pipeline | samples selected on | seconds | dense pass s (before–after) | ratio | "
@@ -208,10 +249,10 @@ def main() -> None:
         lines += [f"| {r['model']} | {r['structprune_seconds']:.3f} | {r['torch_pruning_seconds']:.3f} | "
                   f"×{r['ratio']:.1f} |" for r in free]
         if _write(args.out_dir, "speed_time", {"meta": meta, "rows": timing, "data_free": free}, lines):
-            plot_time(timing, Path(args.out_dir) / "speed_time.png")
+            plot_time(timing, Path(args.out_dir) / "speed_time.png", where)
     if args.part in ("latency", "all"):
-        lat = latencies(["lenet5", "vgg16", "resnet20", "resnet56", "mobilenetv2"], calib)
-        lines = [head, "", f"(b) CPU latency, dense → pruned ({PAIRS} pairs of blocks, "
+        lat = latencies(["lenet5", "vgg16", "resnet20", "resnet56", "mobilenetv2"], calib, device)
+        lines = [head, "", f"(b) {where} latency, dense → pruned ({PAIRS} pairs of blocks, "
                  "`structprune.measure.latency_ratio`; milliseconds: each one's median; speed-up: the median of the "
                  "pairs' ratios, ± half its interquartile range)", "",
                  "| model | widths | scope | round to | MACs kept | params kept | batch 1 (ms) | speed-up b1 | "
@@ -224,7 +265,7 @@ def main() -> None:
                   f"×{r['speedup_b64']:.2f} ± {r['speedup_iqr_b64'] / 2:.2f} | ×{r['speedup_target_b64']:.2f} | "
                   f"{r['speedup_b64'] * r['macs_ratio']:.2f} |" for r in lat]
         if _write(args.out_dir, "speed_latency", {"meta": meta, "rows": lat}, lines):
-            plot_latency(lat, Path(args.out_dir) / "speed_latency.png")
+            plot_latency(lat, Path(args.out_dir) / "speed_latency.png", where)
 
 
 def _write(out_dir: str | None, name: str, payload: dict, lines: list[str]) -> Path | None:
@@ -233,7 +274,7 @@ def _write(out_dir: str | None, name: str, payload: dict, lines: list[str]) -> P
     return write_results(out_dir, name, payload, text)
 
 
-def plot_time(rows: list[dict], path: Path) -> None:
+def plot_time(rows: list[dict], path: Path, where: str = "CPU") -> None:
     """Pruning time over the dense pass per method and pipeline, grouped by model, with the 5× target."""
     plt = pyplot()
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -249,7 +290,7 @@ def plot_time(rows: list[dict], path: Path) -> None:
     ax.axhline(5, color="k", ls=":", lw=0.8, label="target: 5 dense passes")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models))], models)
     ax.set_ylabel("pruning time / one dense pass")
-    ax.set_title(f"Pruning time, {CALIB_SAMPLES:,} calibration samples (CPU)")
+    ax.set_title(f"Pruning time, {CALIB_SAMPLES:,} calibration samples ({where})")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -257,7 +298,7 @@ def plot_time(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_latency(rows: list[dict], path: Path) -> None:
+def plot_latency(rows: list[dict], path: Path, where: str = "CPU") -> None:
     """Measured batch-64 speed-up against the MACs ratio, with the ideal and the 0.9× target lines."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -272,7 +313,7 @@ def plot_latency(rows: list[dict], path: Path) -> None:
                 ax.plot([1 / r["macs_ratio"] for r in mine], [r["speedup_b64"] for r in mine], marker,
                         color=f"C{i}", label=model + (", defaults" if defaults else ", widths as they fall"))
     ax.set_xlabel("dense MACs / pruned MACs")
-    ax.set_ylabel("measured speed-up at batch 64 (CPU)")
+    ax.set_ylabel(f"measured speed-up at batch 64 ({where})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -59,3 +59,18 @@ def test_tables_apply_pfp_protocol_and_state_the_targets():
     assert "pfp ≥ Torch-Pruning magnitude + 10 points: 75.00% vs 68.00% (+7.00) — **not met**" in text
     assert "(tp-magnitude, 90.50%): 91.00% — **met**" in text
     assert "(tp-magnitude, 90.50%): 90.00% — **not met**" in text
+
+
+def test_speed_benchmark_times_on_the_device_it_is_given(monkeypatch):
+    import speed
+
+    batches = speed.to_device([(torch.zeros(2, 3), torch.zeros(2)), {"x": torch.zeros(1)}], torch.device("meta"))
+    assert batches[0][0].device.type == batches[0][1].device.type == batches[1]["x"].device.type == "meta"
+    rows = speed.latencies(["lenet5"], speed.calibration(16), torch.device("cpu"))
+    assert [(r["setting"], r["target"]) for r in rows] == [(s, f) for s, f, _ in speed.LATENCY_SETTINGS]
+    assert all(abs(r["macs_ratio"] - r["target"]) < 0.05 and r["speedup_b64"] > 0 and r["pairs"] == speed.PAIRS
+               for r in rows)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["speed.py", "--device", "cuda", "--part", "latency"])
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        speed.main()
