@@ -426,8 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="accuracy, params, MACs and latency of checkpoints",
                        description="Print a table of test accuracy, parameters, MACs and CPU/GPU latency. Params "
                                    "and MACs kept: of the checkpoint's own dense model where it records its "
-                                   "pruning, else of the first checkpoint's dense model (an exported file's, of "
-                                   "the first checkpoint's).")
+                                   "pruning, else (a dense checkpoint, an exported file) of the first "
+                                   "checkpoint's dense model, or of the first checkpoint itself.")
     p.add_argument("checkpoints", nargs="+", help="checkpoints to evaluate")
     p.add_argument("--json", dest="json_out", default=None, help="also write the table as JSON to this file")
     p.add_argument("--force", action="store_true", help="overwrite --json if it exists")
