@@ -44,8 +44,7 @@ import torch
 from results_io import pyplot, write_results
 
 import structprune
-from structprune.capture import take_samples
-from structprune.graph import run_forward
+from structprune.batches import run_forward, take_samples
 from structprune.measure import latency_ratio
 
 CALIB_SAMPLES = 1280

@@ -15,7 +15,7 @@ import torch
 import structprune
 from structprune import attention
 from structprune.attention import TransformerGraph, find_blocks, layer_sizes
-from structprune.graph import weight_matrix
+from structprune.layers import weight_matrix
 
 transformers = pytest.importorskip("transformers")  # a dev dependency: installed by `make install`
 
@@ -108,10 +108,10 @@ def _check_heads_whole(model) -> None:
             assert q == width and k == v and k % d == 0 and (q // d) % (k // d) == 0
         assert width % d == 0
         for attr in layout.heads:  # the head counts the module keeps agree with its weights
-            value = attention._get(module, attr)
+            value = attention.attribute(module, attr)
             assert value is None or value == width // d, (block.name, attr)
         for attr in layout.widths:
-            assert attention._get(module, attr) in (None, width), (block.name, attr)
+            assert attention.attribute(module, attr) in (None, width), (block.name, attr)
 
 
 @pytest.fixture(scope="module")

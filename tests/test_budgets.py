@@ -174,11 +174,11 @@ def test_a_latency_target_the_inner_groups_cannot_meet_prunes_the_residual_strea
     """Where the residual streams' work does not shrink with the inner channels, half the latency needs them
     pruned too: scope "auto" gives every group, also when its one timing of the smallest inner allocation read
     low (``inner_first``: the search then misses with the inner groups and is redone over all of them)."""
-    from structprune import api
+    from structprune import pipeline
 
     monkeypatch.setattr(allocate.Sizer, "_latency", _activation_latency)
     if inner_first:
-        monkeypatch.setattr(api, "_auto_scope", lambda *args: "inner")
+        monkeypatch.setattr(pipeline, "_auto_scope", lambda *args: "inner")
     model, shape = make_zoo_model("resnet20")
     result = structprune.prune(model, calibration(shape, samples=8), "magnitude", Target(0.5, "latency", batch=2),
                                refit=False, progress=False)

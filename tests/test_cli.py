@@ -148,18 +148,18 @@ def test_finetune_resumes_an_interrupted_run(tmp_path, fmnist_dir, capsys, monke
             "--no-progress"]
     assert main(args + ["--out", str(tmp_path / "ref.pt")]) == 0
 
-    import structprune.finetune as finetune
+    from structprune.run_state import RunState
 
-    real_save = finetune._save_state
+    real_save = RunState.save
 
     def save_then_die(*a, **k):
         real_save(*a, **k)
         raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
 
-    monkeypatch.setattr(finetune, "_save_state", save_then_die)
+    monkeypatch.setattr(RunState, "save", save_then_die)
     out = tmp_path / "tuned.pt"
     assert main(args + ["--out", str(out)]) == 130
-    monkeypatch.setattr(finetune, "_save_state", real_save)
+    monkeypatch.setattr(RunState, "save", real_save)
     assert not out.exists() and (tmp_path / "tuned.pt.state").exists()
     assert main(args + ["--out", str(out)]) == 2
     assert "pass --resume" in capsys.readouterr().err
@@ -176,9 +176,9 @@ def test_cascade_resumes_after_an_interruption_with_the_same_result(tmp_path, fm
             "--batch-size", "32", "--limit", "256", "--data-dir", str(fmnist_dir), "--no-progress"]
     assert main(args + ["--out", str(tmp_path / "ref.pt")]) == 0
 
-    import structprune.cli as cli
+    from structprune.cli import common
 
-    real_fit, calls = cli._fit, []
+    real_fit, calls = common.fit, []
 
     def killed_in_step_two(*a, **k):
         calls.append(1)
@@ -186,11 +186,11 @@ def test_cascade_resumes_after_an_interruption_with_the_same_result(tmp_path, fm
             raise KeyboardInterrupt  # killed during the second step's fine-tune
         return real_fit(*a, **k)
 
-    monkeypatch.setattr(cli, "_fit", killed_in_step_two)
+    monkeypatch.setattr(common, "fit", killed_in_step_two)
     out = tmp_path / "cut.pt"
     assert main(args + ["--out", str(out)]) == 130
     assert "rerun the same command with --resume" in capsys.readouterr().err
-    monkeypatch.setattr(cli, "_fit", real_fit)
+    monkeypatch.setattr(common, "fit", real_fit)
     assert not out.exists() and (tmp_path / "cut.pt.state").exists()
     assert main(args + ["--out", str(out)]) == 2 and "pass --resume" in capsys.readouterr().err
     assert main(args + ["--out", str(out), "--resume", "--steps", "4"]) == 2

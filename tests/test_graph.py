@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import structprune
+from structprune import methods
 from structprune.capture import capture
 from structprune.graph import PruningGraph
 from structprune.methods.base import Selection
@@ -138,8 +139,8 @@ def test_pfp_rand_reweights_by_counts_over_draws_times_probability():
 
 
 def test_selection_contract_is_enforced():
-    class Broken:
-        name, calib_samples, data_informed = "broken", 8, False
+    class Broken(methods.MethodBase):
+        name, calib_samples, needs = "broken", 8, methods.Needs(activations=False)
 
         def select(self, group, keep):
             return Selection(keep_idx=torch.arange(keep + 1))

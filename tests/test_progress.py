@@ -10,7 +10,8 @@ import re
 import pytest
 
 from structprune import progress
-from structprune.cli import _paint, main
+from structprune.cli import main
+from structprune.cli.shell import paint
 
 
 class _Clock:
@@ -71,9 +72,9 @@ def test_colours_only_on_a_terminal_and_never_with_no_color(monkeypatch):
     monkeypatch.setenv("TERM", "xterm")
     assert progress.color_enabled(_Terminal()) and not progress.color_enabled(io.StringIO())
     monkeypatch.setattr("sys.stderr", _Terminal())
-    assert _paint("error:", "31") == "\x1b[31merror:\x1b[0m"
+    assert paint("error:", "31") == "\x1b[31merror:\x1b[0m"
     monkeypatch.setenv("NO_COLOR", "1")
-    assert _paint("error:", "31") == "error:" and not progress.color_enabled(_Terminal())
+    assert paint("error:", "31") == "error:" and not progress.color_enabled(_Terminal())
 
 
 @pytest.fixture

@@ -140,7 +140,7 @@ def test_pfp_sums_near_zero_for_their_image_do_not_make_a_channel_sensitive():
     """A channel that fires only, and faintly, where the rest of the image is empty (background) is alone in
     every sum it enters: g = 1 read literally; with ``zero_below`` those positions count as ≈ 0, and the channel
     that carries the image outranks it."""
-    from structprune.methods.pfp import conv_sensitivity
+    from structprune.sensitivity import conv_sensitivity
 
     x = torch.zeros(4, 3, 8, 8)
     x[:, 0, 2:6, 2:6] = 1.0 + torch.rand(4, 4, 4)  # the object
@@ -165,16 +165,16 @@ def test_pfp_rejects_a_zero_below_outside_zero_one():
 
 
 def test_prune_hands_pfp_zero_below_to_the_capture(monkeypatch):
-    from structprune import api
+    from structprune import pipeline
 
     seen = []
-    real = api.capture
+    real = pipeline.capture
 
     def spy(*args, **kwargs):
         seen.append((kwargs["sensitivity_samples"] > 0, kwargs["zero_below"]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(api, "capture", spy)
+    monkeypatch.setattr(pipeline, "capture", spy)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).eval()
     calib = [torch.randn(8, 3, 6, 6)]
@@ -205,7 +205,7 @@ def _dense_sensitivity(rows, weight, features, row_sample=None, zero_below=0.0):
 
 @pytest.mark.parametrize("dense_share", [2, 10**9])  # the bounded evaluation, and the every-pair fallback
 def test_pfp_bounded_sensitivity_is_bit_identical_to_the_dense_definition(dense_share, monkeypatch):
-    from structprune.methods import pfp
+    from structprune import sensitivity as pfp
 
     monkeypatch.setattr(pfp, "_DENSE_SHARE", dense_share)
     gen = torch.Generator().manual_seed(1)
@@ -238,8 +238,8 @@ def test_pfp_bounded_sensitivity_is_bit_identical_to_the_dense_definition(dense_
                                   nn.Conv1d(6, 4, 5, padding=2), nn.Conv2d(6, 4, 1), nn.Conv2d(6, 4, 3, stride=2)],
                          ids=["3x3", "stride", "dilation", "1x3", "conv1d", "1x1", "valid"])
 def test_pfp_on_a_conv_input_equals_pfp_on_its_unfolded_rows(conv):
-    from structprune.capture import _all_rows
-    from structprune.methods.pfp import consumer_sensitivity, conv_sensitivity, conv_sensitivity_applies
+    from structprune.layers import all_rows
+    from structprune.sensitivity import consumer_sensitivity, conv_sensitivity, conv_sensitivity_applies
 
     torch.manual_seed(0)
     assert conv_sensitivity_applies(conv)
@@ -249,19 +249,19 @@ def test_pfp_on_a_conv_input_equals_pfp_on_its_unfolded_rows(conv):
     for x in (torch.randn(shape).relu(), torch.randn(shape), torch.randn(shape).relu() ** 3):  # ≥ 0, signed, peaky
         for index in (torch.arange(6)[:, None], torch.tensor([[0, 3], [5, 1], [2, 4]]), torch.tensor([[4], [1]])):
             features = (index[:, :, None] * taps + torch.arange(taps)).reshape(len(index), -1)
-            rows = consumer_sensitivity(_all_rows(conv, x, "conv", None), weight, features)
+            rows = consumer_sensitivity(all_rows(conv, x, "conv", None), weight, features)
             direct = conv_sensitivity(x, conv, index)
             assert torch.allclose(direct, rows, rtol=1e-5, atol=1e-7)
             half = conv_sensitivity(x[3:], conv, index, floor=conv_sensitivity(x[:3], conv, index))
             assert torch.allclose(half, rows, rtol=1e-5, atol=1e-7)  # in chunks, as the capture scores
-            unfolded = _all_rows(conv, x, "conv", None)  # sums ≈ 0 relative to their sample's mean
+            unfolded = all_rows(conv, x, "conv", None)  # sums ≈ 0 relative to their sample's mean
             row_sample = torch.arange(len(x)).repeat_interleave(len(unfolded) // len(x))
             rows = consumer_sensitivity(unfolded, weight, features, row_sample=row_sample, zero_below=0.5)
             assert torch.allclose(conv_sensitivity(x, conv, index, zero_below=0.5), rows, rtol=1e-5, atol=1e-7)
 
 
 def test_pfp_conv_shortcut_leaves_out_what_max_pooling_cannot_pad():
-    from structprune.methods.pfp import conv_sensitivity_applies
+    from structprune.sensitivity import conv_sensitivity_applies
 
     assert not conv_sensitivity_applies(nn.Conv2d(4, 4, 3, padding=2))  # padding more than half the kernel
     assert not conv_sensitivity_applies(nn.Conv2d(4, 4, 3, padding=1, groups=2))

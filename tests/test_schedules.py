@@ -57,6 +57,18 @@ def _loader(dataset):
     return DataLoader(dataset, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(5))
 
 
+def _interrupt_after(calls: int):
+    """A forward hook that raises KeyboardInterrupt at its ``calls``-th call."""
+    seen = {"n": 0}
+
+    def interrupt(*_):
+        seen["n"] += 1
+        if seen["n"] == calls:
+            raise KeyboardInterrupt
+
+    return interrupt
+
+
 def test_resumed_training_ends_with_the_same_weights(tmp_path):
     config = TrainConfig(epochs=3, lr=0.1, warmup_epochs=0.5, schedule="step", label_smoothing=0.1)
     reference, data = _mlp_and_data()
@@ -65,14 +77,7 @@ def test_resumed_training_ends_with_the_same_weights(tmp_path):
 
     model, _ = _mlp_and_data()
     state = tmp_path / "run.state"
-    calls = {"n": 0}
-
-    def interrupt(*_):
-        calls["n"] += 1
-        if calls["n"] == 6 + 3:  # 6 batches per epoch: killed in the middle of epoch 2
-            raise KeyboardInterrupt
-
-    handle = model.register_forward_hook(interrupt)
+    handle = model.register_forward_hook(_interrupt_after(6 + 3))  # 6 batches per epoch: killed in epoch 2
     torch.manual_seed(123)
     with pytest.raises(KeyboardInterrupt):
         train(model, _loader(data), config, progress=False, state_path=state)
@@ -88,13 +93,13 @@ def test_resumed_training_ends_with_the_same_weights(tmp_path):
 
 
 def test_resume_with_other_options_is_refused(tmp_path):
-    from structprune.finetune import _save_state
-
     model, data = _mlp_and_data()
     state = tmp_path / "run.state"
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    _save_state(state, 1, [1.0], model, optimizer, lr_schedule, _loader(data), TrainConfig(epochs=2))
+    handle = model.register_forward_hook(_interrupt_after(6 + 1))  # killed in the second epoch: one state saved
+    with pytest.raises(KeyboardInterrupt):
+        train(model, _loader(data), TrainConfig(epochs=2), progress=False, state_path=state)
+    handle.remove()
+    assert state.exists()
     with pytest.raises(StructPruneError, match="other training options"):
         train(model, _loader(data), TrainConfig(epochs=2, lr=0.5), progress=False, state_path=state, resume=True)
     state.write_bytes(b"truncated")

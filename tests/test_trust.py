@@ -358,7 +358,9 @@ def test_compare_keeps_finished_runs_on_interrupt_and_resumes(tmp_path, capsys, 
     structprune.save(structprune.models.create("lenet300"), ckpt)
     args = ["compare", ckpt, "--methods", "magnitude,random", "--targets", "0.7,0.5", "--data-dir", fmnist_dir,
             "--limit", "32", "--out-dir", out_dir, "--no-progress"]
-    real_prune, calls = structprune.cli.prune, []
+    from structprune.cli import compare
+
+    real_prune, calls = compare.prune, []
 
     def prune_then_interrupt(*a, **k):
         calls.append(a[2])
@@ -366,7 +368,7 @@ def test_compare_keeps_finished_runs_on_interrupt_and_resumes(tmp_path, capsys, 
             raise KeyboardInterrupt
         return real_prune(*a, **k)
 
-    monkeypatch.setattr(structprune.cli, "prune", prune_then_interrupt)
+    monkeypatch.setattr(compare, "prune", prune_then_interrupt)
     code, _, err = run_cli(capsys, *args)
     assert code == 130
     partial = json.loads((out_dir / "compare.json").read_text())
@@ -377,7 +379,7 @@ def test_compare_keeps_finished_runs_on_interrupt_and_resumes(tmp_path, capsys, 
     code, _, err = run_cli(capsys, *args, "--limit", "16", "--resume")
     assert code == 2 and "other options (limit)" in err
     calls.clear()
-    monkeypatch.setattr(structprune.cli, "prune", real_prune)
+    monkeypatch.setattr(compare, "prune", real_prune)
     code, out, err = run_cli(capsys, *args, "--resume")
     assert code == 0, err
     final = json.loads((out_dir / "compare.json").read_text())

@@ -3,15 +3,39 @@
 >>> import structprune
 >>> sorted(structprune.methods.available())
 ['bn-scale', 'fpgm', 'gfs', 'ispasp', 'magnitude', 'pfp', 'pfp-rand', 'pfp-top', 'random', 'taylor', 'thinet']
+
+The names below are imported when first used, so that importing a part of the package (the command line's
+``--help``, :mod:`structprune.errors`) does not load all of it.
 """
 
-from . import allocate, methods, models
-from .allocate import PerLayer, Target, Uniform, keep_count
-from .api import PruneResult, prune
-from .checkpoint import load, save
-from .errors import StructPruneError
-from .exporter import export
+from __future__ import annotations
 
-__version__ = "0.2.0"
-__all__ = ["PerLayer", "PruneResult", "StructPruneError", "Target", "Uniform", "allocate", "export", "keep_count",
-           "load", "methods", "models", "prune", "save"]
+import importlib
+
+from .errors import StructPruneError
+from .version import __version__
+
+#: public name -> the module that defines it (None: the name is a submodule)
+_PUBLIC = {
+    "PerLayer": "allocate", "Target": "allocate", "Uniform": "allocate", "keep_count": "allocate",
+    "PruneResult": "result", "prune": "api", "load": "checkpoint", "save": "checkpoint", "export": "exporter",
+    "allocate": None, "methods": None, "models": None,
+}
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = _PUBLIC[name]
+    value = importlib.import_module(f"{__name__}.{name if module is None else module}")
+    value = value if module is None else getattr(value, name)
+    globals()[name] = value  # once: later uses are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))
+
+
+__all__ = ["PerLayer", "PruneResult", "StructPruneError", "Target", "Uniform", "__version__", "allocate", "export",
+           "keep_count", "load", "methods", "models", "prune", "save"]

@@ -38,13 +38,9 @@ import fnmatch
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-
-if TYPE_CHECKING:
-    from .capture import Calibration
 
 from .errors import StructPruneError
 from .graph import PruningGraph, build_graph
@@ -490,25 +486,8 @@ def _search_pfp(budget: Target, sizer: Sizer, round_to: int | dict[str, int | No
     return _refine(keeps_at(high), keeps_at(low), budget, sizer, round_to)
 
 
-def pfp_sensitivities(model: nn.Module, graph: PruningGraph, calib: Calibration, memory_bytes: int, seed: int,
-                      samples: int | None = None, cache=None, zero_below: float | None = None
-                      ) -> list[LayerSensitivity]:
-    """PFP's per-group statistics on the model as it is (dense), for :func:`plan`; sensitivities over every
-    position of the first ``samples`` calibration samples (all when None); ``cache``: the model's kept block
-    inputs (:mod:`structprune.resume`); ``zero_below``: PFP's option (default: its default)."""
-    from .capture import capture
-    from .measure import output_sizes
-    from .methods.pfp import ZERO_BELOW, group_sensitivities
-
-    samples = calib.samples if samples is None else samples
-    positions = {name: size["positions"] for name, size in output_sizes(model, calib.first()).items()}
-    layers = []
-    for group in graph.groups():
-        view = capture(model, group, calib, memory_bytes=memory_bytes, seed=seed, sensitivity_samples=samples,
-                       cache=cache, zero_below=ZERO_BELOW if zero_below is None else zero_below)
-        scores = group_sensitivities(view)
-        total = float(scores.sum())
-        prob = scores / total if total > 0 else torch.full_like(scores, 1 / len(scores))
-        span = max((positions.get(c.name, 1) + 1) * c.weight.shape[2] for c in view.consumers)
-        layers.append(LayerSensitivity(group.name, group.channels, prob, total, float(span)))
-    return layers
+def missed_target(metric: str, target: float, achieved: float, tolerance: float) -> str:
+    """The warning for a size target that whole channels cannot meet."""
+    why = "with whole channels and this machine's timing noise" if metric == "latency" else "with whole channels"
+    return (f"structprune: the {metric} target {target:.4g} could not be met within {tolerance:.0%} {why}; the "
+            f"closest allocation keeps {achieved:.4f}")

@@ -33,17 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from .errors import StructPruneError
-from .graph import (
-    Consumer,
-    Group,
-    Producer,
-    is_attention,
-    is_linear,
-    keep_input_features,
-    keep_output_features,
-    out_features,
-    write_consumer_weights,
-)
+from .groups import Consumer, Group, Producer, write_consumer_weights
+from .layers import is_attention, is_linear, keep_input_features, keep_output_features, out_features
 
 HEADS, FFN = "heads", "ffn"
 PARTS = (HEADS, FFN)
@@ -123,7 +114,7 @@ class _Block:
     layout: AttentionLayout | FeedForwardLayout
 
     def layer(self, path: str) -> nn.Module:
-        return _get(self.module, path)
+        return attribute(self.module, path)
 
     def layers(self) -> list[nn.Module]:
         """The Linear layers the layout names: producers first, the consumer last."""
@@ -135,7 +126,7 @@ class AttentionBlock(_Block):
 
     @property
     def head_dim(self) -> int:
-        return int(_get(self.module, self.layout.head_dim))
+        return int(attribute(self.module, self.layout.head_dim))
 
     @property
     def width(self) -> int:
@@ -179,7 +170,7 @@ class FeedForwardBlock(_Block):
         return {"neurons": self.neurons}
 
 
-def _get(module, path: str):
+def attribute(module, path: str):
     """The attribute at a dotted ``path`` of ``module`` (``""``: the module itself), or None."""
     for attr in path.split(".") if path else ():
         module = getattr(module, attr, None)
@@ -187,10 +178,10 @@ def _get(module, path: str):
 
 
 def _attention_fits(module: nn.Module, layout: AttentionLayout) -> bool:
-    head_dim = _get(module, layout.head_dim)
+    head_dim = attribute(module, layout.head_dim)
     if not isinstance(head_dim, int) or head_dim < 1:  # most modules: no head size, nothing else to look up
         return False
-    layers = [_get(module, p) for p in layout.paths()]
+    layers = [attribute(module, p) for p in layout.paths()]
     if not all(is_linear(m) for m in layers):
         return False
     *projections, output = layers
@@ -204,8 +195,8 @@ def _attention_fits(module: nn.Module, layout: AttentionLayout) -> bool:
 
 
 def _ffn_fits(module: nn.Module, layout: FeedForwardLayout) -> bool:
-    ups = [_get(module, p) for p in layout.up]
-    down = _get(module, layout.down)
+    ups = [attribute(module, p) for p in layout.up]
+    down = attribute(module, layout.down)
     if not all(is_linear(m) for m in (*ups, down)):
         return False
     widths = {out_features(m) for m in ups}
@@ -222,7 +213,7 @@ def find_blocks(model: nn.Module) -> tuple[list[AttentionBlock], list[FeedForwar
     for name, module in modules:
         layout = next((layout for layout in _ATTENTION if _attention_fits(module, layout)), None)
         if layout is not None:
-            layers = {id(_get(module, p)) for p in layout.paths()}
+            layers = {id(attribute(module, p)) for p in layout.paths()}
             if not claimed & layers:
                 claimed |= layers
                 attention.append(AttentionBlock(name, module, layout))
@@ -236,10 +227,10 @@ def find_blocks(model: nn.Module) -> tuple[list[AttentionBlock], list[FeedForwar
             continue
         layout = next((layout for layout in _FEED_FORWARD if _ffn_fits(module, layout)), None)
         if layout is not None:
-            layers = {id(_get(module, p)) for p in layout.paths()}
+            layers = {id(attribute(module, p)) for p in layout.paths()}
             if not claimed & layers:
                 claimed |= layers
-                feed_forward.append(FeedForwardBlock(names[_get(module, layout.name)], module, layout))
+                feed_forward.append(FeedForwardBlock(names[attribute(module, layout.name)], module, layout))
     return attention, feed_forward
 
 
@@ -369,13 +360,13 @@ def _consumer(name: str, layer: nn.Module, index: Tensor) -> Consumer:
 def _rewrite_head_counts(block: AttentionBlock, kept_groups: int, groups: int) -> None:
     layout, module = block.layout, block.module
     for attr in layout.heads:
-        if isinstance(_get(module, attr), int):
-            _set(module, attr, kept_groups * (_get(module, attr) // groups))
+        if isinstance(attribute(module, attr), int):
+            _set(module, attr, kept_groups * (attribute(module, attr) // groups))
     for attr in layout.kv_heads:
-        if isinstance(_get(module, attr), int):
+        if isinstance(attribute(module, attr), int):
             _set(module, attr, kept_groups)
     for attr in layout.widths:
-        if isinstance(_get(module, attr), int):
+        if isinstance(attribute(module, attr), int):
             _set(module, attr, block.width)
 
 

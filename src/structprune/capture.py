@@ -34,16 +34,18 @@ as the reconstruction target. A forward pass stops as soon as every consumer has
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
 
+from .activation_cache import ActivationCache
+from .batches import Calibration, batch_size, run_forward
 from .errors import StructPruneError, first_line
-from .graph import Consumer, Group, Producer, rows_first, run_forward
+from .groups import Consumer, Group, Producer
+from .layers import all_rows, as_2d, conv_geometry, out_size, rows_first
 from .methods.base import ConsumerView, GroupView, ProducerView
-from .resume import ActivationCache
+from .sensitivity import consumer_sensitivity, conv_sensitivity, conv_sensitivity_applies
 
 DEFAULT_MEMORY_BYTES = 256 * 2**20
 #: rows kept per captured feature (C·K; see the module doc); 0: as many as ``memory_bytes`` allows
@@ -51,144 +53,48 @@ ROWS_PER_FEATURE = 32
 _SCORE_ELEMENTS = 2**22  # input elements (× taps) scored at once for PFP's sensitivities
 
 
-def batch_inputs(batch):
-    """The model inputs in one calibration batch: ``x``, ``(x, y, ...)`` or a dict of keyword inputs."""
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise StructPruneError("calib_loader yielded an empty batch")
-        return batch[0]
-    return batch
+def _token_mask(mask: Tensor | None, n: int, x: Tensor) -> Tensor | None:
+    """The batch's attention mask (N, L) as the real tokens of the first ``n`` samples of a (n, L, features) input
+    ``x``; None where there is no mask or ``x`` is not such a sequence."""
+    if mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
+        return mask[:n].to(x.device) != 0
+    return None
 
 
-def batch_size(inputs) -> int:
-    if isinstance(inputs, dict):
-        inputs = next(iter(inputs.values()))
-    if isinstance(inputs, (tuple, list)):
-        inputs = inputs[0]
-    if not isinstance(inputs, Tensor):
-        raise StructPruneError(f"calib_loader must yield tensors, (inputs, targets) pairs or dicts; "
-                               f"got {type(inputs).__name__}")
-    return inputs.shape[0]
+class _Sensitivity:
+    """PFP's s_j of one consumer's group channels (:mod:`structprune.sensitivity`) over every position of the
+    first ``samples`` calibration samples, a running maximum over the batches (``zero_below``: PFP's option)."""
 
+    def __init__(self, consumer: Consumer, samples: int, zero_below: float):
+        self.consumer, self.samples, self.zero_below = consumer, samples, zero_below
+        self.value: Tensor | None = None
 
-def take_samples(inputs, n: int | None, device, dtype: torch.dtype | None = None):
-    """The first n samples (all when None) of a batch (tensor, tuple or dict of tensors), on ``device``;
-    floating-point tensors are cast to ``dtype`` when given (the model's), integer ones (token ids,
-    labels) are left as they are."""
-    if isinstance(inputs, dict):
-        return {k: take_samples(v, n, device, dtype) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(take_samples(v, n, device, dtype) for v in inputs)
-    if isinstance(inputs, Tensor):
-        inputs = inputs[:n] if n is not None else inputs
-        return inputs.to(device, dtype if dtype is not None and inputs.is_floating_point() else None)
-    return inputs
+    def add(self, module: nn.Module, x: Tensor, seen: int, token_mask: Tensor | None) -> None:
+        """Score the samples of batch ``x`` (after ``seen`` samples) that are among the first ``samples``."""
+        scored = min(x.shape[0], self.samples - seen)
+        if scored > 0:
+            self._score(module, x[:scored], token_mask)
 
-
-def read_batches(calib_loader: Iterable, max_samples: int, device, dtype: torch.dtype | None = None
-                 ) -> Iterator[tuple]:
-    """(inputs, targets) of each batch until ``max_samples`` samples, on ``device``, floating-point inputs
-    cast to ``dtype`` (targets None for a batch without them)."""
-    seen = 0
-    try:
-        iterator = iter(calib_loader)
-    except TypeError:
-        raise StructPruneError(f"calib_loader must be iterable, got {type(calib_loader).__name__}") from None
-    for batch in iterator:
-        inputs = batch_inputs(batch)
-        n = min(batch_size(inputs), max_samples - seen)
-        if n <= 0:
-            break
-        target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
-        yield (take_samples(inputs, n, device, dtype),
-               take_samples(target, n, device) if isinstance(target, Tensor) else None)
-        seen += n
-        if seen >= max_samples:
-            break
-
-
-def materialize(calib_loader: Iterable, max_samples: int, device, dtype: torch.dtype | None = None
-                ) -> tuple[list, list]:
-    """Read up to ``max_samples`` calibration samples once, so every group sees the same samples.
-
-    Returns the model inputs of each batch and its targets (see :func:`read_batches`).
-    """
-    pairs = list(read_batches(calib_loader, max_samples, device, dtype))
-    if not pairs:
-        raise StructPruneError("calib_loader yielded no samples: pass a loader with at least one batch")
-    return [inputs for inputs, _ in pairs], [target for _, target in pairs]
-
-
-class Calibration:
-    """The calibration samples every group is captured on.
-
-    In memory (default): the first ``max_samples`` samples are read once and kept on the model's device.
-    Streamed (``stream=True``): nothing is kept; every pass re-reads ``loader`` (which must then give the
-    same samples in the same order each time: a DataLoader without shuffling, a list, ...) and moves
-    one batch at a time to the device, so memory does not grow with the calibration set.
-    Iterating yields (inputs, targets) per batch (targets None when the batch has none);
-    ``samples`` counts the samples and ``labelled`` says whether every batch has targets.
-    """
-
-    def __init__(self, loader: Iterable, max_samples: int, device, dtype: torch.dtype | None = None,
-                 stream: bool = False):
-        self.loader, self.max_samples, self.device, self.dtype, self.stream = loader, max_samples, device, dtype, stream
-        self._batches: list | None = None
-        if stream:
-            self.samples, self.labelled, self._fingerprint = 0, True, None
-            for inputs, target in self._read():
-                self._fingerprint = self._fingerprint if self.samples else _fingerprint(inputs)
-                self.samples += batch_size(inputs)
-                self.labelled = self.labelled and target is not None
-            if self.samples == 0:
-                raise StructPruneError("calib_loader yielded no samples: pass a loader with at least one batch")
-        else:
-            self._batches = list(zip(*materialize(loader, max_samples, device, dtype), strict=True))
-            self._count_batches()
-
-    @classmethod
-    def of(cls, batches: list, targets: list | None = None) -> Calibration:
-        """In-memory calibration from batches already on the model's device (and their targets)."""
-        calib = cls.__new__(cls)
-        calib.loader, calib.max_samples, calib.device, calib.dtype, calib.stream = batches, None, None, None, False
-        calib._batches = list(zip(batches, targets or [None] * len(batches), strict=True))
-        calib._count_batches()
-        return calib
-
-    def _count_batches(self) -> None:
-        self.samples = sum(batch_size(inputs) for inputs, _ in self._batches)
-        self.labelled = all(target is not None for _, target in self._batches)
-
-    def _read(self) -> Iterator[tuple]:
-        return read_batches(self.loader, self.max_samples, self.device, self.dtype)
-
-    def __iter__(self) -> Iterator[tuple]:
-        if self._batches is not None:
-            yield from self._batches
+    def _score(self, module: nn.Module, x: Tensor, token_mask: Tensor | None) -> None:
+        """On every row of ``x``, a few samples at a time (bounded memory)."""
+        kind = self.consumer.kind
+        per_sample = max(1, x[0].numel() * (module.weight[0, 0].numel() if kind == "conv" else 1))
+        step = max(1, _SCORE_ELEMENTS // per_sample)  # unfolded elements: what the evaluation may form
+        if kind == "conv" and conv_sensitivity_applies(module):  # its input as it is, not unfolded
+            for start in range(0, x.shape[0], step):
+                self.value = conv_sensitivity(x[start:start + step], module, self.consumer.channel_index,
+                                              floor=self.value, zero_below=self.zero_below)
             return
-        seen = 0
-        for inputs, target in self._read():
-            if seen == 0 and _fingerprint(inputs) != self._fingerprint:
-                seen = -1
-                break
-            seen += batch_size(inputs)
-            yield inputs, target
-        if seen != self.samples:
-            raise StructPruneError("stream: the calibration loader gave other samples on this pass than on the "
-                                   "first; a streamed loader must give the same samples every pass (no shuffling)")
-
-    def first(self):
-        """The inputs of the first batch."""
-        return next(iter(self))[0]
-
-
-def _fingerprint(inputs) -> float:
-    """A cheap checksum of a batch, to notice a streamed loader that shuffles."""
-    if isinstance(inputs, dict):
-        inputs = next(iter(inputs.values()))
-    if isinstance(inputs, (tuple, list)):
-        inputs = inputs[0]
-    return float(inputs.double().sum())
+        weight = self.consumer.flat_weight()
+        features = self.consumer.input_features()
+        for start in range(0, x.shape[0], step):
+            chunk = x[start:start + step]
+            rows = all_rows(module, chunk, kind, _token_mask(token_mask, chunk.shape[0], chunk))
+            row_sample = None  # a Linear layer's rows stand alone; a conv's rows of one sample are its positions
+            if kind == "conv":
+                row_sample = torch.arange(len(chunk), device=rows.device).repeat_interleave(len(rows) // len(chunk))
+            self.value = consumer_sensitivity(rows, weight, features, floor=self.value, row_sample=row_sample,
+                                              zero_below=self.zero_below)
 
 
 class _RowCollector:
@@ -201,56 +107,26 @@ class _RowCollector:
         self.consumer = consumer
         self.rows_cap, self.samples = rows_cap, samples
         self.generator = generator
-        self.sensitivity_samples = sensitivity_samples
-        self.zero_below = zero_below
+        self.sensitivity = _Sensitivity(consumer, sensitivity_samples, zero_below)
         self.chunks: list[Tensor] = []
         self.masks: list[Tensor] = []  # (rows, taps) real-position taps of conv rows
         self.row_samples: list[Tensor] = []
         self.sums: list[Tensor] = []  # (batch, channels) per-sample channel sums
         self._sums_of = -1  # the batch (its first sample) the last sums belong to
-        self.sensitivity: Tensor | None = None
         self.seen = 0  # samples before this batch (set by the capture loop: a layer may run twice per batch)
         self.token_mask: Tensor | None = None  # (N, L) attention mask of the batch, when it has one
         self.picked: Tensor | None = None  # the rows (positions) drawn from the last batch
 
     def __call__(self, module: nn.Module, args) -> None:
         x = args[0].detach()
-        batch = x.shape[0]
         if self.consumer.kind == "conv":
             self._conv_rows(module, x)
         else:
             self._linear_rows(x)
-        scored = min(batch, self.sensitivity_samples - self.seen)
-        if scored > 0:
-            self._score(module, x[:scored])
-
-    def _score(self, module: nn.Module, x: Tensor) -> None:
-        """PFP's sensitivities on every row of ``x``, a few samples at a time (bounded memory)."""
-        from .methods.pfp import consumer_sensitivity, conv_sensitivity, conv_sensitivity_applies
-
-        per_sample = max(1, x[0].numel() * (module.weight[0, 0].numel() if self.consumer.kind == "conv" else 1))
-        step = max(1, _SCORE_ELEMENTS // per_sample)  # unfolded elements: what the evaluation may form
-        if self.consumer.kind == "conv" and conv_sensitivity_applies(module):  # its input as it is, not unfolded
-            for start in range(0, x.shape[0], step):
-                self.sensitivity = conv_sensitivity(x[start:start + step], module, self.consumer.channel_index,
-                                                    floor=self.sensitivity, zero_below=self.zero_below)
-            return
-        weight = self.consumer.flat_weight()
-        features = self.consumer.input_features()
-        for start in range(0, x.shape[0], step):
-            chunk = x[start:start + step]
-            rows = _all_rows(module, chunk, self.consumer.kind, self._mask(chunk.shape[0], chunk))
-            row_sample = None  # a Linear layer's rows stand alone; a conv's rows of one sample are its positions
-            if self.consumer.kind == "conv":
-                row_sample = torch.arange(len(chunk), device=rows.device).repeat_interleave(len(rows) // len(chunk))
-            self.sensitivity = consumer_sensitivity(rows, weight, features, floor=self.sensitivity,
-                                                    row_sample=row_sample, zero_below=self.zero_below)
+        self.sensitivity.add(module, x, self.seen, self.token_mask)
 
     def _mask(self, n: int, x: Tensor) -> Tensor | None:
-        mask = self.token_mask
-        if mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
-            return mask[:n].to(x.device) != 0
-        return None
+        return _token_mask(self.token_mask, n, x)
 
     def _wanted(self, n: int) -> int:
         """Rows to keep from a batch of n samples: the same whole number per sample while the cap allows
@@ -308,15 +184,15 @@ class _RowCollector:
         channel and then indexed, not over a copy of the group's channels)."""
         channels, width = self.consumer.channel_index.shape  # width > 1: the input channels a channel stands for
         index = self.consumer.channel_index.reshape(-1).to(x.device)
-        x = _as_2d(conv, x)
+        x = as_2d(conv, x)
         # per (sample, channel) over its positions in float32 at least (pairwise summation; a float64 accumulator
         # makes torch's reduction ~25× slower), then float64 across channels and batches
         low = x.dtype in (torch.float16, torch.bfloat16)
         sums = x.sum(dim=(2, 3), dtype=torch.float32 if low else None)[:, index].double()
         self._add_sums(sums.reshape(len(x), channels, width).sum(dim=2).cpu())
-        (kh, kw), (sh, sw), (dh, dw), pad = _geometry(conv)
+        (kh, kw), (sh, sw), (dh, dw), pad = conv_geometry(conv)
         n, _, h, w = x.shape
-        out_h, out_w = _out_size(h + 2 * pad[0], kh, sh, dh), _out_size(w + 2 * pad[1], kw, sw, dw)
+        out_h, out_w = out_size(h + 2 * pad[0], kh, sh, dh), out_size(w + 2 * pad[1], kw, sw, dw)
         positions = self._pick(n * out_h * out_w, self._wanted(n), x.device)
         self.picked = positions
         sample, rest = positions // (out_h * out_w), positions % (out_h * out_w)
@@ -345,7 +221,7 @@ class _Reference:
         if self.collector.consumer.kind == "conv":
             rows = output.flatten(2).transpose(1, 2).reshape(-1, output.shape[1])  # (N·positions, O)
         else:  # the same rows as the collector's: padding tokens left out
-            rows = _all_rows(module, output, "linear", self.collector._mask(output.shape[0], output))
+            rows = all_rows(module, output, "linear", self.collector._mask(output.shape[0], output))
         self.chunks.append(rows[picked][:, self.out_index.to(rows.device)].float())
 
 
@@ -391,39 +267,6 @@ def _expected_calls(cache: ActivationCache | None, names: list[str]) -> list[int
     return calls if all(calls) else None
 
 
-def _geometry(conv: nn.Module) -> tuple[tuple[int, int], ...]:
-    """(kernel, stride, dilation, padding) of a Conv2d, or of a Conv1d seen as a Conv2d over (1, L) inputs."""
-    if isinstance(conv.padding, str):  # "same"/"valid": resolve to numbers
-        padding = tuple((d * (k - 1)) // 2 if conv.padding == "same" else 0
-                        for k, d in zip(conv.kernel_size, conv.dilation, strict=False))
-    else:
-        padding = tuple(conv.padding)
-    if isinstance(conv, nn.Conv1d):  # one row of height 1: kernel, stride and dilation 1 there, no padding
-        return (1, *conv.kernel_size), (1, *conv.stride), (1, *conv.dilation), (0, *padding)
-    return tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation), padding
-
-
-def _as_2d(conv: nn.Module, x: Tensor) -> Tensor:
-    """A conv's input as (N, C, H, W): a Conv1d's (N, C, L) as (N, C, 1, L)."""
-    return x.unsqueeze(2) if isinstance(conv, nn.Conv1d) else x
-
-
-def _out_size(size: int, kernel: int, stride: int, dilation: int) -> int:
-    return (size - dilation * (kernel - 1) - 1) // stride + 1
-
-
-def _all_rows(module: nn.Module, x: Tensor, kind: str, token_mask: Tensor | None) -> Tensor:
-    """Every row of a consumer's *whole* input (all its input features, not only a group's), flattened as
-    the layer's weight is: (rows, C_in·K) patches of a conv (zero padding included), (rows, features) of a
-    Linear (padding tokens left out)."""
-    if kind == "linear":
-        return x[token_mask] if token_mask is not None else x.reshape(-1, x.shape[-1])
-    kernel, stride, dilation, padding = _geometry(module)
-    cols = nn.functional.unfold(_as_2d(module, x), kernel, dilation=dilation, padding=padding,
-                                stride=stride)  # (N, C·K, L)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-
-
 def capture(model: nn.Module, group: Group, calib: Calibration | list, memory_bytes: int = DEFAULT_MEMORY_BYTES,
             seed: int = 0, targets: list | None = None, loss_fn=None, gradients: bool = False,
             sensitivity_samples: int = 0, reference: tuple[nn.Module, dict[str, Tensor]] | None = None,
@@ -444,46 +287,55 @@ def capture(model: nn.Module, group: Group, calib: Calibration | list, memory_by
     Each forward pass stops once every consumer has read its input (after a first full pass that counts
     how often each is called, unless ``cache`` knows), unless loss gradients are needed.
     ``cache``, ``reference_cache``: kept block inputs of ``model`` and of the reference model
-    (:mod:`structprune.resume`); a pass then resumes at the kept block when it can, and records for the next
+    (:mod:`structprune.activation_cache`); a pass then resumes at the kept block when it can, and records for the next
     group the input of the earliest block this group changes (its producers, BatchNorms and consumers).
     """
     if not isinstance(calib, Calibration):
         calib = Calibration.of(calib, targets)
         gradients = gradients or targets is not None
-    samples = calib.samples
-    collectors, hooks = [], []
     gen = torch.Generator()
     gen.manual_seed(seed)
+    collectors = []
     for consumer in group.consumers:
         features = consumer.channel_index.numel() * (
             consumer.module.weight[0, 0].numel() if consumer.kind == "conv" else 1)
-        collector = _RowCollector(consumer, rows_cap(features, samples, memory_bytes), samples, gen,
-                                  sensitivity_samples, zero_below)
-        collectors.append(collector)
+        collectors.append(_RowCollector(consumer, rows_cap(features, calib.samples, memory_bytes), calib.samples,
+                                        gen, sensitivity_samples, zero_below))
     if gradients:
         cache = reference_cache = None  # the loss needs the whole pass
+    references = [] if reference is None else [_Reference(c, reference[1][c.consumer.name]) for c in collectors
+                                               if c.consumer.name in reference[1]]
+    loss = _LossGradients(model, group, loss_fn) if gradients else None
+    _run_passes(model, group, calib, collectors, None if reference is None else reference[0], references,
+                (cache, reference_cache), loss)
+    return _view(group, collectors, references, loss, seed)
+
+
+def _run_passes(model: nn.Module, group: Group, calib: Calibration, collectors: list[_RowCollector],
+                original: nn.Module | None, references: list[_Reference], caches: tuple,
+                loss: _LossGradients | None) -> None:
+    """The capture's passes over the calibration batches: ``model`` with the collectors as hooks (and the loss's
+    backward pass), and the ``original`` model with the reference hooks on the same batches; ``caches``: the two
+    models' ActivationCaches (or None)."""
+    cache, reference_cache = caches
     reads = [c.name for c in group.consumers]
     changes = reads + [layer.name for layer in (*group.producers, *group.batchnorms)]
     resumed = (cache.resumed(*cache.plan(reads, changes), producers=[p.name for p in group.producers])
                if cache is not None else nullcontext())  # before the hooks
-    ref_reads = [name for name in reads if reference is not None and name in reference[1]]
+    ref_reads = [r.collector.consumer.name for r in references]
     ref_resumed = (reference_cache.resumed(*reference_cache.plan(ref_reads))
-                   if reference is not None and reference_cache is not None else nullcontext())
+                   if original is not None and reference_cache is not None else nullcontext())
     stopper = _Stopper(len(collectors), _expected_calls(cache, reads))
     hooks = [c.consumer.module.register_forward_pre_hook(stopper.wrap(i, c)) for i, c in enumerate(collectors)]
-    references = []
-    if reference is not None:
-        original, out_index = reference
-        references = [_Reference(c, out_index[c.consumer.name]) for c in collectors if c.consumer.name in out_index]
-        ref_stopper = _Stopper(len(references), _expected_calls(reference_cache, ref_reads))
+    ref_stopper = _Stopper(len(references), _expected_calls(reference_cache, ref_reads))
+    if original is not None:
         hooks += [original.get_submodule(r.collector.consumer.name).register_forward_hook(ref_stopper.wrap(i, r))
                   for i, r in enumerate(references)]
-    gradients = _LossGradients(model, group, loss_fn) if gradients else None
-    modes = [(m, m.training) for m in (model, reference[0] if reference is not None else None) if m is not None]
+    modes = [(m, m.training) for m in (model, original) if m is not None]
     for m, _ in modes:
         m.eval()
     try:
-        with torch.set_grad_enabled(gradients is not None), resumed, ref_resumed:
+        with torch.set_grad_enabled(loss is not None), resumed, ref_resumed:
             seen = 0
             for batch, (inputs, target) in enumerate(calib):
                 for kept in (cache, reference_cache):
@@ -493,22 +345,28 @@ def capture(model: nn.Module, group: Group, calib: Calibration | list, memory_by
                 for collector in collectors:
                     collector.token_mask, collector.seen = mask, seen
                 seen += batch_size(inputs)
-                outputs = _forward(model, inputs, stopper if gradients is None else None)
-                if gradients is not None:
-                    gradients.backward(outputs, target)
-                if reference is not None:
+                outputs = _forward(model, inputs, stopper if loss is None else None)
+                if loss is not None:
+                    loss.backward(outputs, target)
+                if original is not None:
                     with torch.no_grad():
-                        _forward(reference[0], inputs, ref_stopper)
+                        _forward(original, inputs, ref_stopper)
     finally:
         for m, training in modes:
             m.train(training)
         for hook in hooks:
             hook.remove()
-        if gradients is not None:
-            gradients.restore()
+        if loss is not None:
+            loss.restore()
+
+
+def _view(group: Group, collectors: list[_RowCollector], references: list[_Reference],
+          loss: _LossGradients | None, seed: int) -> GroupView:
+    """The :class:`GroupView` of what the collectors (and the reference hooks, and the loss) gathered."""
     consumers = []
     for consumer, collector in zip(group.consumers, collectors, strict=False):
         bias = consumer.module.bias
+        sensitivity = collector.sensitivity.value
         consumers.append(ConsumerView(
             name=consumer.name,
             inputs=torch.cat(collector.chunks).float(),
@@ -521,16 +379,52 @@ def capture(model: nn.Module, group: Group, calib: Calibration | list, memory_by
             tap_mask=torch.cat(collector.masks) if collector.masks else None,
             row_sample=torch.cat(collector.row_samples),
             sample_sums=torch.cat(collector.sums),
-            sensitivity=None if collector.sensitivity is None else collector.sensitivity.cpu().double(),
+            sensitivity=None if sensitivity is None else sensitivity.cpu().double(),
             target=next((torch.cat(r.chunks) for r in references if r.collector is collector), None),
         ))
     producers = tuple(
         ProducerView(p.name, p.module, _per_channel(p.module.weight.detach(), p, group.channels),
-                     None if gradients is None else _per_channel(gradients.grads[i], p, group.channels))
+                     None if loss is None else _per_channel(loss.grads[i], p, group.channels))
         for i, p in enumerate(group.producers)
     )
     return GroupView(name=group.name, channels=group.channels, consumers=tuple(consumers),
                      producers=producers, seed=seed, bn_scale=_bn_scale(group))
+
+
+@torch.no_grad()
+def group_sensitivities(model: nn.Module, groups: list[Group], calib: Calibration, samples: int,
+                        zero_below: float) -> dict[str, Tensor]:
+    """PFP's s_j of every group's channels on ``model`` as it is: the maximum over each group's consumers (float64,
+    CPU) of their sensitivities over every position of the first ``samples`` calibration samples (what
+    :func:`capture` computes with ``sensitivity_samples``), for all groups in one pass over those samples, no rows
+    kept. PFP's allocation reads them."""
+    scorers = [(group.name, _Sensitivity(c, samples, zero_below)) for group in groups for c in group.consumers]
+    batch: dict = {"seen": 0, "mask": None}
+
+    def scorer(sensitivity: _Sensitivity):
+        return lambda module, args: sensitivity.add(module, args[0].detach(), batch["seen"], batch["mask"])
+
+    stopper = _Stopper(len(scorers))
+    hooks = [s.consumer.module.register_forward_pre_hook(stopper.wrap(i, scorer(s))) for i, (_, s) in
+             enumerate(scorers)]
+    training = model.training
+    model.eval()
+    try:
+        for inputs, _ in calib:
+            if batch["seen"] >= samples:
+                break
+            batch["mask"] = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+            _forward(model, inputs, stopper)
+            batch["seen"] += batch_size(inputs)
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    result: dict[str, Tensor] = {}
+    for name, sensitivity in scorers:
+        value = sensitivity.value.cpu().double()
+        result[name] = value if name not in result else torch.maximum(result[name], value)
+    return result
 
 
 def weights_view(group: Group, seed: int = 0) -> GroupView:

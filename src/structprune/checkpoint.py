@@ -23,57 +23,22 @@ rewrites one once in this format.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
 import json
 import os
-import tempfile
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import models
 from .errors import StructPruneError, first_line
+from .graph import PruningGraph
+from .models import hf
+from .safe_io import load_tensors, write_atomic
 
 FORMAT = "structprune"
 VERSION = 2
-
-
-def write_atomic(path: str | os.PathLike, write, force: bool = False) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``; never leaves a half-written ``path``.
-
-    An existing ``path`` is an error unless ``force``.
-    """
-    path = Path(path)
-    check_output(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def check_output(path: str | os.PathLike, force: bool = False, what: str = "output") -> Path:
-    """Refuse, before any work, an output path that cannot be written or that exists (unless ``force``)."""
-    path = Path(path)
-    if path.is_dir():
-        raise StructPruneError(f"{what} {path} is a directory, expected a file path")
-    if path.exists() and not force:
-        raise StructPruneError(f"{what} {path} already exists; pass --force (force=True) to overwrite it")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise StructPruneError(f"{what} {path}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK):
-        raise StructPruneError(f"{what} {path}: the directory {parent} is not writable")
-    return path
 
 
 def save(model_or_result, path: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> Path:
@@ -92,8 +57,6 @@ def save(model_or_result, path: str | os.PathLike, *, force: bool = False, extra
     if not isinstance(model, nn.Module):
         raise StructPruneError(f"save expects a model or a PruneResult, got {type(model_or_result).__name__}")
     if hasattr(model, "save_pretrained") and hasattr(model, "config"):
-        from .models import hf
-
         return hf.save_pretrained(model, path, force=force, extra=extra)
     checkpoint = pack(model, extra)
     return write_atomic(path, lambda tmp: torch.save(checkpoint, tmp), force=force)
@@ -184,39 +147,6 @@ def unwrap(raw, path: str | os.PathLike) -> dict:
     return {k: raw.get(k) for k in ("arch", "history", "example_input", "extra", "state_dict", "module")}
 
 
-def load_tensors(path: str | os.PathLike, trust_checkpoint: bool = False, what: str = "checkpoint",
-                 advice: str | None = None):
-    """``torch.load`` of tensors and plain data only; a file that names Python objects is refused (with
-    ``advice`` on what to do) unless ``trust_checkpoint``, and any other failure is one clear error."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        safe_error = exc
-    if is_pickled_code(safe_error):
-        if not trust_checkpoint:
-            raise StructPruneError(f"{what} {path} holds pickled Python objects; loading it would run any code the "
-                                   f"file contains. {advice or _convert_advice(path)}")
-        warnings.warn(f"structprune: unpickling {path} because trust_checkpoint was given; this runs any code "
-                      f"the file holds", stacklevel=3)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise StructPruneError(f"{what} {path} is not readable: {first_line(exc)}") from None
-    raise StructPruneError(f"{what} {path} is not readable (truncated or corrupted?): "
-                           f"{first_line(safe_error)}") from None
-
-
-def is_pickled_code(error: Exception) -> bool:
-    """Whether torch's weights-only reader refused a file for naming Python objects (code), not for damage."""
-    return "Unsupported global" in str(error)
-
-
-def _convert_advice(path) -> str:
-    return (f"structprune 0.1 saved models from outside the zoo this way. If you trust where it came from, convert "
-            f"it once: structprune convert --trust-checkpoint {path} NEW.pt (Python: structprune.load(path, "
-            f"trust_checkpoint=True))")
-
-
 def _checked(raw: dict, path: Path) -> dict:
     meta, state, expected = raw.get("meta"), raw.get("state_dict"), raw.get("digest")
     if not isinstance(meta, str) or not isinstance(state, dict) or not isinstance(expected, str) or not all(
@@ -244,8 +174,6 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
     that is not an ``nn.Module`` class; only for files from a source you trust.
     """
     if Path(path).is_dir():
-        from .models import hf
-
         return hf.load_pretrained(path, trust_checkpoint=trust_checkpoint).to(map_location)
     return unpack(read(path, trust_checkpoint), str(path), trust_checkpoint).to(map_location).eval()
 
@@ -276,9 +204,6 @@ def unpack(checkpoint: dict, source: str = "checkpoint", trust_checkpoint: bool 
 
 def rebuild(checkpoint: dict, trust: bool = False) -> nn.Module:
     """The model of ``checkpoint`` with random weights: the architecture with the pruning replayed."""
-    from . import models
-    from .graph import PruningGraph
-
     arch = checkpoint["arch"]
     kwargs = arch.get("kwargs") or {}
     if not isinstance(kwargs, dict):
@@ -298,29 +223,6 @@ def rebuild(checkpoint: dict, trust: bool = False) -> nn.Module:
         example = torch.zeros(spec["shape"], dtype=dtype)
         PruningGraph(model, example).replay(history)
     return model
-
-
-def resolve_constructor(spec: str, trusted: bool = False):
-    """The callable named by ``"package.module:qualname"``; refuses callables a file should not make us call."""
-    if not isinstance(spec, str) or spec.count(":") != 1:
-        raise StructPruneError(f"a constructor must be written 'package.module:name', got {spec!r}")
-    module_name, qualname = spec.split(":")
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise StructPruneError(f"cannot import {module_name} for {spec} ({exc}); install the package that "
-                               f"defines the model") from None
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            raise StructPruneError(f"{module_name} has no {qualname} (from {spec})")
-    is_module_class = inspect.isclass(obj) and issubclass(obj, nn.Module)
-    if not is_module_class and not trusted:
-        raise StructPruneError(f"{spec} is not an nn.Module class; calling a function that a file names can run any "
-                               f"code, so it needs trust_checkpoint=True (--trust-checkpoint) for files you trust")
-    if not callable(obj):
-        raise StructPruneError(f"{spec} is not callable")
-    return obj
 
 
 def example_input(model: nn.Module) -> torch.Tensor | None:

@@ -28,9 +28,11 @@ import torch
 from torch import Tensor, nn
 
 from . import allocate
-from .checkpoint import check_output, example_input, load, write_atomic
+from .checkpoint import example_input, load
 from .errors import StructPruneError, first_line, strip_ansi
 from .measure import count, output_sizes, time_call
+from .safe_io import check_output, write_atomic
+from .version import __version__
 
 FORMATS = ("onnx", "torchscript")
 #: file suffixes that name a format when ``format`` is not given
@@ -103,7 +105,7 @@ def _export(model: nn.Module, out: Path, format, example_inputs, opset, check, a
         output_names = [name for name, _ in _named_outputs(wrapper.raw(*args))]
     size = count(model, example)
     metadata = {"source": source, "format": format, "inputs": _input_specs(names, args), "outputs": output_names,
-                **size, "structprune_version": _version(), "torch_version": torch.__version__}
+                **size, "structprune_version": __version__, "torch_version": torch.__version__}
     check_inputs = _check_batch(model, names, args, seed)
     result = ExportResult(out, format, names, output_names, None, None, None, atol, 0.0, metadata)
 
@@ -385,12 +387,6 @@ def onnx_session(path: str | os.PathLike):
 def _input_specs(names, args) -> list[dict]:
     return [{"name": n, "shape": [1, *a.shape[1:]], "dtype": str(a.dtype).replace("torch.", "")}
             for n, a in zip(names, args, strict=True)]
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 # -- reading an exported file back (structprune eval) ------------------------------------------------------------

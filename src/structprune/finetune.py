@@ -26,9 +26,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
-from .checkpoint import load_tensors
 from .errors import StructPruneError, first_line
 from .progress import bar as progress_bar
+from .run_state import RunState
 
 _NO_DECAY = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
@@ -195,9 +195,10 @@ def train(model: nn.Module, loader: Iterable, config: TrainConfig, device=None, 
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing, reduction="sum")
     losses: list[float] = []
     first_epoch = 0
-    state_path = Path(state_path) if state_path is not None else None
-    if resume and state_path is not None and state_path.exists():
-        first_epoch, losses = _load_state(state_path, model, optimizer, schedule, loader, config)
+    state = RunState(state_path, asdict(config), "training") if state_path is not None else None
+    saved = state.load() if resume and state is not None else None
+    if saved is not None:
+        first_epoch, losses = _restore(state.path, saved, model, optimizer, schedule, loader)
     model.train()
     for epoch in range(first_epoch, config.epochs):
         if hasattr(loader, "set_epoch"):
@@ -224,14 +225,14 @@ def train(model: nn.Module, loader: Iterable, config: TrainConfig, device=None, 
             batches += 1
             bar.set_postfix(loss=f"{total / batches:.3f}")
         losses.append(total / max(batches, 1))
-        if state_path is not None:
+        if state is not None:
             if proc.is_main:
-                _save_state(state_path, epoch + 1, losses, model, optimizer, schedule, loader, config)
+                _save(state, epoch + 1, losses, model, optimizer, schedule, loader)
             if proc.distributed:
                 dist.barrier()
     model.eval()
-    if state_path is not None and proc.is_main:
-        state_path.unlink(missing_ok=True)
+    if state is not None and proc.is_main:
+        state.clear()
     return losses
 
 
@@ -239,33 +240,26 @@ def _sampler_generator(loader) -> torch.Generator | None:
     return getattr(getattr(loader, "sampler", None), "generator", None)
 
 
-def _save_state(path: Path, epoch: int, losses, model, optimizer, schedule, loader, config) -> None:
-    from .checkpoint import write_atomic
-
+def _save(state: RunState, epoch: int, losses: list[float], model, optimizer, schedule, loader) -> None:
+    """Everything an uninterrupted run would carry into the next epoch: weights, optimizer, schedule, random state."""
     generator = _sampler_generator(loader)
-    state = {"epoch": epoch, "losses": losses, "config": asdict(config), "model": model.state_dict(),
-             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-             "torch_rng": torch.get_rng_state(),
-             "sampler_rng": None if generator is None else generator.get_state()}
-    write_atomic(path, lambda tmp: torch.save(state, tmp), force=True)
+    state.save({"epoch": epoch, "losses": losses},
+               {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "sampler_rng": None if generator is None else generator.get_state()})
 
 
-def _load_state(path: Path, model, optimizer, schedule, loader, config) -> tuple[int, list[float]]:
+def _restore(path: Path, saved: tuple[dict, dict], model, optimizer, schedule, loader) -> tuple[int, list[float]]:
+    progress, data = saved
     try:
-        state = load_tensors(path, what="state", advice="Delete it to start over.")
-        if state["config"] != asdict(config):
-            raise StructPruneError(f"--resume: {path} was written with other training options "
-                                   f"({state['config']}); rerun with the same options or without --resume")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-    except StructPruneError:
-        raise
+        model.load_state_dict(data["model"])
+        optimizer.load_state_dict(data["optimizer"])
+        schedule.load_state_dict(data["schedule"])
     except Exception as exc:
-        raise StructPruneError(f"--resume: training state {path} is unreadable or does not fit the model "
-                               f"({first_line(exc)}); delete it to start over") from None
-    torch.set_rng_state(state["torch_rng"])
+        raise StructPruneError(f"--resume: training state {path} does not fit the model ({first_line(exc)}); "
+                               f"delete it to start over") from None
+    torch.set_rng_state(data["torch_rng"])
     generator = _sampler_generator(loader)
-    if generator is not None and state["sampler_rng"] is not None:
-        generator.set_state(state["sampler_rng"])
-    return int(state["epoch"]), list(state["losses"])
+    if generator is not None and data["sampler_rng"] is not None:
+        generator.set_state(data["sampler_rng"])
+    return int(progress["epoch"]), list(progress["losses"])

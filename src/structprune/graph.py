@@ -21,123 +21,28 @@ import contextlib
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from .batches import output_tensors, run_forward
 from .errors import StructPruneError, first_line
+from .groups import Consumer, Group, Producer, write_consumer_weights
+from .layers import (
+    CONVS,
+    LINEAR_LAYERS,
+    TRANSPOSED_CONVS,
+    WEIGHT_LAYERS,
+    batchnorm_affine,
+    in_features,
+    is_attention,
+    out_features,
+)
 
-_CONVS = (nn.Conv1d, nn.Conv2d)
-_LINEAR_LAYERS = (nn.Linear, *_CONVS)  # what may read a group's channels (a consumer)
-_TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d)
-_WEIGHT_LAYERS = (*_LINEAR_LAYERS, *_TRANSPOSED_CONVS)  # what may make them (a producer)
+#: what a graph offers: every group, or only the groups no residual stream shares
 SCOPES = ("all", "inner")
-
-
-@dataclass
-class Producer:
-    """A layer whose outputs are the group's channels; ``channel_index[c]`` are its output rows for channel c."""
-
-    name: str
-    module: nn.Module
-    channel_index: Tensor  # (channels, rows_per_channel)
-
-
-@dataclass
-class Consumer:
-    """A Conv1d/Conv2d (grouped ones too) or Linear (or Hugging Face's transposed Conv1D) that reads the group's
-    channels.
-
-    ``channel_index[c]`` are the consumer's input features fed by group channel c: its input channels for a
-    conv (one; one per conv group where grouped convolutions tie channels together, see :attr:`Group.members`),
-    ``H*W`` for a Linear after a Flatten. ``output_scale`` is γ/σ and ``output_shift``
-    β − γμ/σ of a BatchNorm that directly follows the consumer (ones and zeros when there is none),
-    so that f includes that BatchNorm.
-    """
-
-    name: str
-    module: nn.Module
-    channel_index: Tensor  # (channels, features_per_channel)
-    output_scale: Tensor
-    output_shift: Tensor
-    normalized: bool = False  # whether those come from a BatchNorm
-    #: that BatchNorm when nothing else reads the consumer's output: a constant added to the output of a consumer
-    #: without bias (a refit's bias change) goes into its running mean
-    batchnorm: nn.Module | None = None
-
-    @property
-    def grouped(self) -> bool:
-        """A grouped convolution: its weight is zero between conv groups, by structure."""
-        return self.kind == "conv" and self.module.groups > 1
-
-    @property
-    def kind(self) -> str:
-        return "conv" if isinstance(self.module, _CONVS) else "linear"
-
-    def canonical_weight(self) -> Tensor:
-        """The weight as (out, channels, taps): taps are kernel positions (conv; of each of a channel's input
-        channels in turn, where grouped convolutions make several go together) or features (linear)."""
-        if self.kind == "conv":
-            weight = dense_conv_weight(self.module)
-            kept = weight[:, self.channel_index.reshape(-1)]
-            return kept.reshape(weight.shape[0], self.channel_index.shape[0], -1)
-        weight = weight_matrix(self.module).detach()
-        columns = weight[:, self.channel_index.reshape(-1)]
-        return columns.reshape(weight.shape[0], *self.channel_index.shape)
-
-    def flat_weight(self) -> Tensor:
-        """The whole weight as (out, in·taps), columns as :meth:`input_features` numbers them."""
-        weight = dense_conv_weight(self.module) if self.kind == "conv" else weight_matrix(self.module).detach()
-        return weight.reshape(weight.shape[0], -1)
-
-    def input_features(self) -> Tensor:
-        """(channels, features) indices into the flattened weight's columns (in_features of a Linear, in·taps
-        of a conv) that read each group channel."""
-        if self.kind == "linear":
-            return self.channel_index
-        taps = self.module.weight[0, 0].numel()
-        return (self.channel_index[:, :, None] * taps + torch.arange(taps)).reshape(len(self.channel_index), -1)
-
-    def write_weight(self, channel_idx: Tensor, canonical: Tensor) -> None:
-        """Write ``canonical`` (out, len(channel_idx), taps) into the columns of ``channel_idx``."""
-        weight = self.module.weight
-        with torch.no_grad():
-            if self.kind == "conv":
-                cols = self.channel_index[channel_idx].reshape(-1)
-                columns = canonical.reshape(weight.shape[0], len(cols), *weight.shape[2:]).to(weight)
-                if self.grouped:  # into the dense form, then back: only each conv group's own block is kept
-                    dense = dense_conv_weight(self.module)
-                    dense[:, cols] = columns
-                    weight.copy_(grouped_blocks(dense, self.module.groups))
-                else:
-                    weight[:, cols] = columns
-            elif is_transposed_linear(self.module):
-                cols = self.channel_index[channel_idx].reshape(-1)
-                weight[cols, :] = canonical.reshape(weight.shape[1], -1).T.to(weight)
-            else:
-                cols = self.channel_index[channel_idx].reshape(-1)
-                weight[:, cols] = canonical.reshape(weight.shape[0], -1).to(weight)
-
-
-@dataclass
-class Group:
-    """Channels that must be pruned together, resolved against the model as it is now."""
-
-    name: str  # name of the root layer, the first producer Torch-Pruning found
-    channels: int
-    producers: list[Producer]
-    consumers: list[Consumer]
-    root: nn.Module = field(repr=False)
-    root_fn: object = field(repr=False)
-    batchnorms: list[Producer] = field(default_factory=list)  # BatchNorms on the group's channels
-    #: whether the channels are added to other layers' outputs (a residual stream), not block-internal
-    residual: bool = False
-    #: (channels, w): the coupled layers' channels each group channel stands for. One each, unless grouped
-    #: convolutions read or write them: then the channels at the same position of every conv group go together
-    #: (so that every conv group keeps as many), and a group channel is w of them
-    members: Tensor | None = None
 
 
 class PruningGraph:
@@ -201,11 +106,11 @@ class PruningGraph:
         self.out_of_scope: list[str] = []
         # every group, the ignored ones too: Torch-Pruning's get_all_groups(ignored_layers=...) yields the same
         # groups (same roots) less those with an ignored layer among their outputs, without a second search
-        tp_groups = list(self.dg.get_all_groups(root_module_types=_WEIGHT_LAYERS))
+        tp_groups = list(self.dg.get_all_groups(root_module_types=WEIGHT_LAYERS))
         #: names of the Conv/Linear layers whose outputs are added into a residual stream
         self.residual_layers = {self.name_of(item.dep.target.module) for tp_group in tp_groups
                                 if _is_residual(tp_group) for item in tp_group
-                                if self._is_out(item) and isinstance(item.dep.target.module, _WEIGHT_LAYERS)}
+                                if self._is_out(item) and isinstance(item.dep.target.module, WEIGHT_LAYERS)}
         ignored_ids = {id(m) for m in ignored + list(self.dg.IGNORED_LAYERS_IN_TRACING)}
         for tp_group in tp_groups:
             if any(id(item.dep.target.module) in ignored_ids for item in tp_group if self._is_out(item)):
@@ -293,17 +198,17 @@ class PruningGraph:
                 return self._skip(name, f"layer {self.name_of(module)} maps channels unevenly")
             index = index[members].reshape(len(members), -1)
             if self._is_out(item):
-                if isinstance(module, _WEIGHT_LAYERS):
+                if isinstance(module, WEIGHT_LAYERS):
                     producers.append(Producer(self.name_of(module), module, index))
                 elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
                     batchnorms.append(Producer(self.name_of(module), module, index))
             elif self.dg.is_in_channel_pruning_fn(item.dep.handler):
                 if _is_pass_through(module):
                     continue
-                if not isinstance(module, _LINEAR_LAYERS):  # a transposed conv, among others: its rows are not patches
+                if not isinstance(module, LINEAR_LAYERS):  # a transposed conv, among others: its rows are not patches
                     return self._skip(name, f"consumer {self.name_of(module)} ({type(module).__name__}) is not a "
                                             f"Linear, Conv1d or Conv2d")
-                if isinstance(module, _CONVS) and module.padding_mode != "zeros":
+                if isinstance(module, CONVS) and module.padding_mode != "zeros":
                     # its input rows would be padded with other values than the ones the layer reads
                     return self._skip(name, f"consumer {self.name_of(module)} pads with "
                                             f"padding_mode={module.padding_mode!r}; only zero padding is supported")
@@ -331,9 +236,9 @@ class PruningGraph:
         grouped = []
         for item in tp_group:
             module = item.dep.target.module
-            if isinstance(module, _TRANSPOSED_CONVS) and module.groups > 1:
+            if isinstance(module, TRANSPOSED_CONVS) and module.groups > 1:
                 return f"{self.name_of(module)} is a grouped {type(module).__name__}"
-            if not (isinstance(module, _CONVS) and module.groups > 1) or _is_pass_through(module):
+            if not (isinstance(module, CONVS) and module.groups > 1) or _is_pass_through(module):
                 continue
             if self._is_out(item):
                 block = module.out_channels // module.groups
@@ -429,7 +334,7 @@ class PruningGraph:
 
         found = []
         for module, node in self.dg.module2node.items():
-            if not isinstance(module, _WEIGHT_LAYERS):
+            if not isinstance(module, WEIGHT_LAYERS):
                 continue
             if is_output(node):
                 found.append(module)
@@ -440,7 +345,7 @@ class PruningGraph:
                 if id(nxt) in seen:
                     continue
                 seen.add(id(nxt))
-                if isinstance(nxt.module, _WEIGHT_LAYERS):
+                if isinstance(nxt.module, WEIGHT_LAYERS):
                     continue
                 if is_output(nxt):
                     found.append(module)
@@ -463,7 +368,7 @@ class PruningGraph:
             for tensor in output_tensors(output):
                 produced[id(tensor)] = module
 
-        hooks = [m.register_forward_pre_hook(record) for m in self.model.modules() if isinstance(m, _WEIGHT_LAYERS)]
+        hooks = [m.register_forward_pre_hook(record) for m in self.model.modules() if isinstance(m, WEIGHT_LAYERS)]
         hooks += [m.register_forward_hook(remember) for m in self.model.modules() if m is not self.model]
         try:
             with observe if observe is not None else contextlib.nullcontext() as observed:
@@ -511,71 +416,13 @@ def _sizes(group: Group) -> tuple:
     :meth:`PruningGraph.groups`): output sizes of its producers and BatchNorms, input and output sizes of its
     consumers."""
     return (tuple(out_features(p.module) for p in (*group.producers, *group.batchnorms)),
-            tuple((int(c.module.weight.shape[1] if not is_transposed_linear(c.module) else c.module.weight.shape[0]),
-                   out_features(c.module)) for c in group.consumers))
-
-
-def is_transposed_linear(module) -> bool:
-    """Hugging Face's ``Conv1D`` (GPT-2): a Linear layer whose weight is stored as (in, out)."""
-    return (type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
-            and isinstance(getattr(module, "weight", None), Tensor) and module.weight.dim() == 2)
-
-
-def is_linear(module) -> bool:
-    """An ``nn.Linear`` or a transposed one (:func:`is_transposed_linear`)."""
-    return isinstance(module, nn.Linear) or is_transposed_linear(module)
-
-
-def weight_matrix(module: nn.Module) -> Tensor:
-    """The (out, in) weight of a Linear, also of a transposed one (a view)."""
-    return module.weight.T if is_transposed_linear(module) else module.weight
-
-
-def rows_first(module: nn.Module, tensor: Tensor) -> Tensor:
-    """A tensor shaped like ``module.weight`` (the weight, its gradient) with the output rows first (a transposed
-    Linear's is (in, out), a transposed conv's (in, out, *kernel))."""
-    if isinstance(module, _TRANSPOSED_CONVS):
-        return tensor.transpose(0, 1)
-    return tensor.T if is_transposed_linear(module) else tensor
-
-
-def out_features(module: nn.Module) -> int:
-    """Output features (channels) of a Linear, a transposed Linear or a (transposed) conv."""
-    if isinstance(module, _TRANSPOSED_CONVS):
-        return module.out_channels
-    return module.weight.shape[1] if is_transposed_linear(module) else module.weight.shape[0]
-
-
-def keep_output_features(layer: nn.Module, rows: Tensor) -> None:
-    """Keep only output features ``rows`` of a Linear (or transposed Linear): weight rows and bias entries."""
-    rows = rows.to(layer.weight.device)
-    weight = layer.weight.detach()
-    weight = weight[:, rows] if is_transposed_linear(layer) else weight[rows]
-    layer.weight = nn.Parameter(weight.clone(), layer.weight.requires_grad)
-    if layer.bias is not None:
-        layer.bias = nn.Parameter(layer.bias.detach()[rows].clone(), layer.bias.requires_grad)
-    if is_transposed_linear(layer):
-        layer.nf = len(rows)
-    else:
-        layer.out_features = len(rows)
-
-
-def keep_input_features(layer: nn.Module, columns: Tensor) -> None:
-    """Keep only input features ``columns`` of a Linear (or transposed Linear)."""
-    columns = columns.to(layer.weight.device)
-    weight = layer.weight.detach()
-    weight = weight[columns] if is_transposed_linear(layer) else weight[:, columns]
-    layer.weight = nn.Parameter(weight.clone(), layer.weight.requires_grad)
-    if is_transposed_linear(layer):
-        layer.nx = len(columns)
-    else:
-        layer.in_features = len(columns)
+            tuple((in_features(c.module), out_features(c.module)) for c in group.consumers))
 
 
 @contextlib.contextmanager
 def _zero_padding(model: nn.Module) -> Iterator[None]:
     """Convolutions pad with zeros while this is open (same shapes, same channel coupling), then as before."""
-    changed = [(m, m.padding_mode) for m in model.modules() if isinstance(m, _CONVS) and m.padding_mode != "zeros"]
+    changed = [(m, m.padding_mode) for m in model.modules() if isinstance(m, CONVS) and m.padding_mode != "zeros"]
     for module, _ in changed:
         module.padding_mode = "zeros"
     try:
@@ -599,27 +446,6 @@ def _hooks_removed_on_error(model: nn.Module) -> Iterator[None]:
         raise
 
 
-def output_tensors(value) -> list[Tensor]:
-    """The tensors in a module's or model's output: a tensor, tuples/lists/dicts of them, or a ModelOutput."""
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in output_tensors(v)]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in output_tensors(v)]
-    return []
-
-
-_HEAD_COUNTS = ("num_heads", "n_heads", "num_attention_heads", "n_head", "num_key_value_heads")
-
-
-def is_attention(module: nn.Module) -> bool:
-    """Whether ``module`` is an attention module: nn.MultiheadAttention, or one that holds a head count."""
-    return isinstance(module, nn.MultiheadAttention) or any(
-        isinstance(getattr(module, attr, None), int) and not isinstance(getattr(module, attr), bool)
-        for attr in _HEAD_COUNTS)
-
-
 def _attention_scopes(model: nn.Module) -> dict[nn.Module, str]:
     """Each layer inside an attention module (:func:`is_attention`) -> that module's name (the innermost one)."""
     scopes: dict[nn.Module, str] = {}
@@ -634,61 +460,6 @@ def _is_residual(tp_group) -> bool:
     """Whether a Torch-Pruning group's channels pass an addition (or subtraction) of several tensors."""
     return any(isinstance(item.dep.target.module, tp.ops._ElementWiseOp)
                and re.fullmatch(r"(Add|Sub)Backward\d*", str(item.dep.target.module._grad_fn)) for item in tp_group)
-
-
-def dense_conv_weight(conv: nn.Module) -> Tensor:
-    """A conv's weight as (out, in, *kernel), zeros between the conv groups of a grouped one (a copy then)."""
-    weight = conv.weight.detach()
-    groups = conv.groups
-    if groups == 1:
-        return weight
-    out, block = weight.shape[0] // groups, weight.shape[1]
-    dense = weight.new_zeros(weight.shape[0], block * groups, *weight.shape[2:])
-    for g in range(groups):
-        dense[g * out:(g + 1) * out, g * block:(g + 1) * block] = weight[g * out:(g + 1) * out]
-    return dense
-
-
-def grouped_blocks(dense: Tensor, groups: int) -> Tensor:
-    """The inverse of :func:`dense_conv_weight`: each conv group's block of a dense (out, in, *kernel) weight."""
-    out, block = dense.shape[0] // groups, dense.shape[1] // groups
-    return torch.cat([dense[g * out:(g + 1) * out, g * block:(g + 1) * block] for g in range(groups)])
-
-
-def batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
-    """The eval-mode BatchNorm as y = scale·x + shift: (γ/σ, β − γμ/σ)."""
-    scale = torch.rsqrt(bn.running_var.detach() + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.detach()
-    shift = -bn.running_mean.detach() * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.detach()
-    return scale, shift
-
-
-def write_consumer_weights(group: Group, keep_idx, consumer_weights: dict[str, Tensor] | None,
-                           consumer_biases: dict[str, Tensor] | None = None) -> Tensor:
-    """Write replacement canonical weights into the kept columns of the named consumers, and replacement
-    biases (before the removal, by either graph); returns ``keep_idx`` as a CPU LongTensor."""
-    keep_idx = torch.as_tensor(keep_idx, dtype=torch.long).cpu()
-    by_name = {c.name: c for c in group.consumers}
-    for name in list(consumer_weights or {}) + list(consumer_biases or {}):
-        if name not in by_name:
-            raise StructPruneError(f"consumer_weights: {name!r} is not a consumer of group {group.name}")
-    for name, weight in (consumer_weights or {}).items():
-        by_name[name].write_weight(keep_idx, weight)
-    for name, bias in (consumer_biases or {}).items():
-        consumer = by_name[name]
-        module_bias = consumer.module.bias
-        with torch.no_grad():
-            if module_bias is not None:
-                module_bias.copy_(bias.to(module_bias))
-            elif consumer.batchnorm is not None:  # BN(y + b) is BN(y) with the running mean lowered by b
-                consumer.batchnorm.running_mean.sub_(bias.to(consumer.batchnorm.running_mean))
-            elif not consumer.normalized:
-                raise StructPruneError(f"consumer_biases: {name} has no bias to replace")
-            # else a BatchNorm that shares the output with other layers: the shift is left to its recalibration
-    return keep_idx
 
 
 #: model families whose prunable groups are not Torch-Pruning's channel groups: (matches, graph class), added by
@@ -719,18 +490,9 @@ def build_graph(model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Mo
     return PruningGraph(model, example_inputs, ignored_layers, scope, observe)
 
 
-def run_forward(model: nn.Module, example_inputs):
-    """Call ``model`` on a tensor, a tuple of positional inputs or a dict of keyword inputs."""
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
-
-
 def _is_pass_through(module: nn.Module) -> bool:
     """Layers that carry channels through one-to-one (their own parameters are pruned with the group)."""
-    if isinstance(module, _CONVS):
+    if isinstance(module, CONVS):
         return module.groups == module.in_channels == module.out_channels and module.groups > 1
     return isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.PReLU,
                                nn.modules.instancenorm._InstanceNorm))

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from .attention import attention_macs
-from .capture import batch_inputs, take_samples
+from .batches import batch_inputs, run_forward, take_samples
+from .counter import Tally, counter_rules, outermost_counted
 from .errors import StructPruneError
-from .graph import is_linear, is_transposed_linear, run_forward
+from .layers import is_linear, is_transposed_linear
 
 
 def count(model: nn.Module, example_inputs) -> dict[str, int]:
@@ -44,7 +45,7 @@ def counting(model: nn.Module) -> Iterator[Callable[[], dict[str, int]]]:
     with gradients or without); yields a function that gives the size ({"params", "macs"}) of what ran. Another pass
     that must run anyway (a trace) can count the model with it, instead of a pass of its own."""
     rules = counter_rules()
-    counted = [_Tally(module) for module in outermost_counted(model, rules)]
+    counted = [Tally(module) for module in outermost_counted(model, rules)]
     batch: list[int] = []
     transposed: list[int] = []
     hooks = [model.register_forward_hook(lambda _m, args, _out: batch.append(len(args[0]) if args else 1))]
@@ -65,44 +66,6 @@ def counting(model: nn.Module) -> Iterator[Callable[[], dict[str, int]]]:
     finally:
         for hook in hooks:
             hook.remove()
-
-
-class _Tally:
-    """A layer as Torch-Pruning's counter hooks see it: its attributes, and a ``__flops__`` they add to."""
-
-    def __init__(self, module: nn.Module):
-        object.__setattr__(self, "_module", module)
-        self.__flops__ = 0
-
-    def __getattr__(self, name: str):
-        return getattr(self._module, name)
-
-    @property
-    def __class__(self):  # isinstance() inside the hooks (RNN kinds) sees the layer's class
-        return type(self._module)
-
-
-def outermost_counted(model: nn.Module, rules: dict) -> list[nn.Module]:
-    """The layers Torch-Pruning's counter counts: those of a type in ``rules`` inside no other such layer (a
-    layer kept in two containers is listed, and counted, twice, as the counter does)."""
-    found: list[nn.Module] = []
-
-    def visit(module: nn.Module) -> None:
-        if type(module) in rules:
-            found.append(module)
-        else:
-            for child in module.children():
-                visit(child)
-
-    visit(model)
-    return found
-
-
-def counter_rules() -> dict:
-    """Torch-Pruning's counter hook per layer type (its own and the ones registered with it)."""
-    from torch_pruning.utils import op_counter
-
-    return {**op_counter.MODULES_MAPPING, **op_counter.CUSTOM_MODULES_MAPPING}
 
 
 @torch.no_grad()

@@ -24,8 +24,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from .batches import batch_inputs, batch_size, run_forward
 from .errors import StructPruneError, first_line
-from .graph import run_forward
 
 _BATCHNORMS = nn.modules.batchnorm._BatchNorm
 
@@ -92,14 +92,12 @@ class _Moments:
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable) -> dict:
     """Recompute every BatchNorm's running statistics of ``model`` (in place) on ``batches``.
 
-    ``batches`` yields model inputs or (inputs, targets) pairs (a :class:`structprune.capture.Calibration`
+    ``batches`` yields model inputs or (inputs, targets) pairs (a :class:`structprune.batches.Calibration`
     does). Returns {"batchnorms": how many, "samples": samples read}.
     """
     norms = _tracked_batchnorms(model)
     if not norms:
         return {"batchnorms": 0, "samples": 0}
-    from .capture import batch_inputs, batch_size
-
     modes = {m: m.training for m in model.modules()}
     moments = [_Moments(bn) for bn in norms]
     hooks = [m.register() for m in moments]

@@ -18,7 +18,6 @@ model as an uninterrupted one; a step that was cut off is redone from its start.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -31,8 +30,11 @@ import torch
 from torch import nn
 
 from . import allocate, checkpoint
-from .api import PruneResult, missed_target, prune
+from .allocate import missed_target
+from .api import prune
 from .errors import StructPruneError, check_positive_int, first_line
+from .result import PruneResult
+from .run_state import RunState
 
 SCHEDULES = ("oneshot", "sequential", "cascade")
 
@@ -61,7 +63,7 @@ def run(model: nn.Module, calib_loader: Iterable, method: str = "ispasp", budget
         schedule: str = "oneshot", steps: int = 3, finetune: Callable[[nn.Module], None] | None = None,
         layer_finetune: Callable[[nn.Module], None] | None = None,
         evaluate: Callable[[nn.Module], float] | None = None, progress: bool = True,
-        state_path: str | os.PathLike | None = None, resume: bool = False, state_key: str = "",
+        state_path: str | os.PathLike | None = None, resume: bool = False, state_key: dict | None = None,
         **prune_kwargs) -> tuple[nn.Module, list[dict], list[PruneResult]]:
     """Prune ``model`` with a schedule; returns the final model, the step reports and each pass's result.
 
@@ -85,10 +87,11 @@ def run(model: nn.Module, calib_loader: Iterable, method: str = "ispasp", budget
     reports, results = [], []
     current = model
     passes = steps if schedule == "cascade" else 1
-    state_path = Path(state_path) if state_path is not None else None
-    signature = _signature(method, budget, schedule, steps, prune_kwargs) + state_key
-    if resume and state_path is not None and state_path.exists():
-        current, reports, results = _load_state(state_path, signature)
+    state = None if state_path is None else RunState(
+        state_path, _signature(method, budget, schedule, steps, prune_kwargs, state_key))
+    saved = state.load() if resume and state is not None else None
+    if saved is not None:
+        current, reports, results = _restore(state.path, saved)
         current = current.to(next(model.parameters(), torch.empty(0)).device)  # where the caller's model is
     for i in range(len(results) + 1, passes + 1):
         step = budget if schedule != "cascade" else step_budget(
@@ -115,12 +118,13 @@ def run(model: nn.Module, calib_loader: Iterable, method: str = "ispasp", budget
         reports.append(entry)
         results.append(result)
         current = result.model
-        if state_path is not None and i < passes:
-            _save_state(state_path, signature, current, reports, results)
+        if state is not None and i < passes:
+            state.save({"reports": reports, "results": [r.to_dict() for r in results]},
+                       {"model": checkpoint.pack(current), "torch_rng": torch.get_rng_state()})
     if passes > 1 and isinstance(budget, allocate.Target):
         _check_final_target(budget, results)
-    if state_path is not None:
-        state_path.unlink(missing_ok=True)
+    if state is not None:
+        state.clear()
     return current, reports, results
 
 
@@ -137,40 +141,26 @@ def _check_final_target(budget: allocate.Target, results: list[PruneResult]) -> 
         results[-1].warnings.append(message)
 
 
-def _signature(method, budget, schedule: str, steps: int, prune_kwargs: dict) -> str:
+def _signature(method, budget, schedule: str, steps: int, prune_kwargs: dict, state_key: dict | None) -> dict:
     """What must not change between an interrupted run and its resumption."""
     plain = (int, float, str, bool, type(None))
     options = {k: v for k, v in sorted(prune_kwargs.items())
                if isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v))}
-    return repr((getattr(method, "name", method), budget, schedule, steps, options))
+    return {"method": getattr(method, "name", method), "budget": repr(budget), "schedule": schedule, "steps": steps,
+            **options, **(state_key or {})}
 
 
-def _save_state(path: Path, signature: str, model: nn.Module, reports: list, results: list) -> None:
-    """Tensors and JSON only (see :mod:`structprune.checkpoint`): loading it never runs code from the file."""
-    progress = json.dumps({"signature": signature, "reports": reports, "results": [r.to_dict() for r in results]},
-                          default=str)
-    state = {"format": "structprune-schedule", "progress": progress, "model": checkpoint.pack(model),
-             "torch_rng": torch.get_rng_state()}
-    checkpoint.write_atomic(path, lambda tmp: torch.save(state, tmp), force=True)
-
-
-def _load_state(path: Path, signature: str) -> tuple[nn.Module, list, list]:
+def _restore(path: Path, saved: tuple[dict, dict]) -> tuple[nn.Module, list, list]:
+    """The model as the last finished step left it, the steps' reports and results, and the random state."""
+    progress, data = saved
     try:
-        state = checkpoint.load_tensors(path, what="state", advice="Delete it to start over.")
-        progress = json.loads(state["progress"])
-        packed = checkpoint.unwrap(state["model"], path)
-        model = checkpoint.unpack(packed, str(path))
-        rng = state["torch_rng"]
+        model = checkpoint.unpack(checkpoint.unwrap(data["model"], path), str(path))
+        results = [PruneResult.from_dict(d) for d in progress["results"]]
+        torch.set_rng_state(data["torch_rng"])
     except StructPruneError:
         raise
     except Exception as exc:
         raise StructPruneError(f"--resume: schedule state {path} is unreadable or was not written by this version "
                                f"({first_line(exc)}); delete it to start over") from None
-    if progress.get("signature") != signature:
-        raise StructPruneError(f"--resume: {path} was written by a run with other options "
-                               f"({progress.get('signature')}); rerun with the same options, or delete it to "
-                               f"start over")
-    torch.set_rng_state(rng)
-    results = [PruneResult.from_dict(d) for d in progress["results"]]
     results[-1].model = model
     return model.eval(), list(progress["reports"]), results

@@ -34,7 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from .attention import find_blocks
-from .graph import is_linear, is_transposed_linear, run_forward
+from .batches import run_forward
+from .counter import Tally, counter_rules, outermost_counted
+from .layers import is_linear, is_transposed_linear
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 #: layers Torch-Pruning's counter counts whose count is their tensor's elements times a constant
@@ -215,8 +217,6 @@ def _layer_terms(call: _Call, layer: _Layer) -> list:
 def _trace(model: nn.Module, example_inputs) -> tuple[list[_Call] | None, int]:
     """Every module call of one forward pass: its first input and output tensors (kept alive, so that their ids
     stay theirs) and Torch-Pruning's count for it (:func:`structprune.measure.count`'s rule)."""
-    from .measure import _Tally, counter_rules, outermost_counted
-
     rules = counter_rules()
     counted = Counter(outermost_counted(model, rules))  # a layer kept in two containers counts twice
     calls: list[_Call] = []
@@ -226,7 +226,7 @@ def _trace(model: nn.Module, example_inputs) -> tuple[list[_Call] | None, int]:
         tensor = args[0] if args and isinstance(args[0], Tensor) else None
         macs = 0.0
         if module in counted:
-            tally = _Tally(module)
+            tally = Tally(module)
             rules[type(module)](tally, args, output)
             macs = float(tally.__flops__) * counted[module]
         calls.append(_Call(module, tensor, output if isinstance(output, Tensor) else None, macs, module in counted))

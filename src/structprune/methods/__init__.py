@@ -1,57 +1,56 @@
-"""Pruning methods: one file each, one registry line each.
+"""Pruning methods: one file each, one line each in the table below.
 
 >>> from structprune import methods
 >>> methods.get("ispasp", iterations=20).name
 'ispasp'
+
+Your own method: a class with the :class:`Method` contract (subclass :class:`MethodBase`), passed to
+:func:`structprune.prune` as an instance, or registered by name with :func:`register`.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 
-from ..errors import StructPruneError
-from .base import ConsumerView, GroupView, Method, ProducerView, Selection
+from ..registry import Registry
+from . import bn_scale, fpgm, gfs, ispasp, magnitude, pfp, random, taylor, thinet
+from .base import ConsumerView, GroupView, Method, MethodBase, Needs, ProducerView, Selection, options_of
 
-_REGISTRY: dict[str, Callable[..., Method]] = {}
+METHODS: Registry[Method] = Registry("method")
+for _name, _factory in {
+    "bn-scale": bn_scale.bn_scale,
+    "fpgm": fpgm.fpgm,
+    "gfs": gfs.gfs,
+    "ispasp": ispasp.ispasp,
+    "magnitude": magnitude.magnitude,
+    "pfp": pfp.pfp,
+    "pfp-rand": pfp.pfp_rand,
+    "pfp-top": pfp.pfp_top,
+    "random": random.random,
+    "taylor": taylor.taylor,
+    "thinet": thinet.thinet,
+}.items():
+    METHODS.add(_name, _factory)
 
 
-def register(name: str):
-    def decorate(factory):
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorate
+def register(name: str) -> Callable[[Callable[..., Method]], Callable[..., Method]]:
+    """``@register("mine")`` on a factory of your method makes it available by name (``prune(method="mine")``)."""
+    return METHODS.register(name)
 
 
 def available() -> list[str]:
-    return sorted(_REGISTRY)
+    return METHODS.available()
 
 
 def options(name: str) -> dict[str, object]:
     """The keyword options of a method and their defaults."""
-    factory = _factory(name)
-    return {p.name: p.default for p in inspect.signature(factory).parameters.values()}
+    return METHODS.options(name)
 
 
 def get(name: str, **kwargs) -> Method:
     """Build a method by name with its options, e.g. ``get("pfp-rand", delta=1e-6, seed=0)``."""
-    factory = _factory(name)
-    allowed = options(name)
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        raise StructPruneError(f"method {name!r} has no option {', '.join(unknown)}; "
-                               f"its options are: {', '.join(allowed) or 'none'}")
-    return factory(**kwargs)
+    return METHODS.create(name, **kwargs)
 
 
-def _factory(name: str):
-    if name not in _REGISTRY:
-        raise StructPruneError(f"method must be one of {', '.join(available())}; got {name!r}")
-    return _REGISTRY[name]
-
-
-from . import bn_scale, fpgm, gfs, ispasp, magnitude, pfp, random, taylor, thinet  # noqa: E402, F401
-
-__all__ = ["ConsumerView", "GroupView", "Method", "ProducerView", "Selection", "available", "get", "options",
-           "register"]
+__all__ = ["METHODS", "ConsumerView", "GroupView", "Method", "MethodBase", "Needs", "ProducerView", "Selection",
+           "available", "get", "options", "options_of", "register"]

@@ -16,11 +16,14 @@ of the hidden representation, and ``tap_mask`` (rows, taps) says which taps are 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+from ..errors import check_positive_int
 
 _CHUNK_ELEMENTS = 2**22  # floats per row chunk when accumulating over rows
 
@@ -182,7 +185,7 @@ class ProducerView:
     """A layer whose outputs are the group's channels: ``weight[c]`` is channel c's filter, flattened.
 
     ``weight_grad`` is the gradient of the calibration loss with respect to ``weight`` (summed over the
-    calibration batches); it is only computed for methods that declare ``needs_gradients``.
+    calibration batches); it is only computed for methods whose :class:`Needs` ask for ``gradients``.
     """
 
     name: str
@@ -253,18 +256,77 @@ class Selection:
     consumer_biases: dict[str, Tensor] | None = None
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What a method reads of its :class:`GroupView`: the pipeline captures exactly that, and nothing more.
+
+    activations: the calibration rows (``ConsumerView.inputs``, ``sample_sums``, ...); False for a weights-only
+        criterion (it still gets them when the refit reads them, for the report's residuals).
+    gradients: ``ProducerView.weight_grad``, the loss gradient on the calibration batches, which must then be
+        labelled (:attr:`labels`).
+    sensitivity: ``ConsumerView.sensitivity``, PFP's s_j over every position of the selection samples
+        (:mod:`structprune.sensitivity`), with ``zero_below`` its threshold for a denominator that counts as 0.
+    """
+
+    activations: bool = True
+    gradients: bool = False
+    sensitivity: bool = False
+    zero_below: float = 0.0
+
+    @property
+    def labels(self) -> bool:
+        """Whether the calibration batches must be (inputs, targets) pairs."""
+        return self.gradients
+
+
 @runtime_checkable
 class Method(Protocol):
-    """A pruning method. A method may also set ``needs_gradients = True`` to receive
-    ``ProducerView.weight_grad`` (the loss gradient on labelled calibration batches); absent means False."""
+    """A pruning method: everything :func:`structprune.prune` reads of one. :class:`MethodBase` gives the
+    defaults; a new method is one file in ``methods/`` and one line in its registry (``methods/__init__.py``)."""
 
+    #: the name reports and the registry use
     name: str
-    #: calibration samples used when the caller does not say (the paper's default for the method)
-    calib_samples: int
-    #: whether the method reads ``GroupView`` inputs; weight-only methods still get them for the report
-    data_informed: bool
+    #: what the method reads (see :class:`Needs`)
+    needs: Needs
 
-    def select(self, group: GroupView, keep: int) -> Selection: ...
+    def calibration_samples(self, layer_outputs: Sequence[int]) -> int:
+        """The calibration samples to select on when the caller does not say (the paper's default for the method).
+        ``layer_outputs``: output elements per sample of each Conv/Linear layer (PFP's rule reads them)."""
+        ...
+
+    def select(self, group: GroupView, keep: int) -> Selection:
+        """The ``keep`` channels of ``group`` to keep (and, optionally, new consumer weights)."""
+        ...
+
+
+class MethodBase:
+    """The contract's defaults: reads activations, needs neither gradients nor sensitivities, selects on
+    :attr:`calib_samples` calibration samples."""
+
+    name: str = "method"
+    needs: Needs = Needs()
+    #: calibration samples when the caller does not say
+    calib_samples: int = 256
+
+    def calibration_samples(self, layer_outputs: Sequence[int]) -> int:
+        return self.calib_samples
+
+    def select(self, group: GroupView, keep: int) -> Selection:
+        raise NotImplementedError
+
+
+class GramSelection(MethodBase):
+    """A greedy selection on the Gram matrix of the channels' contributions (:meth:`GroupView.contribution_gram`,
+    from at most ``max_pairs`` (calibration row, output unit) pairs): ThiNet's and GFS's shared option."""
+
+    def __init__(self, max_pairs: int = 65536):
+        check_positive_int(max_pairs, "max_pairs")
+        self.max_pairs = max_pairs
+
+
+def options_of(method: Method) -> dict:
+    """A method's options as the report records them: its public attributes but the name."""
+    return {k: v for k, v in vars(method).items() if not k.startswith("_") and k != "name"}
 
 
 def top_k_sorted(scores: Tensor, k: int) -> Tensor:

@@ -9,14 +9,12 @@ scored by the L1 norm of its filters instead, and its report entry says so.
 from __future__ import annotations
 
 from ..errors import StructPruneError
-from . import register
-from .base import GroupView, Selection, top_k_sorted
+from .base import GroupView, MethodBase, Needs, Selection, top_k_sorted
 
 
-class BNScale:
+class BNScale(MethodBase):
     name = "bn-scale"
-    calib_samples = 256
-    data_informed = False
+    needs = Needs(activations=False)
 
     def select(self, group: GroupView, keep: int) -> Selection:
         if group.bn_scale is not None:
@@ -27,7 +25,6 @@ class BNScale:
         return Selection(keep_idx=top_k_sorted(scores.cpu(), keep), stats={"criterion": "magnitude (no BatchNorm)"})
 
 
-@register("bn-scale")
 def bn_scale() -> BNScale:
     """Keep the channels with the largest BatchNorm |γ| (L1 filter norm where there is no BatchNorm)."""
     return BNScale()

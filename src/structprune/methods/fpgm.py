@@ -11,14 +11,12 @@ from __future__ import annotations
 import torch
 
 from ..errors import StructPruneError
-from . import register
-from .base import GroupView, Selection, top_k_sorted
+from .base import GroupView, MethodBase, Needs, Selection, top_k_sorted
 
 
-class FPGM:
+class FPGM(MethodBase):
     name = "fpgm"
-    calib_samples = 256
-    data_informed = False
+    needs = Needs(activations=False)
 
     def select(self, group: GroupView, keep: int) -> Selection:
         if not group.producers:
@@ -28,7 +26,6 @@ class FPGM:
         return Selection(keep_idx=top_k_sorted(scores.cpu(), keep))
 
 
-@register("fpgm")
 def fpgm() -> FPGM:
     """Keep the filters farthest (in summed L2 distance) from the others."""
     return FPGM()

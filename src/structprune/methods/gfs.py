@@ -17,19 +17,12 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import check_positive_int
-from . import register
-from .base import GroupView, Selection
+from .base import GramSelection, GroupView, Selection
 
 
-class GFS:
+class GFS(GramSelection):
     name = "gfs"
     calib_samples = 1280
-    data_informed = True
-
-    def __init__(self, max_pairs: int = 65536):
-        check_positive_int(max_pairs, "max_pairs")
-        self.max_pairs = max_pairs
 
     def select(self, group: GroupView, keep: int) -> Selection:
         gram = group.contribution_gram(self.max_pairs, whole_rows=True)  # rows with all their outputs: no gather
@@ -48,7 +41,6 @@ class GFS:
         return Selection(keep_idx=kept.nonzero().flatten())
 
 
-@register("gfs")
 def gfs(max_pairs: int = 65536) -> GFS:
     """Grow the kept set greedily, each time adding the channel that most reduces the output residual.
 

@@ -34,17 +34,15 @@ from __future__ import annotations
 import torch
 
 from ..errors import StructPruneError, check_positive_int
-from . import register
-from .base import GroupView, Selection, top_k_sorted
+from .base import GroupView, MethodBase, Selection, top_k_sorted
 
 PROXIES = ("paper", "contribution", "cosamp")
 COSAMP_MAX_FEATURES = 8192
 
 
-class ISpaSP:
+class ISpaSP(MethodBase):
     name = "ispasp"
     calib_samples = 1280
-    data_informed = True
 
     def __init__(self, iterations: int = 20, proxy: str = "contribution"):
         check_positive_int(iterations, "iterations")
@@ -211,7 +209,6 @@ def residual_correlation(consumer, residual, chunk: int = 4096) -> torch.Tensor:
     return out
 
 
-@register("ispasp")
 def ispasp(iterations: int = 20, proxy: str = "contribution") -> ISpaSP:
     """iterations: T, the number of identify-merge-threshold rounds (20 in the paper's code).
     proxy: "contribution" (default: the correlation ⟨x_c, R⟩ of each channel's contribution x_c to the

@@ -13,14 +13,12 @@ does: measured 73.0% → 76.9% on the demo's LeNet-5 at half its channels with n
 from __future__ import annotations
 
 from ..errors import StructPruneError
-from . import register
-from .base import GroupView, Selection, top_k_sorted
+from .base import GroupView, MethodBase, Needs, Selection, top_k_sorted
 
 
-class MagnitudeSelection:
+class MagnitudeSelection(MethodBase):
     name = "magnitude"
-    calib_samples = 256
-    data_informed = False
+    needs = Needs(activations=False)
 
     def __init__(self, norm: int = 1, coupled: bool = False):
         if norm not in (1, 2):
@@ -41,7 +39,6 @@ class MagnitudeSelection:
         return Selection(keep_idx=top_k_sorted(powered.pow(1 / self.norm), keep))
 
 
-@register("magnitude")
 def magnitude(norm: int = 1, coupled: bool = False) -> MagnitudeSelection:
     """norm: 1 for the L1 filter norm (the paper's choice) or 2. coupled: score each channel by all the weights
     removed with it (producer rows and consumer columns), as Torch-Pruning's group importance does."""

@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from . import register
-from .base import GroupView, Selection
+from .base import GroupView, MethodBase, Needs, Selection
 
 
-class RandomSelection:
+class RandomSelection(MethodBase):
     """Keep a uniformly random subset of channels (seeded per group)."""
 
     name = "random"
-    calib_samples = 256
-    data_informed = False
+    needs = Needs(activations=False)
 
     def select(self, group: GroupView, keep: int) -> Selection:
         order = torch.randperm(group.channels, generator=group.generator())[:keep]
         return Selection(keep_idx=torch.sort(order).values)
 
 
-@register("random")
 def random() -> RandomSelection:
     return RandomSelection()

@@ -9,15 +9,12 @@ the square of that sum, summed over the producers of the group. ∂L/∂w is the
 from __future__ import annotations
 
 from ..errors import StructPruneError
-from . import register
-from .base import GroupView, Selection, top_k_sorted
+from .base import GroupView, MethodBase, Needs, Selection, top_k_sorted
 
 
-class Taylor:
+class Taylor(MethodBase):
     name = "taylor"
-    calib_samples = 256
-    data_informed = True
-    needs_gradients = True
+    needs = Needs(gradients=True)
 
     def select(self, group: GroupView, keep: int) -> Selection:
         if not group.producers:
@@ -29,7 +26,6 @@ class Taylor:
         return Selection(keep_idx=top_k_sorted(scores.cpu(), keep))
 
 
-@register("taylor")
 def taylor() -> Taylor:
     """Keep the channels whose removal changes the calibration loss most (first-order estimate)."""
     return Taylor()

@@ -15,19 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import check_positive_int
-from . import register
-from .base import GroupView, Selection
+from .base import GramSelection, GroupView, Selection
 
 
-class ThiNet:
+class ThiNet(GramSelection):
     name = "thinet"
     calib_samples = 256
-    data_informed = True
-
-    def __init__(self, max_pairs: int = 65536):
-        check_positive_int(max_pairs, "max_pairs")
-        self.max_pairs = max_pairs
 
     def select(self, group: GroupView, keep: int) -> Selection:
         gram = group.contribution_gram(self.max_pairs)
@@ -45,7 +38,6 @@ class ThiNet:
         return Selection(keep_idx=keep_idx, stats={"removed_energy": float(cross[removed].sum())})
 
 
-@register("thinet")
 def thinet(max_pairs: int = 65536) -> ThiNet:
     """Greedily remove the channels that change the consumer output least.
 

@@ -11,7 +11,6 @@ Face model directory, or a hub id) and ``"package.module:Name"`` (your own class
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import os
 from collections.abc import Callable
@@ -21,31 +20,36 @@ import torch
 from torch import nn
 
 from ..errors import StructPruneError, first_line
+from ..registry import Registry
+from ..safe_io import load_tensors, resolve_constructor
+from . import hf, lenet, mobilenetv2, resnet_cifar, vgg  # hf registers the transformers' layouts and graph
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+MODELS: Registry[nn.Module] = Registry("model")
+for _name, _factory in {
+    "lenet300": lenet.lenet300,
+    "lenet5": lenet.lenet5,
+    "mobilenetv2": mobilenetv2.mobilenetv2,
+    "resnet20": resnet_cifar.resnet20,
+    "resnet56": resnet_cifar.resnet56,
+    "resnet164": resnet_cifar.resnet164,
+    "resnet_cifar": resnet_cifar.resnet_cifar,
+    "vgg16": vgg.vgg16,
+}.items():
+    MODELS.add(_name, _factory)
 
 
 def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    def decorate(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorate
+    """``@register("mynet")`` on a factory (taking ``num_classes`` and ``in_channels``) adds it to the zoo."""
+    return MODELS.register(name)
 
 
 def available() -> list[str]:
-    return sorted(_REGISTRY)
+    return MODELS.available()
 
 
 def accepts(name: str, option: str) -> bool:
     """Whether zoo model ``name`` takes the keyword ``option`` (e.g. "width_mult", "input_size")."""
-    return option in inspect.signature(_factory(name)).parameters
-
-
-def _factory(name: str) -> Callable[..., nn.Module]:
-    if name not in _REGISTRY:
-        raise StructPruneError(f"model must be one of {', '.join(available())}; got {name!r}")
-    return _REGISTRY[name]
+    return MODELS.accepts(name, option)
 
 
 def create(name: str, num_classes: int | None = None, in_channels: int | None = None, *, trusted: bool = True,
@@ -74,7 +78,7 @@ def create(name: str, num_classes: int | None = None, in_channels: int | None = 
         return _from_hf(model_name, trusted, num_classes, in_channels, kwargs)
     if ":" in name:
         return _from_import(name, trusted, num_classes=num_classes, in_channels=in_channels, **kwargs)
-    factory = _factory(name)
+    factory = MODELS.factory(name)
     num_classes = 10 if num_classes is None else num_classes
     in_channels = 1 if in_channels is None else in_channels
     if num_classes < 1:
@@ -148,8 +152,6 @@ def load_weights(model: nn.Module, path: str | os.PathLike, trust_checkpoint: bo
     """Load a state dict from ``path`` into ``model`` (in place; returned): ``.safetensors``, or a torch file read
     tensors-only (a training checkpoint holding it under ``state_dict``/``model`` is unwrapped, and DDP's
     ``module.`` prefixes dropped). Every weight of the model must be there, with its shape."""
-    from ..checkpoint import load_tensors
-
     path = Path(path)
     if not path.is_file():
         raise StructPruneError(f"--weights {path}: no such file")
@@ -183,8 +185,6 @@ def load_weights(model: nn.Module, path: str | os.PathLike, trust_checkpoint: bo
 
 
 def _from_import(spec: str, trusted: bool, **kwargs) -> nn.Module:
-    from ..checkpoint import resolve_constructor
-
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
         json.dumps(kwargs, allow_nan=False)
@@ -200,7 +200,3 @@ def _from_import(spec: str, trusted: bool, **kwargs) -> nn.Module:
         raise StructPruneError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
     model.structprune_arch = {"import": spec, "kwargs": kwargs}
     return model
-
-
-# Importing the family files fills the registry (and hf registers the transformers' layouts and graph).
-from . import hf, lenet, mobilenetv2, resnet_cifar, vgg  # noqa: E402, F401

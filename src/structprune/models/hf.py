@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import attention
-from ..attention import (  # noqa: F401  (is_supported, part_names: this module's API too, as hf_bert's was)
+from ..attention import (  # noqa: F401  (is_supported, part_names: this module's API too)
     AttentionLayout,
     FeedForwardLayout,
     TransformerGraph,
@@ -42,6 +42,7 @@ from ..attention import (  # noqa: F401  (is_supported, part_names: this module'
 )
 from ..errors import StructPruneError, first_line
 from ..graph import register_family
+from ..safe_io import load_tensors
 
 CONFIG_KEY = "structprune_layers"
 PARTS = attention.PARTS
@@ -277,8 +278,6 @@ def _read_weights(path: Path, trust_checkpoint: bool = False) -> dict[str, Tenso
 
 def _read_pickled_weights(file: Path, trust_checkpoint: bool) -> dict[str, Tensor]:
     """A ``pytorch_model.bin``: tensors only, unless the caller trusts the file."""
-    from ..checkpoint import load_tensors
-
     state = load_tensors(file, trust_checkpoint)
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise StructPruneError(f"{file} does not hold a dict of tensors (a state dict)")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import register
-
 
 class LeNet300(nn.Module):
     """784-300-100-10 fully connected net of LeCun et al. (1998), the classic pruning benchmark."""
@@ -49,11 +47,9 @@ class LeNet5(nn.Module):
         return self.fc3(x)
 
 
-@register("lenet300")
 def lenet300(num_classes: int = 10, in_channels: int = 1, input_size: int = 28) -> nn.Module:
     return LeNet300(num_classes, in_channels, input_size)
 
 
-@register("lenet5")
 def lenet5(num_classes: int = 10, in_channels: int = 1, input_size: int = 28) -> nn.Module:
     return LeNet5(num_classes, in_channels, input_size)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import register
-
 # expansion t, output channels c, repeats n, first stride s (CIFAR variant: strides 1 where ImageNet has 2)
 _CFG = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
 
@@ -58,6 +56,5 @@ class MobileNetV2(nn.Module):
         return self.classifier(self.flatten(self.pool(self.features(x))))
 
 
-@register("mobilenetv2")
 def mobilenetv2(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0) -> nn.Module:
     return MobileNetV2(num_classes, in_channels, width_mult)

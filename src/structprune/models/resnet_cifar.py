@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import register
-
 
 def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
     if stride == 1 and in_planes == out_planes:
@@ -89,22 +87,18 @@ class ResNetCIFAR(nn.Module):
         return self.fc(self.flatten(self.pool(x)))
 
 
-@register("resnet20")
 def resnet20(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0) -> nn.Module:
     return ResNetCIFAR(20, "basic", num_classes, in_channels, width_mult)
 
 
-@register("resnet56")
 def resnet56(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0) -> nn.Module:
     return ResNetCIFAR(56, "basic", num_classes, in_channels, width_mult)
 
 
-@register("resnet164")
 def resnet164(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0) -> nn.Module:
     return ResNetCIFAR(164, "bottleneck", num_classes, in_channels, width_mult)
 
 
-@register("resnet_cifar")
 def resnet_cifar(num_classes: int = 10, in_channels: int = 3, depth: int = 20, block: str = "basic",
                  width_mult: float = 1.0) -> nn.Module:
     """Any depth; e.g. ``create("resnet_cifar", depth=11, block="bottleneck")`` for a small Bottleneck net."""

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import register
-
 _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
 
@@ -32,6 +30,5 @@ class VGG(nn.Module):
         return self.classifier(self.flatten(self.pool(self.features(x))))
 
 
-@register("vgg16")
 def vgg16(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0) -> nn.Module:
     return VGG(_VGG16, num_classes, in_channels, width_mult)

@@ -1,4 +1,4 @@
-"""Resumed passes (structprune.resume): a capture that starts at a kept block input gives what the whole pass
+"""Resumed passes (structprune.activation_cache): a capture that starts at a kept block input gives what the whole pass
 gives, runs the early blocks once rather than once per group, and never resumes where that would be wrong."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from torch import nn
 
 import structprune
 from conftest import calibration, make_zoo_model
-from structprune import api
-from structprune.resume import ActivationCache, Chain
+from structprune import pipeline
+from structprune.activation_cache import ActivationCache, Chain
 
 
 def _prune(model, calib, method, monkeypatch=None, **options):
     if monkeypatch is not None:
-        monkeypatch.setattr(api, "_caches", lambda *args, **kwargs: (None, None))
+        monkeypatch.setattr(pipeline, "_caches", lambda *args, **kwargs: (None, None))
     return structprune.prune(model, calib, method, 0.5, progress=False, **options)
 
 
@@ -48,7 +48,7 @@ def test_pfp_allocation_resumes_too(monkeypatch):
     calib = calibration(shape, samples=32, batch=8)
     budget = structprune.Target(0.5, allocation="pfp")
     resumed = structprune.prune(model, calib, "pfp", budget, progress=False)
-    monkeypatch.setattr(api, "_caches", lambda *args, **kwargs: (None, None))
+    monkeypatch.setattr(pipeline, "_caches", lambda *args, **kwargs: (None, None))
     whole = structprune.prune(model, calib, "pfp", budget, progress=False)
     _assert_same(resumed, whole)
 
@@ -57,7 +57,7 @@ def _samples_through_first_block(model, calib, method, monkeypatch=None) -> int:
     """Samples that the first residual block of the pruned copy computes on over the whole pruning (a block
     resumed past returns the kept input without running its layers)."""
     samples = []
-    deepcopy = api.copy.deepcopy
+    deepcopy = pipeline.copy.deepcopy
 
     def copy_with_counter(obj, *args):
         copied = deepcopy(obj, *args)
@@ -66,7 +66,7 @@ def _samples_through_first_block(model, calib, method, monkeypatch=None) -> int:
         return copied
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(api.copy, "deepcopy", copy_with_counter)
+        patch.setattr(pipeline.copy, "deepcopy", copy_with_counter)
         _prune(model, calib, method, monkeypatch, refit=False, recalibrate=False, scope="inner")
     return sum(samples)
 
@@ -146,7 +146,7 @@ def test_a_pruned_producer_is_not_run_again_on_every_batch_of_the_next_pass():
     channels = model.get_submodule(name).out_channels
     runs = []  # (out_channels, batch) of every run of that layer of the model being pruned, during the captures
     capturing = [False]
-    real_forward, real_capture = nn.Conv2d.forward, api.capture
+    real_forward, real_capture = nn.Conv2d.forward, pipeline.capture
 
     def forward(self, x):
         if capturing[0] and getattr(self, "_watched", False):
@@ -163,7 +163,7 @@ def test_a_pruned_producer_is_not_run_again_on_every_batch_of_the_next_pass():
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(nn.Conv2d, "forward", forward)
-        patch.setattr(api, "capture", capture)
+        patch.setattr(pipeline, "capture", capture)
         result = structprune.prune(model, calib, "ispasp", 0.5, scope="inner", progress=False)
     assert runs.count((channels, 8)) == 4  # its own group's capture: every batch
     assert runs.count((channels // 2, 8)) == 1  # the next group's pass: the first batch only, to check the rows
@@ -171,7 +171,7 @@ def test_a_pruned_producer_is_not_run_again_on_every_batch_of_the_next_pass():
 
 
 def test_a_producer_whose_kept_output_no_longer_matches_runs_again():
-    from structprune.resume import _taking
+    from structprune.activation_cache import _taking
 
     full, rows = nn.Conv2d(2, 4, 1), torch.tensor([0, 2])
     pruned = nn.Conv2d(2, 2, 1)

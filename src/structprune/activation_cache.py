@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .graph import output_tensors, run_forward
+from .batches import output_tensors, run_forward
 
 
 @dataclass

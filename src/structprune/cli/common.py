@@ -1,0 +1,169 @@
+"""Steps several commands take: checking outputs before any work, opening the dataset --data names, building or
+loading the model and checking that it fits the data, training on the training split, writing JSON reports."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from .. import checkpoint, data, measure, models
+from ..errors import StructPruneError, first_line
+from ..finetune import ShardedBatches, cuda_device_for, init_distributed, process, train
+from ..models import hf
+from ..run_state import RunState, state_path
+from ..safe_io import check_output, write_atomic
+from . import options
+
+
+def report_path(out: Path) -> Path:
+    """The JSON report beside an output: OUT.json (OUT.report.json when OUT is itself .json)."""
+    return out.with_suffix(".json") if out.suffix != ".json" else out.with_suffix(".report.json")
+
+
+def check_outputs(args, *inputs, report: Path | None = None) -> tuple[Path, Path]:
+    """Refuse early (before any work) outputs that cannot be written, that exist (without --force) or that
+    are one of the command's inputs (even with --force: an input is never overwritten). The JSON report is
+    ``report``, by default next to --out (:func:`report_path`)."""
+    out = Path(args.out)
+    report = report_path(out) if report is None else report
+    for path in (out, report):
+        refuse_input(path, inputs)
+        check_output(path, args.force, what="--out:")
+    return out, report
+
+
+def refuse_input(path: Path, inputs) -> None:
+    for source in inputs:
+        if source is not None and path.resolve() == Path(source).resolve():
+            raise StructPruneError(f"--out: {path} is the input {source}; write the result to another path "
+                                   f"(an input is never overwritten, even with --force)")
+
+
+def load(path, args):
+    return checkpoint.load(path, trust_checkpoint=args.trust_checkpoint)
+
+
+def write_json(path: Path, payload: dict, force: bool) -> None:
+    text = json.dumps(payload, indent=2, default=str)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text + "\n"), force=force)
+
+
+def source(args):
+    """The dataset --data names (opened once per command)."""
+    if getattr(args, "_data_source", None) is None:
+        args._data_source = data.source(args.data, root=args.data_dir, seed=getattr(args, "seed", 0),
+                                        image_size=args.image_size, mean=args.mean, std=args.std)
+    return args._data_source
+
+
+def loader(args, split: str, shuffle: bool = False, limit=None) -> DataLoader:
+    if split == "test" and source(args).classes is None:
+        no_eval = " (or pass --no-eval)" if hasattr(args, "no_eval") else ""
+        raise StructPruneError(f"--data {args.data} has no labels, which measuring accuracy needs{no_eval}")
+    dataset = source(args).load(split, limit)
+    gen = torch.Generator().manual_seed(args.seed)
+    return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, generator=gen)
+
+
+def example(args) -> torch.Tensor:
+    return torch.zeros(1, *source(args).shape)
+
+
+def zoo_model(name: str, args, **kwargs):
+    """A fresh model: a zoo model shaped for --data's images and classes, or any other spec (models.create) with
+    --model-kwargs."""
+    if name not in models.available():
+        return models.create(name, **dict(getattr(args, "model_kwargs", None) or {}), **kwargs)
+    found = source(args)
+    if len(found.shape) != 3 or found.classes is None:
+        raise StructPruneError(f"--data {args.data}: zoo models need labelled images (C, H, W); got samples of "
+                               f"shape {found.shape}{'' if found.classes else ' without labels'}")
+    channels, height, _ = found.shape
+    if models.accepts(name, "input_size"):
+        kwargs["input_size"] = height
+    return models.create(name, num_classes=found.classes, in_channels=channels, **kwargs)
+
+
+def spec_model(args):
+    """--model SPEC: the model the spec names, with --weights loaded."""
+    model = zoo_model(args.model, args)
+    if args.weights is not None:
+        models.load_weights(model, args.weights, trust_checkpoint=args.trust_checkpoint)
+    else:
+        warnings.warn(f"structprune: --model {args.model} without --weights prunes randomly initialised weights",
+                      stacklevel=1)
+    return model
+
+
+def check_fits(model, args, example_input: torch.Tensor) -> None:
+    """The model must accept the data's images and have as many outputs as it has classes."""
+    try:
+        with torch.no_grad():
+            out = model.eval()(example_input.to(next(model.parameters(), example_input).device))
+    except Exception as exc:
+        raise StructPruneError(f"--data {args.data}: the model does not accept its {tuple(example_input.shape[1:])} "
+                               f"inputs ({first_line(exc)})") from None
+    classes = source(args).classes
+    if classes is not None and (out.dim() != 2 or out.shape[1] != classes):
+        raise StructPruneError(f"--data {args.data}: it has {classes} classes but the model "
+                               f"outputs {tuple(out.shape[1:])}")
+
+
+def run_state(args, out: Path, signature: dict | None = None, what: str = "") -> RunState:
+    """The run state beside ``out`` (:mod:`structprune.run_state`); an interrupted run's state is never silently
+    discarded. The shell names it on Ctrl-C."""
+    state = RunState(state_path(out), signature or {}, what)
+    state.refuse_unless(args.resume, args.force)
+    args.state_file = state.path
+    return state
+
+
+def fit(model, args, epochs: int, device, state: Path | None = None, resume: bool = False,
+        limit: int | None = None) -> tuple[list[float], int]:
+    """Train ``model`` in place on the training split; returns the epoch losses and the samples used.
+
+    The same global batches for one process or N under torchrun (each reads its share)."""
+    dataset = source(args).load("train", limit)
+    batches = ShardedBatches(dataset, args.batch_size, seed=args.seed)
+    losses = train(model, batches, options.train_config(args, epochs), device=device, progress=not args.no_progress,
+                   state_path=state, resume=resume)
+    return losses, len(dataset)
+
+
+def training_device(args) -> torch.device:
+    """--device, or under torchrun with CUDA the GPU of this process (cuda:LOCAL_RANK)."""
+    device = options.device(args.device)
+    proc = process()
+    if proc.distributed and device.type == "cuda":
+        device = cuda_device_for(proc)
+        torch.cuda.set_device(device)
+    init_distributed(device)
+    return device
+
+
+def hf_model(path: str, trust_checkpoint: bool = False):
+    """A transformers model with attention blocks structprune describes, from a local directory, or a clear error."""
+    model = hf.load_pretrained(path, trust_checkpoint=trust_checkpoint)
+    if not hf.is_supported(model):
+        raise StructPruneError(f"--hf-model {path}: {type(model).__name__} has no attention block of a layout "
+                               f"structprune knows (structprune.models.hf lists them)")
+    return model
+
+
+def max_positions(model) -> int:
+    """The longest token sequence a Hugging Face model reads (its position embeddings)."""
+    return int(getattr(model.config, "max_position_embeddings", None) or 512)
+
+
+def dense_size(model: torch.nn.Module, example_input: torch.Tensor, args) -> dict[str, int]:
+    """{"dense_params", "dense_macs"}: the size of a pruned checkpoint's model before its recorded pruning (its
+    architecture rebuilt without the removals), or {} for a model with no pruning recorded."""
+    arch = getattr(model, "structprune_arch", None)
+    if not getattr(model, "structprune_history", None) or not isinstance(arch, dict):
+        return {}
+    dense = checkpoint.rebuild({"arch": arch}, trust=args.trust_checkpoint).eval()
+    return {f"dense_{k}": v for k, v in measure.count(dense, example_input).items()}

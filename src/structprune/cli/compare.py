@@ -1,0 +1,128 @@
+"""``structprune compare``: several methods at several targets on one checkpoint, the same calibration data for
+all; a table, JSON, a plot and a self-contained HTML page. Resumable: every finished run is kept."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from .. import allocate, measure, report
+from ..api import prune
+from ..errors import StructPruneError
+from ..run_state import RunState
+from ..safe_io import check_output, write_atomic
+from . import common, options
+
+log = logging.getLogger("structprune")
+
+DESCRIPTION = ("Prune one checkpoint with several methods to several targets (fractions of the dense MACs or "
+               "params), on the same calibration data; report accuracy before and after an optional fine-tune and "
+               "the pruning time, as Markdown, JSON and a plot.")
+
+
+def register(p) -> None:
+    p.add_argument("checkpoint", help="checkpoint to prune")
+    p.add_argument("--methods", type=options.method_names, default=["ispasp", "pfp", "magnitude"],
+                   help="comma-separated methods (default: ispasp,pfp,magnitude)")
+    p.add_argument("--targets", type=options.fractions, default=[0.7, 0.5, 0.3],
+                   help="comma-separated fractions of the dense MACs (or params) to keep (default: 0.7,0.5,0.3)")
+    p.add_argument("--metric", default="flops", choices=sorted(allocate.METRICS),
+                   help="what --targets measure (default: flops, i.e. MACs)")
+    p.add_argument("--allocation", default="uniform", choices=["uniform", "pfp"],
+                   help="how the target is split among groups (default: uniform)")
+    p.add_argument("--calib-samples", type=options.positive, default=None,
+                   help="calibration samples every method selects on (default: each method's own)")
+    options.add_recovery(p)
+    options.add_finetune(p, "of each pruned model")
+    p.add_argument("--out-dir", required=True,
+                   help="directory for compare.md, compare.json, compare.png and compare.html (one self-contained "
+                        "page: table and plot)")
+    p.add_argument("--force", action="store_true", help="overwrite the outputs in --out-dir if they exist")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted compare: keep the runs it finished (saved after every run) and do "
+                        "only the missing ones; the options must be the same")
+    options.add_data(p, "evaluate on the first N test samples only")
+    options.add_common(p)
+    options.add_trust(p)
+
+
+def run(args) -> int:
+    out_dir = Path(args.out_dir)
+    outputs = [out_dir / f"compare.{ext}" for ext in ("md", "json", "png", "html")]
+    if outputs[1].exists() and not (args.force or args.resume):
+        raise StructPruneError(f"--out-dir: {outputs[1]} already exists; pass --resume to continue an interrupted "
+                               f"compare, or --force to start over")
+    for path in outputs:
+        common.refuse_input(path, [args.checkpoint])
+        check_output(path, args.force or args.resume, what="--out-dir:")
+    if args.finetune_epochs < 0:
+        raise StructPruneError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
+    device = options.device(args.device)
+    settings = {"checkpoint": str(args.checkpoint), "data": args.data, "limit": args.limit, "metric": args.metric,
+                "allocation": args.allocation, **options.recovery(args), "calib_samples": args.calib_samples,
+                "finetune_epochs": args.finetune_epochs, "train_limit": args.train_limit, "seed": args.seed,
+                "train": vars(options.train_config(args, max(args.finetune_epochs, 1)))}
+    state = RunState(out_dir / "compare.state", settings)
+    state.refuse_unless(args.resume, args.force)
+    args.state_file = state.path
+    saved = state.load() if args.resume else None
+    rows = saved[0]["rows"] if saved is not None else []
+    model = common.load(args.checkpoint, args).to(device)
+    example = common.example(args)
+    common.check_fits(model, args, example)
+    test_loader = common.loader(args, "test", limit=args.limit)
+    dense_accuracy = measure.accuracy(model, test_loader, device)
+    payload = {"command": "compare", **settings, "dense_accuracy": dense_accuracy, "device": str(device),
+               "complete": False, "rows": rows}
+    done = {(r["method"], r["target"]) for r in rows}
+    calib = common.loader(args, "train")  # the same samples, in the same order, for every method
+    for method in args.methods:
+        for target in args.targets:
+            if (method, target) not in done:
+                rows.append(_row(args, model, calib, test_loader, example.to(device), device, method, target))
+                state.save({"rows": rows})  # every finished run is kept: Ctrl-C loses only the current one
+                common.write_json(outputs[1], payload, True)
+    order = {(m, t): i for i, (m, t) in enumerate((m, t) for m in args.methods for t in args.targets)}
+    rows.sort(key=lambda r: order.get((r["method"], r["target"]), len(order)))
+    payload["complete"] = True
+    _write_outputs(outputs, rows, dense_accuracy, f"{Path(args.checkpoint).name} on {args.data}", payload, settings,
+                   "macs_ratio" if args.metric == "flops" else "params_ratio")
+    state.clear()
+    return 0
+
+
+def _row(args, model, calib, test_loader, example, device, method: str, target: float) -> dict:
+    """One method at one target: prune (and fine-tune), measure."""
+    budget = allocate.Target(target, args.metric, args.allocation)
+    result = prune(model, calib, method, budget, example_inputs=example, **options.recovery(args),
+                   calib_samples=args.calib_samples, seed=args.seed, progress=not args.no_progress)
+    row = {"method": method, "target": target, "metric": args.metric, "allocation": args.allocation,
+           "params": result.after["params"], "macs": result.after["macs"],
+           "params_ratio": result.after["params"] / result.before["params"],
+           "macs_ratio": result.after["macs"] / result.before["macs"],
+           "prune_seconds": result.seconds, "calib_samples": result.calib_samples,
+           "accuracy_pruned": measure.accuracy(result.model, test_loader, device),
+           "warnings": result.warnings}
+    if args.finetune_epochs:
+        start = time.perf_counter()
+        common.fit(result.model, args, args.finetune_epochs, device, limit=args.train_limit)
+        row["finetune_seconds"] = time.perf_counter() - start
+        row["accuracy_finetuned"] = measure.accuracy(result.model, test_loader, device)
+    log.info(f"{method} at {args.metric} {target}: accuracy {row['accuracy_pruned']:.2f}%"
+             + (f" -> {row['accuracy_finetuned']:.2f}% fine-tuned" if "accuracy_finetuned" in row else "")
+             + f", pruned in {result.seconds:.1f}s")
+    return row
+
+
+def _write_outputs(outputs: list[Path], rows: list[dict], dense_accuracy: float, title: str, payload: dict,
+                   settings: dict, x: str) -> None:
+    """compare.md, compare.json, compare.png and compare.html; the table printed."""
+    table = report.compare_table(rows, dense_accuracy)
+    print(table)
+    common.write_json(outputs[1], payload, True)
+    write_atomic(outputs[0], lambda tmp: Path(tmp).write_text(f"# {title}\n\n{table}\n"), force=True)
+    write_atomic(outputs[2], lambda tmp: report.plot_compare(rows, tmp, title, dense_accuracy, x=x), force=True)
+    page = report.compare_html(rows, dense_accuracy, title, outputs[2].read_bytes(), settings)
+    write_atomic(outputs[3], lambda tmp: Path(tmp).write_text(page), force=True)
+    print(f"-> {', '.join(map(str, outputs))}")

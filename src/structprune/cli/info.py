@@ -1,0 +1,69 @@
+"""``structprune info``: the prunable groups of a model (channels, producers, consumers), its size, what is kept
+whole and why."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import checkpoint, measure
+from ..errors import StructPruneError
+from ..graph import build_graph
+from . import common, options
+
+DESCRIPTION = ("List the prunable groups of a checkpoint (or a zoo model): channels, producers and consumers.")
+
+
+def register(p) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("checkpoint", nargs="?", help="checkpoint to inspect")
+    src.add_argument("--model", metavar="SPEC", help="inspect a fresh model instead: a zoo name, torchvision:NAME, "
+                                                     "timm:NAME or package.module:Name")
+    src.add_argument("--hf-model", metavar="DIR", help="inspect a local Hugging Face language model directory "
+                                                       "(sizes counted for one sequence of 128 tokens, or the "
+                                                       "model's maximum if shorter)")
+    p.add_argument("--model-kwargs", type=options.json_object, default={}, metavar="JSON",
+                   help="keyword options of --model, a JSON object")
+    p.add_argument("--data", default="fashion-mnist", metavar="DATA",
+                   help="dataset whose input shape --model is built for (default: fashion-mnist; any --data of "
+                        "prune)")
+    p.add_argument("--data-dir", default=None, help="directory with the dataset files")
+    options.add_image(p)
+    options.add_trust(p)
+
+
+def run(args) -> int:
+    model, example, title = _model(args)
+    graph = build_graph(model, example)
+    groups = graph.all_groups()
+    size = measure.count(model, example)
+    print(f"{title}: {size['params']:,} params, {size['macs']:,} MACs, {len(groups)} prunable groups")
+    print("| # | group | channels | producers | consumers |")
+    print("|---:|---|---:|---|---|")
+    for i, group in enumerate(groups):
+        print(f"| {i} | {group.name} | {group.channels} | {', '.join(p.name for p in group.producers)} | "
+              f"{', '.join(c.name for c in group.consumers)} |")
+    if hasattr(graph, "output_layers"):
+        outputs = ", ".join(graph.name_of(m) for m in graph.output_layers)
+        print(f"output layers (never pruned): {outputs}")
+    for name, reason in graph.skipped:
+        print(f"skipped: {name}: {reason}")
+    return 0
+
+
+def _model(args):
+    """(model, example input, title) of what the command line names."""
+    if args.model is not None and args.model.startswith("hf:"):
+        args.hf_model, args.model = args.model[len("hf:"):], None
+    if args.hf_model:
+        model = common.hf_model(args.hf_model, args.trust_checkpoint)
+        tokens = min(128, common.max_positions(model))
+        example = {"input_ids": torch.zeros(1, tokens, dtype=torch.long),
+                   "attention_mask": torch.ones(1, tokens, dtype=torch.long)}
+        return model, example, args.hf_model
+    if args.checkpoint:
+        model = common.load(args.checkpoint, args)
+        example = checkpoint.example_input(model)
+        if example is None:
+            raise StructPruneError(f"{args.checkpoint} does not record its input shape")
+        return model, example, args.checkpoint
+    return common.zoo_model(args.model, args), common.example(args), f"{args.model} (fresh, {args.data} inputs)"

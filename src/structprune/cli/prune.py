@@ -1,0 +1,144 @@
+"""``structprune prune``: prune a checkpoint (or a model by name with its weights) to a budget and save it.
+
+Two paths with their own option sets: a checkpoint or ``--model SPEC`` (data from ``--data``, accuracy on its test
+split, schedules and fine-tuning), and a Hugging Face model directory (``--hf-model DIR`` or ``--model hf:DIR``:
+:mod:`structprune.cli.prune_hf`, calibration on ``--text``). An option of one path given to the other is refused
+with its name, never ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .. import checkpoint, measure, methods, schedule
+from ..errors import StructPruneError
+from . import common, options, prune_hf
+
+DESCRIPTION = ("Prune a checkpoint's prunable groups, shallow to deep, to a budget (a keep ratio, per-layer ratios, "
+               "or a target fraction of MACs/params) with a data-informed or weight-only method; channels are "
+               "physically removed. Optionally refit, fine-tune, and prune in steps (--schedule).")
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    _shared(p)
+    _checkpoint_only(p)
+
+
+def _shared(p: argparse.ArgumentParser) -> None:
+    """The options of both paths."""
+    p.add_argument("checkpoint", nargs="?", help="checkpoint written by `structprune train` or structprune.save")
+    options.add_model(p)
+    p.add_argument("--method", default="ispasp", choices=methods.available(), help="pruning method (default: ispasp)")
+    options.add_budget(p)
+    prune_hf.add_options(p)
+    p.add_argument("--ignore", action="append", default=[], metavar="LAYER",
+                   help="layer name whose output channels are kept whole (repeatable); the output layer always is")
+    options.add_batches(p, "evaluate on the first N test samples (held-out sentences with --hf-model) only")
+    options.add_common(p)
+    options.add_trust(p)
+    options.add_output(p)
+
+
+def _checkpoint_only(p: argparse.ArgumentParser) -> None:
+    """The options of a checkpoint or --model SPEC, which a Hugging Face directory does not take."""
+    options.add_model_options(p)
+    p.add_argument("--schedule", default="oneshot", choices=schedule.SCHEDULES,
+                   help="oneshot: one pass; sequential: fine-tune after every group (--layer-finetune-epochs); "
+                        "cascade: --steps passes towards the budget, fine-tuning after each (default: oneshot)")
+    p.add_argument("--steps", type=options.positive, default=3,
+                   help="prune passes of the cascade schedule (default: 3)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted cascade after its last finished step (state saved next to --out)")
+    options.add_finetune(p, "after pruning (after each step with cascade)")
+    p.add_argument("--layer-finetune-epochs", type=int, default=0,
+                   help="fine-tune epochs after each group (sequential schedule) (default: 0)")
+    p.add_argument("--no-eval", action="store_true", help="skip test accuracy before/after")
+    options.add_dataset(p)
+
+
+def path_parser(hugging_face: bool) -> argparse.ArgumentParser:
+    """The options one path takes: the shared ones, and the Hugging Face or the checkpoint ones."""
+    parser = argparse.ArgumentParser(prog="structprune prune", add_help=False)
+    _shared(parser)
+    if not hugging_face:
+        _checkpoint_only(parser)
+    p = parser.add_argument_group()
+    p.add_argument("-q", "--quiet", action="store_true")
+    return parser
+
+
+def run(args) -> int:
+    if sum(x is not None for x in (args.checkpoint, args.hf_model, args.model)) != 1:
+        raise StructPruneError("give either a checkpoint, --model SPEC or --hf-model DIR")
+    if args.model is not None and args.model.startswith("hf:"):
+        args.hf_model, args.model = args.model[len("hf:"):], None
+    hugging_face = args.hf_model is not None
+    _refuse_other_paths_options(args, hugging_face)
+    return prune_hf.run(args) if hugging_face else _run(args)
+
+
+def _refuse_other_paths_options(args, hugging_face: bool) -> None:
+    """A flag of the other path is an error naming it (it would otherwise be silently ignored)."""
+    _, extra = path_parser(hugging_face).parse_known_args(getattr(args, "argv", []))
+    flags = [token.split("=")[0] for token in extra if token.startswith("-")]
+    if flags and hugging_face:
+        raise StructPruneError(f"{flags[0]}: not available with --hf-model (a Hugging Face model is pruned in one "
+                               f"shot, calibrated and judged on --text; its options: structprune prune --help)")
+    if flags:
+        raise StructPruneError(f"{flags[0]} goes with --hf-model DIR (a Hugging Face model directory), not with a "
+                               f"checkpoint or --model SPEC")
+
+
+def _run(args) -> int:
+    """A checkpoint or --model SPEC on --data: prune with the schedule, evaluate, save the model and its report."""
+    if args.model is None and (args.weights is not None or args.model_kwargs):
+        raise StructPruneError("--weights and --model-kwargs go with --model SPEC")
+    out, report_path = common.check_outputs(args, args.checkpoint if args.model is None else args.weights)
+    source = {"checkpoint": str(args.checkpoint)} if args.model is None else {
+        "model": args.model, "model_kwargs": args.model_kwargs, "weights": args.weights}
+    state = common.run_state(args, out)
+    device = options.device(args.device)
+    budget = options.budget(args)
+    method_options = options.method_options(args)
+    for flag in ("finetune_epochs", "layer_finetune_epochs"):
+        if getattr(args, flag) < 0:
+            raise StructPruneError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.schedule == "sequential" and args.layer_finetune_epochs == 0:
+        raise StructPruneError("--schedule sequential fine-tunes after every group: give --layer-finetune-epochs")
+    model = (common.load(args.checkpoint, args) if args.model is None else common.spec_model(args)).to(device)
+    example = common.example(args)
+    common.check_fits(model, args, example)
+    test_loader = None if args.no_eval else common.loader(args, "test", limit=args.limit)
+    evaluate = None if test_loader is None else (lambda m: measure.accuracy(m, test_loader, device))
+    dense_accuracy = None if evaluate is None else evaluate(model)
+
+    def tune(epochs):
+        return None if epochs == 0 else (lambda m: common.fit(m, args, epochs, device, limit=args.train_limit))
+
+    final, steps, results = schedule.run(
+        model, common.loader(args, "train"), args.method, budget, schedule=args.schedule, steps=args.steps,
+        finetune=tune(args.finetune_epochs), layer_finetune=tune(args.layer_finetune_epochs), evaluate=evaluate,
+        progress=not args.no_progress, example_inputs=example.to(device), **options.recovery(args),
+        round_to=args.round_to, calib_samples=args.calib_samples, ignored_layers=args.ignore, seed=args.seed,
+        stream=args.stream, state_path=state.path, resume=args.resume,
+        state_key={"source": source, "data": args.data, "finetune_epochs": args.finetune_epochs,
+                   "layer_finetune_epochs": args.layer_finetune_epochs, "train_limit": args.train_limit,
+                   "train": vars(options.train_config(args, 1))},
+        **method_options)
+    first, last = results[0], results[-1]
+    report = {"command": "prune", **source, "data": args.data, "schedule": args.schedule,
+              **last.to_dict(), "before": first.before, "seconds": sum(r.seconds for r in results),
+              "params_ratio": last.after["params"] / first.before["params"],
+              "macs_ratio": last.after["macs"] / first.before["macs"], "steps": steps,
+              "warnings": list(dict.fromkeys(w for r in results for w in r.warnings))}
+    if evaluate is not None:
+        report["accuracy_before"] = dense_accuracy
+        report["accuracy_after"] = evaluate(final)
+    checkpoint.save(final.cpu(), out, force=args.force, extra={"report": report})
+    common.write_json(report_path, report, args.force)
+    acc = "" if evaluate is None else (f", accuracy {report['accuracy_before']:.2f}% -> "
+                                       f"{report['accuracy_after']:.2f}%")
+    print(f"{args.method} ({args.schedule}): params {first.before['params']:,} -> {last.after['params']:,} "
+          f"({report['params_ratio']:.1%}), MACs {first.before['macs']:,} -> {last.after['macs']:,} "
+          f"({report['macs_ratio']:.1%}){acc}, pruned in {report['seconds']:.1f}s -> {out}")
+    return 0

@@ -1,0 +1,78 @@
+"""``structprune prune --hf-model DIR``: attention heads and FFN neurons of a Hugging Face model, calibrated and
+judged on text (the cosine similarity of its sentence embeddings to the dense model's on held-out sentences)."""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+from ..api import prune
+from ..attention import PARTS, layer_sizes
+from ..data import text
+from ..errors import StructPruneError
+from ..measure import embedding_similarity, sentence_embeddings
+from ..models import hf
+from . import common, options
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    """The options only a Hugging Face model takes (the checkpoint path refuses them)."""
+    g = p.add_argument_group("Hugging Face language models: BERT, RoBERTa, ALBERT, DistilBERT, GPT-2, Llama-style "
+                             "(instead of a checkpoint; needs structprune[transformers])")
+    g.add_argument("--hf-model", default=None, metavar="DIR",
+                   help="a local model directory (config.json, safetensors, tokenizer); --out is then a directory "
+                        "written with save_pretrained")
+    g.add_argument("--prune", type=options.parts, default=list(PARTS), metavar="PARTS",
+                   help="what to prune: heads, ffn or heads,ffn (default: heads,ffn); the groups are the attention "
+                        "and FFN modules, named as in the model (BERT: LAYER.attention, LAYER.intermediate; Llama: "
+                        "LAYER.self_attn, LAYER.mlp; `structprune info --hf-model` lists them) for --layer-ratio")
+    g.add_argument("--text", default=None, metavar="PATH",
+                   help="English text for calibration and the held-out similarity: a file (one sentence per "
+                        "line, or %%-separated blocks) or a directory of fortune files (default: Debian's "
+                        "fortunes, /usr/share/games/fortunes); 80%% calibrates, 20%% is held out")
+    g.add_argument("--max-length", type=options.positive, default=128,
+                   help="tokens per sentence at most; MACs are counted for one sequence of this length (default: 128)")
+
+
+def run(args) -> int:
+    out, report_path = common.check_outputs(args, args.hf_model)
+    device = options.device(args.device)
+    budget = options.budget(args)
+    method_options = options.method_options(args)
+    calib_text, held_out = text.split(text.read(args.text), seed=args.seed)
+    transformers = hf.transformers_module()
+    transformers.utils.logging.disable_progress_bar()  # its per-file loading bars; ours shows the pruning
+    model = common.hf_model(args.hf_model, args.trust_checkpoint).to(device)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.hf_model)
+    except Exception as exc:
+        raise StructPruneError(f"--hf-model {args.hf_model}: no usable tokenizer there ({exc})") from None
+    if tokenizer.pad_token is None:  # GPT-2 and Llama tokenizers have none; padded positions are masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    ignored = [n for part in PARTS if part not in args.prune for n in hf.part_names(model, part)]
+    limit = common.max_positions(model)
+    if args.max_length > limit:
+        warnings.warn(f"--max-length {args.max_length}: the model reads at most {limit} tokens; using {limit}",
+                      stacklevel=1)
+        args.max_length = limit
+    calib = text.TokenBatches(calib_text, tokenizer, args.batch_size, args.max_length, device)
+    test = text.TokenBatches(held_out[:args.limit], tokenizer, args.batch_size, args.max_length, device)
+    example = {k: v.to(device) for k, v in tokenizer(calib_text[:1], padding="max_length", truncation=True,
+                                                        max_length=args.max_length, return_tensors="pt").items()}
+    dense_embeddings = sentence_embeddings(model, test)
+    result = prune(model, calib, args.method, budget, example, **options.recovery(args), round_to=args.round_to,
+                   calib_samples=args.calib_samples, ignored_layers=ignored + list(args.ignore), seed=args.seed,
+                   stream=args.stream, progress=not args.no_progress, **method_options)
+    similarity = embedding_similarity(dense_embeddings, sentence_embeddings(result.model, test))
+    report = {"command": "prune", "hf_model": str(args.hf_model), "prune": args.prune,
+              "text": args.text or str(text.FORTUNES), "calibration_sentences": result.calib_samples,
+              "held_out_sentences": len(test.texts), "max_length": args.max_length, **result.to_dict(),
+              "layer_sizes": layer_sizes(result.model), "embedding_cosine_similarity": similarity}
+    hf.save_pretrained(result.model.cpu(), out, force=args.force, tokenizer=tokenizer, extra={"report": report})
+    common.write_json(report_path, report, args.force)
+    print(f"{args.method} ({'+'.join(args.prune)}): params {result.before['params']:,} -> "
+          f"{result.after['params']:,} ({report['params_ratio']:.1%}), MACs at {args.max_length} tokens "
+          f"{result.before['macs']:,} -> {result.after['macs']:,} ({report['macs_ratio']:.1%}), embedding "
+          f"cosine similarity to the dense model {similarity:.4f} on {len(test.texts)} held-out sentences, "
+          f"pruned in {result.seconds:.1f}s -> {out}")
+    return 0
