@@ -21,6 +21,7 @@ DESCRIPTION = ("Prune a checkpoint's prunable groups, shallow to deep, to a budg
 
 def register(p: argparse.ArgumentParser) -> None:
     _shared(p)
+    prune_hf.add_options(p)
     _checkpoint_only(p)
 
 
@@ -30,7 +31,6 @@ def _shared(p: argparse.ArgumentParser) -> None:
     options.add_model(p)
     p.add_argument("--method", default="ispasp", choices=methods.available(), help="pruning method (default: ispasp)")
     options.add_budget(p)
-    prune_hf.add_options(p)
     p.add_argument("--ignore", action="append", default=[], metavar="LAYER",
                    help="layer name whose output channels are kept whole (repeatable); the output layer always is")
     options.add_batches(p, "evaluate on the first N test samples (held-out sentences with --hf-model) only")
@@ -60,8 +60,7 @@ def path_parser(hugging_face: bool) -> argparse.ArgumentParser:
     """The options one path takes: the shared ones, and the Hugging Face or the checkpoint ones."""
     parser = argparse.ArgumentParser(prog="structprune prune", add_help=False)
     _shared(parser)
-    if not hugging_face:
-        _checkpoint_only(parser)
+    (prune_hf.add_options if hugging_face else _checkpoint_only)(parser)
     p = parser.add_argument_group()
     p.add_argument("-q", "--quiet", action="store_true")
     return parser
