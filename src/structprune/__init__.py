@@ -15,7 +15,7 @@ import importlib
 from .errors import StructPruneError
 from .version import __version__
 
-#: public name -> the module that defines it (None: the name is a submodule)
+#: public name -> the module that defines it (None: the name is a submodule; any other submodule is found too)
 _PUBLIC = {
     "PerLayer": "allocate", "Target": "allocate", "Uniform": "allocate", "keep_count": "allocate",
     "PruneResult": "result", "prune": "api", "load": "checkpoint", "save": "checkpoint", "export": "exporter",
@@ -24,10 +24,13 @@ _PUBLIC = {
 
 
 def __getattr__(name: str):
-    if name not in _PUBLIC:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module = _PUBLIC[name]
-    value = importlib.import_module(f"{__name__}.{name if module is None else module}")
+    module = _PUBLIC.get(name)
+    try:  # a public name, or any submodule (``structprune.measure.count(...)`` after ``import structprune``)
+        value = importlib.import_module(f"{__name__}.{name if module is None else module}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
     value = value if module is None else getattr(value, name)
     globals()[name] = value  # once: later uses are plain attribute reads
     return value
