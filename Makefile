@@ -37,8 +37,9 @@ demo: install
 	@echo; $(PY) benchmarks/demo.py $(DEMO)/lenet5.pt --out $(DEMO)/table
 	@echo "reports: $(DEMO)/*.json (rerun from scratch: make clean-demo demo)"
 
+# every test must run (none skipped), and the slowest 15 are listed
 test: install
-	$(PY) -m pytest
+	STRUCTPRUNE_NO_SKIPS=1 $(PY) -m pytest -rs --durations=15
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -13,53 +13,15 @@ import pytest
 import torch
 
 import structprune
+from conftest import FAMILY_MODELS, HEADS, INNER, WIDTH, build_family, family_config, family_inputs
 from structprune import attention
 from structprune.attention import TransformerGraph, find_blocks, layer_sizes
 from structprune.layers import weight_matrix
 
 transformers = pytest.importorskip("transformers")  # a dev dependency: installed by `make install`
 
-WIDTH, HEADS, INNER = 32, 4, 64
-TEXT = dict(vocab_size=50, max_position_embeddings=32)
-
-
-def _config(family: str):
-    t = transformers
-    return {
-        "bert": lambda: t.BertConfig(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS,
-                                     intermediate_size=INNER, **TEXT),
-        "roberta": lambda: t.RobertaConfig(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS,
-                                           intermediate_size=INNER, pad_token_id=1, **TEXT),
-        "albert": lambda: t.AlbertConfig(embedding_size=8, hidden_size=WIDTH, num_hidden_layers=2,
-                                         num_attention_heads=HEADS, intermediate_size=INNER, **TEXT),
-        "distilbert": lambda: t.DistilBertConfig(dim=WIDTH, n_layers=2, n_heads=HEADS, hidden_dim=INNER, **TEXT),
-        "vit": lambda: t.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=WIDTH, num_hidden_layers=2,
-                                   num_attention_heads=HEADS, intermediate_size=INNER),
-        "llama": lambda: t.LlamaConfig(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS,
-                                       num_key_value_heads=2, intermediate_size=INNER, **TEXT),
-        "bart": lambda: t.BartConfig(d_model=WIDTH, encoder_layers=1, decoder_layers=1, encoder_attention_heads=HEADS,
-                                     decoder_attention_heads=HEADS, encoder_ffn_dim=INNER, decoder_ffn_dim=INNER,
-                                     **TEXT),
-        "gpt2": lambda: t.GPT2Config(vocab_size=50, n_positions=32, n_embd=WIDTH, n_layer=2, n_head=HEADS,
-                                     n_inner=INNER, bos_token_id=0, eos_token_id=0),
-    }[family]()
-
-
-MODELS = {"bert": "BertModel", "roberta": "RobertaModel", "albert": "AlbertModel", "distilbert": "DistilBertModel",
-          "vit": "ViTModel", "llama": "LlamaModel", "bart": "BartModel", "gpt2": "GPT2Model"}
-FAMILIES = list(MODELS)
-
-
-def build(family: str):
-    torch.manual_seed(0)
-    return getattr(transformers, MODELS[family])(_config(family)).eval()
-
-
-def inputs(family: str, n: int = 4, seed: int = 1) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    if family == "vit":
-        return {"pixel_values": torch.randn(n, 3, 16, 16, generator=gen)}
-    return {"input_ids": torch.randint(2, 50, (n, 9), generator=gen)}
+FAMILIES = list(FAMILY_MODELS)
+build, inputs, _config = build_family, family_inputs, family_config
 
 
 def hidden(model, batch) -> torch.Tensor:
@@ -176,7 +138,7 @@ def test_every_family_reloads_in_a_fresh_process(pruned_models):
 def test_transformers_own_from_pretrained_loads_uniformly_pruned_heads(family, pruned_models):
     """Where the config has a head size (Llama, ViT), uniform pruning is written into its own fields."""
     result, path = pruned_models[1][family]
-    reloaded = getattr(transformers, MODELS[family]).from_pretrained(path).eval()
+    reloaded = getattr(transformers, FAMILY_MODELS[family]).from_pretrained(path).eval()
     batch = inputs(family, 2, seed=4)
     assert torch.allclose(hidden(reloaded, batch), hidden(result.model, batch), atol=1e-5)
 

@@ -67,10 +67,18 @@ def test_speed_benchmark_times_on_the_device_it_is_given(monkeypatch):
     batches = [speed.take_samples(batch, None, torch.device("meta"))  # how pruning_times moves its batches
                for batch in [(torch.zeros(2, 3), torch.zeros(2)), {"x": torch.zeros(1)}]]
     assert batches[0][0].device.type == batches[0][1].device.type == batches[1]["x"].device.type == "meta"
+    def macs_time(model, reference, batch, min_pairs):  # a machine whose time is the MACs: no clock in a test
+        size = [structprune.measure.count(m, batch[:1])["macs"] * len(batch) for m in (model, reference)]
+        return {"ratio": size[0] / size[1], "reference_ms": size[1] * 1e-6, "model_ms": size[0] * 1e-6, "iqr": 0.0}
+
+    monkeypatch.setattr(speed, "latency_ratio", macs_time)
     rows = speed.latencies(["lenet5"], speed.calibration(16), torch.device("cpu"))
     assert [(r["setting"], r["target"]) for r in rows] == [(s, f) for s, f, _ in speed.LATENCY_SETTINGS]
-    assert all(abs(r["macs_ratio"] - r["target"]) < 0.05 and r["speedup_b64"] > 0 and r["pairs"] == speed.PAIRS
-               for r in rows)
+    for r in rows:
+        assert abs(r["macs_ratio"] - r["target"]) < 0.05 and r["pairs"] == speed.PAIRS
+        assert r["speedup_b64"] == pytest.approx(1 / r["macs_ratio"], rel=1e-6)  # the pruned model as timed
+        assert r["speedup_target_b64"] == pytest.approx(speed.LATENCY_TARGET / r["macs_ratio"])
+        assert r["met_b64"] == (r["speedup_b64"] >= r["speedup_target_b64"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(sys, "argv", ["speed.py", "--device", "cuda", "--part", "latency"])
     with pytest.raises(SystemExit, match="CUDA is not available"):

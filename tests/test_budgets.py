@@ -137,23 +137,39 @@ def test_round_to_auto_leaves_narrow_groups_as_they_fall_and_gives_up_on_a_narro
                                 progress=False)  # asked for: every group rounded, however far from the target
     assert rounded.budget["round_to"] == 8 and rounded.budget["achieved"] > 0.31
     assert "unrounded_groups" not in rounded.budget
-    rounded = structprune.prune(model, calib, "magnitude", structprune.Target(0.3), round_to=8, refit=False,
-                                progress=False)  # asked for: kept, however far from the target
-    assert rounded.budget["round_to"] == 8 and rounded.budget["achieved"] > 0.31
 
 
-def test_a_latency_target_is_measured_on_this_machine_and_met_by_timing_pruned_copies():
-    """Half the latency of a wide MLP at batch 64: the allocation is found by timing candidate copies."""
+def _linear_work(model: nn.Module, batch: int) -> float:
+    """A deterministic forward time: the multiply-adds of the model's Linear layers at ``batch`` samples."""
+    return float(batch * sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)))
+
+
+def test_a_latency_target_is_met_by_timing_pruned_copies_against_the_dense_model(monkeypatch):
+    """Half the latency of a wide MLP at batch 64, on a machine whose time is the MLP's work (a deterministic
+    timer in place of the clock): the candidates are pruned copies, each timed against the dense model in pairs
+    at the target's batch, and the search meets the target."""
+    timed = []
+
+    def stats(model, batch):
+        return {"median_ms": _linear_work(model, len(batch))}
+
+    def ratio(model, reference, batch, min_pairs):
+        timed.append((model, reference, len(batch), min_pairs))
+        return {"ratio": _linear_work(model, len(batch)) / _linear_work(reference, len(batch))}
+
+    monkeypatch.setattr(allocate, "latency_stats", stats)
+    monkeypatch.setattr(allocate, "latency_ratio", ratio)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(512, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10))
-    x = torch.randn(64, 512)
-    result = structprune.prune(model, [x], "magnitude", structprune.Target(0.5, "latency", batch=64), refit=False,
-                               progress=False)
-    assert result.budget["metric"] == "latency" and result.budget["size_evaluations"] >= 3
-    assert result.budget["round_to"] is None  # auto: a latency search times the widths as they fall
-    assert 0.25 < result.budget["achieved"] < 0.8  # the search's timing (loose: the machine may be busy)
-    # a wide MLP's time follows its MACs: half the time cannot be had without losing a good share of them
-    assert result.after["macs"] < 0.85 * result.before["macs"]
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    result = structprune.prune(model, [torch.randn(8, 64)], "magnitude", structprune.Target(0.5, "latency", batch=64),
+                               refit=False, progress=False)
+    assert result.budget["metric"] == "latency" and result.budget["round_to"] is None  # timed as they fall
+    assert result.budget["size_evaluations"] == len({id(m) for m, *_ in timed}) >= 3
+    assert all(reference is model and batch == 64 and pairs == allocate.LATENCY_PAIRS
+               for _, reference, batch, pairs in timed)  # each candidate against the caller's dense model
+    assert all(_linear_work(m, 1) < _linear_work(model, 1) for m, *_ in timed)  # pruned copies
+    assert abs(result.budget["achieved"] - 0.5) <= 0.05 * 0.5
+    assert _linear_work(result.model, 1) / _linear_work(model, 1) == pytest.approx(result.budget["achieved"])
 
 
 def _activation_latency(sizer, model):
@@ -201,38 +217,64 @@ class _Twice(nn.Module):
         return self.layer(x) + self.layer(x)
 
 
-def test_latency_ratio_times_two_models_in_pairs_of_blocks():
-    from structprune.measure import latency_ratio
+class _Clock:
+    """A deterministic stand-in for the benchmark timer: a run costs what ``cost(run)`` says, plus ``switch`` when
+    the run before was another one's (the cache a switch of models spoils)."""
+
+    def __init__(self, cost, switch: float = 0.0):
+        self.cost, self.switch, self.last = cost, switch, None
+
+    def timer(self, run, on_cuda):
+        clock = self
+
+        class Timer:
+            def timeit(self, number):
+                run()
+                seconds = clock.cost(run) + (clock.switch if clock.last not in (None, run) else 0.0)
+                clock.last = run
+                return type("Measurement", (), {"raw_times": [seconds]})()
+
+        return Timer()
+
+
+def test_latency_ratio_leaves_each_blocks_first_run_out_and_takes_the_median_of_pairs(monkeypatch):
+    from structprune import measure
 
     torch.manual_seed(0)
-    layer = nn.Linear(1024, 1024)
-    x = torch.randn(256, 1024)
-    result = latency_ratio(_Twice(layer), layer, x, min_pairs=6, block=3, min_seconds=0.0)
+    layer = nn.Linear(8, 8)
+    twice = _Twice(layer)
+    # a run of the model costs 2 ms, of the reference 1 ms; the first run after a switch of models 5 ms more
+    clock = _Clock(lambda run: 2e-3 if run.__defaults__[0] is twice else 1e-3, switch=5e-3)
+    monkeypatch.setattr(measure, "_timer", clock.timer)
+    result = measure.latency_ratio(twice, layer, torch.randn(4, 8), min_pairs=6, block=2, min_seconds=0.0)
     assert result["pairs"] == 6 and result["threads"] == torch.get_num_threads()
-    assert 1.4 < result["ratio"] < 2.8  # twice the work (loose: the machine may be busy)
-    assert result["model_ms"] > result["reference_ms"] > 0 and result["iqr"] >= 0
+    assert result["ratio"] == pytest.approx(2.0)  # the switch costs only the first runs, which are left out
+    assert result["model_ms"] == pytest.approx(2.0) and result["reference_ms"] == pytest.approx(1.0)
+    assert result["iqr"] == pytest.approx(0.0)
     with pytest.raises(StructPruneError, match="block must be at least 2"):
-        latency_ratio(layer, layer, x, block=1)
+        measure.latency_ratio(layer, layer, torch.randn(4, 8), block=1)
 
 
-def test_fastest_medians_times_runs_in_turn_and_keeps_each_ones_fastest_round():
-    import time
-
-    from structprune.measure import fastest_medians
+def test_fastest_medians_times_runs_in_turn_and_keeps_each_ones_fastest_round(monkeypatch):
+    from structprune import measure
 
     order = []
 
-    def sleeper(name: str, seconds: float):
+    def run_named(name: str):
         def run():
             order.append(name)
-            time.sleep(seconds)
         return run
 
-    fast, slow = fastest_medians([sleeper("fast", 0.0), sleeper("slow", 0.003)], rounds=2, min_runs=3, warmup=1,
-                                 min_seconds=0.0)
-    assert slow >= 3.0 > fast  # milliseconds: a sleep is at least as long as asked
+    fast, slow = run_named("fast"), run_named("slow")
+    # the machine is slow during the first round of "fast" (a busy spell): its fastest round is the second
+    costs = {fast: [5e-3] * 3 + [1e-3] * 3, slow: [3e-3] * 6}  # 3 timed runs a round
+    clock = _Clock(lambda run: costs[run].pop(0) if costs[run] else 1e-3)
+    monkeypatch.setattr(measure, "_timer", clock.timer)
+    best = measure.fastest_medians([fast, slow], rounds=2, min_runs=3, warmup=1, min_seconds=0.0)
+    assert best == pytest.approx([1.0, 3.0])  # milliseconds
     runs = [name for i, name in enumerate(order) if i == 0 or order[i - 1] != name]
     assert runs == ["fast", "slow", "fast", "slow"]  # in turn, round after round
+
 
 def test_latency_target_options_are_checked():
     with pytest.raises(structprune.StructPruneError, match="batch must be a positive integer"):

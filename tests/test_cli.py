@@ -30,7 +30,9 @@ def test_train_prune_eval_info(tmp_path, capsys, fmnist_dir):
         assert report["after"]["params"] < report["before"]["params"]
         assert {"accuracy_before", "accuracy_after"} <= set(report)
         assert [layer["group"] for layer in report["layers"]] == ["conv1", "conv2", "fc1", "fc2"]
-        assert all(0 <= layer["relative_residual"] for layer in report["layers"])
+        for layer in report["layers"]:  # each group's residual on its calibration rows, and the refit's below it
+            assert 0 < layer["relative_residual_refit"] <= layer["relative_residual"] + 1e-9
+            assert layer["kept"] < layer["channels"] and layer["refit"]
         assert structprune.load(pruned).conv2.out_channels == 8
     out = capsys.readouterr().out
     assert "ispasp (oneshot): params" in out
@@ -62,12 +64,15 @@ def test_info_on_a_fresh_zoo_model(capsys):
 
 
 def test_every_command_has_help(capsys):
-    for command in ("train", "finetune", "prune", "compare", "eval", "info", "convert", "export"):
-        try:
-            main([command, "--help"])
-        except SystemExit as exc:
-            assert exc.code == 0
-        assert "usage: structprune " + command in capsys.readouterr().out
+    from structprune.cli import COMMANDS, command
+
+    assert sorted(COMMANDS) == ["compare", "convert", "eval", "export", "finetune", "info", "prune", "train"]
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as exit_:
+            main([name, "--help"])
+        out = "".join(capsys.readouterr().out.split())  # argparse wraps lines (at hyphens too)
+        assert exit_.value.code == 0 and out.startswith("usage:structprune" + name)
+        assert "".join(command(name).DESCRIPTION.split()) in out
 
 
 def _trained(tmp_path, fmnist_dir):

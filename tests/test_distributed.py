@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import torch
 from torch.utils.data import TensorDataset
@@ -41,13 +42,21 @@ def _torchrun(tmp_path, env, *extra):
                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
 
 
+def _launched(launch, *args):
+    """``launch(*args)``; a launch that aborted with SIGABRT (a gloo process, seen once in about ten full runs on a
+    2-core machine before 2026-12-07, never in 70 launches of this command since, 30 of them beside a 2-process CPU
+    load) is launched once more, and the retry is reported as a warning in the test summary, not hidden."""
+    done = launch(*args)
+    if done.returncode != 0 and "SIGABRT" in done.stderr:
+        warnings.warn(f"torchrun launch aborted with SIGABRT and was retried once: {done.stderr[-1500:]}",
+                      stacklevel=2)
+        done = launch(*args, "--force")
+    return done
+
+
 def test_torchrun_two_gloo_processes_match_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = _torchrun(tmp_path, env)
-    if ddp.returncode != 0 and "SIGABRT" in ddp.stderr:
-        # a gloo process aborted (seen once in about ten full runs, on a 2-core machine; never reproduced alone):
-        # the same run once more, from scratch, is the same check
-        ddp = _torchrun(tmp_path, env, "--force")
+    ddp = _launched(_torchrun, tmp_path, env)
     assert ddp.returncode == 0, f"{ddp.stderr[:2500]}\n...\n{ddp.stderr[-1500:]}"
     assert ddp.stdout.count("test accuracy") == 1  # rank 0 reports, the other rank stays quiet
     one = subprocess.run([sys.executable, "-m", "structprune", *TRAIN, "--out", str(tmp_path / "one.pt")],
@@ -67,3 +76,54 @@ def test_prune_refuses_to_run_under_torchrun(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("RANK", "1")
     code = cli.main(["prune", str(tmp_path / "x.pt"), "--out", str(tmp_path / "y.pt")])
     assert code == 2 and "only train and finetune run under torchrun" in capsys.readouterr().err
+
+
+# a process that stops right after it saved its run state, as Ctrl-C would (rank 0 saves the state)
+STOP_AFTER_SAVE = """
+import os
+if os.environ.get("STRUCTPRUNE_TEST_STOP_AFTER_SAVE") == "1":
+    from structprune.run_state import RunState
+
+    _save = RunState.save
+
+    def save(self, *args, **kwargs):
+        _save(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    RunState.save = save
+"""
+
+
+def test_torchrun_finetune_and_its_resume_match_one_process(tmp_path):
+    """2-process finetune on the same global batches ends within 1e-5 of one process, and so does a 2-process
+    finetune stopped after its first epoch and resumed with --resume."""
+    (tmp_path / "sitecustomize.py").write_text(STOP_AFTER_SAVE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)}
+    dense = [sys.executable, "-m", "structprune", *TRAIN[:5], "--epochs", "1", *TRAIN[7:], "--out", "dense.pt"]
+    assert subprocess.run(dense, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path).returncode == 0
+    tune = ["finetune", "dense.pt", "--data", "synthetic", "--epochs", "2", "--limit", "301", "--batch-size", "64",
+            "--device", "cpu", "--no-progress", "--lr", "0.05"]
+
+    def launch(out, *extra, processes=2, stop=False):
+        runner = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+                  if processes > 1 else [sys.executable])
+        return subprocess.run([*runner, "-m", "structprune", *tune, "--out", out, *extra], capture_output=True,
+                              text=True, timeout=300, cwd=tmp_path,
+                              env={**env, "STRUCTPRUNE_TEST_STOP_AFTER_SAVE": "1" if stop else "0"})
+
+    one = launch("one.pt", processes=1)
+    assert one.returncode == 0, one.stderr[-2000:]
+    ddp = _launched(launch, "ddp.pt")
+    assert ddp.returncode == 0, ddp.stderr[-2500:]
+    stopped = launch("resumed.pt", stop=True)
+    assert stopped.returncode != 0 and (tmp_path / "resumed.pt.state").exists()
+    assert not (tmp_path / "resumed.pt").exists()
+    resumed = _launched(launch, "resumed.pt", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2500:]
+    assert not (tmp_path / "resumed.pt.state").exists()
+    reference = structprune.load(tmp_path / "one.pt").state_dict()
+    for name in ("ddp.pt", "resumed.pt"):
+        state = structprune.load(tmp_path / name).state_dict()
+        assert max(float((state[k] - reference[k]).abs().max()) for k in state) < 1e-5, name
+    losses = {n: json.loads((tmp_path / f"{n}.json").read_text())["losses"] for n in ("one", "ddp", "resumed")}
+    assert all(abs(x - y) < 1e-5 for n in ("ddp", "resumed") for x, y in zip(losses[n], losses["one"], strict=True))

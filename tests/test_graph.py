@@ -123,19 +123,38 @@ def test_apply_writes_replacement_consumer_weights_for_the_kept_channels():
     assert not torch.equal(original[:, keep], model[2].weight)
 
 
+def _draws_until_distinct(prob: torch.Tensor, keep: int, generator: torch.Generator) -> torch.Tensor:
+    """pfp-rand's sampling, as its definition reads: i.i.d. draws from ``prob`` (in blocks of max(keep, 16) from
+    the generator) until ``keep`` distinct channels are drawn; the count of each channel."""
+    counts = torch.zeros(len(prob), dtype=torch.long)
+    while int((counts > 0).sum()) < keep:
+        for j in torch.multinomial(prob, max(keep, 16), replacement=True, generator=generator).tolist():
+            counts[j] += 1
+            if int((counts > 0).sum()) == keep:
+                break
+    return counts
+
+
 def test_pfp_rand_reweights_by_counts_over_draws_times_probability():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 4)).eval()
     calib = [torch.randn(64, 10)]
     result = structprune.prune(model, calib, method="pfp-rand", budget=0.5, refit=False, progress=False)
     (layer,) = result.layers
-    assert layer["draws"] >= layer["kept"]
+    # the expected draws: the same sensitivities (every row of the calibration batch), the group's generator
+    graph, groups = groups_of(copy.deepcopy(model), (10,))
+    view = capture(graph.model, groups["0"], calib, sensitivity_samples=64, zero_below=methods.pfp.ZERO_BELOW)
+    prob = methods.pfp.group_sensitivities(view) / methods.pfp.group_sensitivities(view).sum()
+    counts = _draws_until_distinct(prob, 10, view.generator())
+    draws = int(counts.sum())
+    assert layer["draws"] == draws
+    kept = counts.nonzero().flatten()
     kept_rows = [next(i for i in range(20) if torch.equal(model[0].weight[i], row))
                  for row in result.model[0].weight]
-    factors = result.model[2].weight / model[2].weight[:, kept_rows]
-    assert torch.allclose(factors, factors[0:1].expand_as(factors), atol=1e-5)  # one factor per column
-    assert (factors > 0).all()
-    assert not torch.allclose(factors, torch.ones_like(factors))
+    assert kept_rows == kept.tolist()
+    expected = (counts[kept] / (draws * prob[kept])).float()  # c_j / (m'·p_j), one factor per kept column
+    assert torch.allclose(result.model[2].weight, model[2].weight[:, kept] * expected, rtol=1e-5, atol=0)
+    assert not torch.allclose(expected, torch.ones_like(expected))
 
 
 def test_selection_contract_is_enforced():

@@ -11,9 +11,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from conftest import ZOO, make_zoo_model
+from conftest import ZOO, make_zoo_model, tiny_bert
 from structprune.measure import count
-from test_transformers import tiny_bert
 
 
 def _torch_pruning(model, example):

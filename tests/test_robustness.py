@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import structprune
+from conftest import prune_keeping_everything
 from structprune import StructPruneError
 
 
@@ -132,4 +133,8 @@ def test_fuzz_random_nets_and_ratios_always_prune_to_a_working_model(case):
     assert out.shape == dense.shape and torch.isfinite(out).all()
     assert result.after["params"] <= result.before["params"]
     if budget == 1.0:
-        assert torch.allclose(out, dense, atol=1e-5)
+        assert torch.equal(out, dense) and result.after == result.before  # every group left whole
+        if method not in ("pfp-rand", "taylor"):  # every stage taken with every channel kept: the same function
+            kept_all = prune_keeping_everything(net, data, method)
+            with torch.no_grad():
+                assert torch.allclose(kept_all(x), dense, rtol=1e-5, atol=1e-5)

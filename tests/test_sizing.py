@@ -11,12 +11,11 @@ import torch
 from torch import nn
 
 import structprune
-from conftest import ZOO, calibration, make_zoo_model
+from conftest import ZOO, calibration, make_zoo_model, tiny_bert
 from structprune import allocate
 from structprune.graph import build_graph
 from structprune.measure import count
 from structprune.sizing import analytic_sizes
-from test_transformers import tiny_bert
 
 
 def _output_layer(model):

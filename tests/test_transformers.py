@@ -10,22 +10,15 @@ import pytest
 import torch
 
 import structprune
+from conftest import BERT_VOCAB, BERT_WORDS, prune_keeping_everything, tiny_bert
 from structprune import attention, capture, cli
 from structprune.graph import build_graph
 from structprune.measure import count
 
 transformers = pytest.importorskip("transformers")  # a dev dependency: installed by `make install`
 
-WORDS = "the a cat dog sat on mat ran fast slow big small red blue and or was is very old new house tree".split()
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+WORDS, VOCAB = BERT_WORDS, BERT_VOCAB
 METHODS = ["ispasp", "pfp", "magnitude", "random"]
-
-
-def tiny_bert(seed: int = 0, layers: int = 2, heads: int = 4, hidden: int = 32, inter: int = 64):
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=len(VOCAB), hidden_size=hidden, num_hidden_layers=layers,
-                                     num_attention_heads=heads, intermediate_size=inter, max_position_embeddings=64)
-    return transformers.BertModel(config).eval()
 
 
 def sentences(n: int, seed: int = 0) -> list[str]:
@@ -76,6 +69,10 @@ def test_keep_ratio_one_reproduces_the_dense_outputs(batches):
     result = structprune.prune(model, batches, "ispasp", 1.0, progress=False)
     with torch.no_grad():
         assert torch.equal(hidden(result.model, batches[1]), hidden(model, batches[1]))
+    # every stage taken with every head and neuron kept (prune() leaves whole groups alone): the same function
+    kept_all = prune_keeping_everything(model, batches, "ispasp")
+    with torch.no_grad():
+        assert torch.allclose(hidden(kept_all, batches[1]), hidden(model, batches[1]), rtol=1e-5, atol=1e-5)
 
 
 def test_head_selection_keeps_the_heads_that_carry_the_output(batches):
@@ -211,8 +208,11 @@ def test_cli_hf_errors(hf_dir, tmp_path, capsys, argv, message):
 
 
 def test_cli_hf_model_must_be_a_model_directory(tmp_path, capsys):
-    code = cli.main(["prune", "--hf-model", str(tmp_path), "--text", str(tmp_path), "--out", str(tmp_path / "o")])
-    assert code == 2 and "error" in capsys.readouterr().err
+    (tmp_path / "text.txt").write_text("\n".join(sentences(20)))
+    code = cli.main(["prune", "--hf-model", str(tmp_path), "--text", str(tmp_path / "text.txt"), "--out",
+                     str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{tmp_path} is not a Hugging Face model directory (no config.json)" in err
 
 
 class _no_raise:

@@ -267,7 +267,7 @@ def test_fuzz_truncated_and_bit_flipped_checkpoints(tmp_path):
             assert all(torch.equal(state[k], reference[k]) for k in state), f"trial {trial} loaded other weights"
             outcomes["identical"] += 1
         path.unlink()
-    assert outcomes["error"] > 150  # most damage is detected (the rest hit bytes the reader never uses)
+    assert outcomes["error"] >= 0.98 * 240  # all but a few (bytes the reader never uses): 238 of 240 when written
 
 
 # -- bad inputs: one line, exit code 2, or a warning that the report keeps -------------------------
