@@ -135,7 +135,8 @@ def test_cli_export_then_eval_reports_exported_latency_beside_pytorch(pruned_res
     assert main(["export", str(dense), "--out", str(onnx_file)]) == 0
     assert main(["export", str(dense), "--out", str(ts_file)]) == 0
     out = capsys.readouterr().out
-    assert "ONNX opset" in out and "checked with onnxruntime" in out and "latency at batch 1: PyTorch" in out
+    assert "ONNX opset" in out and "checked with onnxruntime" in out
+    assert "latency (ms, median ± IQR): PyTorch" in out and " at 64" in out
     report = json.loads((tmp_path / "lenet5.onnx.json").read_text())
     assert report["max_abs_diff"] <= 1e-4 and report["latency_onnxruntime_batch1"]["median_ms"] > 0
 

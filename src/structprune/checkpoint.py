@@ -6,7 +6,8 @@ only, so that opening a file never runs code from it:
 * ``meta``: a JSON string with ``arch`` (how to build the original model: a zoo name, or an importable
   ``module:qualname`` of an ``nn.Module`` class, and its keyword options), ``history`` (Torch-Pruning's
   record of every channel removal, replayed on the rebuilt model), ``example_input`` (shape and dtype of
-  one input, to trace the rebuilt model for the replay) and ``extra`` (the CLI's report);
+  one input, to trace the rebuilt model for the replay), ``widths`` (who chose the pruned widths: "auto",
+  structprune for a size target, or "given") and ``extra`` (the CLI's report and the data it ran on);
 * ``state_dict``: the weights of the pruned model;
 * ``digest``: SHA-256 of the meta string and every tensor's bytes. A file damaged on disk or in transit
   is refused instead of loading other weights than were saved.
@@ -70,8 +71,8 @@ def pack(model: nn.Module, extra: dict | None = None) -> dict:
         raise StructPruneError(f"cannot save this pruned {type(model).__name__}: its input shape was not recorded "
                                f"(structprune records one tensor input), so the pruning cannot be replayed on load")
     arch = getattr(model, "structprune_arch", None) or _derived_arch(model, history, example)
-    meta = json.dumps({"arch": arch, "history": history, "example_input": example, "extra": extra or {}},
-                      default=str, allow_nan=True)
+    meta = json.dumps({"arch": arch, "history": history, "example_input": example, "extra": extra or {},
+                       "widths": getattr(model, "structprune_widths", None)}, default=str, allow_nan=True)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return {"format": FORMAT, "version": VERSION, "meta": meta, "state_dict": state, "digest": digest(meta, state)}
 
@@ -193,12 +194,14 @@ def unpack(checkpoint: dict, source: str = "checkpoint", trust_checkpoint: bool 
             raise StructPruneError(f"{source}: {exc}") from None
         except Exception as exc:
             raise StructPruneError(f"{source}: the model could not be rebuilt ({first_line(exc)})") from None
-        try:
-            model.load_state_dict(checkpoint["state_dict"])
-        except RuntimeError as exc:
-            raise StructPruneError(f"{source}: weights do not fit the rebuilt model: {first_line(exc)}") from None
+        mismatch = models.weights_mismatch(model, checkpoint["state_dict"])
+        if mismatch:
+            raise StructPruneError(f"{source}: weights do not fit the rebuilt model: {mismatch}")
+        model.load_state_dict(checkpoint["state_dict"])
     model.structprune_history = list(checkpoint.get("history") or [])
     model.structprune_example_input = checkpoint.get("example_input")
+    if checkpoint.get("widths") is not None:  # who chose the pruned widths (structprune.pipeline.report)
+        model.structprune_widths = checkpoint["widths"]
     return model
 
 

@@ -149,10 +149,11 @@ UNALIGNED_SHARE = 0.1
 def _warn_if_unaligned(model: nn.Module, example) -> None:
     """A pruned model whose convolutions keep widths off ONNX Runtime's blocks (this CPU's
     :func:`~structprune.allocate.cpu_multiple`: benchmarks/README.md, export.py and conv_widths.py) can be no
-    faster there than the dense one: where such convolutions hold more than :data:`UNALIGNED_SHARE` of the
-    convolutions' MACs on ``example``, say so, and how to prune instead."""
-    if not getattr(model, "structprune_history", None):
-        return  # not pruned by structprune: its widths are the architect's
+    faster there than the dense one: where the user chose the widths (a keep ratio, an explicit round_to; not a
+    size target with round_to="auto", whose widths are as aligned as the target allows) and such convolutions hold
+    more than :data:`UNALIGNED_SHARE` of the convolutions' MACs on ``example``, say so, and how to prune instead."""
+    if not getattr(model, "structprune_history", None) or getattr(model, "structprune_widths", "given") == "auto":
+        return  # not pruned by structprune (its widths are the architect's), or widths structprune chose
     aligned = allocate.HARDWARE_MULTIPLE["cpu"]
     convs = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1}
     odd = [name for name, m in convs.items() if m.out_channels % aligned]
@@ -162,14 +163,10 @@ def _warn_if_unaligned(model: nn.Module, example) -> None:
     macs = {name: m.weight.numel() * positions.get(name, 0) for name, m in convs.items()}
     share = sum(macs[name] for name in odd) / max(sum(macs.values()), 1)
     if share > UNALIGNED_SHARE:
-        warnings.warn(f"structprune: {len(odd)} of {len(convs)} convolutions ({share:.0%} of their MACs) keep a "
-                      f"width that is not a multiple of {aligned}; ONNX Runtime's CPU kernels run those slower, so "
-                      f"the pruned model may be little or no faster there than the dense one (with every width as "
-                      f"it falls at half the MACs: ResNet-20 ×1.60 and MobileNetV2 ×1.00 against ×2.03 and ×2.05 "
-                      f"with round_to=8 on an AVX2 CPU). Prune with round_to={aligned} (--round-to {aligned}) for "
-                      f"ONNX Runtime (a Target rounds the groups of {allocate.AUTO_MIN_MULTIPLES * aligned} channels "
-                      f"or more to {aligned} by default)",
-                      stacklevel=4)
+        warnings.warn(f"structprune: {len(odd)} of {len(convs)} convolutions ({share:.0%} of their MACs) keep widths "
+                      f"that are not multiples of {aligned}, which ONNX Runtime runs little faster than the dense "
+                      f"ones; prune with --round-to {aligned} (round_to={aligned}), or to a --target-flops, which "
+                      f"rounds by default", stacklevel=4)
 
 
 def _as_module(model, trust_checkpoint: bool) -> nn.Module:

@@ -537,6 +537,10 @@ def report(run: Run, allocation: budgets.Allocation, recovery: Recovery) -> Prun
     pruned, graph = run.pruned, run.graph
     pruned.structprune_history = list(getattr(run.model, "structprune_history", [])) + graph.history()
     pruned.structprune_example_input = _input_spec(run.example_inputs)
+    # who chose the widths: structprune (a size target, rounded to the hardware's multiple by round_to="auto") or
+    # the caller (keep ratios, an explicit round_to); an export warns about unaligned widths only in the second case
+    target = isinstance(run.budget, budgets.Target) and run.budget.metric != "latency"
+    pruned.structprune_widths = "auto" if target and run.options.round_to == "auto" else "given"
     skipped = [{"group": g, "reason": r} for g, r in graph.skipped]
     skipped += [{"group": g, "reason": "residual stream (scope='inner')"} for g in graph.out_of_scope]
     refit = run.options.refit

@@ -14,19 +14,26 @@ def eval_table(rows: list[dict]) -> str:
     """A Markdown table of ``structprune eval`` rows (an exported file's params and MACs are those recorded at
     export). Params and MACs kept: of the row's own dense model where the row has one ("dense_params" and
     "dense_macs": a checkpoint that records its pruning), else of the first row's dense model, else of the first
-    row."""
+    row. Latency at 1 and 64 samples, and the speed-up at 64 over the first row."""
     first = rows[0]
     fallback = {k: first.get(f"dense_{k}", first[k]) for k in ("params", "macs")}
+    several = len(rows) > 1  # a speed-up over the first row
     lines = ["| checkpoint | runtime | accuracy (%) | params | MACs | params kept | MACs kept | "
-             "latency b=1 (ms, median ± IQR) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "latency b=1 (ms) | latency b=64 (ms) |" + (" speed-up b=64 |" if several else ""),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if several else "")]
     for row in rows:
         base = {k: row.get(f"dense_{k}", fallback[k]) for k in ("params", "macs")}
+        speedup = first["latency_median_ms_batch64"] / row["latency_median_ms_batch64"]
         lines.append(f"| {row['checkpoint']} | {row.get('runtime', 'pytorch')} | {row['accuracy']:.2f} | "
                      f"{row['params']:,} | {row['macs']:,} | "
                      f"{row['params'] / base['params']:.1%} | {row['macs'] / base['macs']:.1%} | "
-                     f"{row['latency_median_ms_batch1']:.3f} ± {row['latency_iqr_ms_batch1']:.3f} |")
-    return "\n".join(lines)
+                     f"{_latency(row, 1)} | {_latency(row, 64)} |" + (f" ×{speedup:.2f} |" if several else ""))
+    note = "; speed-up: the first row's time at 64 over each row's" if several else ""
+    return "\n".join(lines) + f"\n\nLatency: median ± interquartile range of a forward pass at 1 and 64 samples{note}."
+
+
+def _latency(row: dict, batch: int) -> str:
+    return f"{row[f'latency_median_ms_batch{batch}']:.3f} ± {row[f'latency_iqr_ms_batch{batch}']:.3f}"
 
 
 def compare_table(rows: list[dict], dense_accuracy: float | None) -> str:

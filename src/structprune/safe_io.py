@@ -25,7 +25,8 @@ from .errors import StructPruneError, first_line
 
 
 def write_atomic(path: str | os.PathLike, write, force: bool = False) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``; never leaves a half-written ``path``.
+    """Call ``write(tmp_path)`` then rename onto ``path``; never leaves a half-written ``path``. The file gets the
+    permissions any new file gets here (the umask's), not the temporary file's private 0600.
 
     An existing ``path`` is an error unless ``force``.
     """
@@ -36,11 +37,21 @@ def write_atomic(path: str | os.PathLike, write, force: bool = False) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        as_umask_allows(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def as_umask_allows(path: str | os.PathLike) -> None:
+    """Give ``path`` (made private by ``tempfile``) the mode a file or directory created here normally gets:
+    0666 (0777 for a directory) less the process's umask, so that a model saved for a team or a serving process is
+    readable by them where the umask says so."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
 
 
 def check_output(path: str | os.PathLike, force: bool = False, what: str = "output") -> Path:
@@ -93,16 +104,32 @@ def _convert_advice(path) -> str:
             f"trust_checkpoint=True))")
 
 
+def import_module(module_name: str, spec: str):
+    """The module a ``module:name`` spec names; a module that is not found is an error that says where Python looks
+    (PYTHONPATH, the current folder), and one that fails to import is its own error, named."""
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        missing = getattr(exc, "name", None)
+        if missing is not None and (module_name == missing or module_name.startswith(missing + ".")):
+            file = missing.replace(".", "/") + ".py"
+            raise StructPruneError(
+                f"{spec}: cannot import it: no module {missing!r} here: put the folder that holds {file} on "
+                f"PYTHONPATH (PYTHONPATH=/path/to/that/folder structprune ...) or run from that folder (the "
+                f"current one is {Path.cwd()}), or install the package that defines it") from None
+        raise StructPruneError(f"{spec}: cannot import it: importing {module_name} failed "
+                               f"({first_line(exc)})") from None
+    except Exception as exc:  # the module's own code failed while it was imported
+        raise StructPruneError(f"{spec}: cannot import it: importing {module_name} failed ({type(exc).__name__}: "
+                               f"{first_line(exc)})") from None
+
+
 def resolve_constructor(spec: str, trusted: bool = False):
     """The callable named by ``"package.module:qualname"``; refuses callables a file should not make us call."""
     if not isinstance(spec, str) or spec.count(":") != 1:
         raise StructPruneError(f"a constructor must be written 'package.module:name', got {spec!r}")
     module_name, qualname = spec.split(":")
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise StructPruneError(f"cannot import {module_name} for {spec} ({exc}); install the package that "
-                               f"defines the model") from None
+    obj = import_module(module_name, spec)
     for part in qualname.split("."):
         obj = getattr(obj, part, None)
         if obj is None:

@@ -13,7 +13,10 @@ written to a temporary file and renamed, and existing outputs are kept unless --
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import os
+import re
 import sys
 from collections.abc import Iterable
 
@@ -37,6 +40,17 @@ DESCRIPTION = ("Make trained PyTorch networks physically smaller and faster by s
                "recalibrated on calibration data. Every command has --help.")
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line naming the fix (``see structprune prune --help``), exit
+    status 2, without the usage dump argparse prints before them."""
+
+    def error(self, message: str):
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        close = difflib.get_close_matches(choice[1], re.findall(r"'([^']*)'", choice[2]), n=1) if choice else []
+        hint = f"; did you mean {close[0]}?" if close else ""
+        self.exit(2, f"{self.prog}: error: {message}{hint} (see {self.prog} --help)\n")
+
+
 def command(name: str):
     """The module of command ``name``."""
     return importlib.import_module(f"{__name__}.{COMMANDS[name][0]}")
@@ -45,7 +59,7 @@ def command(name: str):
 def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
     """The parser with the options of ``commands`` (default: all); the other commands are listed, not loaded."""
     full = set(COMMANDS if commands is None else commands)
-    parser = argparse.ArgumentParser(prog="structprune", description=DESCRIPTION)
+    parser = Parser(prog="structprune", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_module, help_line) in COMMANDS.items():
@@ -62,10 +76,18 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    name = next((a for a in argv if not a.startswith("-")), None)  # the top level takes no option with a value
-    args = build_parser([name] if name in COMMANDS else []).parse_args(argv)
-    args.argv = argv[argv.index(args.command) + 1:]  # the command's own words, for a path with its own option set
-    return run(args, command(args.command).run)
+    here = os.getcwd()
+    added = here not in sys.path
+    if added:  # `--model mynets:Net` and `--data mynets:dataset` from the folder of mynets.py, as `python -m` finds
+        sys.path.append(here)  # them (after the installed packages: none is shadowed)
+    try:
+        name = next((a for a in argv if not a.startswith("-")), None)  # the top level takes no option with a value
+        args = build_parser([name] if name in COMMANDS else []).parse_args(argv)
+        args.argv = argv[argv.index(args.command) + 1:]  # the command's own words, for a path's own option set
+        return run(args, command(args.command).run)
+    finally:
+        if added and here in sys.path:
+            sys.path.remove(here)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from ..run_state import RunState, state_path
 from ..safe_io import check_output, write_atomic
 from . import options
 
+DEFAULT_DATA = "fashion-mnist"
+
 
 def report_path(out: Path) -> Path:
     """The JSON report beside an output: OUT.json (OUT.report.json when OUT is itself .json)."""
@@ -43,8 +45,51 @@ def refuse_input(path: Path, inputs) -> None:
                                    f"(an input is never overwritten, even with --force)")
 
 
+def read(path, args) -> dict:
+    """A checkpoint file as :func:`structprune.checkpoint.read` checks it, read once per command."""
+    cache = args.__dict__.setdefault("_read", {})
+    if str(path) not in cache:
+        cache[str(path)] = checkpoint.read(path, trust_checkpoint=args.trust_checkpoint)
+    return cache[str(path)]
+
+
 def load(path, args):
-    return checkpoint.load(path, trust_checkpoint=args.trust_checkpoint)
+    """The model of a checkpoint file (or a Hugging Face directory)."""
+    if Path(path).is_dir():
+        return checkpoint.load(path, trust_checkpoint=args.trust_checkpoint)
+    model = checkpoint.unpack(read(path, args), str(path), args.trust_checkpoint)
+    return model.eval()
+
+
+def use_recorded_data(args, path) -> None:
+    """Without --data, the data the checkpoint records (what it was trained or pruned on: the dataset, its folder,
+    image size and normalisation) is this command's, each of those options the command line gives kept."""
+    if getattr(args, "data", "given") is not None or path is None or not Path(path).is_file():
+        return
+    recorded = (read(path, args).get("extra") or {}).get("data")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("data"), str):
+        return
+    args.data = recorded["data"]
+    args.data_from = str(path)
+    for name in ("data_dir", "image_size", "mean", "std"):
+        if getattr(args, name, None) is None and recorded.get(name) is not None:
+            setattr(args, name, recorded[name])
+
+
+def data_record(args) -> dict:
+    """What a checkpoint records of its data, for the commands that read it later (:func:`use_recorded_data`):
+    the --data options (paths made absolute) and one input's shape."""
+    found = source(args)
+    spec = args.data
+    kind, _, rest = spec.partition(":")
+    if kind == "imagefolder":
+        spec = f"imagefolder:{Path(rest).resolve()}"
+    elif spec.endswith((".npz", ".npy", ".pt")) and Path(spec).is_file():
+        spec = str(Path(spec).resolve())
+    return {"data": spec, "data_dir": None if args.data_dir is None else str(Path(args.data_dir).resolve()),
+            "image_size": None if found.image_size is None else list(found.image_size),
+            "mean": None if found.image_size is None else list(found.mean),
+            "std": None if found.image_size is None else list(found.std), "input_shape": list(found.shape)}
 
 
 def write_json(path: Path, payload: dict, force: bool) -> None:
@@ -53,8 +98,11 @@ def write_json(path: Path, payload: dict, force: bool) -> None:
 
 
 def source(args):
-    """The dataset --data names (opened once per command)."""
+    """The dataset --data names (opened once per command); without --data (and no data a checkpoint records:
+    :func:`use_recorded_data`), Fashion-MNIST."""
     if getattr(args, "_data_source", None) is None:
+        if args.data is None:
+            args.data = DEFAULT_DATA
         args._data_source = data.source(args.data, root=args.data_dir, seed=getattr(args, "seed", 0),
                                         image_size=args.image_size, mean=args.mean, std=args.std)
     return args._data_source
@@ -88,14 +136,31 @@ def zoo_model(name: str, args, **kwargs):
     return models.create(name, num_classes=found.classes, in_channels=channels, **kwargs)
 
 
-def spec_model(args):
-    """--model SPEC: the model the spec names, with --weights loaded."""
+def model_from(args, path=None, doing: str | None = "prunes"):
+    """The model a command works on: the checkpoint file (or Hugging Face directory) ``path``, else --model SPEC
+    with --weights (without them, a warning that the command ``doing`` so random weights; None: they do not
+    matter); the data the checkpoint records becomes the command's where --data is not given."""
+    spec, weights, kwargs = (getattr(args, name, None) for name in ("model", "weights", "model_kwargs"))
+    if path is not None:
+        if spec is not None or weights is not None or kwargs:
+            raise StructPruneError("give either a checkpoint or --model SPEC (with --weights, --model-kwargs)")
+        use_recorded_data(args, path)
+        return load(path, args)
+    if spec is None:
+        if weights is not None or kwargs:
+            raise StructPruneError("--weights and --model-kwargs go with --model SPEC")
+        raise StructPruneError("give a checkpoint, or --model SPEC (with --weights FILE)")
+    return spec_model(args, doing)
+
+
+def spec_model(args, doing: str | None = "prunes"):
+    """--model SPEC: the model the spec names, with --weights loaded (see :func:`model_from`)."""
     model = zoo_model(args.model, args)
     if args.weights is not None:
         models.load_weights(model, args.weights, trust_checkpoint=args.trust_checkpoint)
-    else:
-        warnings.warn(f"structprune: --model {args.model} without --weights prunes randomly initialised weights",
-                      stacklevel=1)
+    elif doing is not None:
+        warnings.warn(f"structprune: --model {args.model} without --weights {doing} randomly initialised weights "
+                      f"(the trained ones: --weights FILE)", stacklevel=1)
     return model
 
 
@@ -106,11 +171,20 @@ def check_fits(model, args, example_input: torch.Tensor) -> None:
             out = model.eval()(example_input.to(next(model.parameters(), example_input).device))
     except Exception as exc:
         raise StructPruneError(f"--data {args.data}: the model does not accept its {tuple(example_input.shape[1:])} "
-                               f"inputs ({first_line(exc)})") from None
+                               f"inputs ({first_line(exc)}){_data_hint(args)}") from None
     classes = source(args).classes
     if classes is not None and (out.dim() != 2 or out.shape[1] != classes):
         raise StructPruneError(f"--data {args.data}: it has {classes} classes but the model "
-                               f"outputs {tuple(out.shape[1:])}")
+                               f"outputs {tuple(out.shape[1:])}{_data_hint(args)}")
+
+
+def _data_hint(args) -> str:
+    """Where the data of a failed fit came from, and what to pass instead."""
+    if getattr(args, "data_from", None):
+        return f" (the data {args.data_from} records; pass --data to read other data)"
+    if args.data == DEFAULT_DATA and "--data" not in getattr(args, "argv", []):
+        return "; pass --data with the data the model reads (Fashion-MNIST is only the default)"
+    return ""
 
 
 def run_state(args, out: Path, signature: dict | None = None, what: str = "") -> RunState:

@@ -22,7 +22,9 @@ DESCRIPTION = ("Prune one checkpoint with several methods to several targets (fr
 
 
 def register(p) -> None:
-    p.add_argument("checkpoint", help="checkpoint to prune")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint to prune (or --model SPEC with --weights)")
+    options.add_model(p)
+    options.add_model_options(p)
     p.add_argument("--methods", type=options.method_names, default=["ispasp", "pfp", "magnitude"],
                    help="comma-separated methods (default: ispasp,pfp,magnitude)")
     p.add_argument("--targets", type=options.fractions, default=[0.7, 0.5, 0.3],
@@ -54,12 +56,17 @@ def run(args) -> int:
         raise StructPruneError(f"--out-dir: {outputs[1]} already exists; pass --resume to continue an interrupted "
                                f"compare, or --force to start over")
     for path in outputs:
-        common.refuse_input(path, [args.checkpoint])
+        common.refuse_input(path, [args.checkpoint, args.weights])
         check_output(path, args.force or args.resume, what="--out-dir:")
     if args.finetune_epochs < 0:
         raise StructPruneError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
     device = options.device(args.device)
-    settings = {"checkpoint": str(args.checkpoint), "data": args.data, "limit": args.limit, "metric": args.metric,
+    common.use_recorded_data(args, args.checkpoint)
+    model = common.model_from(args, args.checkpoint).to(device)
+    common.source(args)  # --data as given, or as the checkpoint records it
+    source = {"checkpoint": str(args.checkpoint)} if args.checkpoint is not None else {
+        "model": args.model, "model_kwargs": args.model_kwargs, "weights": args.weights}
+    settings = {**source, "data": args.data, "limit": args.limit, "metric": args.metric,
                 "allocation": args.allocation, **options.recovery(args), "calib_samples": args.calib_samples,
                 "finetune_epochs": args.finetune_epochs, "train_limit": args.train_limit, "seed": args.seed,
                 "train": vars(options.train_config(args, max(args.finetune_epochs, 1)))}
@@ -68,7 +75,6 @@ def run(args) -> int:
     args.state_file = state.path
     saved = state.load() if args.resume else None
     rows = saved[0]["rows"] if saved is not None else []
-    model = common.load(args.checkpoint, args).to(device)
     example = common.example(args)
     common.check_fits(model, args, example)
     test_loader = common.loader(args, "test", limit=args.limit)
@@ -86,7 +92,8 @@ def run(args) -> int:
     order = {(m, t): i for i, (m, t) in enumerate((m, t) for m in args.methods for t in args.targets)}
     rows.sort(key=lambda r: order.get((r["method"], r["target"]), len(order)))
     payload["complete"] = True
-    _write_outputs(outputs, rows, dense_accuracy, f"{Path(args.checkpoint).name} on {args.data}", payload, settings,
+    name = Path(args.checkpoint).name if args.checkpoint is not None else args.model
+    _write_outputs(outputs, rows, dense_accuracy, f"{name} on {args.data}", payload, settings,
                    "macs_ratio" if args.metric == "flops" else "params_ratio")
     state.clear()
     return 0

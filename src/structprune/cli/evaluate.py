@@ -16,8 +16,14 @@ DESCRIPTION = ("Print a table of test accuracy, parameters, MACs and CPU/GPU lat
                "file) of the first checkpoint's dense model, or of the first checkpoint itself.")
 
 
+#: the batch sizes latency is measured at: one sample (interactive use) and a batch (throughput)
+BATCHES = (1, 64)
+
+
 def register(p) -> None:
-    p.add_argument("checkpoints", nargs="+", help="checkpoints to evaluate")
+    p.add_argument("checkpoints", nargs="*", help="checkpoints (or files written by structprune export) to evaluate")
+    options.add_model(p)
+    options.add_model_options(p)
     p.add_argument("--json", dest="json_out", default=None, help="also write the table as JSON to this file")
     p.add_argument("--force", action="store_true", help="overwrite --json if it exists")
     options.add_data(p, "evaluate on the first N test samples only")
@@ -30,11 +36,17 @@ def run(args) -> int:
     if json_path is not None:
         common.refuse_input(json_path, args.checkpoints)
         check_output(json_path, args.force, what="--json:")
+    if not args.checkpoints and args.model is None:
+        raise StructPruneError("give checkpoints to evaluate, or --model SPEC (with --weights FILE)")
     device = options.device(args.device)
+    files = [path for path in args.checkpoints if not exporter.is_exported(path)]
+    common.use_recorded_data(args, files[0] if files else None)
+    models = ([(args.model, common.model_from(args, doing="evaluates"))] if args.model is not None else [])
     test_loader = common.loader(args, "test", limit=args.limit)
     example = common.example(args)
-    rows = [_exported_row(path, args, test_loader, example) if exporter.is_exported(path)
-            else _row(path, args, test_loader, example, device) for path in args.checkpoints]
+    rows = [_row(name, model, args, test_loader, example, device) for name, model in models]
+    rows += [_exported_row(path, args, test_loader, example) if exporter.is_exported(path)
+             else _row(path, common.load(path, args), args, test_loader, example, device) for path in args.checkpoints]
     print(report.eval_table(rows))
     if json_path is not None:
         common.write_json(json_path, {"command": "eval", "data": args.data, "device": str(device), "rows": rows},
@@ -42,13 +54,18 @@ def run(args) -> int:
     return 0
 
 
-def _row(path, args, test_loader, example: torch.Tensor, device) -> dict:
-    model = common.load(path, args).to(device)
+def _row(name, model, args, test_loader, example: torch.Tensor, device) -> dict:
+    model = model.to(device)
     common.check_fits(model, args, example)
     size = measure.count(model, example.to(device))
-    return {"checkpoint": str(path), "runtime": "pytorch", "accuracy": measure.accuracy(model, test_loader, device),
+    return {"checkpoint": str(name), "runtime": "pytorch", "accuracy": measure.accuracy(model, test_loader, device),
             **size, **common.dense_size(model, example, args),
-            **{f"latency_{k}_batch1": v for k, v in measure.latency_stats(model, example.to(device)).items()}}
+            **_latencies(lambda batch: measure.latency_stats(model, batch.to(device)), example)}
+
+
+def _latencies(time, example: torch.Tensor) -> dict:
+    """Median and interquartile range (ms) of a forward pass at each of :data:`BATCHES` samples."""
+    return {f"latency_{k}_batch{b}": v for b in BATCHES for k, v in time(measure.repeat_batch(example, b)).items()}
 
 
 def _exported_row(path, args, test_loader, example: torch.Tensor) -> dict:
@@ -60,5 +77,4 @@ def _exported_row(path, args, test_loader, example: torch.Tensor) -> dict:
         raise StructPruneError(f"{path} was not written by structprune export: its size is not recorded")
     return {"checkpoint": str(path), "runtime": model.runtime,
             "accuracy": measure.accuracy(model, test_loader, torch.device("cpu")),
-            "params": recorded["params"], "macs": recorded["macs"],
-            **{f"latency_{k}_batch1": v for k, v in model.latency_stats(example).items()}}
+            "params": recorded["params"], "macs": recorded["macs"], **_latencies(model.latency_stats, example)}

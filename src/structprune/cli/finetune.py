@@ -28,7 +28,7 @@ def run(args) -> int:
     if args.epochs < 1:
         raise StructPruneError(f"--epochs must be at least 1, got {args.epochs}")
     device = common.training_device(args)
-    model = common.load(args.checkpoint, args).to(device)
+    model = common.model_from(args, args.checkpoint).to(device)
     example = common.example(args)
     common.check_fits(model, args, example)
     test_loader = common.loader(args, "test")
@@ -42,7 +42,7 @@ def run(args) -> int:
     report = {"command": "finetune", "checkpoint": str(args.checkpoint), "data": args.data, "epochs": args.epochs,
               "config": vars(options.train_config(args, args.epochs)), "losses": losses, "accuracy_before": before,
               "accuracy_after": after, "finetune_seconds": seconds, "seed": args.seed}
-    checkpoint.save(model.cpu(), out, force=True, extra={"report": report})
+    checkpoint.save(model.cpu(), out, force=True, extra={"report": report, "data": common.data_record(args)})
     common.write_json(report_path, report, True)
     print(f"fine-tuned {args.epochs} epochs: accuracy {before:.2f}% -> {after:.2f}% in {seconds:.1f}s -> {out}")
     return 0

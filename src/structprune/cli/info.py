@@ -16,18 +16,12 @@ DESCRIPTION = ("List the prunable groups of a checkpoint (or a zoo model): chann
 def register(p) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("checkpoint", nargs="?", help="checkpoint to inspect")
-    src.add_argument("--model", metavar="SPEC", help="inspect a fresh model instead: a zoo name, torchvision:NAME, "
-                                                     "timm:NAME or package.module:Name")
+    options.add_model(src)
     src.add_argument("--hf-model", metavar="DIR", help="inspect a local Hugging Face language model directory "
                                                        "(sizes counted for one sequence of 128 tokens, or the "
                                                        "model's maximum if shorter)")
-    p.add_argument("--model-kwargs", type=options.json_object, default={}, metavar="JSON",
-                   help="keyword options of --model, a JSON object")
-    p.add_argument("--data", default="fashion-mnist", metavar="DATA",
-                   help="dataset whose input shape --model is built for (default: fashion-mnist; any --data of "
-                        "prune)")
-    p.add_argument("--data-dir", default=None, help="directory with the dataset files")
-    options.add_image(p)
+    options.add_model_options(p)
+    options.add_dataset(p)
     options.add_trust(p)
 
 
@@ -61,9 +55,14 @@ def _model(args):
                    "attention_mask": torch.ones(1, tokens, dtype=torch.long)}
         return model, example, args.hf_model
     if args.checkpoint:
+        common.use_recorded_data(args, args.checkpoint)
         model = common.load(args.checkpoint, args)
         example = checkpoint.example_input(model)
         if example is None:
             raise StructPruneError(f"{args.checkpoint} does not record its input shape")
         return model, example, args.checkpoint
-    return common.zoo_model(args.model, args), common.example(args), f"{args.model} (fresh, {args.data} inputs)"
+    model = common.model_from(args, doing=None)  # the sizes and groups do not depend on the weights
+    example = common.example(args)
+    common.check_fits(model, args, example)
+    weights = "fresh" if args.weights is None else f"weights {args.weights}"
+    return model, example, f"{args.model} ({weights}, {args.data} inputs)"

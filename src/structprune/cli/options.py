@@ -128,11 +128,13 @@ def add_data(p: argparse.ArgumentParser, limit_help: str) -> None:
 
 
 def add_dataset(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="fashion-mnist", metavar="DATA",
-                   help="dataset: fashion-mnist (default, from Debian's dataset-fashion-mnist), digits, synthetic; "
+    p.add_argument("--data", default=None, metavar="DATA",
+                   help="dataset: fashion-mnist (from Debian's dataset-fashion-mnist), digits, synthetic; "
                         "imagefolder:DIR (a sub-folder per class; DIR/train and DIR/test or DIR/val as the splits "
                         "when they exist, else a seeded 80/20 split), a .npz/.npy/.pt file of tensors (x and y, or "
-                        "x_train, y_train, x_test, y_test), or module:function returning a Dataset")
+                        "x_train, y_train, x_test, y_test), or module:function returning a Dataset of (x, y) or x "
+                        "(default: the data a checkpoint records, with its image size and normalisation; else "
+                        "fashion-mnist)")
     p.add_argument("--data-dir", default=None,
                    help=f"directory with the dataset files (default for fashion-mnist: {DEFAULT_ROOT})")
     add_image(p)
@@ -145,7 +147,8 @@ def add_batches(p: argparse.ArgumentParser, limit_help: str) -> None:
 
 def add_image(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=positive, default=None, metavar="N",
-                   help="with --data imagefolder:DIR: images are resized to N×N (default: 224)")
+                   help="with --data imagefolder:DIR: images are resized to N×N (default: their own size when they "
+                        "share one, else 224)")
     p.add_argument("--mean", type=floats, default=None, metavar="R,G,B",
                    help="with --data imagefolder:DIR: per-channel mean subtracted (default: ImageNet's, "
                         "0.485,0.456,0.406)")
@@ -154,11 +157,11 @@ def add_image(p: argparse.ArgumentParser) -> None:
                         "0.229,0.224,0.225)")
 
 
-def add_model(p: argparse.ArgumentParser) -> None:
+def add_model(p) -> None:
     p.add_argument("--model", default=None, metavar="SPEC",
                    help="a model instead of a checkpoint: a zoo name, torchvision:NAME, timm:NAME (optional "
                         "extras), hf:DIR (a Hugging Face model directory) or package.module:Name (your class or "
-                        "factory)")
+                        "factory; its folder on PYTHONPATH, or the current folder)")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:

@@ -9,10 +9,14 @@ with its name, never ignored.
 from __future__ import annotations
 
 import argparse
+import logging
 
 from .. import checkpoint, measure, methods, schedule
+from ..allocate import Uniform
 from ..errors import StructPruneError
 from . import common, options, prune_hf
+
+log = logging.getLogger("structprune")
 
 DESCRIPTION = ("Prune a checkpoint's prunable groups, shallow to deep, to a budget (a keep ratio, per-layer ratios, "
                "or a target fraction of MACs/params) with a data-informed or weight-only method; channels are "
@@ -95,6 +99,7 @@ def _run(args) -> int:
     out, report_path = common.check_outputs(args, args.checkpoint if args.model is None else args.weights)
     source = {"checkpoint": str(args.checkpoint)} if args.model is None else {
         "model": args.model, "model_kwargs": args.model_kwargs, "weights": args.weights}
+    common.use_recorded_data(args, args.checkpoint)
     state = common.run_state(args, out)
     device = options.device(args.device)
     budget = options.budget(args)
@@ -104,7 +109,7 @@ def _run(args) -> int:
             raise StructPruneError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.schedule == "sequential" and args.layer_finetune_epochs == 0:
         raise StructPruneError("--schedule sequential fine-tunes after every group: give --layer-finetune-epochs")
-    model = (common.load(args.checkpoint, args) if args.model is None else common.spec_model(args)).to(device)
+    model = common.model_from(args, args.checkpoint).to(device)
     example = common.example(args)
     common.check_fits(model, args, example)
     test_loader = None if args.no_eval else common.loader(args, "test", limit=args.limit)
@@ -133,11 +138,15 @@ def _run(args) -> int:
     if evaluate is not None:
         report["accuracy_before"] = dense_accuracy
         report["accuracy_after"] = evaluate(final)
-    checkpoint.save(final.cpu(), out, force=args.force, extra={"report": report})
+    checkpoint.save(final.cpu(), out, force=args.force, extra={"report": report, "data": common.data_record(args)})
     common.write_json(report_path, report, args.force)
     acc = "" if evaluate is None else (f", accuracy {report['accuracy_before']:.2f}% -> "
                                        f"{report['accuracy_after']:.2f}%")
     print(f"{args.method} ({args.schedule}): params {first.before['params']:,} -> {last.after['params']:,} "
           f"({report['params_ratio']:.1%}), MACs {first.before['macs']:,} -> {last.after['macs']:,} "
           f"({report['macs_ratio']:.1%}){acc}, pruned in {report['seconds']:.1f}s -> {out}")
+    if isinstance(budget, Uniform):
+        log.info(f"--ratio {budget.ratio:g} keeps that share of every group's channels; a layer between two pruned "
+                 f"groups loses rows and columns, keeping about {budget.ratio ** 2:.0%} of its weights: "
+                 f"--target-params or --target-flops set the model's own share")
     return 0

@@ -47,7 +47,7 @@ def run(args) -> int:
     report = {"command": "train", "model": args.model, "arch": model.structprune_arch, "data": args.data,
               "epochs": args.epochs, "train_samples": samples, "losses": losses,
               "test_accuracy": accuracy, **size, "train_seconds": seconds, "seed": args.seed}
-    checkpoint.save(model, out, force=True, extra={"report": report})
+    checkpoint.save(model, out, force=True, extra={"report": report, "data": common.data_record(args)})
     common.write_json(report_path, report, True)
     print(f"{args.model} on {args.data}: test accuracy {accuracy:.2f}%, {size['params']:,} params, "
           f"{size['macs']:,} MACs, trained in {seconds:.1f}s -> {out}")

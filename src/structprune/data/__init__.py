@@ -56,12 +56,14 @@ class _Builtin:
     def __init__(self, name: str, root: str | None, seed: int):
         self.spec, self.root, self.seed = name, root, seed
         self.shape, self.classes = shape(name), classes(name)
+        self.image_size = self.mean = self.std = None  # what only an image folder has
 
     def load(self, split: str, limit: int | None = None):
         return load(self.spec, split, root=self.root, limit=limit, seed=self.seed)
 
 
-def source(spec: str, root: str | None = None, seed: int = 0, image_size: int | None = None, mean=None, std=None):
+def source(spec: str, root: str | None = None, seed: int = 0, image_size: int | tuple[int, int] | None = None,
+           mean=None, std=None):
     """The dataset ``spec`` names: a name of :data:`DATASETS` (``root``: its files), ``imagefolder:DIR``, a
     ``.npz``/``.npy``/``.pt`` file or ``module:function`` (:mod:`structprune.data.files`; ``image_size``,
     ``mean`` and ``std`` shape an image folder). It has ``load(split, limit)``, ``shape`` (one sample's) and

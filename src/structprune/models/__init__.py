@@ -10,9 +10,11 @@ Face model directory, or a hub id) and ``"package.module:Name"`` (your own class
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -78,6 +80,8 @@ def create(name: str, num_classes: int | None = None, in_channels: int | None = 
         return _from_hf(model_name, trusted, num_classes, in_channels, kwargs)
     if ":" in name:
         return _from_import(name, trusted, num_classes=num_classes, in_channels=in_channels, **kwargs)
+    if name not in MODELS:
+        raise StructPruneError(_unknown(name))
     factory = MODELS.factory(name)
     num_classes = 10 if num_classes is None else num_classes
     in_channels = 1 if in_channels is None else in_channels
@@ -94,6 +98,37 @@ def create(name: str, num_classes: int | None = None, in_channels: int | None = 
         "kwargs": {"num_classes": num_classes, "in_channels": in_channels, **kwargs},
     }
     return model
+
+
+def _unknown(name: str) -> str:
+    """What an unknown model name is refused with: the forms a model is named in, and the closest guess."""
+    guesses = []
+    module, dot, qualname = str(name).rpartition(".")
+    if dot and module and qualname:  # mynets.TinyResNet: the import form is module:Name
+        guesses.append(f"{module}:{qualname}")
+    for library in REGISTRIES:  # a model of an installed library's registry
+        if _in_registry(library, name):
+            guesses.append(f"{library}:{name}")
+    if not guesses and _TORCHVISION_NAMES.fullmatch(str(name)):  # torchvision not installed: its well-known names
+        guesses.append(f"torchvision:{name}")
+    if not guesses:
+        guesses += [f"{m} (the zoo)" for m in difflib.get_close_matches(str(name), available(), n=1)]
+    hint = f" (did you mean {' or '.join(guesses)}?)" if guesses else ""
+    return (f"model must be one of {', '.join(available())} (the zoo), or module:Name (your class or factory, e.g. "
+            f"mynets:TinyResNet), torchvision:NAME, timm:NAME or hf:DIR; got {name!r}{hint}")
+
+
+_TORCHVISION_NAMES = re.compile(r"(resnet(18|34|50|101|152)|resnext\w+|wide_resnet\w+|vgg(11|13|16|19)(_bn)?|alexnet|"
+                                r"mobilenet_v[23]\w*|efficientnet_\w+|densenet\d+|convnext_\w+|vit_\w+|swin_\w+|"
+                                r"regnet_\w+|squeezenet\w+|shufflenet\w+|googlenet|inception_v3|mnasnet\w+)")
+
+
+def _in_registry(library: str, name: str) -> bool:
+    try:
+        module = importlib.import_module(library)
+        return name in module.models.list_models() if library == "torchvision" else bool(module.is_model(name))
+    except Exception:  # not installed, or a registry of another shape: no guess from it
+        return False
 
 
 #: model libraries whose registries build a model by name (never a function a user or a file could pick):
@@ -173,15 +208,29 @@ def load_weights(model: nn.Module, path: str | os.PathLike, trust_checkpoint: bo
         raise StructPruneError(f"--weights {path}: not a state dict (names to tensors)")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
+    mismatch = weights_mismatch(model, state)
+    if mismatch:
+        raise StructPruneError(f"--weights {path}: the weights do not fit the model: {mismatch}; give the "
+                               f"architecture they were trained with (--model, --model-kwargs)")
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise StructPruneError(f"--weights {path}: the weights do not fit the model ({first_line(exc)})") from None
-    if missing or unexpected:
-        raise StructPruneError(f"--weights {path}: the weights do not fit the model (missing: "
-                               f"{', '.join(missing[:3]) or 'none'}; unexpected: "
-                               f"{', '.join(unexpected[:3]) or 'none'})")
     return model
+
+
+def weights_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """What keeps ``state`` from loading into ``model``: how many weights are missing, unexpected or of another
+    shape, and the first few of each; "" when it fits."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model" for k, v in expected.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    parts = [f"{len(found)} {what} ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''})"
+             for what, found in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes))
+             if found]
+    return "; ".join(parts)
 
 
 def _from_import(spec: str, trusted: bool, **kwargs) -> nn.Module:

@@ -42,7 +42,7 @@ from ..attention import (  # noqa: F401  (is_supported, part_names: this module'
 )
 from ..errors import StructPruneError, first_line
 from ..graph import register_family
-from ..safe_io import load_tensors
+from ..safe_io import as_umask_allows, load_tensors
 
 CONFIG_KEY = "structprune_layers"
 PARTS = attention.PARTS
@@ -159,6 +159,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, force: bool = 
             (tmp / "structprune.json").write_text(json.dumps(extra, indent=2, default=str))
         if path.exists():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+        as_umask_allows(tmp)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
