@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +96,16 @@ def test_a_command_builds_only_its_own_parser(monkeypatch):
     with pytest.raises(SystemExit):
         main(["info", "--help"])
     assert built == ["info"]
+
+
+@pytest.mark.parametrize("command", [["eval", "a.pt"], ["info", "a.pt"], ["export", "a.pt", "--out", "a.onnx"],
+                                     ["compare", "a.pt", "--out-dir", "cmp"], ["prune", "a.pt", "--out", "b.pt"]])
+def test_model_options_without_model_are_refused_not_ignored(command, tmp_path, capsys, monkeypatch):
+    import structprune
+
+    monkeypatch.chdir(tmp_path)
+    structprune.save(structprune.models.create("lenet300"), "a.pt")
+    code = main([*command, "--weights", "w.pt"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--weights" in err and "--model SPEC" in err
+    assert not any(Path(p).exists() for p in ("a.onnx", "cmp", "b.pt"))

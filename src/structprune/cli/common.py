@@ -136,6 +136,16 @@ def zoo_model(name: str, args, **kwargs):
     return models.create(name, num_classes=found.classes, in_channels=channels, **kwargs)
 
 
+def refuse_model_options(args) -> None:
+    """--weights and --model-kwargs go with --model SPEC: without it they would be ignored, so they are refused."""
+    if getattr(args, "model", None) is None:
+        given = [flag for flag, value in (("--weights", getattr(args, "weights", None)),
+                                          ("--model-kwargs", getattr(args, "model_kwargs", None))) if value]
+        if given:
+            raise StructPruneError(f"{' and '.join(given)} go with --model SPEC, not with a checkpoint (which "
+                                   f"holds its weights and options)")
+
+
 def model_from(args, path=None, doing: str | None = "prunes"):
     """The model a command works on: the checkpoint file (or Hugging Face directory) ``path``, else --model SPEC
     with --weights (without them, a warning that the command ``doing`` so random weights; None: they do not

@@ -38,6 +38,7 @@ def run(args) -> int:
         check_output(json_path, args.force, what="--json:")
     if not args.checkpoints and args.model is None:
         raise StructPruneError("give checkpoints to evaluate, or --model SPEC (with --weights FILE)")
+    common.refuse_model_options(args)
     device = options.device(args.device)
     files = [path for path in args.checkpoints if not exporter.is_exported(path)]
     common.use_recorded_data(args, files[0] if files else None)

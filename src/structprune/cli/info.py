@@ -46,6 +46,7 @@ def run(args) -> int:
 
 def _model(args):
     """(model, example input, title) of what the command line names."""
+    common.refuse_model_options(args)
     if args.model is not None and args.model.startswith("hf:"):
         args.hf_model, args.model = args.model[len("hf:"):], None
     if args.hf_model:
