@@ -179,6 +179,38 @@ def fmnist_dir(tmp_path):
     return root
 
 
+# A newcomer's own module, in pieces the tests put together: a residual CNN of theirs, a factory function and a
+# dataset function (tests/test_docs.py writes all three as the guides' `mynets.py`).
+USER_IMPORTS = "import torch\nfrom torch import nn\n"
+USER_RESNET = '''
+
+class TinyResNet(nn.Module):
+    """A small residual CNN for 3-channel images."""
+
+    def __init__(self, classes: int = 3, width: int = 16):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                   nn.ReLU(), nn.Conv2d(width, width, 3, padding=1, bias=False),
+                                   nn.BatchNorm2d(width))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(torch.relu(x + self.block(x)))
+'''
+USER_FACTORY = '''
+
+def build(width=8, classes=3):
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, width), nn.ReLU(), nn.Linear(width, classes))
+
+
+def dataset(split="train"):
+    gen = torch.Generator().manual_seed(0 if split == "train" else 1)
+    x = torch.randn(40, 12, generator=gen)
+    return x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+'''
+
 # Local stand-ins for the optional model libraries (neither torchvision nor timm installs here), with the same
 # registry API structprune calls, and a user's own package: a factory and a dataset function.
 STAND_INS = {
@@ -219,18 +251,7 @@ STAND_INS = {
                                  nn.Linear(4 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, num_classes))
         """,
     # a user's own module: a factory function and a dataset function
-    "mynets.py": """
-        import torch
-        from torch import nn
-
-        def build(width=8, classes=3):
-            return nn.Sequential(nn.Flatten(), nn.Linear(12, width), nn.ReLU(), nn.Linear(width, classes))
-
-        def dataset(split="train"):
-            gen = torch.Generator().manual_seed(0 if split == "train" else 1)
-            x = torch.randn(40, 12, generator=gen)
-            return x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
-        """,
+    "mynets.py": USER_IMPORTS + USER_FACTORY,
 }
 STAND_IN_MODULES = ("torchvision", "torchvision.models", "timm", "timm.models", "timm.models.vision_transformer",
                     "timm.models.swin_transformer", "mynets")

@@ -12,12 +12,11 @@ import shlex
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
-from conftest import STAND_IN_MODULES, write_stand_ins
+from conftest import STAND_IN_MODULES, USER_FACTORY, USER_IMPORTS, USER_RESNET, write_stand_ins
 from structprune.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,36 +71,7 @@ def _run_commands(argv_list: list[list[str]], cwd: Path, capsys) -> None:
         assert code == 0, f"{shlex.join(argv)}\n{capsys.readouterr().err[-3000:]}"
 
 
-MYNETS = '''
-import torch
-from torch import nn
-
-
-class TinyResNet(nn.Module):
-    """A small residual CNN for 3-channel images."""
-
-    def __init__(self, classes: int = 3, width: int = 16):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        self.block = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                                   nn.ReLU(), nn.Conv2d(width, width, 3, padding=1, bias=False),
-                                   nn.BatchNorm2d(width))
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes))
-
-    def forward(self, x):
-        x = self.stem(x)
-        return self.head(torch.relu(x + self.block(x)))
-
-
-def build(width=8, classes=3):
-    return nn.Sequential(nn.Flatten(), nn.Linear(12, width), nn.ReLU(), nn.Linear(width, classes))
-
-
-def dataset(split="train"):
-    gen = torch.Generator().manual_seed(0 if split == "train" else 1)
-    x = torch.randn(40, 12, generator=gen)
-    return x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
-'''
+MYNETS = USER_IMPORTS + USER_RESNET + USER_FACTORY
 
 
 def _tiny_bert(directory: Path) -> None:
@@ -143,7 +113,7 @@ def workspace(tmp_path, doc):
     if "torchvision:" not in examples and "timm:" not in examples:
         for name in ("torchvision", "timm"):
             shutil.rmtree(tmp_path / name)
-    (tmp_path / "mynets.py").write_text(textwrap.dedent(MYNETS))
+    (tmp_path / "mynets.py").write_text(MYNETS)
     (tmp_path / "mypkg").mkdir()
     (tmp_path / "mypkg" / "__init__.py").write_text("")
     (tmp_path / "mypkg" / "nets.py").write_text(

@@ -18,26 +18,10 @@ import pytest
 import torch
 
 import structprune
+from conftest import USER_IMPORTS, USER_RESNET
 from structprune.cli import main
 
-MYNETS = '''
-import torch
-from torch import nn
-
-
-class TinyResNet(nn.Module):
-    def __init__(self, classes: int = 3, width: int = 16):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        self.block = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                                   nn.ReLU(), nn.Conv2d(width, width, 3, padding=1, bias=False),
-                                   nn.BatchNorm2d(width))
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes))
-
-    def forward(self, x):
-        x = self.stem(x)
-        return self.head(torch.relu(x + self.block(x)))
-
+MYNETS = USER_IMPORTS + USER_RESNET + '''
 
 class Pairs(torch.utils.data.Dataset):
     """(x, y) samples, no `classes` attribute: the labels say how many there are."""
