@@ -285,8 +285,8 @@ def test_streamed_calibration_gives_the_same_result_and_rejects_a_shuffling_load
 
 
 def test_the_graph_layer_knows_no_model_family():
-    """Families register their own graphs (structprune.graph.register_family): graph.py imports nothing under
-    models/, so the import structure has no circle through it."""
+    """Families are data (attention.py's layouts): graph.py imports nothing under models/, so the import structure
+    has no circle through it."""
     import ast
     from pathlib import Path
 
@@ -296,10 +296,40 @@ def test_the_graph_layer_knows_no_model_family():
     imported = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
     imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
     assert not [m for m in imported if "models" in m.split(".")], imported
-    from structprune import attention
-    from structprune.models import hf
 
-    assert (attention.is_supported, hf.HFTransformerGraph) in structprune.graph._FAMILIES
+
+FRESH = """
+import json, transformers, torch, structprune
+config = transformers.BertConfig(vocab_size=30, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64)
+torch.manual_seed(0)
+model = transformers.BertModel(config).eval()
+batch = {"input_ids": torch.randint(0, 30, (8, 7)), "attention_mask": torch.ones(8, 7, dtype=torch.long)}
+result = structprune.prune(model, [batch], "magnitude", 0.5, progress=False)
+print(json.dumps({"groups": [g["group"] for g in result.layers],
+                  "heads": result.model.config.structprune_layers["encoder.layer.0.attention"]["heads"],
+                  "macs": structprune.measure.count(model, batch)["macs"]}))
+"""
+
+
+def test_a_fresh_process_prunes_transformers_by_heads_with_nothing_else_imported():
+    """`import structprune` loads its parts lazily: `structprune.prune` on a BERT must still find its heads and FFN
+    groups (the layouts live in attention.py, which the graph imports), as in a process that imported models/."""
+    import json
+    import subprocess
+    import sys
+
+    from structprune import measure
+
+    done = subprocess.run([sys.executable, "-c", FRESH], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    fresh = json.loads(done.stdout.strip().splitlines()[-1])
+    assert fresh["groups"] == ["encoder.layer.0.attention", "encoder.layer.0.intermediate",
+                               "encoder.layer.1.attention", "encoder.layer.1.intermediate"]
+    assert fresh["heads"] == 2  # the config follows the weights, as it must for saving
+    namespace: dict = {}
+    exec(FRESH.split("result =")[0], namespace)  # the same model here, where every module is loaded
+    assert fresh["macs"] == measure.count(namespace["model"], namespace["batch"])["macs"]
 
 
 def test_round_to_counts_the_layer_widths_of_grouped_channels():

@@ -347,6 +347,7 @@ class TransformerGraph:
             keep_input_features(consumer.module, consumer.channel_index[keep_idx].reshape(-1).sort().values)
         if group.root_fn == HEADS:
             _rewrite_head_counts(group.root, len(keep_idx), group.channels)
+        sync_config(self.model)  # a Hugging Face config follows its weights (saving and from_pretrained read it)
 
     def history(self) -> list:
         return []  # the pruned shapes live in the model's recorded sizes (layer_sizes), not in a replay log
@@ -447,3 +448,57 @@ def attention_macs(model: nn.Module) -> Iterator[list[int]]:
     finally:
         for hook in hooks:
             hook.remove()
+
+
+#: the config attribute where a pruned model's block sizes are recorded (a Hugging Face config's, for one)
+CONFIG_KEY = "structprune_layers"
+
+
+def sync_config(model: nn.Module) -> None:
+    """Write the blocks' sizes into ``model.config`` (``structprune_layers``), and the config's own fields
+    where they describe the pruned model exactly (:func:`uniform_config`); a model without a Hugging Face style
+    config (an object with ``to_dict``) is left as it is."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return
+    setattr(config, CONFIG_KEY, layer_sizes(model))
+    for key, value in uniform_config(model, config).items():
+        setattr(config, key, value)
+
+
+# The built-in layouts: the transformers families (data: the attribute paths of their layers). One entry per layout;
+# more specific layouts first (the first that fits a module claims it). A new family is one more entry and a test.
+register(
+    # BERT, RoBERTa, ELECTRA, MiniLM, ... (and ViT in transformers 4): attention.self.{query,key,value}, output.dense
+    AttentionLayout("bert", query="self.query", key="self.key", value="self.value", output="output.dense",
+                    head_dim="self.attention_head_size", heads=("self.num_attention_heads",),
+                    widths=("self.all_head_size",)),
+    AttentionLayout("vit-4", query="attention.query", key="attention.key", value="attention.value",
+                    output="output.dense", head_dim="attention.attention_head_size",
+                    heads=("attention.num_attention_heads",), widths=("attention.all_head_size",)),
+    # ALBERT: query, key, value, dense on one module (its layers are shared: one decision for all their uses)
+    AttentionLayout("albert", query="query", key="key", value="value", output="dense", head_dim="attention_head_size",
+                    heads=("num_attention_heads",), widths=("all_head_size",)),
+    # DistilBERT
+    AttentionLayout("distilbert", query="q_lin", key="k_lin", value="v_lin", output="out_lin",
+                    head_dim="attention_head_size", heads=("n_heads",)),
+    # Llama, Mistral, Qwen2, ... (grouped-query attention: whole key/value groups) and ViT/DeiT in transformers 5
+    AttentionLayout("llama", query="q_proj", key="k_proj", value="v_proj", output="o_proj", head_dim="head_dim",
+                    heads=("num_heads", "num_attention_heads"), kv_heads=("num_key_value_heads",),
+                    config_heads="num_attention_heads", config_kv_heads="num_key_value_heads",
+                    config_head_dim="head_dim"),
+    # BART, mBART, Marian, Pegasus, Whisper, ... (self- and cross-attention; their FFN is fc1/fc2, as ViT's)
+    AttentionLayout("bart", query="q_proj", key="k_proj", value="v_proj", output="out_proj", head_dim="head_dim",
+                    heads=("num_heads",)),
+    # GPT-2: one fused Conv1D c_attn with rows [q | k | v], split at split_size
+    AttentionLayout("gpt2", fused="c_attn", output="c_proj", head_dim="head_dim", heads=("num_heads",),
+                    widths=("split_size",)),
+    FeedForwardLayout("bert", up=("intermediate.dense",), down="output.dense", name="intermediate",
+                      config_width="intermediate_size"),
+    FeedForwardLayout("albert", up=("ffn",), down="ffn_output", name="ffn", config_width="intermediate_size"),
+    FeedForwardLayout("distilbert", up=("lin1",), down="lin2", name="", config_width="hidden_dim"),
+    FeedForwardLayout("llama", up=("gate_proj", "up_proj"), down="down_proj", name="",
+                      config_width="intermediate_size"),
+    FeedForwardLayout("vit", up=("fc1",), down="fc2", name="", config_width="intermediate_size"),
+    FeedForwardLayout("gpt2", up=("c_fc",), down="c_proj", name="", config_width="n_inner"),
+)

@@ -27,6 +27,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from . import attention
 from .batches import output_tensors, run_forward
 from .errors import StructPruneError, first_line
 from .groups import Consumer, Group, Producer, write_consumer_weights
@@ -480,7 +481,8 @@ def build_graph(model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Mo
     """The graph for ``model``: a registered family's own (:func:`register_family`; BERT-family encoders get
     heads and FFN groups), everything else a :class:`PruningGraph`. ``observe``: see :class:`PruningGraph`; a
     family's graph runs no pass, and its ``observed`` is None."""
-    for matches, graph_class in _FAMILIES:
+    families = [*_FAMILIES, (attention.is_supported, attention.TransformerGraph)]
+    for matches, graph_class in families:
         if matches(model):
             if scope not in SCOPES:
                 raise StructPruneError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")

@@ -1,9 +1,6 @@
-"""Hugging Face transformers: their attention and feed-forward layouts (data), and save/load of pruned models.
-
-Each family is a few lines of data for :mod:`structprune.attention`, which prunes every family the same way
-(whole heads, whole key/value groups for grouped-query attention, whole FFN neurons; head counts rewritten).
-The layouts name attributes, not classes, so the families that share a layout (BERT, RoBERTa, ELECTRA, MiniLM
-...; Llama, Mistral, Qwen2 ...) need no entry of their own. A new family is one more entry here and a test.
+"""Hugging Face transformers: save and load of pruned models (their families' layouts are data in
+:mod:`structprune.attention`, which prunes every family the same way: whole heads, whole key/value groups for
+grouped-query attention, whole FFN neurons; head counts rewritten).
 
 After pruning, the per-block sizes are written to the config (``structprune_layers``), so that
 :func:`load_pretrained` (and :func:`structprune.load`) rebuilds the pruned model in a fresh process; where
@@ -31,80 +28,17 @@ import torch
 from torch import Tensor, nn
 
 from .. import attention
-from ..attention import (  # noqa: F401  (is_supported, part_names: this module's API too)
-    AttentionLayout,
-    FeedForwardLayout,
-    TransformerGraph,
+from ..attention import (  # noqa: F401  (is_supported, part_names, sync_config: this module's API too)
+    CONFIG_KEY,
     is_supported,
     layer_sizes,
     part_names,
-    uniform_config,
+    sync_config,
 )
 from ..errors import StructPruneError, first_line
-from ..graph import register_family
 from ..safe_io import as_umask_allows, load_tensors
 
-CONFIG_KEY = "structprune_layers"
 PARTS = attention.PARTS
-
-#: one entry per layout; more specific layouts first (the first that fits a module claims it)
-attention.register(
-    # BERT, RoBERTa, ELECTRA, MiniLM, ... (and ViT in transformers 4): attention.self.{query,key,value}, output.dense
-    AttentionLayout("bert", query="self.query", key="self.key", value="self.value", output="output.dense",
-                    head_dim="self.attention_head_size", heads=("self.num_attention_heads",),
-                    widths=("self.all_head_size",)),
-    AttentionLayout("vit-4", query="attention.query", key="attention.key", value="attention.value",
-                    output="output.dense", head_dim="attention.attention_head_size",
-                    heads=("attention.num_attention_heads",), widths=("attention.all_head_size",)),
-    # ALBERT: query, key, value, dense on one module (its layers are shared: one decision for all their uses)
-    AttentionLayout("albert", query="query", key="key", value="value", output="dense", head_dim="attention_head_size",
-                    heads=("num_attention_heads",), widths=("all_head_size",)),
-    # DistilBERT
-    AttentionLayout("distilbert", query="q_lin", key="k_lin", value="v_lin", output="out_lin",
-                    head_dim="attention_head_size", heads=("n_heads",)),
-    # Llama, Mistral, Qwen2, ... (grouped-query attention: whole key/value groups) and ViT/DeiT in transformers 5
-    AttentionLayout("llama", query="q_proj", key="k_proj", value="v_proj", output="o_proj", head_dim="head_dim",
-                    heads=("num_heads", "num_attention_heads"), kv_heads=("num_key_value_heads",),
-                    config_heads="num_attention_heads", config_kv_heads="num_key_value_heads",
-                    config_head_dim="head_dim"),
-    # BART, mBART, Marian, Pegasus, Whisper, ... (self- and cross-attention; their FFN is fc1/fc2, as ViT's)
-    AttentionLayout("bart", query="q_proj", key="k_proj", value="v_proj", output="out_proj", head_dim="head_dim",
-                    heads=("num_heads",)),
-    # GPT-2: one fused Conv1D c_attn with rows [q | k | v], split at split_size
-    AttentionLayout("gpt2", fused="c_attn", output="c_proj", head_dim="head_dim", heads=("num_heads",),
-                    widths=("split_size",)),
-    FeedForwardLayout("bert", up=("intermediate.dense",), down="output.dense", name="intermediate",
-                      config_width="intermediate_size"),
-    FeedForwardLayout("albert", up=("ffn",), down="ffn_output", name="ffn", config_width="intermediate_size"),
-    FeedForwardLayout("distilbert", up=("lin1",), down="lin2", name="", config_width="hidden_dim"),
-    FeedForwardLayout("llama", up=("gate_proj", "up_proj"), down="down_proj", name="",
-                      config_width="intermediate_size"),
-    FeedForwardLayout("vit", up=("fc1",), down="fc2", name="", config_width="intermediate_size"),
-    FeedForwardLayout("gpt2", up=("c_fc",), down="c_proj", name="", config_width="n_inner"),
-)
-
-class HFTransformerGraph(TransformerGraph):
-    """:class:`~structprune.attention.TransformerGraph` that keeps a Hugging Face model's config in step with its
-    weights after every removal (:func:`sync_config`)."""
-
-    def apply(self, group, keep_idx, consumer_weights=None, consumer_biases=None) -> None:
-        super().apply(group, keep_idx, consumer_weights, consumer_biases)
-        sync_config(self.model)
-
-
-register_family(attention.is_supported, HFTransformerGraph)  # build_graph gives transformers the head/FFN graph
-
-
-def sync_config(model: nn.Module) -> None:
-    """Write the blocks' sizes into ``model.config`` (``structprune_layers``), and the config's own fields
-    where they describe the pruned model exactly (:func:`structprune.attention.uniform_config`)."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return
-    setattr(config, CONFIG_KEY, layer_sizes(model))
-    for key, value in uniform_config(model, config).items():
-        setattr(config, key, value)
-
 
 def resize(model: nn.Module, sizes) -> None:
     """Give a freshly built model the recorded block sizes (then its weights are loaded). Also reads the
