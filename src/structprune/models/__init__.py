@@ -93,6 +93,8 @@ def create(name: str, num_classes: int | None = None, in_channels: int | None = 
         model = factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
     except TypeError as exc:
         raise StructPruneError(f"model {name!r} does not accept these options: {exc}") from None
+    except ValueError as exc:  # the zoo's own checks of its options (an input too small for LeNet-5's layers)
+        raise StructPruneError(f"model {name!r}: {exc}") from None
     model.structprune_arch = {
         "name": name,
         "kwargs": {"num_classes": num_classes, "in_channels": in_channels, **kwargs},
