@@ -41,6 +41,15 @@ def test_unknown_model():
         structprune.models.create("resnet18")
 
 
+def test_a_zoo_models_own_option_check_is_one_line(tmp_path, capsys):
+    with pytest.raises(StructPruneError, match="model 'lenet5': input_size must be at least 10"):
+        structprune.models.create("lenet5", input_size=8)
+    torch.save({"x": torch.randn(16, 1, 8, 8), "y": torch.arange(16) % 2}, tmp_path / "small.pt")
+    code = main(["train", "--model", "lenet5", "--data", str(tmp_path / "small.pt"), "--out", str(tmp_path / "o.pt")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "input_size must be at least 10" in err
+
+
 def test_forward_failing_on_example_inputs():
     with pytest.raises(StructPruneError, match="example_inputs: the model's forward pass failed"):
         structprune.prune(mlp(), CALIB, example_inputs=torch.randn(1, 5), progress=False)
