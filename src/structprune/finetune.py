@@ -15,9 +15,10 @@ BatchNorm match only approximately.) Only rank 0 shows progress and writes the s
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -137,13 +138,15 @@ class ShardedBatches:
 
     The order is a function of ``seed`` and the epoch (:meth:`set_epoch`), so a resumed run reads what
     the uninterrupted one would have. A last global batch with fewer samples than processes is dropped.
+    ``collate`` makes a batch of a process's samples (default: torch's ``default_collate``; text: a tokenizer).
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 proc: Process | None = None):
+                 proc: Process | None = None, collate: Callable[[list], object] | None = None):
         if batch_size < 1:
             raise StructPruneError(f"batch_size must be positive, got {batch_size}")
         self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
+        self.collate = collate
         self.proc = proc or process()
         if batch_size < self.proc.world:
             raise StructPruneError(f"the global batch size {batch_size} is smaller than the {self.proc.world} "
@@ -166,10 +169,10 @@ class ShardedBatches:
     def __iter__(self):
         for batch in self._global_batches():
             mine = batch[self.proc.rank::self.proc.world]
-            if isinstance(self.dataset, TensorDataset):
+            if isinstance(self.dataset, TensorDataset) and self.collate is None:
                 yield tuple(t[mine] for t in self.dataset.tensors)
             else:
-                yield default_collate([self.dataset[int(i)] for i in mine])
+                yield (self.collate or default_collate)([self.dataset[int(i)] for i in mine])
 
 
 def train(model: nn.Module, loader: Iterable, config: TrainConfig, device=None, progress: bool = True,
@@ -184,47 +187,82 @@ def train(model: nn.Module, loader: Iterable, config: TrainConfig, device=None, 
     :class:`ShardedBatches` loader so that each process reads its share of the data.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    optimizer = torch.optim.SGD(parameter_groups(model, config.weight_decay), lr=config.lr,
+                                momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
+    steps_per_epoch = max(1, len(loader))
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing, reduction="sum")
+
+    def objective(net: nn.Module, batch) -> tuple[Tensor, int]:
+        inputs, targets = batch
+        return criterion(net(inputs.to(device)), targets.to(device)), len(targets)
+
+    state = RunState(state_path, asdict(config), "training") if state_path is not None else None
+    return optimize(model, loader, objective, optimizer, lambda step: config.lr_factor(step, steps_per_epoch),
+                    Run(config.epochs), device, progress=progress, state=state, resume=resume)
+
+
+@dataclass(frozen=True)
+class Run:
+    """How long :func:`optimize` runs and how it takes a step.
+
+    epochs: passes over the data; steps: optimizer steps at the most (None: every batch of every epoch).
+    accumulate: batches whose gradients make one step (the mean of their mean losses).
+    max_grad_norm: the gradient is clipped to this norm before each step (None: not clipped).
+    autocast: the dtype the forward pass runs in under ``torch.autocast`` (None: the model's own).
+    """
+
+    epochs: int
+    steps: int | None = None
+    accumulate: int = 1
+    max_grad_norm: float | None = None
+    autocast: torch.dtype | None = None
+
+    def steps_per_epoch(self, batches: int) -> int:
+        return max(1, -(-batches // self.accumulate))
+
+    def total_steps(self, batches: int) -> int:
+        every = self.epochs * self.steps_per_epoch(batches)
+        return every if self.steps is None else min(self.steps, every)
+
+
+Objective = Callable[[nn.Module, object], tuple[Tensor, "Tensor | int"]]
+
+
+def optimize(model: nn.Module, loader: Iterable, objective: Objective, optimizer: torch.optim.Optimizer,
+             lr_factor: Callable[[int], float], run: Run, device: torch.device, progress: bool = True,
+             state: RunState | None = None, resume: bool = False,
+             train_mode: Callable[[nn.Module], object] = nn.Module.train) -> list[float]:
+    """The training loop :func:`train` and :func:`structprune.distill.distill` share; returns each epoch's mean loss.
+
+    ``objective(net, batch)`` returns (the summed loss of the batch, the number of units summed: samples or
+    tokens); every process scales its sum by the global count so that the averaged gradient is that of the
+    global batch's mean. ``lr_factor(step)`` multiplies the optimizer's learning rates at optimizer step
+    ``step``. The state (weights, optimizer, schedule, random state) is saved to ``state`` after every epoch and
+    removed at the end; ``resume`` continues from it. ``train_mode(model)`` puts the model in the mode it trains
+    in (default: ``model.train()``); it is in eval mode at the end.
+    """
     proc = init_distributed(device)
     net = model
     if proc.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.SGD(parameter_groups(model, config.weight_decay), lr=config.lr,
-                                momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
-    steps_per_epoch = max(1, len(loader))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: config.lr_factor(step, steps_per_epoch))
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing, reduction="sum")
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    total_steps = run.total_steps(len(loader))
     losses: list[float] = []
     first_epoch = 0
-    state = RunState(state_path, asdict(config), "training") if state_path is not None else None
     saved = state.load() if resume and state is not None else None
     if saved is not None:
         first_epoch, losses = _restore(state.path, saved, model, optimizer, schedule, loader)
-    model.train()
-    for epoch in range(first_epoch, config.epochs):
+    train_mode(model)
+    for epoch in range(first_epoch, run.epochs):
+        if schedule.last_epoch >= total_steps:
+            break
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
-        total, batches = 0.0, 0
-        bar = progress_bar(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batches", leave=False,
+        bar = progress_bar(loader, desc=f"epoch {epoch + 1}/{run.epochs}", unit="batches", leave=False,
                            enabled=progress and proc.is_main)
-        for inputs, targets in bar:
-            optimizer.zero_grad(set_to_none=True)
-            count = torch.tensor([float(len(targets))], device=device)
-            if proc.distributed:  # the global batch's size: every process scales to its mean
-                dist.all_reduce(count)
-            loss_sum = criterion(net(inputs.to(device)), targets.to(device))
-            loss = loss_sum * (proc.world / count[0])  # DDP averages over processes: the global mean's gradient
-            if not torch.isfinite(loss):
-                raise StructPruneError(f"training diverged (loss {loss.item()}) in epoch {epoch + 1}; lower --lr")
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            summed = loss_sum.detach()
-            if proc.distributed:  # the global batch's loss, for the log
-                dist.all_reduce(summed)
-            total += (summed / count[0]).item()
-            batches += 1
-            bar.set_postfix(loss=f"{total / batches:.3f}")
-        losses.append(total / max(batches, 1))
+        losses.append(_epoch(net, model, bar, len(loader), objective, optimizer, schedule, run, total_steps, proc,
+                             device, epoch))
+        bar.close()
         if state is not None:
             if proc.is_main:
                 _save(state, epoch + 1, losses, model, optimizer, schedule, loader)
@@ -234,6 +272,47 @@ def train(model: nn.Module, loader: Iterable, config: TrainConfig, device=None, 
     if state is not None and proc.is_main:
         state.clear()
     return losses
+
+
+def _epoch(net, model, bar, left: int, objective, optimizer, schedule, run: Run, total_steps: int, proc: Process,
+           device, epoch: int) -> float:
+    """One pass over the batches (stopping at ``total_steps``); the mean of the batches' global mean losses."""
+    total, batches = 0.0, 0
+    in_step = size = 0  # batches in the step being accumulated, and how many it will hold
+    for batch in bar:
+        if schedule.last_epoch >= total_steps:
+            break
+        if in_step == 0:
+            optimizer.zero_grad(set_to_none=True)
+            size = min(run.accumulate, left)
+        in_step += 1
+        left -= 1
+        last = in_step == size
+        with (net.no_sync() if proc.distributed and not last else contextlib.nullcontext()):
+            with (torch.autocast(device.type, dtype=run.autocast) if run.autocast is not None
+                  else contextlib.nullcontext()):
+                loss_sum, count = objective(net, batch)
+            count = torch.tensor([float(count)], device=device)
+            if proc.distributed:  # the global batch's size: every process scales to its mean
+                dist.all_reduce(count)
+            # DDP averages over processes: the global mean's gradient (over the step's batches)
+            loss = loss_sum.float() * (proc.world / count[0] / size)
+            if not torch.isfinite(loss):
+                raise StructPruneError(f"training diverged (loss {loss.item()}) in epoch {epoch + 1}; lower --lr")
+            loss.backward()
+        if last:
+            if run.max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), run.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            in_step = 0
+        summed = loss_sum.detach().float()
+        if proc.distributed:  # the global batch's loss, for the log
+            dist.all_reduce(summed)
+        total += (summed / count[0]).item()
+        batches += 1
+        bar.set_postfix(loss=f"{total / batches:.3f}")
+    return total / max(batches, 1)
 
 
 def _sampler_generator(loader) -> torch.Generator | None:

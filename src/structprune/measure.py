@@ -248,3 +248,46 @@ def sentence_embeddings(model: nn.Module, batches: Iterable[dict]) -> torch.Tens
 def embedding_similarity(reference: torch.Tensor, embeddings: torch.Tensor) -> float:
     """Mean cosine similarity of matching rows of two unit-length embedding matrices."""
     return float((reference * embeddings).sum(dim=1).mean())
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, batches: Iterable[dict]) -> float:
+    """exp of the mean negative log-likelihood of every real next token (``attention_mask`` 1 at a token and the
+    one it predicts from) of a causal language model, over batches of tokenised text."""
+    was_training = model.training
+    model.eval()
+    nll, tokens = 0.0, 0
+    try:
+        for batch in batches:
+            logits = run_forward(model, batch).logits[:, :-1].float()
+            targets = batch["input_ids"][:, 1:]
+            mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+            real = (mask[:, 1:] * mask[:, :-1]).bool()
+            losses = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            nll += float(losses[real].sum())
+            tokens += int(real.sum())
+    finally:
+        model.train(was_training)
+    if tokens == 0:
+        raise StructPruneError("perplexity: no token with a next token to predict in the batches")
+    return math.exp(nll / tokens)
+
+
+@torch.no_grad()
+def agreement(model: nn.Module, reference: nn.Module, loader: Iterable, device=None) -> float:
+    """How often (%) ``model``'s top-1 class is ``reference``'s, over a loader of inputs or (inputs, labels): the
+    accuracy a model keeps against the one it was pruned from, with no labels."""
+    device = device or next(model.parameters()).device
+    states = model.training, reference.training
+    model.eval()
+    reference.eval()
+    same = total = 0
+    try:
+        for batch in loader:
+            inputs = batch_inputs(batch).to(device)
+            same += int((model(inputs).argmax(dim=1) == reference(inputs).argmax(dim=1)).sum())
+            total += len(inputs)
+    finally:
+        model.train(states[0])
+        reference.train(states[1])
+    return 100.0 * same / max(total, 1)

@@ -1,0 +1,301 @@
+"""Label-free recovery: train the pruned model (the student) to match the dense model (the teacher).
+
+The loss follows what the model outputs (``loss="auto"``), and is stated in the result:
+
+* logits — a tensor (N, classes), a tensor (N, tokens, vocabulary) or a Hugging Face output's ``logits`` —
+  the Kullback-Leibler divergence KL(softmax(t/T) ‖ softmax(s/T))·T² over the last dimension, summed over the
+  samples (over the real tokens of a causal language model: padding, ``attention_mask`` 0, is left out);
+* hidden states — a Hugging Face encoder's ``last_hidden_state`` — 1 − the cosine similarity of the student's
+  and the teacher's vector at every real token;
+* anything else: the mean squared error.
+
+Where the batches carry labels, ``alpha`` mixes in the cross-entropy with them: (1 − α)·distillation + α·CE
+(α = 0 by default: no labels needed). The teacher runs in eval mode without gradients. The student's BatchNorm
+layers train (their statistics follow the pruned activations); its dropout stays off unless ``dropout=True``, so
+that it learns the function the teacher computes rather than a noisy one.
+
+The loop is :func:`structprune.finetune.optimize`'s: the same resume (the state after every epoch, beside the
+output), progress and torchrun DDP (every process reads its share of the same global batches, the loss is
+scaled to the global batch's mean: N processes train like one). Optimizer by model: AdamW for transformers
+(a model with attention blocks structprune knows), SGD with Nesterov momentum otherwise; a cosine schedule
+with linear warm-up, gradient clipping, bf16 autocast on GPUs that support it, gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .batches import run_forward
+from .errors import StructPruneError, first_line
+from .finetune import Run, optimize, parameter_groups
+from .run_state import RunState
+
+LOSSES = ("auto", "kl", "cosine", "mse")
+OPTIMIZERS = ("auto", "sgd", "adamw")
+AUTOCAST = ("auto", "bf16", "fp16", "off")
+#: learning rate and weight decay by optimizer, when not given
+DEFAULTS = {"sgd": {"lr": 0.02, "weight_decay": 5e-4, "max_grad_norm": None},
+            "adamw": {"lr": 1e-4, "weight_decay": 0.01, "max_grad_norm": 1.0}}
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Options of :func:`distill`; None means the optimizer's default (:data:`DEFAULTS`).
+
+    epochs: passes over the data. steps: optimizer steps instead (the run stops after this many).
+    optimizer: "sgd" (Nesterov momentum), "adamw", or "auto" (AdamW for transformers, else SGD).
+    lr: peak learning rate (SGD 0.02, AdamW 1e-4). weight_decay: on conv/linear weights only (SGD 5e-4, AdamW
+        0.01). momentum: SGD's.
+    warmup: the share of the steps over which the learning rate rises linearly from lr/10, then a cosine to 0.
+    temperature: T of the KL loss. alpha: the weight of the cross-entropy with the batches' labels (0: none).
+    loss: "kl", "cosine", "mse" or "auto" (by output, see the module docstring).
+    max_grad_norm: gradient clipping (SGD: none, AdamW: 1.0). accumulate: batches per optimizer step.
+    autocast: "bf16"/"fp16" forward passes under torch.autocast, "off", or "auto" (bf16 on a GPU that has it).
+    dropout: the student trains in train mode (its dropout, attention dropout and stochastic depth active); by
+        default only its BatchNorm layers do (their statistics follow the pruned activations) and the rest runs as
+        in eval mode, so that the student learns the function the teacher computes, without noise.
+    """
+
+    epochs: int = 1
+    steps: int | None = None
+    optimizer: str = "auto"
+    lr: float | None = None
+    weight_decay: float | None = None
+    momentum: float = 0.9
+    warmup: float = 0.05
+    temperature: float = 1.0
+    alpha: float = 0.0
+    loss: str = "auto"
+    max_grad_norm: float | None = None
+    accumulate: int = 1
+    autocast: str = "auto"
+    dropout: bool = False
+
+    def __post_init__(self):
+        checks = [
+            (isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be a positive integer, got "
+                                                                  f"{self.epochs!r}"),
+            (self.steps is None or (isinstance(self.steps, int) and self.steps >= 1),
+             f"steps must be a positive integer, got {self.steps!r}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got "
+                                           f"{self.optimizer!r}"),
+            (self.lr is None or self.lr > 0, f"lr must be positive, got {self.lr}"),
+            (self.weight_decay is None or self.weight_decay >= 0, f"weight_decay must be >= 0, got "
+                                                                  f"{self.weight_decay}"),
+            (0 <= self.warmup < 1, f"warmup must be a share of the steps in [0, 1), got {self.warmup}"),
+            (self.temperature > 0, f"temperature must be positive, got {self.temperature}"),
+            (0 <= self.alpha <= 1, f"alpha must be in [0, 1], got {self.alpha}"),
+            (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),
+            (self.max_grad_norm is None or self.max_grad_norm > 0, f"max_grad_norm must be positive, got "
+                                                                   f"{self.max_grad_norm}"),
+            (isinstance(self.accumulate, int) and self.accumulate >= 1, f"accumulate must be a positive integer, "
+                                                                        f"got {self.accumulate!r}"),
+            (self.autocast in AUTOCAST, f"autocast must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise StructPruneError(message)
+
+    def resolved(self, model: nn.Module, device: torch.device) -> DistillConfig:
+        """This configuration with every "auto" and None decided for ``model`` on ``device``."""
+        optimizer = self.optimizer if self.optimizer != "auto" else ("adamw" if is_transformer(model) else "sgd")
+        chosen = DEFAULTS[optimizer]
+        autocast = self.autocast
+        if autocast == "auto":
+            autocast = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+        return replace(self, optimizer=optimizer, autocast=autocast,
+                       lr=chosen["lr"] if self.lr is None else self.lr,
+                       weight_decay=chosen["weight_decay"] if self.weight_decay is None else self.weight_decay,
+                       max_grad_norm=chosen["max_grad_norm"] if self.max_grad_norm is None else self.max_grad_norm)
+
+    def lr_factor(self, step: int, total: int) -> float:
+        """Linear warm-up from 0.1 over ``warmup`` of the ``total`` steps, then a cosine to 0."""
+        warmup = self.warmup * total
+        if step < warmup:
+            return 0.1 + 0.9 * step / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1.0, total - warmup))))
+
+
+@dataclass
+class DistillResult:
+    """What :func:`distill` did: the loss it minimised (by output kind), each epoch's mean loss, the optimizer
+    steps taken, the configuration as resolved, and the seconds it took."""
+
+    loss: str
+    losses: list[float]
+    steps: int
+    config: dict
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def is_transformer(model: nn.Module) -> bool:
+    """A model with attention blocks: a transformers model or any module holding ``nn.MultiheadAttention``."""
+    return any(type(m).__module__.startswith("transformers.") or isinstance(m, nn.MultiheadAttention)
+               for m in model.modules())
+
+
+def distill(student: nn.Module, teacher: nn.Module, batches: Iterable, config: DistillConfig | None = None,
+            device=None, progress: bool = True, state_path: str | os.PathLike | None = None,
+            resume: bool = False) -> DistillResult:
+    """Train ``student`` in place to reproduce ``teacher``'s outputs on ``batches``; returns a
+    :class:`DistillResult`.
+
+    batches: a re-iterable of inputs ``x``, ``(x, labels)`` or dicts of keyword inputs (tokenised text), with a
+        length; under torchrun, a :class:`structprune.finetune.ShardedBatches` so that each process reads its
+        share. Labels are used only with ``config.alpha`` > 0.
+    state_path: where the run's state is written after every epoch (removed at the end); resume: continue from it.
+    """
+    config = config or DistillConfig()
+    device = torch.device(device) if device is not None else next(student.parameters()).device
+    config = config.resolved(student, device)
+    if len(batches) == 0:
+        raise StructPruneError("distill: no batches to train on")
+    teacher = teacher.to(device).eval()
+    loss = Loss(config, device)
+    optimizer = _optimizer(student, config)
+    run = Run(config.epochs, config.steps, config.accumulate, config.max_grad_norm,
+              {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.autocast))
+    total = run.total_steps(len(batches))
+    state = None if state_path is None else RunState(state_path, asdict(config), "distillation")
+    start = time.perf_counter()
+    losses = optimize(student, batches, lambda net, batch: loss(net, teacher, batch), optimizer,
+                      lambda step: config.lr_factor(step, total), run, device, progress=progress, state=state,
+                      resume=resume, train_mode=nn.Module.train if config.dropout else _batchnorm_trains)
+    return DistillResult(loss.kind or config.loss, losses, total, asdict(config), time.perf_counter() - start)
+
+
+def _batchnorm_trains(model: nn.Module) -> None:
+    """Eval mode but for the BatchNorm layers, which train (their statistics update)."""
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.train()
+
+
+def _optimizer(model: nn.Module, config: DistillConfig) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0)
+
+
+class Loss:
+    """The distillation objective of one batch: (the summed loss, the number of units summed)."""
+
+    def __init__(self, config: DistillConfig, device: torch.device):
+        self.config, self.device = config, device
+        self.kind: str | None = None  # what the first batch's outputs called for
+
+    def __call__(self, student: nn.Module, teacher: nn.Module, batch) -> tuple[Tensor, Tensor]:
+        inputs, labels = _inputs_and_labels(batch, self.device)
+        with torch.no_grad():
+            target = run_forward(teacher, inputs)
+        output = run_forward(student, inputs)
+        s, kind = _prediction(output)
+        t, _ = _prediction(target)
+        if s.shape != t.shape:
+            raise StructPruneError(f"distill: the student outputs {tuple(s.shape)} but the teacher "
+                                   f"{tuple(t.shape)}; the teacher must be the model the student was pruned from")
+        kind = kind if self.config.loss == "auto" else self.config.loss
+        self.kind = self.kind or kind
+        mask = _token_mask(inputs, s)
+        total, count = _LOSSES[kind](s.float(), t.float(), mask, self.config.temperature)
+        if self.config.alpha > 0:
+            if labels is None or s.dim() != 2:
+                raise StructPruneError("distill: alpha > 0 mixes in the cross-entropy with labels, but the batches "
+                                       "have none (or the model does not output class logits); use alpha=0")
+            ce = F.cross_entropy(s.float(), labels, reduction="sum")
+            total = (1 - self.config.alpha) * total + self.config.alpha * ce
+        return total, count
+
+
+def _inputs_and_labels(batch, device) -> tuple[object, Tensor | None]:
+    if isinstance(batch, Mapping):  # a dict, or a tokenizer's BatchEncoding
+        inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items() if k != "labels"}
+        return inputs, None
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise StructPruneError("distill: a batch is empty")
+        labels = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) and not batch[1].is_floating_point() \
+            else None
+        return batch[0].to(device), None if labels is None else labels.to(device)
+    if isinstance(batch, Tensor):
+        return batch.to(device), None
+    raise StructPruneError(f"distill: batches must be tensors, (inputs, labels) pairs or dicts of tensors; got "
+                           f"{type(batch).__name__}")
+
+
+def _prediction(output) -> tuple[Tensor, str]:
+    """The tensor to match in a model's output and the loss it calls for."""
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits, "kl"
+    hidden = getattr(output, "last_hidden_state", None)
+    if isinstance(hidden, Tensor):
+        return hidden, "cosine"
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        output = output[0]
+    if isinstance(output, Tensor):
+        return output, "kl" if output.dim() in (2, 3) else "mse"
+    raise StructPruneError(f"distill: cannot read a tensor from the model's output ({type(output).__name__})")
+
+
+def _token_mask(inputs, prediction: Tensor) -> Tensor | None:
+    """(N, tokens) of 1 at real tokens where the inputs carry an attention mask and the output is per token."""
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    if mask is None or prediction.dim() < 3 or tuple(mask.shape) != tuple(prediction.shape[:2]):
+        return None
+    return mask.to(prediction.dtype)
+
+
+def _summed(per_unit: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The sum over units (samples, or real tokens) of a per-unit loss, and how many units there are."""
+    if mask is not None:
+        return (per_unit * mask).sum(), mask.sum()
+    return per_unit.sum(), torch.tensor(float(per_unit.numel()), device=per_unit.device)
+
+
+def _kl(s: Tensor, t: Tensor, mask: Tensor | None, temperature: float) -> tuple[Tensor, Tensor]:
+    log_p_s = F.log_softmax(s / temperature, dim=-1)
+    log_p_t = F.log_softmax(t / temperature, dim=-1)
+    per_unit = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1) * temperature ** 2
+    return _summed(per_unit, mask)
+
+
+def _cosine(s: Tensor, t: Tensor, mask: Tensor | None, _temperature: float) -> tuple[Tensor, Tensor]:
+    return _summed(1 - F.cosine_similarity(s, t, dim=-1), mask)
+
+
+def _mse(s: Tensor, t: Tensor, mask: Tensor | None, _temperature: float) -> tuple[Tensor, Tensor]:
+    per_unit = (s - t).pow(2).reshape(s.shape[0], -1).mean(dim=1)
+    return _summed(per_unit, None)
+
+
+_LOSSES = {"kl": _kl, "cosine": _cosine, "mse": _mse}
+
+
+def check_pair(student: nn.Module, teacher: nn.Module, example_inputs) -> None:
+    """The teacher must accept the student's inputs and give outputs of the same shape: a one-line error if not."""
+    try:
+        with torch.no_grad():
+            s, _ = _prediction(run_forward(student.eval(), example_inputs))
+            t, _ = _prediction(run_forward(teacher.eval(), example_inputs))
+    except StructPruneError:
+        raise
+    except Exception as exc:
+        raise StructPruneError(f"distill: the teacher does not run on the student's inputs ({first_line(exc)})") \
+            from None
+    if s.shape != t.shape:
+        raise StructPruneError(f"distill: the student outputs {tuple(s.shape)} but the teacher {tuple(t.shape)}; the "
+                               f"teacher must be the model the student was pruned from")
