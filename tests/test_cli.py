@@ -66,7 +66,7 @@ def test_info_on_a_fresh_zoo_model(capsys):
 def test_every_command_has_help(capsys):
     from structprune.cli import COMMANDS, command
 
-    assert sorted(COMMANDS) == ["compare", "convert", "eval", "export", "finetune", "info", "prune", "train"]
+    assert sorted(COMMANDS) == ["compare", "convert", "distill", "eval", "export", "finetune", "info", "prune", "train"]
     for name in COMMANDS:
         with pytest.raises(SystemExit) as exit_:
             main([name, "--help"])

@@ -75,7 +75,7 @@ def test_prune_refuses_to_run_under_torchrun(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     code = cli.main(["prune", str(tmp_path / "x.pt"), "--out", str(tmp_path / "y.pt")])
-    assert code == 2 and "only train and finetune run under torchrun" in capsys.readouterr().err
+    assert code == 2 and "only train, finetune and distill run under torchrun" in capsys.readouterr().err
 
 
 # a process that stops right after it saved its run state, as Ctrl-C would (rank 0 saves the state)
@@ -127,3 +127,34 @@ def test_torchrun_finetune_and_its_resume_match_one_process(tmp_path):
         assert max(float((state[k] - reference[k]).abs().max()) for k in state) < 1e-5, name
     losses = {n: json.loads((tmp_path / f"{n}.json").read_text())["losses"] for n in ("one", "ddp", "resumed")}
     assert all(abs(x - y) < 1e-5 for n in ("ddp", "resumed") for x, y in zip(losses[n], losses["one"], strict=True))
+
+
+def test_torchrun_distillation_matches_one_process(tmp_path):
+    """2-process distillation of a pruned MLP (no BatchNorm: its statistics are per process) on the same global
+    batches ends within 1e-5 of one process; only rank 0 reports."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    small = ["--data", "synthetic", "--limit", "301", "--batch-size", "64", "--device", "cpu", "--no-progress"]
+    for argv in (["train", "--model", "lenet300", "--epochs", "1", *small, "--out", "dense.pt"],
+                 ["prune", "dense.pt", "--ratio", "0.5", "--no-refit", *small, "--no-eval", "--out", "pruned.pt"]):
+        done = subprocess.run([sys.executable, "-m", "structprune", *argv], capture_output=True, text=True,
+                              timeout=300, env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+    distill = ["distill", "pruned.pt", "--epochs", "2", "--lr", "0.05", *small]
+
+    def launch(out, *extra, processes=2):
+        runner = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+                  if processes > 1 else [sys.executable])
+        return subprocess.run([*runner, "-m", "structprune", *distill, "--out", out, *extra], capture_output=True,
+                              text=True, timeout=300, env=env, cwd=tmp_path)
+
+    one = launch("one.pt", processes=1)
+    assert one.returncode == 0, one.stderr[-2000:]
+    ddp = _launched(launch, "ddp.pt")
+    assert ddp.returncode == 0, ddp.stderr[-2500:]
+    assert ddp.stdout.count("distilled") == 1
+    a, b = structprune.load(tmp_path / "ddp.pt").state_dict(), structprune.load(tmp_path / "one.pt").state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    before = structprune.load(tmp_path / "pruned.pt").state_dict()
+    assert max(float((a[k] - before[k]).abs().max()) for k in a) > 1e-3  # it did train
+    losses = [json.loads((tmp_path / f"{n}.json").read_text())["losses"] for n in ("ddp", "one")]
+    assert all(abs(x - y) < 1e-5 for x, y in zip(*losses, strict=True))

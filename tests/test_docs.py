@@ -41,6 +41,7 @@ SMALL = {
     "prune": ["--limit", "200", "--calib-samples", "64", "--recovery-samples", "128", "--train-limit", "256"],
     "compare": ["--limit", "200", "--calib-samples", "64", "--recovery-samples", "128", "--train-limit", "256"],
     "eval": ["--limit", "200"],
+    "distill": ["--limit", "256", "--eval-limit", "200"],
 }
 #: a Hugging Face prune reads text: its own small sizes (it refuses the checkpoint path's --train-limit)
 SMALL_TEXT = ["--limit", "8", "--calib-samples", "8", "--recovery-samples", "16"]
@@ -147,6 +148,7 @@ def workspace(tmp_path, doc):
     gen = np.random.default_rng(0)
     np.savez(tmp_path / "calib.npz", x=gen.standard_normal((40, 3, 16, 16)).astype(np.float32),
              y=gen.integers(0, 3, 40))
+    np.save(tmp_path / "unlabelled.npy", gen.standard_normal((64, 1, 28, 28)).astype(np.float32))
     _tiny_bert(tmp_path / "path" / "to" / "model")
     words = ["the", "first", "calibration", "sentence", "and", "a", "second", "one", "of", "your", "own", "text"]
     (tmp_path / "text.txt").write_text("\n".join(" ".join(words[i:] + words[:i]) for i in range(len(words))) + "\n")

@@ -46,17 +46,19 @@ def compare_table(rows: list[dict], dense_accuracy: float | None) -> str:
 
 def _compare_cells(rows: list[dict], dense_accuracy: float | None) -> tuple[list[str], list[list[str]]]:
     """The compare table's header and its rows' cells (the dense row first), for Markdown and HTML alike."""
-    tuned = any("accuracy_finetuned" in r for r in rows)
+    extra = [(key, title) for key, title in (("accuracy_finetuned", "accuracy fine-tuned (%)"),
+                                             ("accuracy_distilled", "accuracy distilled (%)"))
+             if any(key in r for r in rows)]
     head = ["method", "target", "MACs kept", "params kept", "accuracy pruned (%)"]
-    head += ["accuracy fine-tuned (%)"] if tuned else []
+    head += [title for _, title in extra]
     head += ["prune time (s)"]
     body = []
     if dense_accuracy is not None:
-        body.append(["dense", "1.00", "100.0%", "100.0%", f"{dense_accuracy:.2f}"] + ([""] if tuned else []) + [""])
+        body.append(["dense", "1.00", "100.0%", "100.0%", f"{dense_accuracy:.2f}"] + [""] * len(extra) + [""])
     for r in rows:
         cells = [r["method"], f"{r['target']:.2f}", f"{r['macs_ratio']:.1%}", f"{r['params_ratio']:.1%}",
                  _num(r.get("accuracy_pruned"))]
-        cells += [_num(r.get("accuracy_finetuned"))] if tuned else []
+        cells += [_num(r.get(key)) for key, _ in extra]
         body.append(cells + [f"{r['prune_seconds']:.2f}"])
     return head, body
 
@@ -103,7 +105,8 @@ def _num(value) -> str:
 
 def plot_compare(rows: list[dict], path: str | os.PathLike, title: str, dense_accuracy: float | None = None,
                  x: str = "macs_ratio") -> Path:
-    """Accuracy vs remaining MACs (or params) per method, pruned (solid) and fine-tuned (dashed)."""
+    """Accuracy vs remaining MACs (or params) per method, pruned (solid), fine-tuned (dashed) and distilled
+    (dotted)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,9 +119,10 @@ def plot_compare(rows: list[dict], path: str | os.PathLike, title: str, dense_ac
         color = f"C{i % 10}"
         if any(r.get("accuracy_pruned") is not None for r in mine):
             ax.plot([r[x] for r in mine], [r["accuracy_pruned"] for r in mine], "o-", color=color, label=method)
-        if any("accuracy_finetuned" in r for r in mine):
-            ax.plot([r[x] for r in mine], [r["accuracy_finetuned"] for r in mine], "s--", color=color,
-                    label=f"{method} (fine-tuned)")
+        for key, marker, what in (("accuracy_finetuned", "s--", "fine-tuned"), ("accuracy_distilled", "^:",
+                                                                                "distilled")):
+            if any(key in r for r in mine):
+                ax.plot([r[x] for r in mine], [r[key] for r in mine], marker, color=color, label=f"{method} ({what})")
     if dense_accuracy is not None:
         ax.axhline(dense_accuracy, color="black", linestyle=":", label="dense")
     ax.set_xlabel("remaining MACs (fraction of dense)" if x == "macs_ratio" else "remaining params (fraction)")

@@ -1,4 +1,4 @@
-"""The ``structprune`` command: train, finetune, prune, compare, eval, info, convert, export.
+"""The ``structprune`` command: train, finetune, prune, distill, compare, eval, info, convert, export.
 
 One module per command (``register(parser)`` adds its options, ``run(args)`` runs it, ``DESCRIPTION`` heads its
 ``--help``); shared options in :mod:`structprune.cli.options`, shared steps in :mod:`structprune.cli.common`, the
@@ -28,6 +28,7 @@ COMMANDS = {
     "train": ("train", "train a zoo model and save a checkpoint"),
     "finetune": ("finetune", "fine-tune a (pruned) checkpoint"),
     "prune": ("prune", "prune a checkpoint and save the smaller model"),
+    "distill": ("distill", "recover a pruned model by matching the dense one, no labels needed"),
     "compare": ("compare", "compare methods on one checkpoint at several targets"),
     "eval": ("evaluate", "accuracy, params, MACs and latency of checkpoints"),
     "info": ("info", "list the prunable groups of a model"),

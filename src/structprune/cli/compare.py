@@ -3,13 +3,16 @@ all; a table, JSON, a plot and a self-contained HTML page. Resumable: every fini
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
 
 from .. import allocate, measure, report
 from ..api import prune
+from ..distill import DistillConfig, distill
 from ..errors import StructPruneError
+from ..finetune import ShardedBatches
 from ..run_state import RunState
 from ..safe_io import check_output, write_atomic
 from . import common, options
@@ -17,8 +20,8 @@ from . import common, options
 log = logging.getLogger("structprune")
 
 DESCRIPTION = ("Prune one checkpoint with several methods to several targets (fractions of the dense MACs or "
-               "params), on the same calibration data; report accuracy before and after an optional fine-tune and "
-               "the pruning time, as Markdown, JSON and a plot.")
+               "params), on the same calibration data; report accuracy before and after an optional fine-tune (and "
+               "distillation) and the pruning time, as Markdown, JSON and a plot.")
 
 
 def register(p) -> None:
@@ -37,6 +40,11 @@ def register(p) -> None:
                    help="calibration samples every method selects on (default: each method's own)")
     options.add_recovery(p)
     options.add_finetune(p, "of each pruned model")
+    p.add_argument("--distill-steps", type=int, default=0, metavar="N",
+                   help="also distil each pruned model from the dense one for N optimizer steps on the training "
+                        "split (--train-limit samples, no labels needed; the --distill-* options), a column of its "
+                        "own (default: 0)")
+    options.add_distill(p, prefix="distill-")
     p.add_argument("--out-dir", required=True,
                    help="directory for compare.md, compare.json, compare.png and compare.html (one self-contained "
                         "page: table and plot)")
@@ -58,8 +66,10 @@ def run(args) -> int:
     for path in outputs:
         common.refuse_input(path, [args.checkpoint, args.weights])
         check_output(path, args.force or args.resume, what="--out-dir:")
-    if args.finetune_epochs < 0:
-        raise StructPruneError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
+    for flag in ("finetune_epochs", "distill_steps"):
+        if getattr(args, flag) < 0:
+            raise StructPruneError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    distilling = options.distill_config(args, "distill-", args.distill_steps) if args.distill_steps else None
     device = options.device(args.device)
     common.use_recorded_data(args, args.checkpoint)
     model = common.model_from(args, args.checkpoint).to(device)
@@ -69,7 +79,8 @@ def run(args) -> int:
     settings = {**source, "data": args.data, "limit": args.limit, "metric": args.metric,
                 "allocation": args.allocation, **options.recovery(args), "calib_samples": args.calib_samples,
                 "finetune_epochs": args.finetune_epochs, "train_limit": args.train_limit, "seed": args.seed,
-                "train": vars(options.train_config(args, max(args.finetune_epochs, 1)))}
+                "train": vars(options.train_config(args, max(args.finetune_epochs, 1))),
+                "distill": None if distilling is None else vars(distilling)}
     state = RunState(out_dir / "compare.state", settings)
     state.refuse_unless(args.resume, args.force)
     args.state_file = state.path
@@ -86,7 +97,8 @@ def run(args) -> int:
     for method in args.methods:
         for target in args.targets:
             if (method, target) not in done:
-                rows.append(_row(args, model, calib, test_loader, example.to(device), device, method, target))
+                rows.append(_row(args, model, calib, test_loader, example.to(device), device, method, target,
+                                 distilling))
                 state.save({"rows": rows})  # every finished run is kept: Ctrl-C loses only the current one
                 common.write_json(outputs[1], payload, True)
     order = {(m, t): i for i, (m, t) in enumerate((m, t) for m in args.methods for t in args.targets)}
@@ -99,8 +111,9 @@ def run(args) -> int:
     return 0
 
 
-def _row(args, model, calib, test_loader, example, device, method: str, target: float) -> dict:
-    """One method at one target: prune (and fine-tune), measure."""
+def _row(args, model, calib, test_loader, example, device, method: str, target: float,
+         distilling: DistillConfig | None) -> dict:
+    """One method at one target: prune (and fine-tune, and distil a copy of the pruned model), measure."""
     budget = allocate.Target(target, args.metric, args.allocation)
     result = prune(model, calib, method, budget, example_inputs=example, **options.recovery(args),
                    calib_samples=args.calib_samples, seed=args.seed, progress=not args.no_progress)
@@ -111,6 +124,13 @@ def _row(args, model, calib, test_loader, example, device, method: str, target: 
            "prune_seconds": result.seconds, "calib_samples": result.calib_samples,
            "accuracy_pruned": measure.accuracy(result.model, test_loader, device),
            "warnings": result.warnings}
+    if distilling is not None:
+        student = copy.deepcopy(result.model)
+        batches = ShardedBatches(common.source(args).load("train", args.train_limit), args.batch_size,
+                                 seed=args.seed)
+        row["distill_seconds"] = distill(student, model, batches, distilling, device=device,
+                                         progress=not args.no_progress).seconds
+        row["accuracy_distilled"] = measure.accuracy(student, test_loader, device)
     if args.finetune_epochs:
         start = time.perf_counter()
         common.fit(result.model, args, args.finetune_epochs, device, limit=args.train_limit)
@@ -118,6 +138,7 @@ def _row(args, model, calib, test_loader, example, device, method: str, target: 
         row["accuracy_finetuned"] = measure.accuracy(result.model, test_loader, device)
     log.info(f"{method} at {args.metric} {target}: accuracy {row['accuracy_pruned']:.2f}%"
              + (f" -> {row['accuracy_finetuned']:.2f}% fine-tuned" if "accuracy_finetuned" in row else "")
+             + (f", {row['accuracy_distilled']:.2f}% distilled" if "accuracy_distilled" in row else "")
              + f", pruned in {result.seconds:.1f}s")
     return row
 

@@ -14,6 +14,7 @@ import torch
 from ..allocate import Budget, PerLayer, Target, Uniform
 from ..attention import PARTS
 from ..data.fashion_mnist import DEFAULT_ROOT
+from ..distill import AUTOCAST, LOSSES, OPTIMIZERS, DistillConfig
 from ..errors import StructPruneError
 from ..finetune import TrainConfig
 from ..methods import available as available_methods
@@ -130,9 +131,10 @@ def add_data(p: argparse.ArgumentParser, limit_help: str) -> None:
 def add_dataset(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, metavar="DATA",
                    help="dataset: fashion-mnist (from Debian's dataset-fashion-mnist), digits, synthetic; "
-                        "imagefolder:DIR (a sub-folder per class; DIR/train and DIR/test or DIR/val as the splits "
-                        "when they exist, else a seeded 80/20 split), a .npz/.npy/.pt file of tensors (x and y, or "
-                        "x_train, y_train, x_test, y_test), or module:function returning a Dataset of (x, y) or x "
+                        "imagefolder:DIR (a sub-folder per class, or the images alone: no labels; DIR/train and "
+                        "DIR/test or DIR/val as the splits when they exist, else a seeded 80/20 split), a "
+                        ".npz/.npy/.pt file of tensors (x and y, or x_train, y_train, x_test, y_test; x alone: no "
+                        "labels), or module:function returning a Dataset of (x, y) or x "
                         "(default: the data a checkpoint records, with its image size and normalisation; else "
                         "fashion-mnist)")
     p.add_argument("--data-dir", default=None,
@@ -338,3 +340,51 @@ def method_options(args) -> dict:
         raise StructPruneError(f"--option: {exc}") from None
     return options
 
+
+def add_distill(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The distillation options (``prefix``: prune's --distill-steps names its run length itself)."""
+    g = p.add_argument_group("distillation")
+    if not prefix:
+        length = g.add_mutually_exclusive_group()
+        length.add_argument("--epochs", type=positive, default=None,
+                            help="passes over the data (default: 1)")
+        length.add_argument("--steps", type=positive, default=None,
+                            help="optimizer steps instead of epochs")
+    g.add_argument(f"--{prefix}optimizer", default="auto", choices=OPTIMIZERS,
+                   help="auto: AdamW for transformers, SGD (Nesterov momentum 0.9) otherwise (default: auto)")
+    g.add_argument(f"--{prefix}lr", type=float, default=None,
+                   help="peak learning rate (default: SGD 0.02, AdamW 1e-4)")
+    g.add_argument(f"--{prefix}weight-decay", type=float, default=None,
+                   help="on conv/linear weights only (default: SGD 5e-4, AdamW 0.01)")
+    g.add_argument(f"--{prefix}warmup", type=float, default=0.05,
+                   help="share of the steps with a linear warm-up, then a cosine to 0 (default: 0.05)")
+    g.add_argument(f"--{prefix}temperature", type=float, default=1.0,
+                   help="temperature T of the KL divergence (default: 1)")
+    g.add_argument(f"--{prefix}alpha", type=float, default=0.0,
+                   help="weight of the cross-entropy with the data's labels mixed in, in [0, 1] (default: 0: "
+                        "no labels used)")
+    g.add_argument(f"--{prefix}loss", default="auto", choices=LOSSES,
+                   help="kl, cosine, mse, or auto: kl for logits, cosine for hidden states, mse otherwise "
+                        "(default: auto)")
+    g.add_argument(f"--{prefix}max-grad-norm", type=float, default=None,
+                   help="clip the gradient to this norm (default: SGD none, AdamW 1.0)")
+    g.add_argument(f"--{prefix}accumulate", type=positive, default=1,
+                   help="batches whose gradients make one optimizer step (default: 1)")
+    g.add_argument(f"--{prefix}dropout", action="store_true",
+                   help="train with the student's dropout on (default: off, only BatchNorm layers in train mode, so "
+                        "the student learns the teacher's function without noise)")
+    g.add_argument(f"--{prefix}autocast", default="auto", choices=AUTOCAST,
+                   help="forward passes in bf16/fp16 under torch.autocast; auto: bf16 on a GPU that has it, else "
+                        "off (default: auto)")
+
+
+def distill_config(args, prefix: str = "", steps: int | None = None) -> DistillConfig:
+    """The DistillConfig of the options :func:`add_distill` added (with ``prefix``: a run of ``steps``)."""
+    dest = prefix.replace("-", "_")
+    value = {k: getattr(args, f"{dest}{k}") for k in ("optimizer", "lr", "weight_decay", "warmup", "temperature",
+                                                         "alpha", "loss", "max_grad_norm", "accumulate", "autocast",
+                                                         "dropout")}
+    if not prefix:
+        steps = args.steps
+    epochs = getattr(args, "epochs", None) or (1 if steps is None else 1_000_000)
+    return DistillConfig(epochs=epochs, steps=steps, **value)

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from .. import checkpoint, measure, methods, schedule
 from ..allocate import Uniform
+from ..distill import distill
 from ..errors import StructPruneError
+from ..finetune import ShardedBatches
 from . import common, options, prune_hf
 
 log = logging.getLogger("structprune")
@@ -58,6 +61,10 @@ def _checkpoint_only(p: argparse.ArgumentParser) -> None:
                    help="fine-tune epochs after each group (sequential schedule) (default: 0)")
     p.add_argument("--no-eval", action="store_true", help="skip test accuracy before/after")
     options.add_dataset(p)
+    p.add_argument("--distill-steps", type=int, default=0, metavar="N",
+                   help="last stage: N optimizer steps of distillation from the dense model on the training split "
+                        "(--train-limit samples; no labels needed; the --distill-* options below) (default: 0)")
+    options.add_distill(p, prefix="distill-")
 
 
 def path_parser(hugging_face: bool) -> argparse.ArgumentParser:
@@ -104,9 +111,11 @@ def _run(args) -> int:
     device = options.device(args.device)
     budget = options.budget(args)
     method_options = options.method_options(args)
-    for flag in ("finetune_epochs", "layer_finetune_epochs"):
+    for flag in ("finetune_epochs", "layer_finetune_epochs", "distill_steps"):
         if getattr(args, flag) < 0:
             raise StructPruneError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.distill_steps:
+        options.distill_config(args, "distill-", args.distill_steps)  # checked before any work
     if args.schedule == "sequential" and args.layer_finetune_epochs == 0:
         raise StructPruneError("--schedule sequential fine-tunes after every group: give --layer-finetune-epochs")
     model = common.model_from(args, args.checkpoint).to(device)
@@ -130,7 +139,7 @@ def _run(args) -> int:
                    "train": vars(options.train_config(args, 1))},
         **method_options)
     first, last = results[0], results[-1]
-    report = {"command": "prune", **source, "data": args.data, "schedule": args.schedule,
+    report = {"command": "prune", **source, "teacher": _teacher(source), "data": args.data, "schedule": args.schedule,
               **last.to_dict(), "before": first.before, "seconds": sum(r.seconds for r in results),
               "params_ratio": last.after["params"] / first.before["params"],
               "macs_ratio": last.after["macs"] / first.before["macs"], "steps": steps,
@@ -138,10 +147,14 @@ def _run(args) -> int:
     if evaluate is not None:
         report["accuracy_before"] = dense_accuracy
         report["accuracy_after"] = evaluate(final)
+    if args.distill_steps:
+        _distill(args, final, model, device, evaluate, report)
     checkpoint.save(final.cpu(), out, force=args.force, extra={"report": report, "data": common.data_record(args)})
     common.write_json(report_path, report, args.force)
     acc = "" if evaluate is None else (f", accuracy {report['accuracy_before']:.2f}% -> "
                                        f"{report['accuracy_after']:.2f}%")
+    if "accuracy_distilled" in report:
+        acc += f" ({report['accuracy_distilled']:.2f}% after {args.distill_steps} distillation steps)"
     print(f"{args.method} ({args.schedule}): params {first.before['params']:,} -> {last.after['params']:,} "
           f"({report['params_ratio']:.1%}), MACs {first.before['macs']:,} -> {last.after['macs']:,} "
           f"({report['macs_ratio']:.1%}){acc}, pruned in {report['seconds']:.1f}s -> {out}")
@@ -150,3 +163,20 @@ def _run(args) -> int:
                  f"groups loses rows and columns, keeping about {budget.ratio ** 2:.0%} of its weights: "
                  f"--target-params or --target-flops set the model's own share")
     return 0
+
+
+def _teacher(source: dict) -> dict:
+    """The dense model a later ``structprune distill`` matches by default: the source, its paths made absolute."""
+    return {k: str(Path(v).resolve()) if k in ("checkpoint", "weights") and v is not None else v
+            for k, v in source.items()}
+
+
+def _distill(args, pruned, dense, device, evaluate, report: dict) -> None:
+    """The last stage, --distill-steps: the pruned model trained to match the dense one on the training split."""
+    dataset = common.source(args).load("train", args.train_limit)
+    batches = ShardedBatches(dataset, args.batch_size, seed=args.seed)
+    result = distill(pruned, dense, batches, options.distill_config(args, "distill-", args.distill_steps),
+                     device=device, progress=not args.no_progress)
+    report["distill"] = result.to_dict()
+    if evaluate is not None:
+        report["accuracy_distilled"] = evaluate(pruned)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import warnings
+from pathlib import Path
 
 from ..api import prune
 from ..attention import PARTS, layer_sizes
@@ -64,7 +65,8 @@ def run(args) -> int:
                    calib_samples=args.calib_samples, ignored_layers=ignored + list(args.ignore), seed=args.seed,
                    stream=args.stream, progress=not args.no_progress, **method_options)
     similarity = embedding_similarity(dense_embeddings, sentence_embeddings(result.model, test))
-    report = {"command": "prune", "hf_model": str(args.hf_model), "prune": args.prune,
+    report = {"command": "prune", "hf_model": str(args.hf_model), "teacher": str(Path(args.hf_model).resolve()),
+              "prune": args.prune,
               "text": args.text or str(text.FORTUNES), "calibration_sentences": result.calib_samples,
               "held_out_sentences": len(test.texts), "max_length": args.max_length, **result.to_dict(),
               "layer_sizes": layer_sizes(result.model), "embedding_cosine_similarity": similarity}

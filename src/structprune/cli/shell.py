@@ -19,7 +19,7 @@ from ..finetune import process
 log = logging.getLogger("structprune")
 
 #: the commands that run under torchrun (DDP); the others refuse it
-DISTRIBUTED = ("train", "finetune")
+DISTRIBUTED = ("train", "finetune", "distill")
 
 
 def paint(text: str, code: str) -> str:
@@ -63,7 +63,7 @@ def _guarded(args, command: Callable[[object], int]) -> int:
     try:
         torch.manual_seed(getattr(args, "seed", 0))
         if process().distributed and args.command not in DISTRIBUTED:
-            raise StructPruneError("only train and finetune run under torchrun (DDP); run the other commands "
+            raise StructPruneError("only train, finetune and distill run under torchrun (DDP); run the other commands "
                                    "in one process")
         code = command(args)
         if torch.distributed.is_initialized():

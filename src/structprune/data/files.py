@@ -1,7 +1,8 @@
 """Calibration and evaluation data from the user's own files: an image folder, tensors in a file, or a
 ``module:function`` that returns a dataset.
 
-* ``imagefolder:DIR``: one sub-folder per class (sorted names are the labels), images of any size read with
+* ``imagefolder:DIR``: one sub-folder per class (sorted names are the labels), or the images in ``DIR`` itself
+  (no labels: for distillation and calibration), images of any size read with
   Pillow, converted to RGB, resized to ``image_size`` × ``image_size`` (default: the images' own size when they
   share one, else 224) and normalised with ``mean``/``std`` (default: ImageNet's, what torchvision's and timm's
   pretrained models expect). ``DIR/train`` and ``DIR/test`` (or ``DIR/val``) are the two splits when they exist;
@@ -65,9 +66,11 @@ def _split(dataset: Dataset, split: str, seed: int) -> Dataset:
 
 
 class ImageFolder(Dataset):
-    """Images under ``root/<class>/``, read when indexed: ((3, size, size) float tensor, class index)."""
+    """Images under ``root/<class>/``, read when indexed: ((3, size, size) float tensor, class index); without
+    classes (``classes`` is ``[""]``: the images lie in ``root`` itself), the image tensor alone."""
 
     def __init__(self, root: Path, classes: list[str], image_size: tuple[int, int], mean, std):
+        self.labelled = classes != [""]
         self.files = [(path, label) for label, name in enumerate(classes)
                       for path in sorted((root / name).rglob("*")) if path.suffix.lower() in IMAGE_SUFFIXES]
         #: files in the class folders that are not images (left out)
@@ -96,7 +99,8 @@ class ImageFolder(Dataset):
                 pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
         except (OSError, ValueError) as exc:
             raise StructPruneError(f"--data: {path} is not a readable image ({first_line(exc)})") from None
-        return (pixels.permute(2, 0, 1) / 255 - self.mean) / self.std, label
+        image = (pixels.permute(2, 0, 1) / 255 - self.mean) / self.std
+        return (image, label) if self.labelled else image
 
 
 class Source:
@@ -146,9 +150,13 @@ class Source:
                  for name in names if (root / name).is_dir()}
         if len(parts) < 2:
             parts = {"": root}
-        classes = sorted(p.name for p in next(iter(parts.values())).iterdir() if p.is_dir())
+        first = next(iter(parts.values()))
+        classes = sorted(p.name for p in first.iterdir() if p.is_dir())
+        if not classes and any(p.suffix.lower() in IMAGE_SUFFIXES for p in first.iterdir()):
+            classes = [""]  # images without labels, for distillation and calibration
         if not classes:
-            raise StructPruneError(f"--data imagefolder:{root}: no class sub-folders (one folder per class)")
+            raise StructPruneError(f"--data imagefolder:{root}: no class sub-folders (one folder per class) and no "
+                                   f"images in it")
         asked = self.image_size
         folders = {s: ImageFolder(d, classes, (1, 1), self.mean, self.std) for s, d in parts.items()}
         self.image_size = _image_size(root, [f for folder in folders.values() for f, _ in folder.files], asked,
@@ -159,7 +167,7 @@ class Source:
             self._splits = {s: _split(folders[""], s, seed=0) for s in ("train", "test")}
         else:
             self._splits = folders
-        self.classes = len(classes)
+        self.classes = len(classes) if classes != [""] else None
 
     def _tensors(self, path: Path) -> None:
         if not path.is_file():
