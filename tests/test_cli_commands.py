@@ -21,7 +21,8 @@ CHECKPOINT_ONLY = {
     "--std": "0.5", "--distill-steps": "2", "--distill-optimizer": "sgd", "--distill-lr": "0.1",
     "--distill-weight-decay": "0", "--distill-warmup": "0.1", "--distill-temperature": "2", "--distill-alpha": "0.5",
     "--distill-loss": "kl", "--distill-max-grad-norm": "1", "--distill-accumulate": "2", "--distill-dropout": None,
-    "--distill-autocast": "off",
+    "--distill-autocast": "off", "--distill-match": "fc1", "--distill-match-weight": "0.5",
+    "--distill-teacher-cache": "t.pt",
 }
 HF_ONLY = {"--hf-model": "DIR", "--prune": "heads", "--text": "t.txt", "--max-length": "16"}
 

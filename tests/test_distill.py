@@ -230,3 +230,58 @@ def test_only_batchnorm_trains_unless_dropout_is_asked_for(dropout):
             DistillConfig(dropout=dropout), progress=False)
     assert seen == {("BatchNorm1d", True), ("Dropout", dropout)}
     assert not student.training  # eval mode at the end
+
+
+def test_a_teacher_cache_trains_alike_and_spares_the_teacher(tmp_path):
+    """With the teacher's outputs cached the run ends with the same weights; a second run reads the file and never
+    calls the teacher; a file of another teacher is refused."""
+    teacher, student, x = _pair(seed=7)
+    plain, cached, again = copy.deepcopy(student), copy.deepcopy(student), copy.deepcopy(student)
+    config = DistillConfig(epochs=2, lr=0.05)
+    distill(plain, teacher, ShardedBatches(TensorDataset(x), 32, seed=2), config, progress=False)
+    cache = tmp_path / "teacher.pt"
+    distill(cached, teacher, ShardedBatches(TensorDataset(x), 32, seed=2), config, progress=False,
+            teacher_cache=cache)
+    for a, b in zip(plain.state_dict().values(), cached.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    distill(again, teacher, ShardedBatches(TensorDataset(x), 32, seed=2), config, progress=False,
+            teacher_cache=cache)
+    assert not calls and all(torch.equal(a, b) for a, b in zip(cached.state_dict().values(),
+                                                                again.state_dict().values(), strict=True))
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        other[0].weight.add_(0.1)
+    with pytest.raises(StructPruneError, match="another teacher or other data"):
+        distill(copy.deepcopy(student), other, ShardedBatches(TensorDataset(x), 32), config, progress=False,
+                teacher_cache=cache)
+
+
+def test_matching_adds_the_relative_error_of_the_named_layers():
+    """match=("1",) adds, per sample, ‖s − t‖²/‖t‖² of layer 1's outputs (mean over elements), brought to the
+    loss's units; a layer whose width the pruning changed is refused; the hooks are gone afterwards."""
+    torch.manual_seed(8)
+    teacher = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)).eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student[0].weight.mul_(0.5)
+    x = torch.randn(10, 8)
+    config = DistillConfig(match=("1",), match_weight=0.3)
+    from structprune.distill import Matcher
+
+    matcher = Matcher(student, teacher, config.match)
+    total, count = Loss(config.resolved(student, torch.device("cpu")), torch.device("cpu"), matcher=matcher)(
+        student, teacher, x)
+    matcher.close()
+    plain, _ = _loss(DistillConfig(), student, teacher, x)
+    with torch.no_grad():
+        s, t = torch.tanh(student[0](x)), torch.tanh(teacher[0](x))
+    relative = ((s - t).pow(2).mean(1) / t.pow(2).mean(1)).sum()
+    assert torch.allclose(total, plain + 0.3 * relative, atol=1e-5) and float(count) == 10
+    pruned = structprune.prune(teacher, [x], "magnitude", 0.5, progress=False).model
+    with pytest.raises(StructPruneError, match="match layers whose width the pruning kept"):
+        distill(pruned, teacher, [x], DistillConfig(match=("1",)), progress=False)
+    with pytest.raises(StructPruneError, match="names no layer"):
+        distill(copy.deepcopy(student), teacher, [x], DistillConfig(match=("encoder.*",)), progress=False)
+    assert not any(m._forward_hooks for m in (*pruned.modules(), *teacher.modules()))

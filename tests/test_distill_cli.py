@@ -213,3 +213,21 @@ def test_a_causal_lm_directory_distils_token_distributions_and_reports_perplexit
     assert report["perplexity_after"] > 1 and report["teacher_perplexity"] > 1
     assert "held-out perplexity" in capsys.readouterr().out
     assert structprune.load(out).model.layers[0].mlp.gate_proj.out_features == 32
+
+
+def test_a_teacher_cache_and_layer_matching_from_the_command_line(pruned, tmp_path, capsys):
+    cache = tmp_path / "teacher.pt"
+    for out in ("a.pt", "b.pt"):
+        code = main(["distill", str(pruned / "pruned.pt"), *SMALL, "--teacher-cache", str(cache), "--out",
+                     str(tmp_path / out)])
+        assert code == 0, capsys.readouterr().err
+    assert cache.is_file()  # computed by the first run, read by the second: the same weights
+    a, b = structprune.load(tmp_path / "a.pt").state_dict(), structprune.load(tmp_path / "b.pt").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    code = main(["distill", str(pruned / "pruned.pt"), *SMALL, "--match", "conv2", "--out", str(tmp_path / "c.pt")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "match layers whose width the pruning kept" in err
+    code = main(["distill", str(pruned / "pruned.pt"), *SMALL, "--match", "fc3", "--match-weight", "0.5",
+                 "--out", str(tmp_path / "d.pt")])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "d.json").read_text())["config"]["match"] == ["fc3"]

@@ -23,24 +23,32 @@ with linear warm-up, gradient clipping, bf16 autocast on GPUs that support it, g
 
 from __future__ import annotations
 
+import copy
+import fnmatch
+import json
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .batches import run_forward
 from .errors import StructPruneError, first_line
-from .finetune import Run, optimize, parameter_groups
+from .finetune import Indexed, Process, Run, ShardedBatches, init_distributed, optimize, parameter_groups
+from .progress import bar as progress_bar
 from .run_state import RunState
+from .safe_io import load_tensors, write_atomic
 
 LOSSES = ("auto", "kl", "cosine", "mse")
 OPTIMIZERS = ("auto", "sgd", "adamw")
 AUTOCAST = ("auto", "bf16", "fp16", "off")
+CACHE_FORMAT = "structprune-teacher-outputs"
 #: learning rate and weight decay by optimizer, when not given
 DEFAULTS = {"sgd": {"lr": 0.02, "weight_decay": 5e-4, "max_grad_norm": None},
             "adamw": {"lr": 1e-4, "weight_decay": 0.01, "max_grad_norm": 1.0}}
@@ -62,6 +70,9 @@ class DistillConfig:
     dropout: the student trains in train mode (its dropout, attention dropout and stochastic depth active); by
         default only its BatchNorm layers do (their statistics follow the pruned activations) and the rest runs as
         in eval mode, so that the student learns the function the teacher computes, without noise.
+    match: names of layers (fnmatch patterns) whose outputs the student also matches to the teacher's, where the
+        pruning kept their width (a transformer's layers, a ResNet's blocks with scope="inner"): the mean squared
+        error relative to the teacher's mean square, averaged over the layers, weighted by ``match_weight``.
     """
 
     epochs: int = 1
@@ -78,6 +89,8 @@ class DistillConfig:
     accumulate: int = 1
     autocast: str = "auto"
     dropout: bool = False
+    match: tuple[str, ...] = ()
+    match_weight: float = 1.0
 
     def __post_init__(self):
         checks = [
@@ -99,6 +112,9 @@ class DistillConfig:
             (isinstance(self.accumulate, int) and self.accumulate >= 1, f"accumulate must be a positive integer, "
                                                                         f"got {self.accumulate!r}"),
             (self.autocast in AUTOCAST, f"autocast must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}"),
+            (isinstance(self.match, (tuple, list)) and all(isinstance(p, str) for p in self.match),
+             f"match must be a tuple of layer names or patterns, got {self.match!r}"),
+            (self.match_weight >= 0, f"match_weight must be >= 0, got {self.match_weight}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -147,7 +163,7 @@ def is_transformer(model: nn.Module) -> bool:
 
 def distill(student: nn.Module, teacher: nn.Module, batches: Iterable, config: DistillConfig | None = None,
             device=None, progress: bool = True, state_path: str | os.PathLike | None = None,
-            resume: bool = False) -> DistillResult:
+            resume: bool = False, teacher_cache: str | os.PathLike | None = None) -> DistillResult:
     """Train ``student`` in place to reproduce ``teacher``'s outputs on ``batches``; returns a
     :class:`DistillResult`.
 
@@ -155,6 +171,10 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable, config: D
         length; under torchrun, a :class:`structprune.finetune.ShardedBatches` so that each process reads its
         share. Labels are used only with ``config.alpha`` > 0.
     state_path: where the run's state is written after every epoch (removed at the end); resume: continue from it.
+    teacher_cache: a file for the teacher's outputs on every sample, computed once (one pass, in order) and read
+        in every epoch and later runs instead of running the teacher (``batches`` a :class:`ShardedBatches` whose
+        samples give outputs of one shape: images, not padded text); a file of another teacher or other data is
+        refused.
     """
     config = config or DistillConfig()
     device = torch.device(device) if device is not None else next(student.parameters()).device
@@ -162,16 +182,29 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable, config: D
     if len(batches) == 0:
         raise StructPruneError("distill: no batches to train on")
     teacher = teacher.to(device).eval()
-    loss = Loss(config, device)
+    cached = None
+    if teacher_cache is not None:
+        if config.match:
+            raise StructPruneError("distill: a teacher cache keeps the teacher's outputs only, and match compares "
+                                   "its layers' outputs too: use one or the other")
+        cached = teacher_outputs(teacher, batches, teacher_cache, device, progress)
+        batches = copy.copy(batches)
+        batches.indices = True
+    matcher = Matcher(student, teacher, config.match) if config.match else None
+    loss = Loss(config, device, cached, matcher)
     optimizer = _optimizer(student, config)
     run = Run(config.epochs, config.steps, config.accumulate, config.max_grad_norm,
               {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.autocast))
     total = run.total_steps(len(batches))
     state = None if state_path is None else RunState(state_path, asdict(config), "distillation")
     start = time.perf_counter()
-    losses = optimize(student, batches, lambda net, batch: loss(net, teacher, batch), optimizer,
-                      lambda step: config.lr_factor(step, total), run, device, progress=progress, state=state,
-                      resume=resume, train_mode=nn.Module.train if config.dropout else _batchnorm_trains)
+    try:
+        losses = optimize(student, batches, lambda net, batch: loss(net, teacher, batch), optimizer,
+                          lambda step: config.lr_factor(step, total), run, device, progress=progress, state=state,
+                          resume=resume, train_mode=nn.Module.train if config.dropout else _batchnorm_trains)
+    finally:
+        if matcher is not None:
+            matcher.close()
     return DistillResult(loss.kind or config.loss, losses, total, asdict(config), time.perf_counter() - start)
 
 
@@ -193,17 +226,22 @@ def _optimizer(model: nn.Module, config: DistillConfig) -> torch.optim.Optimizer
 class Loss:
     """The distillation objective of one batch: (the summed loss, the number of units summed)."""
 
-    def __init__(self, config: DistillConfig, device: torch.device):
-        self.config, self.device = config, device
+    def __init__(self, config: DistillConfig, device: torch.device, cached: Tensor | None = None,
+                 matcher: Matcher | None = None):
+        self.config, self.device, self.cached, self.matcher = config, device, cached, matcher
         self.kind: str | None = None  # what the first batch's outputs called for
 
     def __call__(self, student: nn.Module, teacher: nn.Module, batch) -> tuple[Tensor, Tensor]:
+        indices = None
+        if isinstance(batch, Indexed):
+            indices, batch = batch.indices, batch.batch
         inputs, labels = _inputs_and_labels(batch, self.device)
-        with torch.no_grad():
-            target = run_forward(teacher, inputs)
-        output = run_forward(student, inputs)
-        s, kind = _prediction(output)
-        t, _ = _prediction(target)
+        if self.cached is not None:
+            t = self.cached[indices].to(self.device)
+        else:
+            with torch.no_grad():
+                t, _ = _prediction(run_forward(teacher, inputs))
+        s, kind = _prediction(run_forward(student, inputs))
         if s.shape != t.shape:
             raise StructPruneError(f"distill: the student outputs {tuple(s.shape)} but the teacher "
                                    f"{tuple(t.shape)}; the teacher must be the model the student was pruned from")
@@ -217,7 +255,102 @@ class Loss:
                                        "have none (or the model does not output class logits); use alpha=0")
             ce = F.cross_entropy(s.float(), labels, reduction="sum")
             total = (1 - self.config.alpha) * total + self.config.alpha * ce
+        if self.matcher is not None:  # a per-sample term, brought to the loss's units
+            total = total + self.config.match_weight * count / s.shape[0] * self.matcher.loss()
         return total, count
+
+
+class Matcher:
+    """The outputs of the layers named by ``patterns`` in the student and the teacher, recorded by forward hooks;
+    :meth:`loss` compares them."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, patterns: Sequence[str]):
+        mine = dict(student.named_modules())
+        theirs = dict(teacher.named_modules())
+        self.names = [n for n in mine if n and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        missing = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in self.names)]
+        if missing:
+            raise StructPruneError(f"distill: match {missing[0]!r} names no layer of the student")
+        absent = [n for n in self.names if n not in theirs]
+        if absent:
+            raise StructPruneError(f"distill: match: the teacher has no layer {absent[0]!r}")
+        self.outputs: dict[tuple[str, str], Tensor] = {}
+        self.hooks = [modules[name].register_forward_hook(self._record(side, name))
+                      for side, modules in (("student", mine), ("teacher", theirs)) for name in self.names]
+
+    def close(self) -> None:
+        """Remove the hooks (the models are as they were)."""
+        for hook in self.hooks:
+            hook.remove()
+        self.outputs.clear()
+
+    def _record(self, side: str, name: str):
+        def hook(_module, _inputs, output):
+            if isinstance(output, (tuple, list)):
+                output = output[0]
+            if isinstance(output, Tensor):
+                self.outputs[(side, name)] = output
+        return hook
+
+    def loss(self) -> Tensor:
+        """Σ over samples of the mean over layers of ‖s − t‖² / ‖t‖² (per sample)."""
+        terms = []
+        for name in self.names:
+            s, t = self.outputs.pop(("student", name), None), self.outputs.pop(("teacher", name), None)
+            if s is None or t is None:
+                raise StructPruneError(f"distill: match: {name!r} gave no tensor in this forward pass")
+            if s.shape != t.shape:
+                raise StructPruneError(f"distill: match: {name!r} outputs {tuple(s.shape)} in the student but "
+                                       f"{tuple(t.shape)} in the teacher; match layers whose width the pruning kept")
+            s, t = s.float().reshape(s.shape[0], -1), t.detach().float().reshape(t.shape[0], -1)
+            terms.append((s - t).pow(2).mean(dim=1) / t.pow(2).mean(dim=1).clamp(min=1e-8))
+        return torch.stack(terms).mean(dim=0).sum()
+
+
+def teacher_outputs(teacher: nn.Module, batches, path: str | os.PathLike, device, progress: bool = True) -> Tensor:
+    """The teacher's output on every sample of ``batches.dataset``, in order: read from ``path`` when it holds
+    them for this teacher and these samples, else computed in one pass and written there (rank 0 of a torchrun
+    job; the others wait for it)."""
+    if not isinstance(batches, ShardedBatches):
+        raise StructPruneError("distill: a teacher cache needs ShardedBatches (it knows each sample's position)")
+    path = Path(path)
+    fingerprint = _fingerprint(teacher, batches.dataset)
+    proc = init_distributed(device)
+    if proc.is_main and not path.exists():
+        ordered = ShardedBatches(batches.dataset, batches.batch_size, shuffle=False, proc=Process(),
+                                 collate=batches.collate)
+        outputs = []
+        with torch.no_grad():
+            for batch in progress_bar(ordered, desc="teacher outputs", unit="batches", enabled=progress):
+                inputs, _ = _inputs_and_labels(batch, device)
+                outputs.append(_prediction(run_forward(teacher, inputs))[0].float().cpu())
+        if len({tuple(o.shape[1:]) for o in outputs}) > 1:
+            raise StructPruneError("distill: the teacher's outputs differ in shape between batches (padded text?); "
+                                   "run without a teacher cache")
+        cache = {"format": CACHE_FORMAT, "fingerprint": json.dumps(fingerprint), "outputs": torch.cat(outputs)}
+        write_atomic(path, lambda tmp: torch.save(cache, tmp), force=True)
+    if proc.distributed:
+        dist.barrier()
+    raw = load_tensors(path, what="teacher cache", advice="Delete it to compute it again.")
+    if not isinstance(raw, dict) or raw.get("format") != CACHE_FORMAT:
+        raise StructPruneError(f"distill: {path} is not a teacher cache; name another file")
+    if json.loads(raw["fingerprint"]) != fingerprint:
+        raise StructPruneError(f"distill: {path} holds the outputs of another teacher or other data; delete it or "
+                               f"name another file")
+    return raw["outputs"]
+
+
+def _fingerprint(teacher: nn.Module, dataset) -> dict:
+    """What a teacher cache is for: the teacher's parameters (count and sum) and the data (size, first and last
+    sample)."""
+    def total(sample) -> float:
+        tensors = [t for t in (sample if isinstance(sample, (tuple, list)) else [sample]) if isinstance(t, Tensor)]
+        return round(float(sum(t.double().sum() for t in tensors)), 6)
+
+    with torch.no_grad():
+        weights = round(float(sum(p.double().sum() for p in teacher.parameters())), 6)
+    return {"parameters": sum(p.numel() for p in teacher.parameters()), "sum": weights, "samples": len(dataset),
+            "first": total(dataset[0]), "last": total(dataset[len(dataset) - 1])}
 
 
 def _inputs_and_labels(batch, device) -> tuple[object, Tensor | None]:

@@ -139,7 +139,10 @@ class ShardedBatches:
     The order is a function of ``seed`` and the epoch (:meth:`set_epoch`), so a resumed run reads what
     the uninterrupted one would have. A last global batch with fewer samples than processes is dropped.
     ``collate`` makes a batch of a process's samples (default: torch's ``default_collate``; text: a tokenizer).
+    With ``indices`` set, each batch comes as :class:`Indexed`: the samples' positions in the dataset beside it.
     """
+
+    indices = False
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, shuffle: bool = True,
                  proc: Process | None = None, collate: Callable[[list], object] | None = None):
@@ -170,9 +173,18 @@ class ShardedBatches:
         for batch in self._global_batches():
             mine = batch[self.proc.rank::self.proc.world]
             if isinstance(self.dataset, TensorDataset) and self.collate is None:
-                yield tuple(t[mine] for t in self.dataset.tensors)
+                batch = tuple(t[mine] for t in self.dataset.tensors)
             else:
-                yield (self.collate or default_collate)([self.dataset[int(i)] for i in mine])
+                batch = (self.collate or default_collate)([self.dataset[int(i)] for i in mine])
+            yield Indexed(mine, batch) if self.indices else batch
+
+
+@dataclass(frozen=True)
+class Indexed:
+    """A batch and the positions of its samples in the dataset (:attr:`ShardedBatches.indices`)."""
+
+    indices: Tensor
+    batch: object
 
 
 def train(model: nn.Module, loader: Iterable, config: TrainConfig, device=None, progress: bool = True,

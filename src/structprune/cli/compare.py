@@ -129,7 +129,8 @@ def _row(args, model, calib, test_loader, example, device, method: str, target: 
         batches = ShardedBatches(common.source(args).load("train", args.train_limit), args.batch_size,
                                  seed=args.seed)
         row["distill_seconds"] = distill(student, model, batches, distilling, device=device,
-                                         progress=not args.no_progress).seconds
+                                         progress=not args.no_progress,
+                                         teacher_cache=args.distill_teacher_cache).seconds
         row["accuracy_distilled"] = measure.accuracy(student, test_loader, device)
     if args.finetune_epochs:
         start = time.perf_counter()

@@ -63,7 +63,7 @@ def run(args) -> int:
     before = judge(student)
     batches = ShardedBatches(dataset, args.batch_size, seed=args.seed)
     result = distill(student, teacher, batches, settings, device=device, progress=not args.no_progress,
-                     state_path=state.path, resume=args.resume)
+                     state_path=state.path, resume=args.resume, teacher_cache=args.teacher_cache)
     if not process().is_main:
         return 0
     after = judge(student)

@@ -72,7 +72,7 @@ def run(args) -> int:
                              collate=lambda texts: tokenizer(texts, padding=True, truncation=True,
                                                              max_length=max_length, return_tensors="pt"))
     result = distill(student, teacher, batches, settings, device=device, progress=not args.no_progress,
-                     state_path=state.path, resume=args.resume)
+                     state_path=state.path, resume=args.resume, teacher_cache=args.teacher_cache)
     after = judge(student)
     metric = "perplexity" if causal else "embedding_cosine_similarity"
     report = {"command": "distill", "hf_model": str(args.checkpoint), "teacher": str(Path(teacher_path).resolve()),

@@ -370,6 +370,15 @@ def add_distill(p: argparse.ArgumentParser, prefix: str = "") -> None:
                    help="clip the gradient to this norm (default: SGD none, AdamW 1.0)")
     g.add_argument(f"--{prefix}accumulate", type=positive, default=1,
                    help="batches whose gradients make one optimizer step (default: 1)")
+    g.add_argument(f"--{prefix}match", action="append", default=[], metavar="LAYER",
+                   help="also match this layer's outputs to the teacher's (a name or fnmatch pattern, repeatable; "
+                        "layers whose width the pruning kept, e.g. 'model.layers.*' of a transformer)")
+    g.add_argument(f"--{prefix}match-weight", type=float, default=1.0,
+                   help="weight of the layers' relative squared error beside the output loss (default: 1)")
+    g.add_argument(f"--{prefix}teacher-cache", default=None, metavar="FILE",
+                   help="keep the teacher's outputs on every training sample in FILE: computed in one pass, then "
+                        "read instead of running the teacher (images and tensors, not padded text; a file of "
+                        "another teacher or data is refused)")
     g.add_argument(f"--{prefix}dropout", action="store_true",
                    help="train with the student's dropout on (default: off, only BatchNorm layers in train mode, so "
                         "the student learns the teacher's function without noise)")
@@ -383,7 +392,8 @@ def distill_config(args, prefix: str = "", steps: int | None = None) -> DistillC
     dest = prefix.replace("-", "_")
     value = {k: getattr(args, f"{dest}{k}") for k in ("optimizer", "lr", "weight_decay", "warmup", "temperature",
                                                          "alpha", "loss", "max_grad_norm", "accumulate", "autocast",
-                                                         "dropout")}
+                                                         "dropout", "match_weight")}
+    value["match"] = tuple(getattr(args, f"{dest}match"))
     if not prefix:
         steps = args.steps
     epochs = getattr(args, "epochs", None) or (1 if steps is None else 1_000_000)

@@ -176,7 +176,7 @@ def _distill(args, pruned, dense, device, evaluate, report: dict) -> None:
     dataset = common.source(args).load("train", args.train_limit)
     batches = ShardedBatches(dataset, args.batch_size, seed=args.seed)
     result = distill(pruned, dense, batches, options.distill_config(args, "distill-", args.distill_steps),
-                     device=device, progress=not args.no_progress)
+                     device=device, progress=not args.no_progress, teacher_cache=args.distill_teacher_cache)
     report["distill"] = result.to_dict()
     if evaluate is not None:
         report["accuracy_distilled"] = evaluate(pruned)
