@@ -285,3 +285,19 @@ def test_matching_adds_the_relative_error_of_the_named_layers():
     with pytest.raises(StructPruneError, match="names no layer"):
         distill(copy.deepcopy(student), teacher, [x], DistillConfig(match=("encoder.*",)), progress=False)
     assert not any(m._forward_hooks for m in (*pruned.modules(), *teacher.modules()))
+
+
+def test_bf16_autocast_trains_on_the_cpu_too():
+    """autocast="bf16" runs the forward passes in bfloat16 (the loss in float32) and still trains."""
+    teacher, student, x = _pair(seed=9)
+    held_out = torch.randn(256, 8, generator=torch.Generator().manual_seed(10))
+    before = _kl_on(student, teacher, held_out)
+    dtypes = set()
+    hook = student[0].register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
+    result = distill(student, teacher, ShardedBatches(TensorDataset(x), 32), DistillConfig(epochs=4, lr=0.05,
+                                                                                         autocast="bf16"),
+                     progress=False)
+    hook.remove()
+    assert dtypes == {torch.bfloat16}  # every training forward ran under autocast
+    assert result.config["autocast"] == "bf16" and _kl_on(student, teacher, held_out) < 0.5 * before
+    assert all(p.dtype == torch.float32 for p in student.parameters())

@@ -47,7 +47,7 @@ from .safe_io import load_tensors, write_atomic
 
 LOSSES = ("auto", "kl", "cosine", "mse")
 OPTIMIZERS = ("auto", "sgd", "adamw")
-AUTOCAST = ("auto", "bf16", "fp16", "off")
+AUTOCAST = ("auto", "bf16", "off")  # no fp16: it needs loss scaling, which bf16 does not
 CACHE_FORMAT = "structprune-teacher-outputs"
 #: learning rate and weight decay by optimizer, when not given
 DEFAULTS = {"sgd": {"lr": 0.02, "weight_decay": 5e-4, "max_grad_norm": None},
@@ -66,7 +66,7 @@ class DistillConfig:
     temperature: T of the KL loss. alpha: the weight of the cross-entropy with the batches' labels (0: none).
     loss: "kl", "cosine", "mse" or "auto" (by output, see the module docstring).
     max_grad_norm: gradient clipping (SGD: none, AdamW: 1.0). accumulate: batches per optimizer step.
-    autocast: "bf16"/"fp16" forward passes under torch.autocast, "off", or "auto" (bf16 on a GPU that has it).
+    autocast: "bf16" forward passes under torch.autocast, "off", or "auto" (bf16 on a GPU that has it).
     dropout: the student trains in train mode (its dropout, attention dropout and stochastic depth active); by
         default only its BatchNorm layers do (their statistics follow the pruned activations) and the rest runs as
         in eval mode, so that the student learns the function the teacher computes, without noise.
@@ -194,7 +194,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable, config: D
     loss = Loss(config, device, cached, matcher)
     optimizer = _optimizer(student, config)
     run = Run(config.epochs, config.steps, config.accumulate, config.max_grad_norm,
-              {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.autocast))
+              torch.bfloat16 if config.autocast == "bf16" else None)
     total = run.total_steps(len(batches))
     state = None if state_path is None else RunState(state_path, asdict(config), "distillation")
     start = time.perf_counter()

@@ -383,7 +383,7 @@ def add_distill(p: argparse.ArgumentParser, prefix: str = "") -> None:
                    help="train with the student's dropout on (default: off, only BatchNorm layers in train mode, so "
                         "the student learns the teacher's function without noise)")
     g.add_argument(f"--{prefix}autocast", default="auto", choices=AUTOCAST,
-                   help="forward passes in bf16/fp16 under torch.autocast; auto: bf16 on a GPU that has it, else "
+                   help="forward passes in bf16 under torch.autocast; auto: bf16 on a GPU that has it, else "
                         "off (default: auto)")
 
 
