@@ -18,11 +18,7 @@ CHECKPOINT_ONLY = {
     "--finetune-epochs": "1", "--train-limit": "8", "--lr": "0.1", "--momentum": "0.5", "--weight-decay": "0",
     "--lr-schedule": "step", "--warmup-epochs": "1", "--label-smoothing": "0.1", "--layer-finetune-epochs": "1",
     "--no-eval": None, "--data": "digits", "--data-dir": "somewhere", "--image-size": "8", "--mean": "0.5",
-    "--std": "0.5", "--distill-steps": "2", "--distill-optimizer": "sgd", "--distill-lr": "0.1",
-    "--distill-weight-decay": "0", "--distill-warmup": "0.1", "--distill-temperature": "2", "--distill-alpha": "0.5",
-    "--distill-loss": "kl", "--distill-max-grad-norm": "1", "--distill-accumulate": "2", "--distill-dropout": None,
-    "--distill-autocast": "off", "--distill-match": "fc1", "--distill-match-weight": "0.5",
-    "--distill-teacher-cache": "t.pt",
+    "--std": "0.5",
 }
 HF_ONLY = {"--hf-model": "DIR", "--prune": "heads", "--text": "t.txt", "--max-length": "16"}
 

@@ -192,6 +192,35 @@ def test_an_encoder_directory_distils_on_text_towards_its_recorded_teacher(text_
     assert "embedding cosine similarity to the teacher" in capsys.readouterr().out
 
 
+def test_prune_hf_model_distils_as_its_last_stage_on_the_calibration_sentences(text_models, tmp_path, capsys):
+    root = text_models
+    argv = ["prune", "--hf-model", str(root / "bert"), "--text", str(root / "text.txt"), "--ratio", "0.5",
+            "--max-length", "16", "--batch-size", "8", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "oneshot")]) == 0
+    code = main([*argv, "--distill-steps", "16", "--distill-lr", "2e-3", "--out", str(tmp_path / "pruned")])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "pruned.json").read_text())
+    assert report["distill"]["steps"] == 16 and report["distill"]["loss"] == "cosine"
+    assert report["distill"]["config"]["optimizer"] == "adamw" and report["distill"]["config"]["lr"] == 2e-3
+    # the one-shot stage is the same as without distillation; the distilled model is closer to the dense one
+    oneshot = json.loads((tmp_path / "oneshot.json").read_text())
+    assert report["embedding_cosine_similarity"] == pytest.approx(oneshot["embedding_cosine_similarity"], abs=1e-6)
+    assert report["embedding_cosine_similarity_distilled"] > report["embedding_cosine_similarity"] + 1e-3
+    # what was saved is the distilled model, still pruned: its own similarity is the distilled one
+    from structprune.data import text
+    from structprune.measure import embedding_similarity, sentence_embeddings
+
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(root / "bert")
+    held_out = text.split(text.read(str(root / "text.txt")), seed=0)[1]
+    test = text.TokenBatches(held_out, tokenizer, 8, 16)
+    saved = structprune.load(tmp_path / "pruned")
+    assert saved.encoder.layer[0].intermediate.dense.out_features == 32
+    similarity = embedding_similarity(sentence_embeddings(structprune.load(root / "bert"), test),
+                                      sentence_embeddings(saved, test))
+    assert similarity == pytest.approx(report["embedding_cosine_similarity_distilled"], abs=1e-5)
+    assert "after 16 distillation steps" in capsys.readouterr().out
+
+
 def test_a_causal_lm_directory_distils_token_distributions_and_reports_perplexity(text_models, tmp_path, capsys):
     from structprune.models import hf
 

@@ -68,10 +68,7 @@ def run(args) -> int:
         def judge(m):
             return embedding_similarity(dense, sentence_embeddings(m, test))
     before = judge(student)
-    batches = ShardedBatches(Sentences(train_text), args.batch_size, seed=args.seed,
-                             collate=lambda texts: tokenizer(texts, padding=True, truncation=True,
-                                                             max_length=max_length, return_tensors="pt"))
-    result = distill(student, teacher, batches, settings, device=device, progress=not args.no_progress,
+    result = on_text(student, teacher, train_text, tokenizer, max_length, args, settings, device,
                      state_path=state.path, resume=args.resume, teacher_cache=args.teacher_cache)
     after = judge(student)
     metric = "perplexity" if causal else "embedding_cosine_similarity"
@@ -88,6 +85,15 @@ def run(args) -> int:
     print(f"distilled {result.steps} steps ({result.loss} loss): {says} on {len(test.texts)} held-out sentences in "
           f"{result.seconds:.1f}s -> {out}")
     return 0
+
+
+def on_text(student, teacher, texts: list[str], tokenizer, max_length: int, args, settings, device, **run):
+    """Distil ``student`` towards ``teacher`` on ``texts`` in batches of ``args.batch_size`` sentences (shuffled by
+    ``args.seed``), each tokenized to at most ``max_length`` tokens; ``run``: distill's resume and cache options."""
+    batches = ShardedBatches(Sentences(texts), args.batch_size, seed=args.seed,
+                             collate=lambda batch: tokenizer(batch, padding=True, truncation=True,
+                                                             max_length=max_length, return_tensors="pt"))
+    return distill(student, teacher, batches, settings, device=device, progress=not args.no_progress, **run)
 
 
 def _recorded_teacher(directory: Path) -> str:

@@ -44,6 +44,11 @@ def _shared(p: argparse.ArgumentParser) -> None:
     options.add_common(p)
     options.add_trust(p)
     options.add_output(p)
+    p.add_argument("--distill-steps", type=int, default=0, metavar="N",
+                   help="last stage: N optimizer steps of distillation from the dense model on the training split "
+                        "(--train-limit samples; with --hf-model, the calibration sentences; no labels needed; the "
+                        "--distill-* options below) (default: 0)")
+    options.add_distill(p, prefix="distill-")
 
 
 def _checkpoint_only(p: argparse.ArgumentParser) -> None:
@@ -61,10 +66,6 @@ def _checkpoint_only(p: argparse.ArgumentParser) -> None:
                    help="fine-tune epochs after each group (sequential schedule) (default: 0)")
     p.add_argument("--no-eval", action="store_true", help="skip test accuracy before/after")
     options.add_dataset(p)
-    p.add_argument("--distill-steps", type=int, default=0, metavar="N",
-                   help="last stage: N optimizer steps of distillation from the dense model on the training split "
-                        "(--train-limit samples; no labels needed; the --distill-* options below) (default: 0)")
-    options.add_distill(p, prefix="distill-")
 
 
 def path_parser(hugging_face: bool) -> argparse.ArgumentParser:
@@ -84,6 +85,10 @@ def run(args) -> int:
         args.hf_model, args.model = args.model[len("hf:"):], None
     hugging_face = args.hf_model is not None
     _refuse_other_paths_options(args, hugging_face)
+    if args.distill_steps < 0:
+        raise StructPruneError(f"--distill-steps must be >= 0, got {args.distill_steps}")
+    if args.distill_steps:
+        options.distill_config(args, "distill-", args.distill_steps)  # checked before any work
     return prune_hf.run(args) if hugging_face else _run(args)
 
 
@@ -111,11 +116,9 @@ def _run(args) -> int:
     device = options.device(args.device)
     budget = options.budget(args)
     method_options = options.method_options(args)
-    for flag in ("finetune_epochs", "layer_finetune_epochs", "distill_steps"):
+    for flag in ("finetune_epochs", "layer_finetune_epochs"):
         if getattr(args, flag) < 0:
             raise StructPruneError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
-    if args.distill_steps:
-        options.distill_config(args, "distill-", args.distill_steps)  # checked before any work
     if args.schedule == "sequential" and args.layer_finetune_epochs == 0:
         raise StructPruneError("--schedule sequential fine-tunes after every group: give --layer-finetune-epochs")
     model = common.model_from(args, args.checkpoint).to(device)

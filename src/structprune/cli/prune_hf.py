@@ -1,5 +1,6 @@
 """``structprune prune --hf-model DIR``: attention heads and FFN neurons of a Hugging Face model, calibrated and
-judged on text (the cosine similarity of its sentence embeddings to the dense model's on held-out sentences)."""
+judged on text (the cosine similarity of its sentence embeddings to the dense model's on held-out sentences), then
+optionally distilled from the dense model on the calibration sentences (``--distill-steps``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ..data import text
 from ..errors import StructPruneError
 from ..measure import embedding_similarity, sentence_embeddings
 from ..models import hf
-from . import common, options
+from . import common, distill_text, options
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
@@ -70,11 +71,20 @@ def run(args) -> int:
               "text": args.text or str(text.FORTUNES), "calibration_sentences": result.calib_samples,
               "held_out_sentences": len(test.texts), "max_length": args.max_length, **result.to_dict(),
               "layer_sizes": layer_sizes(result.model), "embedding_cosine_similarity": similarity}
+    distilled = ""
+    if args.distill_steps:
+        settings = options.distill_config(args, "distill-", args.distill_steps)
+        done = distill_text.on_text(result.model, model, calib_text, tokenizer, args.max_length, args, settings,
+                                    device, teacher_cache=args.distill_teacher_cache)
+        report["distill"] = done.to_dict()
+        report["embedding_cosine_similarity_distilled"] = embedding_similarity(
+            dense_embeddings, sentence_embeddings(result.model, test))
+        distilled = f" ({report['embedding_cosine_similarity_distilled']:.4f} after {done.steps} distillation steps)"
     hf.save_pretrained(result.model.cpu(), out, force=args.force, tokenizer=tokenizer, extra={"report": report})
     common.write_json(report_path, report, args.force)
     print(f"{args.method} ({'+'.join(args.prune)}): params {result.before['params']:,} -> "
           f"{result.after['params']:,} ({report['params_ratio']:.1%}), MACs at {args.max_length} tokens "
           f"{result.before['macs']:,} -> {result.after['macs']:,} ({report['macs_ratio']:.1%}), embedding "
-          f"cosine similarity to the dense model {similarity:.4f} on {len(test.texts)} held-out sentences, "
+          f"cosine similarity to the dense model {similarity:.4f}{distilled} on {len(test.texts)} held-out sentences, "
           f"pruned in {result.seconds:.1f}s -> {out}")
     return 0
