@@ -43,11 +43,12 @@ def test_gfs_first_pick_is_the_best_single_channel(seed):
     assert first == [min(range(24), key=single.__getitem__)]
 
 
-def _views(name: str):
+def _views(name: str, sensitivity: bool = False):
+    """Each group's capture (with PFP's sensitivities over every position when ``sensitivity``, as prune does)."""
     model, shape = make_zoo_model(name)
     batches = [x for x, _ in calibration(shape, samples=256, batch=64)]
     graph = PruningGraph(model, batches[0][:1])
-    return [capture(model, g, batches) for g in graph.all_groups()]
+    return [capture(model, g, batches, sensitivity_samples=256 if sensitivity else 0) for g in graph.all_groups()]
 
 
 def _refit_rows(consumer, keep_idx, stride):
@@ -74,7 +75,7 @@ def test_refit_reaches_the_least_squares_optimum_and_reports_the_error_of_what_i
     applied."""
     chooser = methods.get(method)
     checked = 0
-    for view in _views(name):
+    for view in _views(name, sensitivity=chooser.needs.sensitivity):
         selection = chooser.select(view, max(1, view.channels // 3))
         fitted = refit(view, selection)
         for consumer in view.consumers:

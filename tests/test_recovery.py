@@ -136,6 +136,49 @@ def test_pfp_sensitivities_match_the_definition_over_every_position_and_input_ch
             assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-9)
 
 
+def _stack(seed: int) -> nn.Module:
+    """Issue 36's case: 3 → 16 → 32 padded 3×3 convolutions (the second reads every channel of the first)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+
+
+def test_pfp_through_prune_is_the_definition_over_every_position_whatever_the_row_cap(monkeypatch):
+    """The refit's captures keep a sample of the rows (here 7 of the 1,024 positions); PFP's sensitivity is the
+    paper's maximum over every position of every sample all the same, in 30 of 30 seeds."""
+    seen = {}
+    scores = methods.pfp.PFP.scores
+
+    def spy(self, group):
+        seen[group.name] = scores(self, group)
+        return seen[group.name]
+
+    monkeypatch.setattr(methods.pfp.PFP, "scores", spy)
+    for seed in range(30):
+        net, x = _stack(seed), torch.randn(16, 3, 8, 8)
+        structprune.prune(net, [x], "pfp", 0.5, example_inputs=x[:1], progress=False, zero_below=0.0,
+                          memory_bytes=4096)
+        with torch.no_grad():
+            hidden = torch.relu(net[0](x))
+        reference = _pfp_reference(hidden, net[2].weight.detach(), 1, torch.arange(16))
+        assert torch.allclose(seen["0"], reference, rtol=1e-5, atol=1e-9), seed
+
+
+def test_pfp_refuses_a_view_of_sampled_rows_rather_than_take_a_maximum_over_them():
+    net, x = _stack(0), torch.randn(16, 3, 8, 8)
+    group = {g.name: g for g in PruningGraph(net, x[:1]).all_groups()}["0"]
+    sampled = capture(net, group, [x], memory_bytes=4096)  # no sensitivity_samples: rows only, 7 of 1,024
+    assert not sampled.consumers[0].rows_complete
+    with pytest.raises(structprune.StructPruneError, match="every position of every sample"):
+        methods.get("pfp", zero_below=0.0).scores(sampled)
+    whole = capture(net, group, [x[:2]])  # every row kept: the rows are the definition's
+    assert whole.consumers[0].rows_complete and len(whole.consumers[0].inputs) == 2 * 64
+    with torch.no_grad():
+        hidden = torch.relu(net[0](x[:2]))
+    reference = _pfp_reference(hidden, net[2].weight.detach(), 1, torch.arange(16))
+    assert torch.allclose(methods.get("pfp", zero_below=0.0).scores(whole), reference, rtol=1e-5, atol=1e-9)
+
+
 def test_pfp_sums_near_zero_for_their_image_do_not_make_a_channel_sensitive():
     """A channel that fires only, and faintly, where the rest of the image is empty (background) is alone in
     every sum it enters: g = 1 read literally; with ``zero_below`` those positions count as ≈ 0, and the channel

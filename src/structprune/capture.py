@@ -116,6 +116,7 @@ class _RowCollector:
         self.seen = 0  # samples before this batch (set by the capture loop: a layer may run twice per batch)
         self.token_mask: Tensor | None = None  # (N, L) attention mask of the batch, when it has one
         self.picked: Tensor | None = None  # the rows (positions) drawn from the last batch
+        self.sampled = False  # some batch kept fewer rows than it had
 
     def __call__(self, module: nn.Module, args) -> None:
         x = args[0].detach()
@@ -138,6 +139,7 @@ class _RowCollector:
     def _pick(self, total: int, wanted: int, device) -> Tensor:
         if wanted >= total:
             return torch.arange(total, device=device)
+        self.sampled = True
         return torch.randperm(total, generator=self.generator)[:wanted].sort().values.to(device)
 
     def _add_sums(self, sums: Tensor) -> None:
@@ -380,6 +382,7 @@ def _view(group: Group, collectors: list[_RowCollector], references: list[_Refer
             row_sample=torch.cat(collector.row_samples),
             sample_sums=torch.cat(collector.sums),
             sensitivity=None if sensitivity is None else sensitivity.cpu().double(),
+            rows_complete=not collector.sampled and consumer.channel_index.numel() == _input_channels(consumer),
             target=next((torch.cat(r.chunks) for r in references if r.collector is collector), None),
         ))
     producers = tuple(
@@ -389,6 +392,12 @@ def _view(group: Group, collectors: list[_RowCollector], references: list[_Refer
     )
     return GroupView(name=group.name, channels=group.channels, consumers=tuple(consumers),
                      producers=producers, seed=seed, bn_scale=_bn_scale(group))
+
+
+def _input_channels(consumer: Consumer) -> int:
+    """The channels of the consumer's whole input (a conv's in_channels, a Linear's in_features)."""
+    weight = consumer.flat_weight()
+    return weight.shape[1] // (consumer.module.weight[0, 0].numel() if consumer.kind == "conv" else 1)
 
 
 @torch.no_grad()

@@ -68,6 +68,9 @@ class ConsumerView:
     row_sample: Tensor | None = None  # (rows,) the calibration sample each row comes from
     sample_sums: Tensor | None = None  # (samples, channels) float64: Σ of each channel's hidden values per sample
     sensitivity: Tensor | None = None  # (channels,) PFP's s_j over every position of the selection samples
+    #: the rows are every position of every calibration sample and the group's channels the consumer's whole input
+    #: (False from a capture that kept a sample of the rows: what PFP's maximum over positions cannot read)
+    rows_complete: bool = True
     #: (rows, out) the original (unpruned) model's output of this layer at the same rows, bias included:
     #: what a reconstruction aims at instead of the dense layer on the already-pruned inputs
     target: Tensor | None = None

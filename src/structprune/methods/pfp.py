@@ -34,9 +34,14 @@ from .base import ConsumerView, GroupView, MethodBase, Needs, Selection, top_k_s
 def sensitivities(consumer: ConsumerView, zero_below: float = 0.0) -> Tensor:
     """s_j of each channel for one consumer: captured over every position (:func:`structprune.capture.capture`
     with ``sensitivity_samples``, which applies its own ``zero_below``), or else computed on the view's rows
-    (group channels only; ``zero_below`` over the rows of each ``row_sample``)."""
+    (a view whose rows are all the consumer's input; ``zero_below`` over the rows of each ``row_sample``). A view
+    of sampled rows is refused: a maximum over a sample of the positions is not PFP's sensitivity."""
     if consumer.sensitivity is not None:
         return consumer.sensitivity
+    if not consumer.rows_complete:
+        raise StructPruneError(f"pfp: layer {consumer.name}'s view keeps a sample of its input rows, and PFP's "
+                               f"sensitivity is a maximum over every position of every sample: capture it with "
+                               f"sensitivity_samples=N (structprune.prune does)")
     out, channels, taps = consumer.weight.shape
     features = torch.arange(channels * taps).reshape(channels, taps)
     return consumer_sensitivity(consumer.inputs.reshape(len(consumer.inputs), -1),
