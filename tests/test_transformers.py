@@ -75,6 +75,24 @@ def test_keep_ratio_one_reproduces_the_dense_outputs(batches):
         assert torch.allclose(hidden(kept_all, batches[1]), hidden(model, batches[1]), rtol=1e-5, atol=1e-5)
 
 
+def test_after_group_runs_after_each_group_with_that_group_already_pruned(batches):
+    """Issue 35's bug: the callback (what the sequential schedule fine-tunes with) on a Hugging Face model."""
+    seen = []
+
+    def after(model, name):
+        module = model.get_submodule(name)
+        width = (module.self.num_attention_heads if name.endswith("attention") else module.dense.out_features)
+        seen.append((name, width))
+
+    model = tiny_bert()
+    result = structprune.prune(model, batches, "ispasp", 0.5, after_group=after, progress=False)
+    assert seen == [("encoder.layer.0.attention", 2), ("encoder.layer.0.intermediate", 32),
+                    ("encoder.layer.1.attention", 2), ("encoder.layer.1.intermediate", 32)]
+    plain = structprune.prune(model, batches, "ispasp", 0.5, progress=False)  # a callback that changes nothing
+    with torch.no_grad():
+        assert torch.equal(hidden(result.model, batches[1]), hidden(plain.model, batches[1]))
+
+
 def test_head_selection_keeps_the_heads_that_carry_the_output(batches):
     """Zero the value rows of heads 0 and 2 in every layer: data-informed methods must drop exactly those."""
     model = tiny_bert(seed=3)

@@ -352,6 +352,11 @@ class TransformerGraph:
     def history(self) -> list:
         return []  # the pruned shapes live in the model's recorded sizes (layer_sizes), not in a replay log
 
+    def forget(self) -> None:
+        """After a callback that may have changed the model (``after_group``): groups are built from the blocks'
+        layers at every :meth:`groups` call, so only the module names are read afresh."""
+        self._names = {module: name for name, module in self.model.named_modules()}
+
 
 def _consumer(name: str, layer: nn.Module, index: Tensor) -> Consumer:
     ones = torch.ones(out_features(layer), device=layer.weight.device)
