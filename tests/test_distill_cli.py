@@ -4,6 +4,7 @@ model records, label-free data, reports, and each mistake as one line naming the
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -219,6 +220,36 @@ def test_prune_hf_model_distils_as_its_last_stage_on_the_calibration_sentences(t
                                       sentence_embeddings(saved, test))
     assert similarity == pytest.approx(report["embedding_cosine_similarity_distilled"], abs=1e-5)
     assert "after 16 distillation steps" in capsys.readouterr().out
+
+
+def _lm_perplexity(model, tokenizer, sentences: list[str], max_length: int) -> float:
+    """transformers' own language-model loss, one sentence at a time (no padding), weighted by its predictions."""
+    nll = tokens = 0
+    with torch.no_grad():
+        for sentence in sentences:
+            ids = tokenizer(sentence, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
+            nll += float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
+            tokens += ids.shape[1] - 1
+    return math.exp(nll / tokens)
+
+
+def test_prune_hf_model_judges_a_causal_lm_by_held_out_perplexity(text_models, tmp_path, capsys):
+    """Issue 35's bug: a causal LM directory was judged as an encoder (and died on its logits)."""
+    from structprune.data import text
+
+    root = text_models
+    code = main(["prune", "--hf-model", str(root / "llama"), "--text", str(root / "text.txt"), "--ratio", "0.5",
+                 "--max-length", "16", "--batch-size", "8", "--no-progress", "--out", str(tmp_path / "pruned")])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "pruned.json").read_text())
+    assert report["metric"] == "perplexity" and "embedding_cosine_similarity" not in report
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(root / "llama")
+    held_out = text.split(text.read(str(root / "text.txt")), seed=0)[1]
+    dense, pruned = structprune.load(root / "llama").eval(), structprune.load(tmp_path / "pruned").eval()
+    assert pruned.model.layers[0].mlp.gate_proj.out_features == 32
+    assert report["dense_perplexity"] == pytest.approx(_lm_perplexity(dense, tokenizer, held_out, 16), rel=1e-4)
+    assert report["perplexity"] == pytest.approx(_lm_perplexity(pruned, tokenizer, held_out, 16), rel=1e-4)
+    assert f"held-out perplexity {report['dense_perplexity']:.4f} -> " in capsys.readouterr().out
 
 
 def test_a_causal_lm_directory_distils_token_distributions_and_reports_perplexity(text_models, tmp_path, capsys):

@@ -251,3 +251,14 @@ def dense_size(model: torch.nn.Module, example_input: torch.Tensor, args) -> dic
         return {}
     dense = checkpoint.rebuild({"arch": arch}, trust=args.trust_checkpoint).eval()
     return {f"dense_{k}": v for k, v in measure.count(dense, example_input).items()}
+
+
+def text_metric(dense: torch.nn.Module, test) -> tuple[str, object]:
+    """How a Hugging Face model is judged on the held-out sentences ``test`` against ``dense``, by what it is: a
+    causal language model by perplexity, any other by its sentence embeddings' cosine similarity to ``dense``'s.
+    Returns the metric's report name and the function of a model that measures it."""
+    if hf.is_causal_lm(dense):
+        return "perplexity", lambda model: measure.perplexity(model, test)
+    reference = measure.sentence_embeddings(dense, test)
+    return "embedding_cosine_similarity", lambda model: measure.embedding_similarity(
+        reference, measure.sentence_embeddings(model, test))

@@ -15,7 +15,6 @@ from ..data import text
 from ..distill import check_pair, distill
 from ..errors import StructPruneError
 from ..finetune import ShardedBatches
-from ..measure import embedding_similarity, perplexity, sentence_embeddings
 from ..models import hf
 from . import common, options
 
@@ -61,17 +60,12 @@ def run(args) -> int:
     train_text = train_text[:args.limit]
     test = text.TokenBatches(held_out[:args.eval_limit], tokenizer, args.batch_size, max_length, device)
     check_pair(student, teacher, next(iter(test)))
-    causal = any(cls.__name__.endswith("ForCausalLM") for cls in type(student).__mro__)
-    judge = (lambda m: perplexity(m, test)) if causal else None
-    dense = None if causal else sentence_embeddings(teacher, test)
-    if judge is None:
-        def judge(m):
-            return embedding_similarity(dense, sentence_embeddings(m, test))
+    metric, judge = common.text_metric(teacher, test)
+    causal = metric == "perplexity"
     before = judge(student)
     result = on_text(student, teacher, train_text, tokenizer, max_length, args, settings, device,
                      state_path=state.path, resume=args.resume, teacher_cache=args.teacher_cache)
     after = judge(student)
-    metric = "perplexity" if causal else "embedding_cosine_similarity"
     report = {"command": "distill", "hf_model": str(args.checkpoint), "teacher": str(Path(teacher_path).resolve()),
               "text": args.text or str(text.FORTUNES), "train_sentences": len(train_text),
               "held_out_sentences": len(test.texts), "max_length": max_length, **result.to_dict(), "metric": metric,

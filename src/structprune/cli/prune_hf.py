@@ -1,6 +1,7 @@
 """``structprune prune --hf-model DIR``: attention heads and FFN neurons of a Hugging Face model, calibrated and
-judged on text (the cosine similarity of its sentence embeddings to the dense model's on held-out sentences), then
-optionally distilled from the dense model on the calibration sentences (``--distill-steps``)."""
+judged on held-out text by what it is (a causal language model by perplexity, any other by the cosine similarity of
+its sentence embeddings to the dense model's), then optionally distilled from the dense model on the calibration
+sentences (``--distill-steps``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from ..api import prune
 from ..attention import PARTS, layer_sizes
 from ..data import text
 from ..errors import StructPruneError
-from ..measure import embedding_similarity, sentence_embeddings
 from ..models import hf
 from . import common, distill_text, options
 
@@ -29,7 +29,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
                         "and FFN modules, named as in the model (BERT: LAYER.attention, LAYER.intermediate; Llama: "
                         "LAYER.self_attn, LAYER.mlp; `structprune info --hf-model` lists them) for --layer-ratio")
     g.add_argument("--text", default=None, metavar="PATH",
-                   help="English text for calibration and the held-out similarity: a file (one sentence per "
+                   help="English text for calibration and the held-out metric (perplexity for a causal language "
+                        "model, else the sentence embeddings' cosine similarity): a file (one sentence per "
                         "line, or %%-separated blocks) or a directory of fortune files (default: Debian's "
                         "fortunes, /usr/share/games/fortunes); 80%% calibrates, 20%% is held out")
     g.add_argument("--max-length", type=options.positive, default=128,
@@ -61,30 +62,32 @@ def run(args) -> int:
     test = text.TokenBatches(held_out[:args.limit], tokenizer, args.batch_size, args.max_length, device)
     example = {k: v.to(device) for k, v in tokenizer(calib_text[:1], padding="max_length", truncation=True,
                                                         max_length=args.max_length, return_tensors="pt").items()}
-    dense_embeddings = sentence_embeddings(model, test)
+    metric, judge = common.text_metric(model, test)
+    dense = judge(model) if metric == "perplexity" else 1.0
     result = prune(model, calib, args.method, budget, example, **options.recovery(args), round_to=args.round_to,
                    calib_samples=args.calib_samples, ignored_layers=ignored + list(args.ignore), seed=args.seed,
                    stream=args.stream, progress=not args.no_progress, **method_options)
-    similarity = embedding_similarity(dense_embeddings, sentence_embeddings(result.model, test))
     report = {"command": "prune", "hf_model": str(args.hf_model), "teacher": str(Path(args.hf_model).resolve()),
               "prune": args.prune,
               "text": args.text or str(text.FORTUNES), "calibration_sentences": result.calib_samples,
               "held_out_sentences": len(test.texts), "max_length": args.max_length, **result.to_dict(),
-              "layer_sizes": layer_sizes(result.model), "embedding_cosine_similarity": similarity}
+              "layer_sizes": layer_sizes(result.model), "metric": metric, metric: judge(result.model)}
+    if metric == "perplexity":
+        report["dense_perplexity"] = dense
     distilled = ""
     if args.distill_steps:
         settings = options.distill_config(args, "distill-", args.distill_steps)
         done = distill_text.on_text(result.model, model, calib_text, tokenizer, args.max_length, args, settings,
                                     device, teacher_cache=args.distill_teacher_cache)
         report["distill"] = done.to_dict()
-        report["embedding_cosine_similarity_distilled"] = embedding_similarity(
-            dense_embeddings, sentence_embeddings(result.model, test))
-        distilled = f" ({report['embedding_cosine_similarity_distilled']:.4f} after {done.steps} distillation steps)"
+        report[f"{metric}_distilled"] = judge(result.model)
+        distilled = f" ({report[f'{metric}_distilled']:.4f} after {done.steps} distillation steps)"
     hf.save_pretrained(result.model.cpu(), out, force=args.force, tokenizer=tokenizer, extra={"report": report})
     common.write_json(report_path, report, args.force)
+    says = (f"held-out perplexity {dense:.4f} -> {report[metric]:.4f}" if metric == "perplexity" else
+            f"embedding cosine similarity to the dense model {report[metric]:.4f}")
     print(f"{args.method} ({'+'.join(args.prune)}): params {result.before['params']:,} -> "
           f"{result.after['params']:,} ({report['params_ratio']:.1%}), MACs at {args.max_length} tokens "
-          f"{result.before['macs']:,} -> {result.after['macs']:,} ({report['macs_ratio']:.1%}), embedding "
-          f"cosine similarity to the dense model {similarity:.4f}{distilled} on {len(test.texts)} held-out sentences, "
-          f"pruned in {result.seconds:.1f}s -> {out}")
+          f"{result.before['macs']:,} -> {result.after['macs']:,} ({report['macs_ratio']:.1%}), {says}{distilled} "
+          f"on {len(test.texts)} held-out sentences, pruned in {result.seconds:.1f}s -> {out}")
     return 0

@@ -55,6 +55,11 @@ def resize(model: nn.Module, sizes) -> None:
     attention.resize(model, sizes)
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """A Hugging Face causal language model (``…ForCausalLM``): judged by perplexity, distilled on its tokens."""
+    return any(cls.__name__.endswith("ForCausalLM") for cls in type(model).__mro__)
+
+
 def transformers_module():
     try:
         import transformers
