@@ -274,6 +274,39 @@ def perplexity(model: nn.Module, batches: Iterable[dict]) -> float:
 
 
 @torch.no_grad()
+def sliding_perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int, stride: int, progress=None) -> float:
+    """Perplexity of a causal language model on one long token sequence ``ids`` (1-D), read in windows of at most
+    ``seq_len`` tokens that start every ``stride`` tokens (transformers' perplexity guide): each token is predicted
+    once, in the first window that reaches it, from the tokens of that window before it (at least
+    ``seq_len - stride`` of them after the first window); a token that is the first of its window is not predicted
+    (the sequence's first token, and with ``stride == seq_len`` each window's). ``progress(done, total)``: called
+    after each window."""
+    if not 0 < stride <= seq_len:
+        raise StructPruneError(f"perplexity: the stride must be in [1, seq_len = {seq_len}], got {stride}")
+    if ids.dim() != 1 or len(ids) < 2:
+        raise StructPruneError("perplexity: the text gives fewer than 2 tokens")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, predicted, end, starts = 0.0, 0, 1, range(0, max(1, len(ids) - seq_len + stride), stride)
+    try:
+        for i, begin in enumerate(starts):
+            stop = min(begin + seq_len, len(ids))
+            window = ids[begin:stop].to(device)[None]
+            logits = run_forward(model, {"input_ids": window, "use_cache": False}).logits[0, :-1].float()
+            new = min(stop - end, stop - begin - 1)  # not predicted before, with context in this window
+            losses = nn.functional.cross_entropy(logits[-new:], window[0, -new:], reduction="sum")
+            nll, predicted, end = nll + float(losses), predicted + new, stop
+            if progress is not None:
+                progress(i + 1, len(starts))
+            if stop == len(ids):
+                break
+    finally:
+        model.train(was_training)
+    return math.exp(nll / predicted)
+
+
+@torch.no_grad()
 def agreement(model: nn.Module, reference: nn.Module, loader: Iterable, device=None) -> float:
     """How often (%) ``model``'s top-1 class is ``reference``'s, over a loader of inputs or (inputs, labels): the
     accuracy a model keeps against the one it was pruned from, with no labels."""

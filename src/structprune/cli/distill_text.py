@@ -54,7 +54,7 @@ def run(args) -> int:
     student = common.hf_model(args.checkpoint, args.trust_checkpoint).to(device)
     teacher_path = args.teacher or _recorded_teacher(Path(args.checkpoint))
     teacher = common.hf_model(teacher_path, args.trust_checkpoint).to(device)
-    tokenizer = _tokenizer(args.checkpoint, teacher_path)
+    tokenizer = tokenizer_of(args.checkpoint, teacher_path)
     max_length = min(args.max_length or DEFAULT_MAX_LENGTH, common.max_positions(student))
     train_text, held_out = text.split(text.read(args.text), seed=args.seed)
     train_text = train_text[:args.limit]
@@ -107,7 +107,7 @@ def _recorded_teacher(directory: Path) -> str:
                            f"model with --teacher DIR")
 
 
-def _tokenizer(*directories: str):
+def tokenizer_of(*directories: str):
     transformers = hf.transformers_module()
     for directory in directories:
         try:
@@ -117,4 +117,5 @@ def _tokenizer(*directories: str):
         if tokenizer.pad_token is None:  # GPT-2 and Llama tokenizers have none; padding is masked out anyway
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         return tokenizer
-    raise StructPruneError(f"{directories[0]}: no usable tokenizer there (nor in the teacher's directory)")
+    raise StructPruneError(f"{directories[0]}: no usable tokenizer there"
+                           + (" (nor in the teacher's directory)" if len(directories) > 1 else ""))

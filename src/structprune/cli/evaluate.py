@@ -9,11 +9,13 @@ import torch
 from .. import exporter, measure, report
 from ..errors import StructPruneError
 from ..safe_io import check_output
-from . import common, options
+from . import common, evaluate_text, options
 
 DESCRIPTION = ("Print a table of test accuracy, parameters, MACs and CPU/GPU latency. Params and MACs kept: of the "
                "checkpoint's own dense model where it records its pruning, else (a dense checkpoint, an exported "
-               "file) of the first checkpoint's dense model, or of the first checkpoint itself.")
+               "file) of the first checkpoint's dense model, or of the first checkpoint itself. Hugging Face model "
+               "directories are judged on --text instead: causal language models by sliding-window perplexity, "
+               "others by their sentence embeddings' cosine similarity to the first directory's.")
 
 
 #: the batch sizes latency is measured at: one sample (interactive use) and a batch (throughput)
@@ -21,7 +23,8 @@ BATCHES = (1, 64)
 
 
 def register(p) -> None:
-    p.add_argument("checkpoints", nargs="*", help="checkpoints (or files written by structprune export) to evaluate")
+    p.add_argument("checkpoints", nargs="*", help="checkpoints (or files written by structprune export, or Hugging "
+                                                  "Face model directories with --text) to evaluate")
     options.add_model(p)
     options.add_model_options(p)
     p.add_argument("--json", dest="json_out", default=None, help="also write the table as JSON to this file")
@@ -29,6 +32,7 @@ def register(p) -> None:
     options.add_data(p, "evaluate on the first N test samples only")
     options.add_common(p)
     options.add_trust(p)
+    evaluate_text.add_options(p)
 
 
 def run(args) -> int:
@@ -36,6 +40,8 @@ def run(args) -> int:
     if json_path is not None:
         common.refuse_input(json_path, args.checkpoints)
         check_output(json_path, args.force, what="--json:")
+    if evaluate_text.applies(args):
+        return evaluate_text.run(args, json_path)
     if not args.checkpoints and args.model is None:
         raise StructPruneError("give checkpoints to evaluate, or --model SPEC (with --weights FILE)")
     common.refuse_model_options(args)
