@@ -18,7 +18,8 @@ from .version import __version__
 #: public name -> the module that defines it (None: the name is a submodule; any other submodule is found too)
 _PUBLIC = {
     "PerLayer": "allocate", "Target": "allocate", "Uniform": "allocate", "keep_count": "allocate",
-    "PruneResult": "result", "prune": "api", "load": "checkpoint", "save": "checkpoint", "export": "exporter",
+    "PruneResult": "result", "prune": "api", "prune_depth": "depth", "load": "checkpoint", "save": "checkpoint",
+    "export": "exporter",
     "allocate": None, "methods": None, "models": None,
 }
 
@@ -41,4 +42,4 @@ def __dir__() -> list[str]:
 
 
 __all__ = ["PerLayer", "PruneResult", "StructPruneError", "Target", "Uniform", "__version__", "allocate", "export",
-           "keep_count", "load", "methods", "models", "prune", "save"]
+           "keep_count", "load", "methods", "models", "prune", "prune_depth", "save"]

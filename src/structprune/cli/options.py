@@ -115,9 +115,22 @@ def json_object(text: str) -> dict:
 
 def parts(text: str) -> list[str]:
     chosen = [part.strip() for part in text.split(",") if part.strip()]
-    if not chosen or any(p not in PARTS for p in chosen):
-        raise argparse.ArgumentTypeError(f"must be heads, ffn or heads,ffn; got {text!r}")
+    if not chosen or any(p not in (*PARTS, "layers") for p in chosen):
+        raise argparse.ArgumentTypeError(f"must be heads, ffn, layers or several of them (heads,ffn); got {text!r}")
     return list(dict.fromkeys(chosen))
+
+
+def layer_count(text: str) -> int | float:
+    """A number of layers (an integer ≥ 1) or a fraction of them in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if value >= 1 and value == int(value):
+        return int(value)
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"must be a number of layers (1, 2, ...) or a fraction in (0, 1); got {text!r}")
 
 
 # -- option groups -----------------------------------------------------------------------------------------------

@@ -9,9 +9,11 @@ import argparse
 import warnings
 from pathlib import Path
 
+from .. import measure
 from ..api import prune
 from ..attention import PARTS, layer_sizes
 from ..data import text
+from ..depth import prune_depth
 from ..errors import StructPruneError
 from ..models import hf
 from . import common, distill_text, options
@@ -25,9 +27,13 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="a local model directory (config.json, safetensors, tokenizer); --out is then a directory "
                         "written with save_pretrained")
     g.add_argument("--prune", type=options.parts, default=list(PARTS), metavar="PARTS",
-                   help="what to prune: heads, ffn or heads,ffn (default: heads,ffn); the groups are the attention "
-                        "and FFN modules, named as in the model (BERT: LAYER.attention, LAYER.intermediate; Llama: "
-                        "LAYER.self_attn, LAYER.mlp; `structprune info --hf-model` lists them) for --layer-ratio")
+                   help="what to prune, comma-separated: heads, ffn, layers (default: heads,ffn); the groups are the "
+                        "attention and FFN modules, named as in the model (BERT: LAYER.attention, LAYER.intermediate; "
+                        "Llama: LAYER.self_attn, LAYER.mlp; `structprune info --hf-model` lists them) for "
+                        "--layer-ratio; layers: whole transformer layers, the least block influence first, before "
+                        "the heads and FFN neurons of the rest")
+    g.add_argument("--layers-keep", type=options.layer_count, default=None, metavar="N",
+                   help="with --prune layers: the transformer layers kept, a number or a fraction of them (0.75)")
     g.add_argument("--text", default=None, metavar="PATH",
                    help="English text for calibration and the held-out metric (perplexity for a causal language "
                         "model, else the sentence embeddings' cosine similarity): a file (one sentence per "
@@ -39,9 +45,10 @@ def add_options(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     out, report_path = common.check_outputs(args, args.hf_model)
+    if ("layers" in args.prune) != (args.layers_keep is not None):
+        raise StructPruneError("--prune layers needs --layers-keep N" if args.layers_keep is None else
+                               "--layers-keep goes with --prune layers (e.g. --prune layers or layers,heads,ffn)")
     device = options.device(args.device)
-    budget = options.budget(args)
-    method_options = options.method_options(args)
     calib_text, held_out = text.split(text.read(args.text), seed=args.seed)
     transformers = hf.transformers_module()
     transformers.utils.logging.disable_progress_bar()  # its per-file loading bars; ours shows the pruning
@@ -52,7 +59,6 @@ def run(args) -> int:
         raise StructPruneError(f"--hf-model {args.hf_model}: no usable tokenizer there ({exc})") from None
     if tokenizer.pad_token is None:  # GPT-2 and Llama tokenizers have none; padded positions are masked out anyway
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    ignored = [n for part in PARTS if part not in args.prune for n in hf.part_names(model, part)]
     limit = common.max_positions(model)
     if args.max_length > limit:
         warnings.warn(f"--max-length {args.max_length}: the model reads at most {limit} tokens; using {limit}",
@@ -64,30 +70,59 @@ def run(args) -> int:
                                                         max_length=args.max_length, return_tensors="pt").items()}
     metric, judge = common.text_metric(model, test)
     dense = judge(model) if metric == "perplexity" else 1.0
-    result = prune(model, calib, args.method, budget, example, **options.recovery(args), round_to=args.round_to,
-                   calib_samples=args.calib_samples, ignored_layers=ignored + list(args.ignore), seed=args.seed,
-                   stream=args.stream, progress=not args.no_progress, **method_options)
+    pruned, summary = _prune(args, model, calib, example)
     report = {"command": "prune", "hf_model": str(args.hf_model), "teacher": str(Path(args.hf_model).resolve()),
               "prune": args.prune,
-              "text": args.text or str(text.FORTUNES), "calibration_sentences": result.calib_samples,
-              "held_out_sentences": len(test.texts), "max_length": args.max_length, **result.to_dict(),
-              "layer_sizes": layer_sizes(result.model), "metric": metric, metric: judge(result.model)}
+              "text": args.text or str(text.FORTUNES), "held_out_sentences": len(test.texts),
+              "max_length": args.max_length, **summary,
+              "layer_sizes": layer_sizes(pruned), "metric": metric, metric: judge(pruned)}
     if metric == "perplexity":
         report["dense_perplexity"] = dense
     distilled = ""
     if args.distill_steps:
         settings = options.distill_config(args, "distill-", args.distill_steps)
-        done = distill_text.on_text(result.model, model, calib_text, tokenizer, args.max_length, args, settings,
+        done = distill_text.on_text(pruned, model, calib_text, tokenizer, args.max_length, args, settings,
                                     device, teacher_cache=args.distill_teacher_cache)
         report["distill"] = done.to_dict()
-        report[f"{metric}_distilled"] = judge(result.model)
+        report[f"{metric}_distilled"] = judge(pruned)
         distilled = f" ({report[f'{metric}_distilled']:.4f} after {done.steps} distillation steps)"
-    hf.save_pretrained(result.model.cpu(), out, force=args.force, tokenizer=tokenizer, extra={"report": report})
+    hf.save_pretrained(pruned.cpu(), out, force=args.force, tokenizer=tokenizer, extra={"report": report})
     common.write_json(report_path, report, args.force)
     says = (f"held-out perplexity {dense:.4f} -> {report[metric]:.4f}" if metric == "perplexity" else
             f"embedding cosine similarity to the dense model {report[metric]:.4f}")
-    print(f"{args.method} ({'+'.join(args.prune)}): params {result.before['params']:,} -> "
-          f"{result.after['params']:,} ({report['params_ratio']:.1%}), MACs at {args.max_length} tokens "
-          f"{result.before['macs']:,} -> {result.after['macs']:,} ({report['macs_ratio']:.1%}), {says}{distilled} "
-          f"on {len(test.texts)} held-out sentences, pruned in {result.seconds:.1f}s -> {out}")
+    depth = report.get("depth")
+    layers = "" if depth is None else (f"layers {depth['layers_before']} -> {depth['layers_after']} (dropped "
+                                       f"{depth['dropped']}), ")
+    before, after = report["before"], report["after"]
+    print(f"{report['method']} ({'+'.join(args.prune)}): {layers}params {before['params']:,} -> "
+          f"{after['params']:,} ({report['params_ratio']:.1%}), MACs at {args.max_length} tokens "
+          f"{before['macs']:,} -> {after['macs']:,} ({report['macs_ratio']:.1%}), {says}{distilled} "
+          f"on {len(test.texts)} held-out sentences, pruned in {report['seconds']:.1f}s -> {out}")
     return 0
+
+
+def _prune(args, model, calib, example) -> tuple:
+    """Layers first (``--prune layers``: block influence on the calibration sentences), then heads and FFN neurons
+    of what is left (when --prune names them); the pruned model and the report's part about it."""
+    depth = None
+    working = model
+    if "layers" in args.prune:
+        depth = prune_depth(model, calib, args.layers_keep, progress=not args.no_progress)
+        working = depth.model
+    if not any(part in PARTS for part in args.prune):
+        before, after = measure.count(model, example), measure.count(working, example)
+        return working, {"method": "block influence", "before": before, "after": after, "seconds": depth.seconds,
+                         "params_ratio": after["params"] / before["params"],
+                         "macs_ratio": after["macs"] / before["macs"], "depth": depth.to_dict()}
+    ignored = [n for part in PARTS if part not in args.prune for n in hf.part_names(working, part)]
+    result = prune(working, calib, args.method, options.budget(args), example, **options.recovery(args),
+                   round_to=args.round_to, calib_samples=args.calib_samples,
+                   ignored_layers=ignored + list(args.ignore), seed=args.seed, stream=args.stream,
+                   progress=not args.no_progress, **options.method_options(args))
+    summary = {**result.to_dict(), "calibration_sentences": result.calib_samples}
+    if depth is not None:
+        before = measure.count(model, example)
+        summary.update(before=before, seconds=result.seconds + depth.seconds, depth=depth.to_dict(),
+                       params_ratio=result.after["params"] / before["params"],
+                       macs_ratio=result.after["macs"] / before["macs"])
+    return result.model, summary
