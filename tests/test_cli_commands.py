@@ -20,7 +20,8 @@ CHECKPOINT_ONLY = {
     "--no-eval": None, "--data": "digits", "--data-dir": "somewhere", "--image-size": "8", "--mean": "0.5",
     "--std": "0.5",
 }
-HF_ONLY = {"--hf-model": "DIR", "--prune": "heads", "--text": "t.txt", "--max-length": "16", "--layers-keep": "2"}
+HF_ONLY = {"--hf-model": "DIR", "--prune": "heads", "--text": "t.txt", "--max-length": "16", "--layers-keep": "2",
+           "--dtype": "bfloat16"}
 
 
 def _option_strings(parser) -> set[str]:

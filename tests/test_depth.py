@@ -152,3 +152,25 @@ def test_cli_prunes_layers_then_heads_and_ffn_of_the_rest(llama_dir, tmp_path, c
     assert "--layers-keep goes with --prune layers" in capsys.readouterr().err
     assert main([*argv, "--prune", "layers", "--out", str(tmp_path / "c")]) == 2
     assert "--prune layers needs --layers-keep N" in capsys.readouterr().err
+
+
+def test_cli_prunes_and_evaluates_in_bfloat16(llama_dir, tmp_path, capsys):
+    """--dtype: the model is loaded, pruned, judged and saved in bfloat16; its perplexity is float32's within the
+    rounding of bfloat16 (a few per cent on this random model)."""
+    from safetensors import safe_open
+
+    argv = ["prune", "--hf-model", str(llama_dir / "llama"), "--text", str(llama_dir / "text.txt"),
+            "--prune", "ffn", "--ratio", "0.5", "--max-length", "16", "--batch-size", "8", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "f32")]) == 0
+    assert main([*argv, "--dtype", "bfloat16", "--out", str(tmp_path / "bf16")]) == 0, capsys.readouterr().err
+    f32, bf16 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("f32", "bf16"))
+    assert (f32["dtype"], bf16["dtype"]) == ("float32", "bfloat16")
+    assert bf16["peak_rss_bytes"] > 0
+    assert bf16["perplexity"] == pytest.approx(f32["perplexity"], rel=0.05)
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.bfloat16}
+    assert structprune.load(tmp_path / "bf16").model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    code = main(["eval", str(tmp_path / "bf16"), "--text", str(llama_dir / "text.txt"), "--dtype", "float32",
+                 "--seq-len", "16", "--no-progress", "--json", str(tmp_path / "e.json")])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "e.json").read_text())["rows"][0]["perplexity"] > 1

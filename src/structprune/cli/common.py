@@ -229,9 +229,11 @@ def training_device(args) -> torch.device:
     return device
 
 
-def hf_model(path: str, trust_checkpoint: bool = False):
-    """A transformers model with attention blocks structprune describes, from a local directory, or a clear error."""
-    model = hf.load_pretrained(path, trust_checkpoint=trust_checkpoint)
+def hf_model(path: str, trust_checkpoint: bool = False, dtype: str | None = None):
+    """A transformers model with attention blocks structprune describes, from a local directory, or a clear error;
+    ``dtype``: float32, bfloat16 or float16 (None or "auto": the one its config records)."""
+    chosen = None if dtype in (None, "auto") else getattr(torch, dtype)
+    model = hf.load_pretrained(path, trust_checkpoint=trust_checkpoint, dtype=chosen)
     if not hf.is_supported(model):
         raise StructPruneError(f"--hf-model {path}: {type(model).__name__} has no attention block of a layout "
                                f"structprune knows (structprune.models.hf lists them)")
@@ -262,3 +264,13 @@ def text_metric(dense: torch.nn.Module, test) -> tuple[str, object]:
     reference = measure.sentence_embeddings(dense, test)
     return "embedding_cosine_similarity", lambda model: measure.embedding_similarity(
         reference, measure.sentence_embeddings(model, test))
+
+
+def peak_memory(device: torch.device) -> dict[str, int]:
+    """The process's peak resident memory so far (bytes), and on CUDA the peak memory torch allocated there."""
+    import resource
+
+    peak = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        peak["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+    return peak

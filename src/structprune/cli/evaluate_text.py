@@ -23,6 +23,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="English text to judge on: a file (one sentence per line, %%-separated blocks, or .jsonl) "
                         "or a directory of fortune files (default: Debian's fortunes); its held-out 20%% (the split "
                         "prune and distill use, --seed) is read")
+    options.add_dtype(g)
     g.add_argument("--seq-len", type=int, default=None, metavar="N",
                    help=f"causal LMs: tokens per perplexity window (default: {DEFAULT_SEQ_LEN}, at most what the "
                         f"model reads)")
@@ -34,7 +35,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
 def applies(args) -> bool:
     """Whether ``eval`` goes this way: a model directory given, or one of this path's options."""
     return (any(is_model_directory(p) for p in args.checkpoints)
-            or any(getattr(args, o) is not None for o in ("text", "seq_len", "stride")))
+            or any(getattr(args, o) is not None for o in ("text", "seq_len", "stride"))
+            or args.dtype != "auto")
 
 
 def is_model_directory(path) -> bool:
@@ -46,7 +48,7 @@ def run(args, json_path: Path | None) -> int:
     rows, first = [], None
     held_out = text.split(text.read(args.text), seed=args.seed)[1][:args.limit]
     for path in args.checkpoints:
-        model = common.hf_model(path, args.trust_checkpoint).to(options.device(args.device))
+        model = common.hf_model(path, args.trust_checkpoint, args.dtype).to(options.device(args.device))
         causal = hf.is_causal_lm(model)
         if first is None:
             first = _judge(model, path, held_out, args) if causal else _Embeddings(model, path, held_out, args)

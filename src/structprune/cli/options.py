@@ -120,6 +120,16 @@ def parts(text: str) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_dtype(p: argparse.ArgumentParser) -> None:
+    """--dtype of a Hugging Face model directory."""
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="the precision the model is loaded, run and saved in (statistics and least squares stay in "
+                        "float32/64 inside); auto: the one its config records (default: auto)")
+
+
 def layer_count(text: str) -> int | float:
     """A number of layers (an integer ≥ 1) or a fraction of them in (0, 1)."""
     try:

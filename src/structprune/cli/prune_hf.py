@@ -32,6 +32,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
                         "Llama: LAYER.self_attn, LAYER.mlp; `structprune info --hf-model` lists them) for "
                         "--layer-ratio; layers: whole transformer layers, the least block influence first, before "
                         "the heads and FFN neurons of the rest")
+    options.add_dtype(g)
     g.add_argument("--layers-keep", type=options.layer_count, default=None, metavar="N",
                    help="with --prune layers: the transformer layers kept, a number or a fraction of them (0.75)")
     g.add_argument("--text", default=None, metavar="PATH",
@@ -52,7 +53,7 @@ def run(args) -> int:
     calib_text, held_out = text.split(text.read(args.text), seed=args.seed)
     transformers = hf.transformers_module()
     transformers.utils.logging.disable_progress_bar()  # its per-file loading bars; ours shows the pruning
-    model = common.hf_model(args.hf_model, args.trust_checkpoint).to(device)
+    model = common.hf_model(args.hf_model, args.trust_checkpoint, args.dtype).to(device)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.hf_model)
     except Exception as exc:
@@ -75,7 +76,8 @@ def run(args) -> int:
               "prune": args.prune,
               "text": args.text or str(text.FORTUNES), "held_out_sentences": len(test.texts),
               "max_length": args.max_length, **summary,
-              "layer_sizes": layer_sizes(pruned), "metric": metric, metric: judge(pruned)}
+              "layer_sizes": layer_sizes(pruned), "dtype": str(next(pruned.parameters()).dtype).split(".")[-1],
+              "metric": metric, metric: judge(pruned)}
     if metric == "perplexity":
         report["dense_perplexity"] = dense
     distilled = ""
@@ -86,6 +88,7 @@ def run(args) -> int:
         report["distill"] = done.to_dict()
         report[f"{metric}_distilled"] = judge(pruned)
         distilled = f" ({report[f'{metric}_distilled']:.4f} after {done.steps} distillation steps)"
+    report.update(common.peak_memory(device))
     hf.save_pretrained(pruned.cpu(), out, force=args.force, tokenizer=tokenizer, extra={"report": report})
     common.write_json(report_path, report, args.force)
     says = (f"held-out perplexity {dense:.4f} -> {report[metric]:.4f}" if metric == "perplexity" else

@@ -125,8 +125,10 @@ def _check_config_describes(model: nn.Module) -> None:
                 f"record what was pruned; export it (structprune.export, ONNX) or prune only described families")
 
 
-def load_pretrained(path: str | os.PathLike, model_class=None, *, trust_checkpoint: bool = False) -> nn.Module:
-    """Load a Hugging Face model directory, pruned by structprune or not, in eval mode.
+def load_pretrained(path: str | os.PathLike, model_class=None, *, trust_checkpoint: bool = False,
+                    dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a Hugging Face model directory, pruned by structprune or not, in eval mode (built in ``dtype``, by
+    default the one its config records, as transformers does).
 
     The architecture comes from the config (``architectures``; or pass ``model_class``), the
     per-layer sizes from ``structprune_layers``, the weights from the safetensors files. A directory
@@ -150,7 +152,12 @@ def load_pretrained(path: str | os.PathLike, model_class=None, *, trust_checkpoi
                                                    or model_class is transformers.AutoModel)):
             raise StructPruneError(f"{path}: transformers has no model class {names[0]!r}; pass model_class")
     state = _read_weights(path, trust_checkpoint)  # read here, never by transformers' own (pickle) loader
-    model = model_class._from_config(config) if hasattr(model_class, "_from_config") else model_class(config)
+    if hasattr(model_class, "_from_config"):
+        model = model_class._from_config(config, **({} if dtype is None else {"dtype": dtype}))
+    else:
+        model = model_class(config)
+    if dtype is not None:
+        model.to(dtype)
     if sizes:
         resize(model, sizes)
     _load_weights(model, state, path)
