@@ -227,22 +227,44 @@ def latency_ratio(model: nn.Module, reference: nn.Module, example_inputs, min_pa
 @torch.no_grad()
 def sentence_embeddings(model: nn.Module, batches: Iterable[dict]) -> torch.Tensor:
     """Unit-length sentence embeddings: the mean of the last hidden states over real (unmasked) tokens,
-    as sentence-transformers' all-MiniLM-L6-v2 computes them. (N, hidden) on the CPU."""
+    as sentence-transformers' all-MiniLM-L6-v2 computes them. (N, hidden) on the CPU. An encoder-decoder's are its
+    encoder's and its decoder's (reading the input shifted right, as in training), each of unit length, side by
+    side divided by √2: their cosine similarity is the mean of the two halves'."""
     was_training = model.training
     model.eval()
     out = []
     try:
         for batch in batches:
+            if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+                out.append(_encoder_decoder_embeddings(model, batch))
+                continue
             hidden = run_forward(model, batch)
             hidden = getattr(hidden, "last_hidden_state", hidden)
             if isinstance(hidden, (tuple, list)):
                 hidden = hidden[0]
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-            out.append(nn.functional.normalize(pooled.float(), dim=-1).cpu())
+            out.append(_mean_pooled(hidden, batch["attention_mask"]))
     finally:
         model.train(was_training)
     return torch.cat(out)
+
+
+def _mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    return nn.functional.normalize(pooled.float(), dim=-1).cpu()
+
+
+def _encoder_decoder_embeddings(model: nn.Module, batch: dict) -> torch.Tensor:
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    start = getattr(model.config, "decoder_start_token_id", None)
+    start = start if start is not None else getattr(model.config, "bos_token_id", None) or 0
+    decoder_ids = torch.cat([torch.full_like(ids[:, :1], start), ids[:, :-1]], dim=1)
+    decoder_mask = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1)
+    output = run_forward(model, {**batch, "decoder_input_ids": decoder_ids, "decoder_attention_mask": decoder_mask,
+                                 "output_hidden_states": True, "use_cache": False})
+    halves = [_mean_pooled(output.encoder_last_hidden_state, mask),
+              _mean_pooled(output.decoder_hidden_states[-1], decoder_mask)]
+    return torch.cat(halves, dim=1) / math.sqrt(2)
 
 
 def embedding_similarity(reference: torch.Tensor, embeddings: torch.Tensor) -> float:

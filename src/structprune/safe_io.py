@@ -54,11 +54,16 @@ def as_umask_allows(path: str | os.PathLike) -> None:
     os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
 
 
-def check_output(path: str | os.PathLike, force: bool = False, what: str = "output") -> Path:
-    """Refuse, before any work, an output path that cannot be written or that exists (unless ``force``)."""
+def check_output(path: str | os.PathLike, force: bool = False, what: str = "output", directory: bool = False) -> Path:
+    """Refuse, before any work, an output path that cannot be written or that exists (unless ``force``).
+    ``directory``: the output is a model directory; ``force`` replaces only an earlier one (with a config.json) or
+    an empty directory, never any other directory."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not directory:
         raise StructPruneError(f"{what} {path} is a directory, expected a file path")
+    if path.is_dir() and force and any(path.iterdir()) and not (path / "config.json").is_file():
+        raise StructPruneError(f"{what} {path} is a directory that holds no model (no config.json): it is not "
+                               f"replaced, even with --force; choose another --out")
     if path.exists() and not force:
         raise StructPruneError(f"{what} {path} already exists; pass --force (force=True) to overwrite it")
     parent = path.parent

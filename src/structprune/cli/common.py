@@ -26,15 +26,15 @@ def report_path(out: Path) -> Path:
     return out.with_suffix(".json") if out.suffix != ".json" else out.with_suffix(".report.json")
 
 
-def check_outputs(args, *inputs, report: Path | None = None) -> tuple[Path, Path]:
+def check_outputs(args, *inputs, report: Path | None = None, directory: bool = False) -> tuple[Path, Path]:
     """Refuse early (before any work) outputs that cannot be written, that exist (without --force) or that
     are one of the command's inputs (even with --force: an input is never overwritten). The JSON report is
-    ``report``, by default next to --out (:func:`report_path`)."""
+    ``report``, by default next to --out (:func:`report_path`); ``directory``: --out is a model directory."""
     out = Path(args.out)
     report = report_path(out) if report is None else report
-    for path in (out, report):
+    for path, is_directory in ((out, directory), (report, False)):
         refuse_input(path, inputs)
-        check_output(path, args.force, what="--out:")
+        check_output(path, args.force, what="--out:", directory=is_directory)
     return out, report
 
 

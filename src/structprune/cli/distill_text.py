@@ -47,7 +47,7 @@ def run(args) -> int:
                                       ("--data-dir", args.data_dir)) if value is not None]
     if given:
         raise StructPruneError(f"{given[0]}: a Hugging Face model directory trains on --text, not on --data")
-    out, report_path = common.check_outputs(args, args.checkpoint, args.teacher)
+    out, report_path = common.check_outputs(args, args.checkpoint, args.teacher, directory=True)
     state = common.run_state(args, out)
     settings = options.distill_config(args)
     device = common.training_device(args)

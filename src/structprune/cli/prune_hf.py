@@ -45,7 +45,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    out, report_path = common.check_outputs(args, args.hf_model)
+    out, report_path = common.check_outputs(args, args.hf_model, directory=True)
     if ("layers" in args.prune) != (args.layers_keep is not None):
         raise StructPruneError("--prune layers needs --layers-keep N" if args.layers_keep is None else
                                "--layers-keep goes with --prune layers (e.g. --prune layers or layers,heads,ffn)")

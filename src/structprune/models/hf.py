@@ -84,6 +84,9 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, force: bool = 
     path = Path(path)
     if path.exists() and not force:
         raise StructPruneError(f"output {path} already exists; pass --force (force=True) to overwrite it")
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").is_file():
+        raise StructPruneError(f"output {path} is a directory that holds no model (no config.json): it is not "
+                               f"replaced, even with force; choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
