@@ -85,3 +85,15 @@ def test_prune_hf_model_prunes_and_judges_an_encoder_decoder(bart_dir, tmp_path,
     argv[-1] = str(other)
     assert main([*argv, "--force"]) == 2 and "holds no model" in capsys.readouterr().err
     assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_tied_parameters_are_optimised_once():
+    """BART ties its embeddings to the LM head: each parameter in one optimizer group, once (torch warns of, and
+    will refuse, a parameter twice)."""
+    from structprune.finetune import parameter_groups
+
+    model = _bart()
+    groups = parameter_groups(model, 0.01)
+    listed = [id(p) for group in groups for p in group["params"]]
+    assert len(listed) == len(set(listed)) == len(list(model.parameters()))
+    assert len(list(model.parameters())) < len(dict(model.named_parameters(remove_duplicate=False)))  # tied

@@ -83,12 +83,15 @@ class TrainConfig:
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on Conv/Linear weights only; none on biases or normalisation layers (by module type)."""
-    decay, no_decay = [], []
+    """Weight decay on Conv/Linear weights only; none on biases or normalisation layers (by module type). A
+    parameter several modules share (tied embeddings) is in one group once, as the first module that holds it
+    says."""
+    decay, no_decay, seen = [], [], set()
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad:
+            if not param.requires_grad or id(param) in seen:
                 continue
+            seen.add(id(param))
             (no_decay if isinstance(module, _NO_DECAY) or name == "bias" else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
