@@ -13,8 +13,7 @@ from structprune import capture as capture_module
 from structprune.capture import capture
 from structprune.graph import PruningGraph
 from structprune.methods.base import Selection
-from structprune.pipeline import relative_residuals
-from structprune.refit import refit
+from structprune.refit import refit, relative_residuals
 
 
 def two_layer(seed: int, hidden: int = 24) -> tuple[nn.Module, list]:

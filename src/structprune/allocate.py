@@ -84,13 +84,20 @@ class PerLayer:
         _check_ratio(self.default, "default ratio")
 
 
+#: how a Target's size is shared among the groups (module docstring of :func:`plan`)
+ALLOCATIONS = ("uniform", "pfp", "error")
+
+
 @dataclass(frozen=True)
 class Target:
     """Keep ``fraction`` of the dense model's MACs (metric "flops"), parameters (metric "params") or latency
     (metric "latency": the forward time measured on this machine and the model's device, ``batch`` copies of
     the example input).
 
-    allocation: "uniform" (one keep ratio for all groups) or "pfp" (PFP's δ-based per-group counts).
+    allocation: "uniform" (one keep ratio for all groups), "pfp" (PFP's δ-based per-group counts) or "error"
+        (for each group and candidate width, the network's output error on calibration samples with that group
+        alone pruned there; the allocation of least summed error that meets the target; every group in scope,
+        residual streams included).
     delta: PFP's failure probability δ (allocation "pfp" only).
     tolerance: the pruned size must be within ``tolerance·fraction`` of the target; when no allocation of
         whole channels gets that close, the closest one is used and the report says how far it is. Default:
@@ -113,8 +120,8 @@ class Target:
         _check_ratio(self.fraction, f"target {self.metric} fraction")
         if self.metric not in METRICS:
             raise StructPruneError(f"target metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
-        if self.allocation not in ("uniform", "pfp"):
-            raise StructPruneError(f"allocation must be 'uniform' or 'pfp', got {self.allocation!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise StructPruneError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if not 0 < self.delta < 1:
             raise StructPruneError(f"delta must be in (0, 1), got {self.delta!r}")
         if not 0 < self.tolerance < 1:
@@ -326,10 +333,13 @@ class Allocation:
 
 
 def plan(budget: Budget, sizer: Sizer, round_to: int | str | None = None,
-         sensitivities: Callable[[], list[LayerSensitivity]] | None = None, device="cpu") -> Allocation:
+         sensitivities: Callable[[], list[LayerSensitivity]] | None = None, device="cpu",
+         curves: Callable[[dict[str, list[int]]], dict[str, dict[int, float]]] | None = None) -> Allocation:
     """Per-group keep counts for ``budget``.
 
-    ``sensitivities`` computes PFP's per-group statistics on demand (only for ``Target(allocation="pfp")``).
+    ``sensitivities`` computes PFP's per-group statistics on demand (only for ``Target(allocation="pfp")``);
+    ``curves`` each group's error (the network's output error with it alone pruned) at the candidate widths it is
+    given (only for ``Target(allocation="error")``: :func:`error_widths`, :func:`_search_error`).
     ``round_to="auto"`` with a MACs or params target: the multiple of ``device`` (:func:`resolve_round_to`)
     for the groups at least :data:`AUTO_MIN_MULTIPLES` multiples wide (the report's ``unrounded_groups`` lists
     the narrower ones, whose widths fall as they may), where it can meet the target; else the widths as they
@@ -344,12 +354,18 @@ def plan(budget: Budget, sizer: Sizer, round_to: int | str | None = None,
     if isinstance(budget, PerLayer):
         return Allocation(_per_layer(budget, sizer, round_to), {"budget": "per-layer", "ratios": budget.ratios,
                                                                 "default": budget.default, "round_to": round_to})
-    if budget.allocation == "pfp" and sensitivities is None:
-        raise StructPruneError("PFP allocation needs calibration data")
+    if budget.allocation in ("pfp", "error") and (sensitivities if budget.allocation == "pfp" else curves) is None:
+        raise StructPruneError(f"{budget.allocation} allocation needs calibration data")
     layers = sensitivities() if budget.allocation == "pfp" else None
+    measured: dict = {}
 
     def search(multiple: int | dict[str, int | None] | None) -> tuple[dict[str, int], float]:
         def once() -> dict[str, int]:
+            if budget.allocation == "error":
+                widths = error_widths(sizer, multiple)
+                if widths != measured.get("widths"):
+                    measured.update(widths=widths, curves=curves(widths))
+                return _search_error(budget, sizer, measured["curves"])
             if layers is None:
                 return _search_uniform(budget, sizer, multiple)
             return _search_pfp(budget, sizer, multiple, layers)
@@ -378,7 +394,77 @@ def plan(budget: Budget, sizer: Sizer, round_to: int | str | None = None,
         info["unrounded_groups"] = [name for name, m in multiples.items() if m is None]
     if budget.allocation == "pfp":
         info["delta"] = budget.delta
+    if budget.allocation == "error":
+        chosen = {name: measured["curves"][name].get(keep) for name, keep in keeps.items()}
+        info["predicted_error"] = {name: error for name, error in chosen.items() if error is not None}
     return Allocation(keeps, info)
+
+
+#: candidate widths per group for the error allocation: about this many steps from one channel to all
+ERROR_STEPS = 16
+
+
+def error_widths(sizer: Sizer, round_to: int | dict[str, int | None] | None) -> dict[str, list[int]]:
+    """The candidate keep counts of every group: multiples of its ``round_to`` multiple (or of about 1/16 of its
+    channels), and all of its channels."""
+    widths = {}
+    for name, channels in sizer.groups.items():
+        step = sizer.multiple(name, round_to) or max(1, round(channels / ERROR_STEPS))
+        widths[name] = sorted({*range(step, channels, step), channels})
+    return widths
+
+
+def _search_error(budget: Target, sizer: Sizer, curves: dict[str, dict[int, float]]) -> dict[str, int]:
+    """The allocation of least summed error (errors of the same network output: comparable across groups) whose size
+    meets the target:
+    :func:`_narrow` to it, then :func:`_grow_back` within the tolerance."""
+    return _grow_back(_narrow(budget, sizer, curves), budget, sizer, curves)
+
+
+def _narrow(budget: Target, sizer: Sizer, curves: dict[str, dict[int, float]]) -> dict[str, int]:
+    """From every group whole, narrow one group a step at a time, always the one whose next candidate width adds
+    the least error per unit of the target's metric it removes, until the size is at or below the target (with
+    costs that add up and convex curves, each allocation on the way is the least error at its size)."""
+    keeps = {name: channels for name, channels in sizer.groups.items()}
+    current = sizer.fraction(keeps, budget.metric)
+    while current > budget.fraction:
+        best = None
+        for name, curve in curves.items():
+            narrower = [w for w in curve if w < keeps[name]]
+            if not narrower:
+                continue
+            width = max(narrower)
+            trial = {**keeps, name: width}
+            fraction = sizer.fraction(trial, budget.metric)
+            saved = current - fraction
+            if saved <= 0:
+                continue
+            cost = (curve[width] - curve[keeps[name]]) / saved
+            if best is None or cost < best[0]:
+                best = (cost, trial, fraction)
+        if best is None:
+            break
+        _, keeps, current = best
+    return keeps
+
+
+def _grow_back(keeps: dict[str, int], budget: Target, sizer: Sizer, curves: dict[str, dict[int, float]]):
+    """The last step of the search may land below the target by more than one group's step: widen, one step at a
+    time, the group whose next width removes the most error while the size stays within the tolerance."""
+    ceiling = budget.fraction * (1 + budget.tolerance)
+    while True:
+        best = None
+        for name, curve in curves.items():
+            wider = [w for w in curve if w > keeps[name]]
+            if not wider:
+                continue
+            trial = {**keeps, name: min(wider)}
+            gain = curve[keeps[name]] - curve[min(wider)]
+            if sizer.fraction(trial, budget.metric) <= ceiling and (best is None or gain > best[0]):
+                best = (gain, trial)
+        if best is None:
+            return keeps
+        keeps = best[1]
 
 
 def _per_layer(budget: PerLayer, sizer: Sizer, round_to: int | None) -> dict[str, int]:

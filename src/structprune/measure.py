@@ -267,6 +267,13 @@ def _encoder_decoder_embeddings(model: nn.Module, batch: dict) -> torch.Tensor:
     return torch.cat(halves, dim=1) / math.sqrt(2)
 
 
+def output_vector(model: nn.Module, inputs) -> torch.Tensor:
+    """A model's output on ``inputs`` as one float vector (its logits, or last hidden states, or first tensor)."""
+    output = run_forward(model, inputs)
+    output = getattr(output, "logits", getattr(output, "last_hidden_state", output))
+    return (output[0] if isinstance(output, (tuple, list)) else output).float().flatten()
+
+
 def embedding_similarity(reference: torch.Tensor, embeddings: torch.Tensor) -> float:
     """Mean cosine similarity of matching rows of two unit-length embedding matrices."""
     return float((reference * embeddings).sum(dim=1).mean())

@@ -34,10 +34,12 @@ from .graph import SCOPES as GRAPH_SCOPES
 from .graph import PruningGraph, build_graph
 from .groups import Group
 from .layers import LINEAR_LAYERS, out_features
-from .measure import count, counting, output_sizes
+from .measure import count, counting, output_sizes, output_vector
 from .methods.base import GroupView, Method, Selection, options_of
+from .progress import bar
 from .recalibrate import has_batchnorm, recalibrate_batchnorm
 from .refit import refit as refit_selection
+from .refit import relative_residuals
 from .result import PruneResult
 from .sensitivity import ZERO_BELOW
 
@@ -211,7 +213,8 @@ def _layer_name(layer: str | nn.Module, names: dict) -> str:
 def allocate(run: Run) -> budgets.Allocation:
     """The graph in its scope, the keep count of every group, and the kept block inputs of later passes."""
     auto_scope = run.options.scope == "auto"
-    run.scope = _auto_scope(run) if auto_scope else run.options.scope
+    error_allocation = getattr(run.budget, "allocation", "uniform") == "error"
+    run.scope = ("all" if error_allocation else _auto_scope(run)) if auto_scope else run.options.scope
     _scoped(run)
     reconstruct = run.options.reconstruct
     run.reconstruct = ("layer" if run.graph.residual_layers else "original") if reconstruct == "auto" else reconstruct
@@ -244,7 +247,51 @@ def _scoped(run: Run) -> None:
 
 
 def _plan(run: Run) -> budgets.Allocation:
-    return budgets.plan(run.budget, run.sizer, run.options.round_to, lambda: _pfp_statistics(run), device=run.device)
+    return budgets.plan(run.budget, run.sizer, run.options.round_to, lambda: _pfp_statistics(run), device=run.device,
+                        curves=lambda widths: _error_curves(run, widths))
+
+
+#: calibration samples the error allocation measures each group's effect on the network's output with
+PROBE_SAMPLES = 256
+
+
+def _error_curves(run: Run, widths: dict[str, list[int]]) -> dict[str, dict[int, float]]:
+    """The error allocation's curves: for each group and each of its candidate ``widths``, the squared relative
+    error of the network's output on the first :data:`PROBE_SAMPLES` calibration samples with that group alone
+    pruned to that width (the method's channels, refitted when the refit is on) on the model as it is (dense:
+    before any group is pruned). A residual stream's error reaches every later layer and a block's inner layer's
+    only its block: the network's output weighs them as they count."""
+    curves = {}
+    groups = [g for g in run.graph.all_groups() if g.name in widths]
+    probe = [take_samples(inputs, None, run.device) for inputs, _ in first_batches(run.calib, PROBE_SAMPLES)]
+    with torch.no_grad():
+        dense = [output_vector(run.pruned, inputs) for inputs in probe]
+    for group in bar(groups, desc="error curves", unit="group", enabled=run.options.progress):
+        view = _capture(run, group)
+        curve = {}
+        for width in widths[group.name]:
+            if width >= group.channels:
+                curve[width] = 0.0
+                continue
+            selection = run.method.select(view.restrict(run.selection_samples), width)
+            if run.options.refit:
+                selection = refit_selection(view, selection)
+            curve[width] = _network_error(run, group.name, selection, probe, dense)
+        curves[group.name] = curve
+    return curves
+
+
+def _network_error(run: Run, name: str, selection: Selection, probe: list, dense: list[Tensor]) -> float:
+    """Squared relative error of the network's output on ``probe`` with group ``name`` alone pruned as
+    ``selection`` says (on a copy)."""
+    trial = copy.deepcopy(run.pruned).eval()
+    graph = build_graph(trial, run.example_inputs, [trial.get_submodule(n) for n in run.ignored_names], run.scope)
+    group = next(g for g in graph.all_groups() if g.name == name)
+    graph.apply(group, selection.keep_idx, selection.consumer_weights, selection.consumer_biases)
+    with torch.no_grad():
+        errors = [float((output_vector(trial, inputs) - out).square().sum()) for inputs, out in zip(probe, dense,
+                                                                                                    strict=True)]
+    return sum(errors) / max(sum(float(out.square().sum()) for out in dense), 1e-30)
 
 
 def _zero_below(method: Method) -> float:
@@ -429,21 +476,6 @@ def _check_selection(selection: Selection, group: str, channels: int, keep: int)
     if len(torch.unique(idx)) != keep or int(idx.min()) < 0 or int(idx.max()) >= channels:
         raise RuntimeError(f"method returned invalid indices for group {group}: {idx.tolist()}")
     selection.keep_idx = torch.sort(idx.long().cpu()).values
-
-
-def relative_residuals(view: GroupView, selections: list[Selection]) -> list[float]:
-    """‖Y − Ŷ‖/‖Y‖ over all consumers of the group for each selection, Ŷ using only its kept channels (and
-    new weights and biases); the dense Y is computed once."""
-    sq_errors, sq_dense = [0.0] * len(selections), 0.0
-    for consumer in view.consumers:
-        dense = consumer.output()
-        sq_dense += float(dense.square().sum())
-        for i, selection in enumerate(selections):
-            approx = consumer.output(selection.keep_idx.to(dense.device),
-                                     weight=(selection.consumer_weights or {}).get(consumer.name),
-                                     bias=(selection.consumer_biases or {}).get(consumer.name))
-            sq_errors[i] += float((dense - approx).square().sum())
-    return [(e / sq_dense) ** 0.5 if sq_dense > 0 else 0.0 for e in sq_errors]
 
 
 def _check_forward(model: nn.Module, example_inputs, group: str) -> None:

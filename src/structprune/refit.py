@@ -93,3 +93,18 @@ def _solve(eq: NormalEquations, prior: Tensor, ridge: float, fit_bias: bool) -> 
     else:
         solution = torch.linalg.lstsq(regularised, cross).solution
     return solution[:features], (solution[features] if fit_bias else None)
+
+
+def relative_residuals(view: GroupView, selections: list[Selection]) -> list[float]:
+    """‖Y − Ŷ‖/‖Y‖ over all consumers of the group for each selection, Ŷ using only its kept channels (and
+    new weights and biases); the dense Y is computed once."""
+    sq_errors, sq_dense = [0.0] * len(selections), 0.0
+    for consumer in view.consumers:
+        dense = consumer.output()
+        sq_dense += float(dense.square().sum())
+        for i, selection in enumerate(selections):
+            approx = consumer.output(selection.keep_idx.to(dense.device),
+                                     weight=(selection.consumer_weights or {}).get(consumer.name),
+                                     bias=(selection.consumer_biases or {}).get(consumer.name))
+            sq_errors[i] += float((dense - approx).square().sum())
+    return [(e / sq_dense) ** 0.5 if sq_dense > 0 else 0.0 for e in sq_errors]

@@ -251,9 +251,10 @@ def add_budget(p: argparse.ArgumentParser) -> None:
                         "--device at --latency-batch samples (within 5%%: timing noise)")
     g.add_argument("--latency-batch", type=positive, default=64, metavar="N",
                    help="samples per forward pass that --target-latency is measured at (default: 64)")
-    g.add_argument("--allocation", default="uniform", choices=["uniform", "pfp"],
-                   help="how a target is split among groups: one shared ratio, or PFP's δ-based allocation "
-                        "(default: uniform)")
+    g.add_argument("--allocation", default="uniform", choices=["uniform", "pfp", "error"],
+                   help="how a target is split among groups: one shared ratio, PFP's δ-based allocation, or by "
+                        "error: each group's effect on the network's output at candidate widths, measured, and the "
+                        "least summed effect that meets the target, every group in scope (default: uniform)")
     g.add_argument("--delta", type=float, default=1e-16, help="PFP allocation's failure probability δ (default: 1e-16)")
     g.add_argument("--round-to", type=round_to, default="auto", metavar="N|auto|none",
                    help="round every kept width up to a multiple of N; none: the widths as they fall; auto: with "
@@ -348,7 +349,8 @@ def budget(args) -> Budget:
         metric, fraction = targets[0]
         return Target(fraction, metric, args.allocation, delta=args.delta, batch=args.latency_batch)
     if args.allocation != "uniform":
-        raise StructPruneError("--allocation pfp needs --target-flops, --target-params or --target-latency")
+        raise StructPruneError(f"--allocation {args.allocation} needs --target-flops, --target-params or "
+                               f"--target-latency")
     if args.layer_ratio:
         return PerLayer(dict(args.layer_ratio), 1.0 if args.ratio is None else args.ratio)
     return Uniform(0.5 if args.ratio is None else args.ratio)

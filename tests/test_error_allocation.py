@@ -1,0 +1,95 @@
+"""Target(allocation="error") (issue 36, items 1–2): each group's curve of the network's output error with it
+alone pruned to each candidate width, and the greedy search over the curves."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import structprune
+from conftest import calibration, make_zoo_model
+from structprune import allocate, measure
+
+
+class _StubSizer:
+    """Sizes of an allocation as a weighted sum of keep counts (costs that add up, as the greedy search assumes)."""
+
+    def __init__(self, groups: dict[str, int], costs: dict[str, float]):
+        self.groups, self.costs = groups, costs
+        self.total = sum(c * costs[n] for n, c in groups.items())
+
+    def fraction(self, keeps, _metric):
+        return sum(keeps[n] * self.costs[n] for n in self.groups) / self.total
+
+
+def test_greedy_search_finds_the_least_error_allocation_of_convex_curves():
+    """With costs that add up and convex curves, narrowing the cheapest-per-unit group step by step is optimal at
+    the size it stops at: checked against every allocation."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        groups = {f"g{i}": int(torch.randint(2, 6, (1,), generator=gen)) for i in range(3)}
+        costs = {name: float(torch.rand(1, generator=gen)) + 0.1 for name in groups}
+        curves = {}
+        for name, channels in groups.items():  # convex, decreasing to 0 at full width
+            scale = float(torch.rand(1, generator=gen)) + 0.01
+            curves[name] = {w: scale * (channels - w) ** 2 for w in range(1, channels + 1)}
+        sizer = _StubSizer(groups, costs)
+        target = allocate.Target(float(torch.rand(1, generator=gen)) * 0.6 + 0.3)
+        keeps = allocate._narrow(target, sizer, curves)
+        fraction = sizer.fraction(keeps, "flops")
+        assert fraction <= target.fraction
+        grown = allocate._search_error(target, sizer, curves)  # then widened within the tolerance, never worse
+        assert fraction <= sizer.fraction(grown, "flops") <= target.fraction * (1 + target.tolerance)
+        assert sum(curves[n][grown[n]] for n in groups) <= sum(curves[n][keeps[n]] for n in groups)
+        # the best allocation at a size no larger than the greedy one's, exhaustively
+        best = min(sum(curves[n][w] for n, w in zip(groups, choice, strict=True))
+                   for choice in itertools.product(*(range(1, c + 1) for c in groups.values()))
+                   if sizer.fraction(dict(zip(groups, choice, strict=True)), "flops") <= fraction + 1e-12)
+        assert sum(curves[n][keeps[n]] for n in groups) == pytest.approx(best, abs=1e-9), trial
+
+
+def _two_convs():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+
+
+def test_a_groups_curve_is_the_networks_output_error_with_it_alone_pruned_to_each_width(monkeypatch):
+    """The curves: at each candidate width of the first group, the squared relative error of the network's output
+    when that group alone is pruned there (measured here with prune itself, no recalibration, on the same
+    calibration samples)."""
+    seen = {}
+    search = allocate._search_error
+
+    def spy(budget, sizer, curves):
+        seen.update(curves)
+        return search(budget, sizer, curves)
+
+    monkeypatch.setattr(allocate, "_search_error", spy)
+    model, calib = _two_convs(), calibration((3, 8, 8), samples=64, batch=32)
+    structprune.prune(model, calib, "ispasp", structprune.Target(0.5, allocation="error"), progress=False)
+    assert set(seen) == {"0", "2"} and seen["0"][16] == 0.0 and len(seen["0"]) == 16
+    x = torch.cat([b[0] for b in calib])
+    for width in (3, 8, 13):
+        alone = structprune.prune(model, calib, "ispasp", {"0": width / 16}, recalibrate=False, progress=False).model
+        assert len(alone[0].weight) == width and len(alone[2].weight) == 16
+        with torch.no_grad():
+            dense, pruned = model(x), alone(x)
+        expected = float((pruned - dense).square().sum() / dense.square().sum())
+        assert seen["0"][width] == pytest.approx(expected, rel=1e-4), width
+
+
+def test_error_allocation_meets_the_target_with_widths_of_its_own():
+    model, shape = make_zoo_model("resnet20")
+    calib = calibration(shape, samples=64, batch=32)
+    result = structprune.prune(model, calib, "ispasp", structprune.Target(0.5, allocation="error"), progress=False)
+    example = calib[0][0][:1]
+    achieved = measure.count(result.model, example)["macs"] / measure.count(model, example)["macs"]
+    assert abs(achieved - 0.5) <= 0.01 * 0.5
+    assert result.budget["allocation"] == "error" and result.budget["predicted_error"]
+    ratios = {layer["group"]: layer["kept"] / layer["channels"] for layer in result.layers}
+    assert any(name.startswith("layer") and name.endswith("shortcut.0") or name == "conv1" for name in ratios)
+    assert len({round(r, 3) for r in ratios.values()}) > 2  # not one ratio for all
