@@ -107,7 +107,8 @@ def _merged(earlier: dict | None, section: dict, lrs: list[float]) -> dict:
 
 def run_cnn(name: str, targets: list[float], epochs: list[int], tp_epochs: list[int], quick: bool, sections: dict,
             checkpoint) -> None:
-    """Measure one CNN into ``sections[name]`` (replacing an earlier run's), saving after every row group."""
+    """Measure one CNN into ``sections[name]`` (an earlier run's rows at other targets kept), saving after every
+    row group."""
     dense = structprune.load(HERE / "checkpoints" / CHECKPOINTS[name]).eval()
     train_set = data.load("fashion-mnist", "train", limit=4096 if quick else None)
     test = DataLoader(data.load("fashion-mnist", "test", limit=1000 if quick else None), batch_size=500)
@@ -119,6 +120,13 @@ def run_cnn(name: str, targets: list[float], epochs: list[int], tp_epochs: list[
                "dense_accuracy": measure.accuracy(dense, test), "train_images": len(x),
                "test_images": len(test.dataset), "steps_per_epoch": math.ceil(len(x) / BATCH),
                "distill": DISTILL.__dict__, "rows": [], "date": date.today().isoformat()}
+    earlier = sections.get(name)
+    same = earlier and (earlier["dense_accuracy"], earlier["test_images"]) == (section["dense_accuracy"],
+                                                                                 len(test.dataset))
+    if same:
+        section["rows"] = [r for r in earlier["rows"] if r["target"] not in targets]  # other targets: kept
+        if earlier["date"] != section["date"]:
+            section["date"] = f"{earlier['date']}, {section['date']}"
     sections[name] = section
     print(f"{name}: dense {section['dense_accuracy']:.2f}%", flush=True)
     unlabelled, labelled = TensorDataset(x), TensorDataset(x, y)
