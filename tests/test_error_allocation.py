@@ -93,3 +93,9 @@ def test_error_allocation_meets_the_target_with_widths_of_its_own():
     ratios = {layer["group"]: layer["kept"] / layer["channels"] for layer in result.layers}
     assert any(name.startswith("layer") and name.endswith("shortcut.0") or name == "conv1" for name in ratios)
     assert len({round(r, 3) for r in ratios.values()}) > 2  # not one ratio for all
+
+
+def test_error_allocation_refuses_a_latency_target():
+    with pytest.raises(structprune.StructPruneError, match="MACs or params target"):
+        structprune.Target(0.5, "latency", allocation="error")
+    assert structprune.Target(0.5, "params", allocation="error").allocation == "error"

@@ -122,6 +122,9 @@ class Target:
             raise StructPruneError(f"target metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         if self.allocation not in ALLOCATIONS:
             raise StructPruneError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.allocation == "error" and self.metric == "latency":
+            raise StructPruneError("the error allocation takes a MACs or params target (a latency target would time "
+                                   "thousands of candidates); use allocation='uniform' for latency")
         if not 0 < self.delta < 1:
             raise StructPruneError(f"delta must be in (0, 1), got {self.delta!r}")
         if not 0 < self.tolerance < 1:
