@@ -70,8 +70,8 @@ def _refuse_checkpoint_options(args) -> None:
     if not_directories or not args.checkpoints:
         what = f"{not_directories[0]}: not a Hugging Face model directory (no config.json)" if not_directories \
             else "no model directory given"
-        raise StructPruneError(f"{what}; --text, --seq-len and --stride evaluate model directories, one kind per "
-                               f"call (checkpoints are evaluated on --data)")
+        raise StructPruneError(f"{what}; --text, --seq-len, --stride and --dtype evaluate model directories, one "
+                               f"kind per call (checkpoints are evaluated on --data)")
     given = [flag for flag, dest in (("--data", "data"), ("--data-dir", "data_dir"), ("--image-size", "image_size"),
                                      ("--model", "model"), ("--weights", "weights"))
              if getattr(args, dest, None) is not None]
