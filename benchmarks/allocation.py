@@ -58,6 +58,10 @@ def main() -> None:
                                  "accuracy": measure.accuracy(result.model, test), "seconds": seconds,
                                  "kept": {layer["group"]: layer["kept"] for layer in result.layers}})
                     print({k: v for k, v in rows[-1].items() if k != "kept"}, flush=True)
+                    report(rows, args)  # after every row: an interrupted run keeps what it measured
+
+
+def report(rows: list[dict], args) -> None:
     table = ["| model (dense) | method | MACs kept | uniform | error | gain | seconds uniform / error |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for row in rows:
