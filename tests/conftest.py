@@ -262,3 +262,19 @@ def write_stand_ins(root: Path) -> None:
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(textwrap.dedent(code))
+
+
+def text_model_dir(root, name: str, model, sentences: int = 40, seed: int = 2):
+    """``root/name``: ``model`` saved as a Hugging Face directory with a word-level tokenizer of BERT_VOCAB, and
+    ``root/text.txt``: ``sentences`` random sentences of nine BERT_WORDS. Returns ``root``."""
+    import transformers
+
+    from structprune.models import hf
+
+    tokenizer = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(BERT_VOCAB)})
+    hf.save_pretrained(model, root / name, tokenizer=tokenizer)
+    gen = torch.Generator().manual_seed(seed)
+    (root / "text.txt").write_text("\n".join(
+        " ".join(BERT_WORDS[int(i)] for i in torch.randint(0, len(BERT_WORDS), (9,), generator=gen))
+        for _ in range(sentences)) + "\n")
+    return root

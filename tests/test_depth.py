@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import structprune
-from conftest import BERT_VOCAB, BERT_WORDS, tiny_bert
+from conftest import BERT_VOCAB, text_model_dir, tiny_bert
 from structprune import depth
 from structprune.cli import main
 
@@ -123,14 +123,7 @@ def test_models_whose_layers_cannot_go_one_by_one_are_refused():
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("depth")
-    tokenizer = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(BERT_VOCAB)})
-    structprune.models.hf.save_pretrained(_llama(), root / "llama", tokenizer=tokenizer)
-    gen = torch.Generator().manual_seed(2)
-    (root / "text.txt").write_text("\n".join(
-        " ".join(BERT_WORDS[int(i)] for i in torch.randint(0, len(BERT_WORDS), (9,), generator=gen))
-        for _ in range(40)) + "\n")
-    return root
+    return text_model_dir(tmp_path_factory.mktemp("depth"), "llama", _llama())
 
 
 def test_cli_prunes_layers_then_heads_and_ffn_of_the_rest(llama_dir, tmp_path, capsys):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import structprune
-from conftest import BERT_VOCAB, BERT_WORDS
+from conftest import BERT_VOCAB, text_model_dir
 from structprune.cli import main
 from structprune.measure import embedding_similarity, sentence_embeddings
 
@@ -51,14 +51,7 @@ def test_an_encoder_decoders_embeddings_are_its_encoders_and_its_decoders(cls):
 
 @pytest.fixture(scope="module")
 def bart_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bart")
-    tokenizer = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(BERT_VOCAB)})
-    structprune.models.hf.save_pretrained(_bart(), root / "bart", tokenizer=tokenizer)
-    gen = torch.Generator().manual_seed(2)
-    (root / "text.txt").write_text("\n".join(
-        " ".join(BERT_WORDS[int(i)] for i in torch.randint(0, len(BERT_WORDS), (9,), generator=gen))
-        for _ in range(40)) + "\n")
-    return root
+    return text_model_dir(tmp_path_factory.mktemp("bart"), "bart", _bart())
 
 
 def test_prune_hf_model_prunes_and_judges_an_encoder_decoder(bart_dir, tmp_path, capsys):
