@@ -50,6 +50,7 @@ def run(args) -> int:
         raise StructPruneError("--prune layers needs --layers-keep N" if args.layers_keep is None else
                                "--layers-keep goes with --prune layers (e.g. --prune layers or layers,heads,ffn)")
     device = options.device(args.device)
+    budget, method_options = options.budget(args), options.method_options(args)  # checked before any work
     calib_text, held_out = text.split(text.read(args.text), seed=args.seed)
     transformers = hf.transformers_module()
     transformers.utils.logging.disable_progress_bar()  # its per-file loading bars; ours shows the pruning
@@ -71,7 +72,7 @@ def run(args) -> int:
                                                         max_length=args.max_length, return_tensors="pt").items()}
     metric, judge = common.text_metric(model, test)
     dense = judge(model) if metric == "perplexity" else 1.0
-    pruned, summary = _prune(args, model, calib, example)
+    pruned, summary = _prune(args, model, calib, example, budget, method_options)
     report = {"command": "prune", "hf_model": str(args.hf_model), "teacher": str(Path(args.hf_model).resolve()),
               "prune": args.prune,
               "text": args.text or str(text.FORTUNES), "held_out_sentences": len(test.texts),
@@ -104,7 +105,7 @@ def run(args) -> int:
     return 0
 
 
-def _prune(args, model, calib, example) -> tuple:
+def _prune(args, model, calib, example, budget, method_options: dict) -> tuple:
     """Layers first (``--prune layers``: block influence on the calibration sentences), then heads and FFN neurons
     of what is left (when --prune names them); the pruned model and the report's part about it."""
     depth = None
@@ -118,10 +119,9 @@ def _prune(args, model, calib, example) -> tuple:
                          "params_ratio": after["params"] / before["params"],
                          "macs_ratio": after["macs"] / before["macs"], "depth": depth.to_dict()}
     ignored = [n for part in PARTS if part not in args.prune for n in hf.part_names(working, part)]
-    result = prune(working, calib, args.method, options.budget(args), example, **options.recovery(args),
-                   round_to=args.round_to, calib_samples=args.calib_samples,
-                   ignored_layers=ignored + list(args.ignore), seed=args.seed, stream=args.stream,
-                   progress=not args.no_progress, **options.method_options(args))
+    result = prune(working, calib, args.method, budget, example, **options.recovery(args), round_to=args.round_to,
+                   calib_samples=args.calib_samples, ignored_layers=ignored + list(args.ignore), seed=args.seed,
+                   stream=args.stream, progress=not args.no_progress, **method_options)
     summary = {**result.to_dict(), "calibration_sentences": result.calib_samples}
     if depth is not None:
         before = measure.count(model, example)
