@@ -419,8 +419,7 @@ def error_widths(sizer: Sizer, round_to: int | dict[str, int | None] | None) -> 
 
 def _search_error(budget: Target, sizer: Sizer, curves: dict[str, dict[int, float]]) -> dict[str, int]:
     """The allocation of least summed error (errors of the same network output: comparable across groups) whose size
-    meets the target:
-    :func:`_narrow` to it, then :func:`_grow_back` within the tolerance."""
+    meets the target: :func:`_narrow` to it, then :func:`_grow_back` within the tolerance."""
     return _grow_back(_narrow(budget, sizer, curves), budget, sizer, curves)
 
 
