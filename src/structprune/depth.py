@@ -172,7 +172,7 @@ def prune_depth(model: nn.Module, batches: Iterable, keep: int | float, criterio
     the others dropped by ``criterion``: ``"influence"`` (the least block influence on ``batches``), ``"last"``
     or ``"random"``. ``model`` itself is left as it is."""
     start = time.perf_counter()
-    _, layers = layer_stack(model)
+    name, layers = layer_stack(model)
     if isinstance(keep, bool) or not isinstance(keep, (int, float)):
         raise StructPruneError(f"depth: keep must be a number of layers or a fraction, got {keep!r}")
     count = keep if isinstance(keep, int) else round(keep * len(layers))
@@ -183,7 +183,6 @@ def prune_depth(model: nn.Module, batches: Iterable, keep: int | float, criterio
     pruned = copy.deepcopy(model)
     if drop:
         drop_layers(pruned, drop)
-    name, _ = layer_stack(pruned)
     return DepthResult(pruned, name, drop, influence, time.perf_counter() - start, criterion,
                        [i for i in range(len(layers)) if i not in drop])
 

@@ -23,10 +23,7 @@ DEFAULT_MAX_LENGTH = 128
 
 def add_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Hugging Face model directories")
-    g.add_argument("--text", default=None, metavar="PATH",
-                   help="English text to train on and judge with: a file (one sentence per line, %%-separated "
-                        "blocks, or .jsonl) or a directory of fortune files (default: Debian's fortunes); 80%% "
-                        "trains, 20%% is held out")
+    options.add_text(g, "to train on and judge with", "80%% trains, 20%% is held out")
     g.add_argument("--max-length", type=int, default=None,
                    help=f"tokens per sentence at most (default: {DEFAULT_MAX_LENGTH})")
 

@@ -19,10 +19,7 @@ DEFAULT_SEQ_LEN = 512
 
 def add_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Hugging Face model directories (instead of checkpoints)")
-    g.add_argument("--text", default=None, metavar="PATH",
-                   help="English text to judge on: a file (one sentence per line, %%-separated blocks, or .jsonl) "
-                        "or a directory of fortune files (default: Debian's fortunes); its held-out 20%% (the split "
-                        "prune and distill use, --seed) is read")
+    options.add_text(g, "to judge on", "its held-out 20%% (the split prune and distill use, --seed) is read")
     options.add_dtype(g)
     g.add_argument("--seq-len", type=int, default=None, metavar="N",
                    help=f"causal LMs: tokens per perplexity window (default: {DEFAULT_SEQ_LEN}, at most what the "
@@ -117,17 +114,15 @@ class _Perplexity:
 
 
 class _Embeddings:
-    metric = "embedding_cosine_similarity"
-
     def __init__(self, model, path, held_out: list[str], args):
         max_length = min(distill_text.DEFAULT_MAX_LENGTH, common.max_positions(model))
-        self.batches = text.TokenBatches(held_out, distill_text.tokenizer_of(path), args.batch_size, max_length,
-                                         next(model.parameters()).device)
-        self.reference = measure.sentence_embeddings(model, self.batches)
+        batches = text.TokenBatches(held_out, distill_text.tokenizer_of(path), args.batch_size, max_length,
+                                    next(model.parameters()).device)
+        self.metric, self.judge = common.text_metric(model, batches)  # the one prune and distill report
         self.settings = {"max_length": max_length, "reference": str(path)}
 
     def __call__(self, model, _path) -> float:
-        return measure.embedding_similarity(self.reference, measure.sentence_embeddings(model, self.batches))
+        return self.judge(model)
 
 
 def _print(rows: list[dict], judge) -> None:

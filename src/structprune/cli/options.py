@@ -123,6 +123,13 @@ def parts(text: str) -> list[str]:
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def add_text(p, use: str, split: str) -> None:
+    """--text of a Hugging Face model directory: ``use`` says what the text is for, ``split`` what of it is read."""
+    p.add_argument("--text", default=None, metavar="PATH",
+                   help=f"English text {use}: a file (one sentence per line, %%-separated blocks, or .jsonl) or a "
+                        f"directory of fortune files (default: Debian's fortunes, /usr/share/games/fortunes); {split}")
+
+
 def add_dtype(p: argparse.ArgumentParser) -> None:
     """--dtype of a Hugging Face model directory."""
     p.add_argument("--dtype", default="auto", choices=DTYPES,

@@ -35,11 +35,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
     options.add_dtype(g)
     g.add_argument("--layers-keep", type=options.layer_count, default=None, metavar="N",
                    help="with --prune layers: the transformer layers kept, a number or a fraction of them (0.75)")
-    g.add_argument("--text", default=None, metavar="PATH",
-                   help="English text for calibration and the held-out metric (perplexity for a causal language "
-                        "model, else the sentence embeddings' cosine similarity): a file (one sentence per "
-                        "line, or %%-separated blocks) or a directory of fortune files (default: Debian's "
-                        "fortunes, /usr/share/games/fortunes); 80%% calibrates, 20%% is held out")
+    options.add_text(g, "for calibration and the held-out metric (perplexity for a causal language model, else the "
+                        "sentence embeddings' cosine similarity)", "80%% calibrates, 20%% is held out")
     g.add_argument("--max-length", type=options.positive, default=128,
                    help="tokens per sentence at most; MACs are counted for one sequence of this length (default: 128)")
 

@@ -159,8 +159,8 @@ def load_pretrained(path: str | os.PathLike, model_class=None, *, trust_checkpoi
         model = model_class._from_config(config, **({} if dtype is None else {"dtype": dtype}))
     else:
         model = model_class(config)
-    if dtype is not None:
-        model.to(dtype)
+        if dtype is not None:
+            model.to(dtype)
     if sizes:
         resize(model, sizes)
     _load_weights(model, state, path)
