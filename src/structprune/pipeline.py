@@ -266,6 +266,7 @@ def _error_curves(run: Run, widths: dict[str, list[int]]) -> dict[str, dict[int,
     probe = [take_samples(inputs, None, run.device) for inputs, _ in first_batches(run.calib, PROBE_SAMPLES)]
     with torch.no_grad():
         dense = [output_vector(run.pruned, inputs) for inputs in probe]
+    energy = max(sum(float(out.square().sum()) for out in dense), 1e-30)
     for group in bar(groups, desc="error curves", unit="group", enabled=run.options.progress):
         view = _capture(run, group)
         curve = {}
@@ -276,22 +277,21 @@ def _error_curves(run: Run, widths: dict[str, list[int]]) -> dict[str, dict[int,
             selection = run.method.select(view.restrict(run.selection_samples), width)
             if run.options.refit:
                 selection = refit_selection(view, selection)
-            curve[width] = _network_error(run, group.name, selection, probe, dense)
+            curve[width] = _network_error(run, group.name, selection, probe, dense) / energy
         curves[group.name] = curve
     return curves
 
 
 def _network_error(run: Run, name: str, selection: Selection, probe: list, dense: list[Tensor]) -> float:
-    """Squared relative error of the network's output on ``probe`` with group ``name`` alone pruned as
+    """Squared error of the network's output on ``probe`` (against ``dense``) with group ``name`` alone pruned as
     ``selection`` says (on a copy)."""
     trial = copy.deepcopy(run.pruned).eval()
     graph = build_graph(trial, run.example_inputs, [trial.get_submodule(n) for n in run.ignored_names], run.scope)
     group = next(g for g in graph.all_groups() if g.name == name)
     graph.apply(group, selection.keep_idx, selection.consumer_weights, selection.consumer_biases)
     with torch.no_grad():
-        errors = [float((output_vector(trial, inputs) - out).square().sum()) for inputs, out in zip(probe, dense,
-                                                                                                    strict=True)]
-    return sum(errors) / max(sum(float(out.square().sum()) for out in dense), 1e-30)
+        return sum(float((output_vector(trial, inputs) - out).square().sum())
+                   for inputs, out in zip(probe, dense, strict=True))
 
 
 def _zero_below(method: Method) -> float:

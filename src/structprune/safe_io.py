@@ -61,9 +61,8 @@ def check_output(path: str | os.PathLike, force: bool = False, what: str = "outp
     path = Path(path)
     if path.is_dir() and not directory:
         raise StructPruneError(f"{what} {path} is a directory, expected a file path")
-    if path.is_dir() and force and any(path.iterdir()) and not (path / "config.json").is_file():
-        raise StructPruneError(f"{what} {path} is a directory that holds no model (no config.json): it is not "
-                               f"replaced, even with --force; choose another --out")
+    if path.is_dir() and force:
+        refuse_non_model_directory(path, what)
     if path.exists() and not force:
         raise StructPruneError(f"{what} {path} already exists; pass --force (force=True) to overwrite it")
     parent = path.parent
@@ -74,6 +73,14 @@ def check_output(path: str | os.PathLike, force: bool = False, what: str = "outp
     if not os.access(parent, os.W_OK):
         raise StructPruneError(f"{what} {path}: the directory {parent} is not writable")
     return path
+
+
+def refuse_non_model_directory(path: Path, what: str = "output") -> None:
+    """A directory that is about to be replaced must hold a model (a config.json) or nothing: any other is refused,
+    whatever ``force`` says."""
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").is_file():
+        raise StructPruneError(f"{what} {path} is a directory that holds no model (no config.json): it is not "
+                               f"replaced, even with --force; choose another path")
 
 
 def load_tensors(path: str | os.PathLike, trust_checkpoint: bool = False, what: str = "checkpoint",

@@ -36,7 +36,7 @@ from ..attention import (  # noqa: F401  (is_supported, part_names, sync_config:
     sync_config,
 )
 from ..errors import StructPruneError, first_line
-from ..safe_io import as_umask_allows, load_tensors
+from ..safe_io import as_umask_allows, load_tensors, refuse_non_model_directory
 
 PARTS = attention.PARTS
 
@@ -84,9 +84,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, force: bool = 
     path = Path(path)
     if path.exists() and not force:
         raise StructPruneError(f"output {path} already exists; pass --force (force=True) to overwrite it")
-    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").is_file():
-        raise StructPruneError(f"output {path} is a directory that holds no model (no config.json): it is not "
-                               f"replaced, even with force; choose another path")
+    refuse_non_model_directory(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
