@@ -99,3 +99,46 @@ def test_error_allocation_refuses_a_latency_target():
     with pytest.raises(structprune.StructPruneError, match="MACs or params target"):
         structprune.Target(0.5, "latency", allocation="error")
     assert structprune.Target(0.5, "params", allocation="error").allocation == "error"
+
+
+def test_the_report_holds_the_uniform_widths_and_the_predicted_and_measured_error():
+    """Item 4: beside the chosen widths, the uniform allocation at the same target (what prune with one ratio over
+    the same groups keeps), the predicted error (the groups' curve values, summed) and the measured one (the pruned
+    model's output error on the probe samples, recomputed here)."""
+    model, calib = _two_convs(), calibration((3, 8, 8), samples=64, batch=32)
+    result = structprune.prune(model, calib, "ispasp", structprune.Target(0.4, allocation="error"), progress=False)
+    budget = result.budget
+    assert budget["predicted_error_total"] == pytest.approx(sum(budget["predicted_error"].values()))
+    uniform = structprune.prune(model, calib, "ispasp", structprune.Target(0.4), scope="all", progress=False)
+    assert budget["uniform_keeps"] == {layer["group"]: layer["kept"] for layer in uniform.layers}
+    x = torch.cat([b[0] for b in calib])
+    with torch.no_grad():
+        dense, pruned = model(x), result.model(x)
+    assert budget["measured_error"] == pytest.approx(float((pruned - dense).square().sum() / dense.square().sum()),
+                                                     rel=1e-4)
+    assert "measured_error" not in uniform.budget and "uniform_keeps" not in uniform.budget
+
+
+def test_info_shows_and_plots_the_widths_a_pruning_chose(tmp_path, capsys):
+    from structprune import report
+    from structprune.cli import main
+
+    model, shape = make_zoo_model("lenet5")
+    calib = calibration(shape, samples=64, batch=32)
+    result = structprune.prune(model, calib, "ispasp", structprune.Target(0.4, allocation="error"), progress=False)
+    path = structprune.save(result.model, tmp_path / "p.pt", extra={"report": result.to_dict()})
+    assert main(["info", str(path), "--plot", str(tmp_path / "k.png")]) == 0
+    out = capsys.readouterr().out
+    kept = {layer["group"]: layer for layer in result.layers}
+    for name, layer in kept.items():  # one row per group: channels, kept, share, uniform width, predicted error
+        row = (f"| {name} | {layer['channels']} | {layer['kept']} | {100 * layer['kept'] / layer['channels']:.0f} | "
+               f"{result.budget['uniform_keeps'][name]} |")
+        assert row in out, row
+    assert f"measured {result.budget['measured_error']:.2e}" in out
+    assert (tmp_path / "k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["info", str(path), "--plot", str(tmp_path / "k.png")]) == 2  # kept unless --force
+    assert "exists" in capsys.readouterr().err
+    dense = structprune.save(model, tmp_path / "dense.pt")
+    assert main(["info", str(dense), "--plot", str(tmp_path / "d.png")]) == 2
+    assert "records no pruning report" in capsys.readouterr().err and not (tmp_path / "d.png").exists()
+    assert report.allocation_table({"layers": []}) is None

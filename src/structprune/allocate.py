@@ -400,6 +400,9 @@ def plan(budget: Budget, sizer: Sizer, round_to: int | str | None = None,
     if budget.allocation == "error":
         chosen = {name: measured["curves"][name].get(keep) for name, keep in keeps.items()}
         info["predicted_error"] = {name: error for name, error in chosen.items() if error is not None}
+        info["predicted_error_total"] = sum(info["predicted_error"].values())
+        # what one ratio for every group would have kept at the same target and multiples: the report's comparison
+        info["uniform_keeps"] = _search_uniform(budget, sizer, None if round_to is None else multiples)
     return Allocation(keeps, info)
 
 

@@ -120,6 +120,8 @@ class Run:
     #: layer name -> its current outputs' indices in the original model
     original_outputs: dict[str, Tensor] = field(default_factory=dict)
     layers: list[dict] = field(default_factory=list)
+    #: the error allocation's probe: calibration inputs, the dense model's outputs on them, their summed energy
+    probe: tuple[list, list[Tensor], float] | None = None
 
     @property
     def captures(self) -> bool:
@@ -263,10 +265,12 @@ def _error_curves(run: Run, widths: dict[str, list[int]]) -> dict[str, dict[int,
     only its block: the network's output weighs them as they count."""
     curves = {}
     groups = [g for g in run.graph.all_groups() if g.name in widths]
-    probe = [take_samples(inputs, None, run.device) for inputs, _ in first_batches(run.calib, PROBE_SAMPLES)]
-    with torch.no_grad():
-        dense = [output_vector(run.pruned, inputs) for inputs in probe]
-    energy = max(sum(float(out.square().sum()) for out in dense), 1e-30)
+    if run.probe is None:
+        probe = [take_samples(inputs, None, run.device) for inputs, _ in first_batches(run.calib, PROBE_SAMPLES)]
+        with torch.no_grad():
+            dense = [output_vector(run.pruned, inputs) for inputs in probe]
+        run.probe = (probe, dense, max(sum(float(out.square().sum()) for out in dense), 1e-30))
+    probe, dense, energy = run.probe
     for group in bar(groups, desc="error curves", unit="group", enabled=run.options.progress):
         view = _capture(run, group)
         curve = {}
@@ -573,6 +577,12 @@ def report(run: Run, allocation: budgets.Allocation, recovery: Recovery) -> Prun
     # the caller (keep ratios, an explicit round_to); an export warns about unaligned widths only in the second case
     target = isinstance(run.budget, budgets.Target) and run.budget.metric != "latency"
     pruned.structprune_widths = "auto" if target and run.options.round_to == "auto" else "given"
+    if run.probe is not None:  # the error allocation's prediction (groups alone, summed) against the whole
+        probe, dense, energy = run.probe
+        with torch.no_grad():
+            allocation.info["measured_error"] = sum(
+                float((output_vector(pruned, inputs) - out).square().sum())
+                for inputs, out in zip(probe, dense, strict=True)) / energy
     skipped = [{"group": g, "reason": r} for g, r in graph.skipped]
     skipped += [{"group": g, "reason": "residual stream (scope='inner')"} for g in graph.out_of_scope]
     refit = run.options.refit

@@ -135,3 +135,70 @@ def plot_compare(rows: list[dict], path: str | os.PathLike, title: str, dense_ac
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
     return path
+
+
+def allocation_table(report: dict) -> str | None:
+    """A Markdown table of the widths a pruning report chose per group (its ``layers`` and ``budget``): channels,
+    kept, the share kept and, for ``Target(allocation="error")``, the width one ratio for every group would have
+    kept at the same target and the predicted error of each group's width (its network output error alone), with
+    the predicted total (the groups' sum) against the measured one (all pruned together). None without layers."""
+    layers = [layer for layer in report.get("layers") or [] if "group" in layer]
+    if not layers:
+        return None
+    budget = report.get("budget") or {}
+    uniform = budget.get("uniform_keeps") or {}
+    predicted = budget.get("predicted_error") or {}
+    head = ["group", "channels", "kept", "kept (%)"] + (["uniform"] if uniform else []) + (
+        ["predicted error"] if predicted else [])
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for layer in layers:
+        name = layer["group"]
+        cells = [name, str(layer["channels"]), str(layer["kept"]), f"{100 * layer['kept'] / layer['channels']:.0f}"]
+        if uniform:
+            cells.append(str(uniform.get(name, "–")))
+        if predicted:
+            cells.append(f"{predicted[name]:.2e}" if name in predicted else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    allocation = budget.get("allocation", budget.get("budget", "?"))
+    text += f"\n\nAllocation: {allocation}"
+    if "predicted_error_total" in budget:
+        text += (f"; network output error (squared, relative to the dense output's energy on the probe samples): "
+                 f"predicted {budget['predicted_error_total']:.2e} (each group alone, summed)")
+        if "measured_error" in budget:
+            text += f", measured {budget['measured_error']:.2e} (all groups pruned, after the recovery)"
+    return text + "."
+
+
+def plot_allocation(report: dict, path: str | os.PathLike, title: str) -> Path:
+    """Per-group keep ratios of a pruning report, shallow to deep: the chosen ones (bars) and, for the error
+    allocation, the uniform allocation's at the same target (markers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [layer for layer in report.get("layers") or [] if "group" in layer]
+    if not layers:
+        raise ValueError("the report records no per-group widths")
+    uniform = (report.get("budget") or {}).get("uniform_keeps") or {}
+    names = [layer["group"] for layer in layers]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names) + 2), 4.5))
+    positions = range(len(names))
+    ax.bar(positions, [layer["kept"] / layer["channels"] for layer in layers], color="C0", label="chosen")
+    if uniform:
+        ax.plot([i for i, n in zip(positions, names, strict=True) if n in uniform],
+                [uniform[layer["group"]] / layer["channels"] for layer in layers if layer["group"] in uniform],
+                "o", color="C1", label="one ratio for every group")
+        ax.legend(fontsize=8)
+    ax.set_xticks(list(positions))
+    ax.set_xticklabels(names, rotation=70, ha="right", fontsize=7)
+    ax.set_ylabel("channels kept (fraction)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+    return path

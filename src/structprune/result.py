@@ -16,7 +16,9 @@ class PruneResult:
         (‖Y − Ŷ‖/‖Y‖ of the group's consumers on the calibration rows; None for a data-free method without
         refit, which reads no calibration data), consumers, and the method's own stats. With ``refit``,
         relative_residual is the method's own selection and relative_residual_refit the one after the refit.
-    budget: how the keep counts were found (for a target: the target, the achieved fraction, the error).
+    budget: how the keep counts were found (for a target: the target, the achieved fraction, the error; for
+        ``allocation="error"`` also uniform_keeps, predicted_error per group and its total, and measured_error:
+        :func:`structprune.report.allocation_table` renders them).
     before, after: {"params", "macs"} of the dense and the pruned model.
     seconds: wall time of the pruning (allocation + capture + selection + refit + surgery + recalibration).
     calib_samples, recovery_samples: samples the selection and the recovery read.

@@ -34,8 +34,9 @@ def register(p) -> None:
                    help="comma-separated fractions of the dense MACs (or params) to keep (default: 0.7,0.5,0.3)")
     p.add_argument("--metric", default="flops", choices=sorted(allocate.METRICS),
                    help="what --targets measure (default: flops, i.e. MACs)")
-    p.add_argument("--allocation", default="uniform", choices=["uniform", "pfp"],
-                   help="how the target is split among groups (default: uniform)")
+    p.add_argument("--allocation", default="uniform", choices=["uniform", "pfp", "error"],
+                   help="how the target is split among groups: one ratio, PFP's δ rule, or by measured network error "
+                        "(see structprune prune --help; default: uniform)")
     p.add_argument("--calib-samples", type=options.positive, default=None,
                    help="calibration samples every method selects on (default: each method's own)")
     options.add_recovery(p)

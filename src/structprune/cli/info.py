@@ -1,11 +1,14 @@
 """``structprune info``: the prunable groups of a model (channels, producers, consumers), its size, what is kept
-whole and why."""
+whole and why; for a model structprune pruned, the widths its pruning chose per group (and a plot of them)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
-from .. import checkpoint, measure
+from .. import checkpoint, measure, report
 from ..errors import StructPruneError
 from ..graph import build_graph
 from . import common, options
@@ -23,9 +26,20 @@ def register(p) -> None:
     options.add_model_options(p)
     options.add_dataset(p)
     options.add_trust(p)
+    p.add_argument("--plot", metavar="PNG", default=None,
+                   help="write the per-group keep ratios the pruning chose (and, for --allocation error, the uniform "
+                        "allocation's at the same target) to this PNG; for a model structprune pruned")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --plot file")
 
 
 def run(args) -> int:
+    pruning = _pruning_report(args)
+    table = None if pruning is None else report.allocation_table(pruning)
+    if args.plot is not None:  # refused before any work
+        if table is None:
+            raise StructPruneError("--plot: this model records no pruning report with per-group widths (a checkpoint "
+                                   "or model directory that structprune prune wrote has one)")
+        common.check_output(Path(args.plot), args.force, what="--plot:")
     model, example, title = _model(args)
     graph = build_graph(model, example)
     groups = graph.all_groups()
@@ -41,7 +55,29 @@ def run(args) -> int:
         print(f"output layers (never pruned): {outputs}")
     for name, reason in graph.skipped:
         print(f"skipped: {name}: {reason}")
+    if table is not None:
+        print(f"\nwidths chosen by its pruning ({pruning.get('method', '?')}):")
+        print(table)
+    if args.plot is not None:
+        report.plot_allocation(pruning, args.plot, f"{title}: channels kept per group")
+        print(f"plot -> {args.plot}")
     return 0
+
+
+def _pruning_report(args) -> dict | None:
+    """The report ``structprune prune`` stored with the model (a checkpoint's extra, a model directory's
+    structprune.json), or None."""
+    if args.checkpoint:
+        extra = checkpoint.read(args.checkpoint, args.trust_checkpoint).get("extra") or {}
+    elif args.hf_model and (Path(args.hf_model) / "structprune.json").is_file():
+        try:
+            extra = json.loads((Path(args.hf_model) / "structprune.json").read_text())
+        except (OSError, ValueError):
+            return None
+    else:
+        return None
+    found = extra.get("report") if isinstance(extra, dict) else None
+    return found if isinstance(found, dict) else None
 
 
 def _model(args):
