@@ -7,7 +7,12 @@ budget split among the groups by ``Target(allocation="uniform")`` (the default: 
 that meets the target, every group in scope); no fine-tuning; accuracy on all 10,000 test images; seconds to
 prune (curves included).
 
+``error:N`` is the error allocation with ``Target(measured_widths=N)``: the network's error measured at N widths per
+group, the refit's least-squares error in between. Rows of other models, methods, targets or allocations already in
+``--out-dir``'s allocation.json are kept (a run adds or replaces its own).
+
     cd benchmarks && ../.venv/bin/python allocation.py --out-dir results --methods ispasp,pfp,magnitude
+    cd benchmarks && ../.venv/bin/python allocation.py --out-dir results --models resnet56 --allocations uniform,error:4
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import time
 import warnings
 from pathlib import Path
 
-from results_io import write_table
+from results_io import read_results, write_table
 from torch.utils.data import DataLoader
 
 import structprune
@@ -33,8 +38,11 @@ def main() -> None:
     parser.add_argument("--models", default="resnet20", help="comma-separated, of " + ", ".join(CHECKPOINTS))
     parser.add_argument("--methods", default="ispasp", help="comma-separated pruning methods")
     parser.add_argument("--targets", default="0.5,0.3,0.2", help="fractions of the dense MACs kept")
+    parser.add_argument("--allocations", default="uniform,error",
+                        help="comma-separated: uniform, error, error:N (N measured widths per group)")
     parser.add_argument("--test-limit", type=int, default=None, help="test images (default: all 10,000)")
     args = parser.parse_args()
+    earlier = (read_results(args.out_dir, "allocation") or {}).get("rows", []) if args.out_dir else []
     train = data.load("fashion-mnist", "train", limit=2048)
     x, y = train.tensors
     calib = [(x[i:i + 128], y[i:i + 128]) for i in range(0, 2048, 128)]
@@ -45,11 +53,13 @@ def main() -> None:
         dense_accuracy = measure.accuracy(dense, test)
         for method in args.methods.split(","):
             for target in (float(t) for t in args.targets.split(",")):
-                for allocation in ("uniform", "error"):
+                for allocation in args.allocations.split(","):
+                    kind, _, measured = allocation.partition(":")
                     start = time.perf_counter()
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
-                        budget = structprune.Target(target, allocation=allocation)
+                        budget = structprune.Target(target, allocation=kind,
+                                                    measured_widths=int(measured) if measured else None)
                         result = structprune.prune(dense, calib, method, budget, example_inputs=x[:1], progress=False)
                     seconds = time.perf_counter() - start
                     rows.append({"model": name, "dense_accuracy": dense_accuracy, "method": method, "target": target,
@@ -58,24 +68,32 @@ def main() -> None:
                                  "accuracy": measure.accuracy(result.model, test), "seconds": seconds,
                                  "kept": {layer["group"]: layer["kept"] for layer in result.layers}})
                     print({k: v for k, v in rows[-1].items() if k != "kept"}, flush=True)
-                    report(rows, args)  # after every row: an interrupted run keeps what it measured
+                    mine = {_key(r) for r in rows}  # after every row: an interrupted run keeps what it measured
+                    report([r for r in earlier if _key(r) not in mine] + rows, args)
+
+
+def _key(row: dict) -> tuple:
+    return row["model"], row["method"], row["target"], row["allocation"]
 
 
 def report(rows: list[dict], args) -> None:
-    table = ["| model (dense) | method | MACs kept | uniform | error | gain | seconds uniform / error |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    table = ["| model (dense) | method | MACs kept | allocation | uniform | accuracy | gain | seconds uniform / it |",
+             "|---|---|---:|---|---:|---:|---:|---:|"]
+    rows = sorted(rows, key=lambda r: (r["model"], r["method"], -r["target"], r["allocation"]))
     for row in rows:
-        if row["allocation"] != "error":
+        uniform = next((r for r in rows if r["allocation"] == "uniform" and
+                        (r["model"], r["method"], r["target"]) == (row["model"], row["method"], row["target"])), None)
+        if row["allocation"] == "uniform" or uniform is None:
             continue
-        uniform = next(r for r in rows if r["allocation"] == "uniform" and
-                       (r["model"], r["method"], r["target"]) == (row["model"], row["method"], row["target"]))
         table.append(f"| {row['model']} ({row['dense_accuracy']:.2f}) | {row['method']} | {row['target']:.0%} "
-                     f"({uniform['macs_ratio']:.1%} / {row['macs_ratio']:.1%}) | {uniform['accuracy']:.2f} | "
-                     f"{row['accuracy']:.2f} | {row['accuracy'] - uniform['accuracy']:+.2f} | "
+                     f"({uniform['macs_ratio']:.1%} / {row['macs_ratio']:.1%}) | {row['allocation']} | "
+                     f"{uniform['accuracy']:.2f} | {row['accuracy']:.2f} | "
+                     f"{row['accuracy'] - uniform['accuracy']:+.2f} | "
                      f"{uniform['seconds']:.0f} / {row['seconds']:.0f} |")
     write_table(args.out_dir, "allocation", "Error-aware allocation vs uniform (issue 36)",
                 "cd benchmarks && ../.venv/bin/python allocation.py --out-dir results --models "
-                f"{args.models} --methods {args.methods} --targets {args.targets}", rows, table)
+                f"{args.models} --methods {args.methods} --targets {args.targets} --allocations {args.allocations}",
+                rows, table)
 
 
 if __name__ == "__main__":

@@ -142,3 +142,46 @@ def test_info_shows_and_plots_the_widths_a_pruning_chose(tmp_path, capsys):
     assert main(["info", str(dense), "--plot", str(tmp_path / "d.png")]) == 2
     assert "records no pruning report" in capsys.readouterr().err and not (tmp_path / "d.png").exists()
     assert report.allocation_table({"layers": []}) is None
+
+
+def test_measured_widths_measures_the_network_at_that_many_widths_and_follows_the_refit_between(monkeypatch):
+    """Target(measured_widths=N): N network evaluations per group, equal to the full curve's at those widths; the
+    other widths scaled from the consumers' least-squares error by the measured ratio, log-linearly between."""
+    from structprune import pipeline
+
+    calls, seen = [], []
+    network = pipeline._network_error
+    search = allocate._search_error
+
+    def count(run, name, *args):
+        calls.append(name)
+        return network(run, name, *args)
+
+    def spy(budget, sizer, curves):
+        seen.append(curves)
+        return search(budget, sizer, curves)
+
+    monkeypatch.setattr(pipeline, "_network_error", count)
+    monkeypatch.setattr(allocate, "_search_error", spy)
+    model, calib = _two_convs(), calibration((3, 8, 8), samples=64, batch=32)
+    structprune.prune(model, calib, "ispasp", structprune.Target(0.5, allocation="error"), progress=False)
+    assert calls.count("0") == 15  # every width below 16
+    calls.clear()
+    budget = structprune.Target(0.5, allocation="error", measured_widths=3)
+    structprune.prune(model, calib, "ispasp", budget, progress=False)
+    assert calls.count("0") == 3 and calls.count("2") == 3
+    full, anchored = seen
+    anchors = pipeline._anchors(list(range(1, 16)), 3)
+    assert anchors == [4, 8, 11]  # evenly inside 1..15
+    for width in anchors:
+        assert anchored["0"][width] == pytest.approx(full["0"][width], rel=1e-6)
+    assert sorted(anchored["0"]) == sorted(full["0"]) and anchored["0"][16] == 0.0
+    assert all(anchored["0"][w] > 0 for w in range(1, 16))
+    # the interpolation itself: geometric between two anchors, the nearest one's ratio outside
+    network, local = {4: 8.0, 12: 0.5}, {4: 2.0, 8: 1.0, 12: 1.0, 2: 4.0, 14: 0.2}
+    assert pipeline._scale_at(8, network, local) == pytest.approx((4.0 * 0.5) ** 0.5)
+    assert pipeline._scale_at(2, network, local) == 4.0 and pipeline._scale_at(14, network, local) == 0.5
+    with pytest.raises(structprune.StructPruneError, match="measured_widths goes with"):
+        structprune.Target(0.5, measured_widths=4)
+    with pytest.raises(structprune.StructPruneError, match="positive integer"):
+        structprune.Target(0.5, allocation="error", measured_widths=0)

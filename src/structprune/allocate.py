@@ -99,6 +99,10 @@ class Target:
         alone pruned there; the allocation of least summed error that meets the target; every group in scope,
         residual streams included).
     delta: PFP's failure probability δ (allocation "pfp" only).
+    measured_widths: allocation "error" only: how many of each group's candidate widths the network's error is
+        measured at, evenly spread (each costs a forward pass over the probe samples); between them the curve
+        follows the refit's least-squares error of the group's consumers, scaled to the measured points. None
+        (default): every candidate width is measured.
     tolerance: the pruned size must be within ``tolerance·fraction`` of the target; when no allocation of
         whole channels gets that close, the closest one is used and the report says how far it is. Default:
         0.01, and :data:`LATENCY_TOLERANCE` (0.05) for latency.
@@ -111,6 +115,7 @@ class Target:
     delta: float = 1e-16
     tolerance: float | None = None
     batch: int = 64
+    measured_widths: int | None = None
 
     def __post_init__(self):
         if self.tolerance is None:
@@ -125,6 +130,12 @@ class Target:
         if self.allocation == "error" and self.metric == "latency":
             raise StructPruneError("the error allocation takes a MACs or params target (a latency target would time "
                                    "thousands of candidates); use allocation='uniform' for latency")
+        if self.measured_widths is not None:
+            if self.allocation != "error":
+                raise StructPruneError("measured_widths goes with allocation='error'")
+            if not isinstance(self.measured_widths, int) or isinstance(self.measured_widths, bool) or \
+                    self.measured_widths < 1:
+                raise StructPruneError(f"measured_widths must be a positive integer, got {self.measured_widths!r}")
         if not 0 < self.delta < 1:
             raise StructPruneError(f"delta must be in (0, 1), got {self.delta!r}")
         if not 0 < self.tolerance < 1:

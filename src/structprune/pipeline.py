@@ -271,19 +271,55 @@ def _error_curves(run: Run, widths: dict[str, list[int]]) -> dict[str, dict[int,
             dense = [output_vector(run.pruned, inputs) for inputs in probe]
         run.probe = (probe, dense, max(sum(float(out.square().sum()) for out in dense), 1e-30))
     probe, dense, energy = run.probe
+    measured = getattr(run.budget, "measured_widths", None)
     for group in bar(groups, desc="error curves", unit="group", enabled=run.options.progress):
         view = _capture(run, group)
-        curve = {}
+        selections = {}
         for width in widths[group.name]:
-            if width >= group.channels:
-                curve[width] = 0.0
-                continue
-            selection = run.method.select(view.restrict(run.selection_samples), width)
-            if run.options.refit:
-                selection = refit_selection(view, selection)
-            curve[width] = _network_error(run, group.name, selection, probe, dense) / energy
-        curves[group.name] = curve
+            if width < group.channels:
+                selection = run.method.select(view.restrict(run.selection_samples), width)
+                selections[width] = refit_selection(view, selection) if run.options.refit else selection
+        anchors = _anchors(sorted(selections), measured)
+        network = {w: _network_error(run, group.name, selections[w], probe, dense) / energy for w in anchors}
+        local = {} if len(anchors) == len(selections) else {w: _local_error(view, s) for w, s in selections.items()}
+        curves[group.name] = {w: 0.0 for w in widths[group.name] if w >= group.channels} | {
+            w: network[w] if w in network else local[w] * _scale_at(w, network, local) for w in selections}
     return curves
+
+
+def _anchors(widths: list[int], count: int | None) -> list[int]:
+    """``count`` of the (sorted) candidate ``widths``, evenly spread inside them (one: the middle one); all of them
+    when ``count`` is None or not smaller."""
+    if count is None or count >= len(widths):
+        return widths
+    return sorted({widths[max(0, round((i + 1) * len(widths) / (count + 1)) - 1)] for i in range(count)})
+
+
+def _local_error(view: GroupView, selection: Selection) -> float:
+    """The squared relative error of the group's consumers with ``selection`` on the calibration rows: from the
+    refit's normal equations where every consumer was refitted, else recomputed on the rows."""
+    fitted = (selection.stats or {}).get("refit") or {}
+    if len(fitted) == len(view.consumers) and all(isinstance(r, dict) for r in fitted.values()):
+        energy = sum(r["target_energy"] for r in fitted.values())
+        return sum(r["error_after"] for r in fitted.values()) / energy if energy > 0 else 0.0
+    return relative_residuals(view, [selection])[0] ** 2
+
+
+def _scale_at(width: int, network: dict[int, float], local: dict[int, float]) -> float:
+    """The ratio of the network's error to the consumers' own at ``width``: measured at the anchors, interpolated
+    log-linearly in the width between two of them, the nearest one's outside them."""
+    ratios = {w: network[w] / local[w] for w in network if local[w] > 0 and network[w] > 0}
+    if not ratios:
+        return 0.0
+    below = [w for w in ratios if w <= width]
+    above = [w for w in ratios if w >= width]
+    if not below or not above:
+        return ratios[max(below) if below else min(above)]
+    low, high = max(below), min(above)
+    if low == high:
+        return ratios[low]
+    t = (width - low) / (high - low)
+    return ratios[low] ** (1 - t) * ratios[high] ** t
 
 
 def _network_error(run: Run, name: str, selection: Selection, probe: list, dense: list[Tensor]) -> float:

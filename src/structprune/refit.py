@@ -38,7 +38,8 @@ RIDGE = 1e-4
 
 def refit(view: GroupView, selection: Selection, max_features: int = MAX_FEATURES, ridge: float = RIDGE) -> Selection:
     """``selection`` with least-squares consumer weights (and biases); ``stats["refit"]`` says, per consumer,
-    what it did: the squared errors before and after, and whether the refit was applied."""
+    what it did: the squared errors before and after, whether the refit was applied, and the squared norm of the
+    target on the same rows (``target_energy``: what makes the errors relative)."""
     chosen = dict(selection.consumer_weights or {})
     biases = dict(selection.consumer_biases or {})
     weights, report = {}, {}
@@ -68,7 +69,8 @@ def refit(view: GroupView, selection: Selection, max_features: int = MAX_FEATURE
         if better and delta is not None:  # a consumer without bias: into the BatchNorm that follows it
             base = consumer.bias if consumer.bias is not None else torch.zeros_like(consumer.output_scale)
             biases[consumer.name] = (base.double().cpu() + delta).to(base)
-        report[consumer.name] = {"error_before": before, "error_after": min(after, before), "applied": better}
+        report[consumer.name] = {"error_before": before, "error_after": min(after, before), "applied": better,
+                                 "target_energy": float((equations.scale_sq * equations.target_sq).sum())}
     return Selection(selection.keep_idx, weights, {**selection.stats, "refit": report}, biases or None)
 
 

@@ -37,6 +37,7 @@ def register(p) -> None:
     p.add_argument("--allocation", default="uniform", choices=["uniform", "pfp", "error"],
                    help="how the target is split among groups: one ratio, PFP's δ rule, or by measured network error "
                         "(see structprune prune --help; default: uniform)")
+    options.add_measured_widths(p)
     p.add_argument("--calib-samples", type=options.positive, default=None,
                    help="calibration samples every method selects on (default: each method's own)")
     options.add_recovery(p)
@@ -67,6 +68,8 @@ def run(args) -> int:
     for path in outputs:
         common.refuse_input(path, [args.checkpoint, args.weights])
         check_output(path, args.force or args.resume, what="--out-dir:")
+    if args.measured_widths is not None and args.allocation != "error":
+        raise StructPruneError("--measured-widths goes with --allocation error")
     for flag in ("finetune_epochs", "distill_steps"):
         if getattr(args, flag) < 0:
             raise StructPruneError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
@@ -78,7 +81,8 @@ def run(args) -> int:
     source = {"checkpoint": str(args.checkpoint)} if args.checkpoint is not None else {
         "model": args.model, "model_kwargs": args.model_kwargs, "weights": args.weights}
     settings = {**source, "data": args.data, "limit": args.limit, "metric": args.metric,
-                "allocation": args.allocation, **options.recovery(args), "calib_samples": args.calib_samples,
+                "allocation": args.allocation, "measured_widths": args.measured_widths, **options.recovery(args),
+                "calib_samples": args.calib_samples,
                 "finetune_epochs": args.finetune_epochs, "train_limit": args.train_limit, "seed": args.seed,
                 "train": vars(options.train_config(args, max(args.finetune_epochs, 1))),
                 "distill": None if distilling is None else vars(distilling)}
@@ -115,7 +119,7 @@ def run(args) -> int:
 def _row(args, model, calib, test_loader, example, device, method: str, target: float,
          distilling: DistillConfig | None) -> dict:
     """One method at one target: prune (and fine-tune, and distil a copy of the pruned model), measure."""
-    budget = allocate.Target(target, args.metric, args.allocation)
+    budget = allocate.Target(target, args.metric, args.allocation, measured_widths=args.measured_widths)
     result = prune(model, calib, method, budget, example_inputs=example, **options.recovery(args),
                    calib_samples=args.calib_samples, seed=args.seed, progress=not args.no_progress)
     row = {"method": method, "target": target, "metric": args.metric, "allocation": args.allocation,

@@ -263,6 +263,7 @@ def add_budget(p: argparse.ArgumentParser) -> None:
                         "error: each group's effect on the network's output at candidate widths, measured, and the "
                         "least summed effect that meets the target, every group in scope (default: uniform)")
     g.add_argument("--delta", type=float, default=1e-16, help="PFP allocation's failure probability δ (default: 1e-16)")
+    add_measured_widths(g)
     g.add_argument("--round-to", type=round_to, default="auto", metavar="N|auto|none",
                    help="round every kept width up to a multiple of N; none: the widths as they fall; auto: with "
                         "--target-flops/--target-params, the multiple the device runs fastest (CPU: 16 with AVX-512, "
@@ -344,6 +345,13 @@ def recovery(args) -> dict:
             "scope": args.scope}
 
 
+def add_measured_widths(g) -> None:
+    g.add_argument("--measured-widths", type=positive, default=None, metavar="N",
+                   help="with --allocation error: measure the network's error at N of each group's 16 candidate "
+                        "widths (one forward pass over 256 calibration samples each) and follow the refit's "
+                        "least-squares error between them: about 16/N times faster (default: every width)")
+
+
 def budget(args) -> Budget:
     targets = [(m, v) for m, v in (("flops", args.target_flops), ("params", args.target_params),
                                    ("latency", args.target_latency)) if v is not None]
@@ -354,7 +362,10 @@ def budget(args) -> Budget:
             raise StructPruneError("--ratio/--layer-ratio and --target-flops/--target-params/--target-latency "
                                    "exclude each other")
         metric, fraction = targets[0]
-        return Target(fraction, metric, args.allocation, delta=args.delta, batch=args.latency_batch)
+        if args.measured_widths is not None and args.allocation != "error":
+            raise StructPruneError("--measured-widths goes with --allocation error")
+        return Target(fraction, metric, args.allocation, delta=args.delta, batch=args.latency_batch,
+                      measured_widths=args.measured_widths)
     if args.allocation != "uniform":
         raise StructPruneError(f"--allocation {args.allocation} needs --target-flops, --target-params or "
                                f"--target-latency")
