@@ -185,3 +185,15 @@ def test_measured_widths_measures_the_network_at_that_many_widths_and_follows_th
         structprune.Target(0.5, measured_widths=4)
     with pytest.raises(structprune.StructPruneError, match="positive integer"):
         structprune.Target(0.5, allocation="error", measured_widths=0)
+
+
+def test_candidate_widths_are_about_sixteen_multiples_of_the_groups_multiple():
+    class Sizer(_StubSizer):
+        def multiple(self, name, round_to):
+            return round_to.get(name) if isinstance(round_to, dict) else round_to
+
+    sizer = Sizer({"ffn": 1536, "narrow": 16, "odd": 100}, {"ffn": 1.0, "narrow": 1.0, "odd": 1.0})
+    widths = allocate.error_widths(sizer, {"ffn": 16, "narrow": None, "odd": None})
+    assert widths["ffn"] == list(range(96, 1537, 96))  # 16 steps of 6 multiples, not 96 steps of one
+    assert widths["narrow"] == list(range(1, 17)) and widths["odd"] == [*range(6, 100, 6), 100]
+    assert allocate.error_widths(sizer, None)["ffn"] == list(range(96, 1537, 96))

@@ -422,11 +422,12 @@ ERROR_STEPS = 16
 
 
 def error_widths(sizer: Sizer, round_to: int | dict[str, int | None] | None) -> dict[str, list[int]]:
-    """The candidate keep counts of every group: multiples of its ``round_to`` multiple (or of about 1/16 of its
-    channels), and all of its channels."""
+    """The candidate keep counts of every group: about :data:`ERROR_STEPS` of them, multiples of a step of about
+    1/16 of its channels (itself a multiple of the group's ``round_to`` multiple), and all of its channels."""
     widths = {}
     for name, channels in sizer.groups.items():
-        step = sizer.multiple(name, round_to) or max(1, round(channels / ERROR_STEPS))
+        multiple = sizer.multiple(name, round_to) or 1
+        step = multiple * max(1, round(channels / ERROR_STEPS / multiple))
         widths[name] = sorted({*range(step, channels, step), channels})
     return widths
 
