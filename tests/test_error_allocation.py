@@ -134,7 +134,7 @@ def test_info_shows_and_plots_the_widths_a_pruning_chose(tmp_path, capsys):
         row = (f"| {name} | {layer['channels']} | {layer['kept']} | {100 * layer['kept'] / layer['channels']:.0f} | "
                f"{result.budget['uniform_keeps'][name]} |")
         assert row in out, row
-    assert f"measured {result.budget['measured_error']:.2e}" in out
+    assert f"measured {result.budget['measured_error']:.2e}" in out and f"kept: {result.budget['chosen']}" in out
     assert (tmp_path / "k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["info", str(path), "--plot", str(tmp_path / "k.png")]) == 2  # kept unless --force
     assert "exists" in capsys.readouterr().err
@@ -197,3 +197,28 @@ def test_candidate_widths_are_about_sixteen_multiples_of_the_groups_multiple():
     assert widths["ffn"] == list(range(96, 1537, 96))  # 16 steps of 6 multiples, not 96 steps of one
     assert widths["narrow"] == list(range(1, 17)) and widths["odd"] == [*range(6, 100, 6), 100]
     assert allocate.error_widths(sizer, None)["ffn"] == list(range(96, 1537, 96))
+
+
+def test_the_candidate_allocations_are_checked_end_to_end_and_the_best_one_kept():
+    """The error allocation, one ratio for every group and their blend, each pruned and recovered; the reported model
+    is the one of least output error on the calibration samples after the probe's (recomputed here)."""
+    model, calib = _two_convs(), calibration((3, 8, 8), samples=384, batch=128)
+    result = structprune.prune(model, calib, "ispasp", structprune.Target(0.4, allocation="error"), progress=False)
+    candidates = result.budget["candidates"]
+    assert set(candidates) == {"error", "uniform", "blend"}
+    chosen = result.budget["chosen"]
+    assert candidates[chosen]["validation_error"] == min(c["validation_error"] for c in candidates.values())
+    held_out = calib[2][0]  # the probe reads the first 256 samples
+    with torch.no_grad():
+        dense, pruned = model(held_out), result.model(held_out)
+    assert candidates[chosen]["validation_error"] == pytest.approx(
+        float((pruned - dense).square().sum() / dense.square().sum()), rel=1e-4)
+    for candidate in candidates.values():  # each meets the target
+        assert abs(candidate["achieved"] - 0.4) <= 0.4 * 0.01 or candidate is candidates["uniform"]
+    kept = {layer["group"]: layer["kept"] for layer in result.layers}
+    assert kept == candidates[chosen]["keeps"] and candidates["uniform"]["keeps"] == result.budget["uniform_keeps"]
+    # a callback between groups runs once per group: the error allocation's own widths, no candidates
+    calls = []
+    once = structprune.prune(model, calib, "ispasp", structprune.Target(0.4, allocation="error"), progress=False,
+                             after_group=lambda m, name: calls.append(name))
+    assert "candidates" not in once.budget and sorted(calls) == ["0", "2"]

@@ -340,10 +340,13 @@ class LayerSensitivity:
 
 @dataclass
 class Allocation:
-    """Keep counts per group, and how they were found."""
+    """Keep counts per group, and how they were found; ``candidates``: for the error allocation, the allocations
+    the pipeline prunes with and checks end to end (name → keep counts, ``keeps`` first)."""
 
     keeps: dict[str, int]
     info: dict
+    candidates: dict[str, dict[str, int]] | None = None
+    curves: dict[str, dict[int, float]] | None = None  # the error allocation's, for the predictions of a candidate
 
 
 def plan(budget: Budget, sizer: Sizer, round_to: int | str | None = None,
@@ -409,12 +412,43 @@ def plan(budget: Budget, sizer: Sizer, round_to: int | str | None = None,
     if budget.allocation == "pfp":
         info["delta"] = budget.delta
     if budget.allocation == "error":
-        chosen = {name: measured["curves"][name].get(keep) for name, keep in keeps.items()}
-        info["predicted_error"] = {name: error for name, error in chosen.items() if error is not None}
-        info["predicted_error_total"] = sum(info["predicted_error"].values())
-        # what one ratio for every group would have kept at the same target and multiples: the report's comparison
-        info["uniform_keeps"] = _search_uniform(budget, sizer, None if round_to is None else multiples)
+        info.update(predicted(measured["curves"], keeps))
+        # what one ratio for every group would have kept at the same target and multiples: the report's comparison,
+        # and with a blend of the two, the candidates the pipeline checks end to end (the errors of groups pruned
+        # alone need not add up)
+        final = None if round_to is None else multiples
+        uniform = _search_uniform(budget, sizer, final)
+        info["uniform_keeps"] = uniform
+        blend = {name: (keeps[name] + uniform[name]) / 2 for name in keeps}
+        candidates = {"error": keeps, "uniform": uniform, "blend": _scaled(blend, budget, sizer, final)}
+        return Allocation(keeps, info, candidates, measured["curves"])
     return Allocation(keeps, info)
+
+
+def predicted(curves: dict[str, dict[int, float]], keeps: dict[str, int]) -> dict:
+    """The error curves' values at ``keeps`` (the groups whose width is on their curve) and their sum."""
+    errors = {name: curves[name][keep] for name, keep in keeps.items() if keep in curves.get(name, {})}
+    return {"predicted_error": errors, "predicted_error_total": sum(errors.values())}
+
+
+def _scaled(base: dict[str, float], budget: Target, sizer: Sizer,
+            round_to: int | dict[str, int | None] | None) -> dict[str, int]:
+    """``base`` (keep counts, not necessarily whole) times the one factor that brings the size closest to the target,
+    whole and in each group's multiple."""
+    groups = sizer.groups
+
+    def keeps_at(factor: float) -> dict[str, int]:
+        return {name: keep_count(c, min(1.0, factor * base[name] / c), sizer.multiple(name, round_to))
+                for name, c in groups.items()}
+
+    low, high = 0.0, max(c / max(base[name], 1e-9) for name, c in groups.items())
+    for _ in range(40):  # the size grows with the factor: bisect for the largest factor at or below the target
+        mid = (low + high) / 2
+        if sizer.fraction(keeps_at(mid), budget.metric) <= budget.fraction:
+            low = mid
+        else:
+            high = mid
+    return _closest([keeps_at(low), keeps_at(high)], budget, sizer)
 
 
 #: candidate widths per group for the error allocation: about this many steps from one channel to all

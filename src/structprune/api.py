@@ -96,15 +96,25 @@ def prune(model: nn.Module, calib_loader: Iterable, method: str | Method = "ispa
 
 def _prune(model, calib_loader, method, budget, example_inputs, options: Options, method_kwargs: dict
            ) -> PruneResult:
-    """The stages in order: set up → allocate → each group (capture → select → refit → apply) → recover → report."""
+    """The stages in order: set up → allocate → each group (capture → select → refit → apply) → recover → report;
+    for the error allocation, each group and the recovery once per candidate allocation, the best one reported."""
     run = pipeline.set_up(model, calib_loader, method, budget, example_inputs, options, method_kwargs)
     allocation = pipeline.allocate(run)
-    bar = progress_bar(total=len(run.graph), desc=f"pruning ({run.method.name})", unit="groups",
-                       enabled=options.progress)
-    for group in run.graph.groups():
-        pipeline.prune_group(run, group, allocation.keeps.get(group.name, group.channels))
-        bar.update(1)
-    bar.update(len(run.graph) - bar.n)  # groups skipped with a warning count as done
-    bar.close()
-    recovery = pipeline.recover(run)
+    candidates = allocation.candidates or {"": allocation.keeps}  # the error allocation's: checked end to end
+    best = None
+    for i, (name, keeps) in enumerate(candidates.items()):
+        if i:
+            pipeline.restart(run)
+        bar = progress_bar(total=len(run.graph), desc=f"pruning ({run.method.name}{', ' + name if name else ''})",
+                           unit="groups", enabled=options.progress)
+        for group in run.graph.groups():
+            pipeline.prune_group(run, group, keeps.get(group.name, group.channels))
+            bar.update(1)
+        bar.update(len(run.graph) - bar.n)  # groups skipped with a warning count as done
+        bar.close()
+        recovery = pipeline.recover(run)
+        if len(candidates) > 1:
+            best = pipeline.keep_best(run, allocation, name, recovery, best)
+    if best is not None:
+        recovery = pipeline.restore(run, allocation, best)
     return pipeline.report(run, allocation, recovery)

@@ -122,6 +122,8 @@ class Run:
     layers: list[dict] = field(default_factory=list)
     #: the error allocation's probe: calibration inputs, the dense model's outputs on them, their summed energy
     probe: tuple[list, list[Tensor], float] | None = None
+    #: the same for the samples that check its candidate allocations end to end (see :func:`choose`)
+    validation: tuple[list, list[Tensor], float] | None = None
 
     @property
     def captures(self) -> bool:
@@ -232,6 +234,8 @@ def allocate(run: Run) -> budgets.Allocation:
         _scoped(run)
         allocation = _plan(run)
         allocation.info["inner_scope_achieved"] = inner_achieved
+    if run.options.after_group is not None:  # a callback (fine-tuning, say) runs once per group: one candidate
+        allocation.candidates = None
     _warn_if_missed(allocation.info, run.budget)
     _warn_if_clamped(allocation.keeps, run.sizer.groups, run.budget)
     _warn_if_nothing_to_prune(run.pruned, run.sizer.groups, run.ignored_names)
@@ -266,10 +270,7 @@ def _error_curves(run: Run, widths: dict[str, list[int]]) -> dict[str, dict[int,
     curves = {}
     groups = [g for g in run.graph.all_groups() if g.name in widths]
     if run.probe is None:
-        probe = [take_samples(inputs, None, run.device) for inputs, _ in first_batches(run.calib, PROBE_SAMPLES)]
-        with torch.no_grad():
-            dense = [output_vector(run.pruned, inputs) for inputs in probe]
-        run.probe = (probe, dense, max(sum(float(out.square().sum()) for out in dense), 1e-30))
+        run.probe = _outputs(run, [inputs for inputs, _ in first_batches(run.calib, PROBE_SAMPLES)])
     probe, dense, energy = run.probe
     measured = getattr(run.budget, "measured_widths", None)
     for group in bar(groups, desc="error curves", unit="group", enabled=run.options.progress):
@@ -285,6 +286,28 @@ def _error_curves(run: Run, widths: dict[str, list[int]]) -> dict[str, dict[int,
         curves[group.name] = {w: 0.0 for w in widths[group.name] if w >= group.channels} | {
             w: network[w] if w in network else local[w] * _scale_at(w, network, local) for w in selections}
     return curves
+
+
+def _outputs(run: Run, batches: list) -> tuple[list, list[Tensor], float]:
+    """Calibration ``batches`` (on the run's device), the dense model's outputs on them and their summed energy."""
+    inputs = [take_samples(batch, None, run.device) for batch in batches]
+    with torch.no_grad():
+        dense = [output_vector(run.model, batch) for batch in inputs]
+    return inputs, dense, max(sum(float(out.square().sum()) for out in dense), 1e-30)
+
+
+def output_error(model: nn.Module, samples: tuple[list, list[Tensor], float]) -> float:
+    """Squared error of ``model``'s output against the dense outputs of ``samples`` (:func:`_outputs`), relative
+    to their energy."""
+    inputs, dense, energy = samples
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return sum(float((output_vector(model, batch) - out).square().sum())
+                       for batch, out in zip(inputs, dense, strict=True)) / energy
+    finally:
+        model.train(was_training)
 
 
 def _anchors(widths: list[int], count: int | None) -> list[int]:
@@ -602,6 +625,62 @@ class StageAccuracy:
         self.accuracy[stage] = 100.0 * correct / max(total, 1)
 
 
+# -- 4b. the error allocation's candidates, checked end to end -----------------------------------------------------
+
+#: samples the candidate allocations are compared on (those after the probe's, where the calibration set has them)
+VALIDATION_SAMPLES = 256
+
+
+@dataclass
+class Candidate:
+    """One candidate allocation pruned and recovered: what :func:`report` needs of it."""
+
+    name: str
+    error: float
+    recovery: Recovery
+    pruned: nn.Module
+    graph: PruningGraph
+    sizer: budgets.Sizer
+    layers: list[dict]
+
+
+def keep_best(run: Run, allocation: budgets.Allocation, name: str, recovery: Recovery,
+              best: Candidate | None) -> Candidate:
+    """The run's model, pruned with candidate ``name``, measured against the dense model on the validation samples
+    (the report's ``budget["candidates"]``); the better of it and ``best``."""
+    if run.validation is None:
+        batches = [inputs for inputs, _ in first_batches(run.calib, PROBE_SAMPLES + VALIDATION_SAMPLES)]
+        held_out = batches[len(run.probe[0]):] if run.probe is not None else []
+        run.validation = _outputs(run, held_out) if held_out else run.probe
+    error = output_error(run.pruned, run.validation)
+    allocation.info.setdefault("candidates", {})[name] = {
+        "validation_error": error, "achieved": run.sizer.fraction(allocation.candidates[name], run.budget.metric),
+        "keeps": allocation.candidates[name]}
+    if best is not None and best.error <= error:
+        return best
+    return Candidate(name, error, recovery, run.pruned, run.graph, run.sizer, run.layers)
+
+
+def restart(run: Run) -> None:
+    """The run back before its first group, on a fresh copy of the caller's model (the scope, the reconstruction
+    target, the probe kept): to prune with another candidate allocation."""
+    run.pruned = copy.deepcopy(run.model).eval()
+    run.layers, run.original_outputs = [], {}
+    _scoped(run)
+    run.cache, run.reference_cache = _caches(run, run.cache is not None, run.reference_cache is not None)
+
+
+def restore(run: Run, allocation: budgets.Allocation, best: Candidate) -> Recovery:
+    """The run as ``best`` left it, and the allocation's keeps and predictions those of the chosen candidate."""
+    run.pruned, run.graph, run.sizer, run.layers = best.pruned, best.graph, best.sizer, best.layers
+    allocation.keeps = allocation.candidates[best.name]
+    achieved = run.sizer.fraction(allocation.keeps, run.budget.metric)
+    allocation.info.update(chosen=best.name, achieved=achieved,
+                           relative_error=abs(achieved - run.budget.fraction) / run.budget.fraction,
+                           **budgets.predicted(allocation.curves, allocation.keeps))
+    return best.recovery
+
+
 # -- 5. report ----------------------------------------------------------------------------------------------------
 
 def report(run: Run, allocation: budgets.Allocation, recovery: Recovery) -> PruneResult:
@@ -614,11 +693,7 @@ def report(run: Run, allocation: budgets.Allocation, recovery: Recovery) -> Prun
     target = isinstance(run.budget, budgets.Target) and run.budget.metric != "latency"
     pruned.structprune_widths = "auto" if target and run.options.round_to == "auto" else "given"
     if run.probe is not None:  # the error allocation's prediction (groups alone, summed) against the whole
-        probe, dense, energy = run.probe
-        with torch.no_grad():
-            allocation.info["measured_error"] = sum(
-                float((output_vector(pruned, inputs) - out).square().sum())
-                for inputs, out in zip(probe, dense, strict=True)) / energy
+        allocation.info["measured_error"] = output_error(pruned, run.probe)
     skipped = [{"group": g, "reason": r} for g, r in graph.skipped]
     skipped += [{"group": g, "reason": "residual stream (scope='inner')"} for g in graph.out_of_scope]
     refit = run.options.refit

@@ -167,6 +167,10 @@ def allocation_table(report: dict) -> str | None:
                  f"predicted {budget['predicted_error_total']:.2e} (each group alone, summed)")
         if "measured_error" in budget:
             text += f", measured {budget['measured_error']:.2e} (all groups pruned, after the recovery)"
+    if budget.get("candidates"):
+        errors = ", ".join(f"{name} {c['validation_error']:.2e}" for name, c in budget["candidates"].items())
+        text += (f". Candidates pruned and checked on held-out calibration samples (output error): {errors}; "
+                 f"kept: {budget.get('chosen')}")
     return text + "."
 
 
