@@ -222,3 +222,20 @@ def test_the_candidate_allocations_are_checked_end_to_end_and_the_best_one_kept(
     once = structprune.prune(model, calib, "ispasp", structprune.Target(0.4, allocation="error"), progress=False,
                              after_group=lambda m, name: calls.append(name))
     assert "candidates" not in once.budget and sorted(calls) == ["0", "2"]
+
+
+def test_the_output_the_error_is_measured_on_leaves_padding_out():
+    """A padded position's output is read by nothing: with an attention mask among the inputs, the vector holds the
+    real tokens' outputs only (those of the mask's ones, in order)."""
+    from types import SimpleNamespace
+
+    class Encoder(nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return SimpleNamespace(last_hidden_state=input_ids[..., None].float() * torch.ones(1, 1, 2))
+
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    vector = measure.output_vector(Encoder(), {"input_ids": ids, "attention_mask": mask})
+    assert vector.tolist() == [1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
+    plain = measure.output_vector(nn.Linear(3, 2), torch.ones(4, 3))
+    assert plain.shape == (8,)

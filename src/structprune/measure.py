@@ -268,10 +268,15 @@ def _encoder_decoder_embeddings(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 def output_vector(model: nn.Module, inputs) -> torch.Tensor:
-    """A model's output on ``inputs`` as one float vector (its logits, or last hidden states, or first tensor)."""
+    """A model's output on ``inputs`` as one float vector (its logits, or last hidden states, or first tensor); with
+    an ``attention_mask`` among the inputs, the real tokens' only (a padding position's output is read by nothing)."""
     output = run_forward(model, inputs)
     output = getattr(output, "logits", getattr(output, "last_hidden_state", output))
-    return (output[0] if isinstance(output, (tuple, list)) else output).float().flatten()
+    output = output[0] if isinstance(output, (tuple, list)) else output
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    if isinstance(mask, torch.Tensor) and output.dim() >= 2 and tuple(output.shape[:2]) == tuple(mask.shape):
+        output = output[mask.to(output.device).bool()]
+    return output.float().flatten()
 
 
 def embedding_similarity(reference: torch.Tensor, embeddings: torch.Tensor) -> float:
