@@ -108,7 +108,11 @@ def test_the_report_holds_the_uniform_widths_and_the_predicted_and_measured_erro
     model, calib = _two_convs(), calibration((3, 8, 8), samples=64, batch=32)
     result = structprune.prune(model, calib, "ispasp", structprune.Target(0.4, allocation="error"), progress=False)
     budget = result.budget
-    assert budget["predicted_error_total"] == pytest.approx(sum(budget["predicted_error"].values()))
+    predicted, total = budget["predicted_error"], budget["predicted_error_total"]
+    if len(predicted) == len(result.layers):  # every chosen width on its curve
+        assert total == pytest.approx(sum(predicted.values()))
+    else:
+        assert total is None
     uniform = structprune.prune(model, calib, "ispasp", structprune.Target(0.4), scope="all", progress=False)
     assert budget["uniform_keeps"] == {layer["group"]: layer["kept"] for layer in uniform.layers}
     x = torch.cat([b[0] for b in calib])

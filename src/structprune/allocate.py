@@ -426,9 +426,11 @@ def plan(budget: Budget, sizer: Sizer, round_to: int | str | None = None,
 
 
 def predicted(curves: dict[str, dict[int, float]], keeps: dict[str, int]) -> dict:
-    """The error curves' values at ``keeps`` (the groups whose width is on their curve) and their sum."""
+    """The error curves' values at ``keeps`` (the groups whose width is on their curve) and their sum (None unless
+    every group's is)."""
     errors = {name: curves[name][keep] for name, keep in keeps.items() if keep in curves.get(name, {})}
-    return {"predicted_error": errors, "predicted_error_total": sum(errors.values())}
+    return {"predicted_error": errors,
+            "predicted_error_total": sum(errors.values()) if len(errors) == len(keeps) else None}
 
 
 def _scaled(base: dict[str, float], budget: Target, sizer: Sizer,

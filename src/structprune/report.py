@@ -162,11 +162,11 @@ def allocation_table(report: dict) -> str | None:
     text = "\n".join(lines)
     allocation = budget.get("allocation", budget.get("budget", "?"))
     text += f"\n\nAllocation: {allocation}"
-    if "predicted_error_total" in budget:
-        text += (f"; network output error (squared, relative to the dense output's energy on the probe samples): "
-                 f"predicted {budget['predicted_error_total']:.2e} (each group alone, summed)")
-        if "measured_error" in budget:
-            text += f", measured {budget['measured_error']:.2e} (all groups pruned, after the recovery)"
+    if "measured_error" in budget:
+        total = budget.get("predicted_error_total")
+        text += ("; network output error (squared, relative to the dense output's energy on the probe samples): "
+                 + ("" if total is None else f"predicted {total:.2e} (each group alone, summed), ")
+                 + f"measured {budget['measured_error']:.2e} (all groups pruned, after the recovery)")
     if budget.get("candidates"):
         errors = ", ".join(f"{name} {c['validation_error']:.2e}" for name, c in budget["candidates"].items())
         text += (f". Candidates pruned and checked on held-out calibration samples (output error): {errors}; "

@@ -162,9 +162,10 @@ def _run(args) -> int:
           f"({report['params_ratio']:.1%}), MACs {first.before['macs']:,} -> {last.after['macs']:,} "
           f"({report['macs_ratio']:.1%}){acc}, pruned in {report['seconds']:.1f}s -> {out}")
     if "measured_error" in last.budget:
-        print(f"error allocation: network output error predicted {last.budget['predicted_error_total']:.2e} (groups "
-              f"alone, summed), measured {last.budget['measured_error']:.2e}; the width of every group: "
-              f"structprune info {out}")
+        total = last.budget.get("predicted_error_total")
+        print(f"error allocation ({last.budget.get('chosen', 'error')} kept of the candidates): network output "
+              f"error {'' if total is None else f'predicted {total:.2e} (groups alone, summed), '}measured "
+              f"{last.budget['measured_error']:.2e}; the width of every group: structprune info {out}")
     if isinstance(budget, Uniform):
         log.info(f"--ratio {budget.ratio:g} keeps that share of every group's channels; a layer between two pruned "
                  f"groups loses rows and columns, keeping about {budget.ratio ** 2:.0%} of its weights: "
