@@ -243,3 +243,31 @@ def test_the_output_the_error_is_measured_on_leaves_padding_out():
     assert vector.tolist() == [1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
     plain = measure.output_vector(nn.Linear(3, 2), torch.ones(4, 3))
     assert plain.shape == (8,)
+
+
+def test_heads_and_ffn_neurons_share_one_search_and_the_result_reloads(tmp_path, monkeypatch):
+    """Item 3: a transformer's heads and FFN groups get curves in one search; whichever candidate is kept, the
+    model saves and reloads (per-layer sizes in its config) with the same outputs."""
+    transformers = pytest.importorskip("transformers")
+    from conftest import BERT_VOCAB, BERT_WORDS, tiny_bert
+    from structprune.models import hf
+
+    seen = {}
+    search = allocate._search_error
+    monkeypatch.setattr(allocate, "_search_error", lambda b, s, curves: seen.update(curves) or search(b, s, curves))
+    tokenizer = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(BERT_VOCAB)})
+    gen = torch.Generator().manual_seed(0)
+    text = [" ".join(BERT_WORDS[int(i)] for i in torch.randint(0, len(BERT_WORDS), (9,), generator=gen))
+            for _ in range(48)]
+    batches = [dict(tokenizer(text[i:i + 24], padding=True, return_tensors="pt")) for i in (0, 24)]
+    model = tiny_bert(layers=3)
+    result = structprune.prune(model, batches, "ispasp", structprune.Target(0.5, allocation="error"), progress=False)
+    assert {name.rsplit(".", 1)[-1] for name in seen} == {"attention", "intermediate"} and len(seen) == 6
+    assert sorted(seen["encoder.layer.0.attention"]) == [1, 2, 3, 4]  # heads, one at a time
+    ffn = sorted(seen["encoder.layer.0.intermediate"])  # neurons, in the device's multiple (8 or 16) where it fits
+    assert ffn[-1] == 64 and len(ffn) >= 4 and all(w % ffn[0] == 0 for w in ffn)
+    assert set(result.budget["candidates"]) == {"error", "uniform", "blend"}
+    hf.save_pretrained(result.model, tmp_path / "pruned")
+    back = hf.load_pretrained(tmp_path / "pruned")
+    with torch.no_grad():
+        assert torch.equal(back(**batches[0]).last_hidden_state, result.model(**batches[0]).last_hidden_state)
