@@ -7,7 +7,8 @@ budget split among the groups by ``Target(allocation="uniform")`` (the default: 
 that meets the target, every group in scope; then that allocation, one ratio over every group and their blend each
 pruned, the one of least output error on held-out calibration images kept); no fine-tuning; accuracy on all 10,000
 test images; seconds to prune (curves and candidates included). ``--models minilm``: all-MiniLM-L6-v2's FFN
-neurons, embedding cosine × 100 in the accuracy column (:func:`minilm`).
+neurons, embedding cosine × 100 in the accuracy column (:func:`minilm`); ``--models decoder``: the byte-level decoder
+of distill.py, key/value groups and FFN neurons, minus the held-out perplexity there (:func:`decoder`).
 
 ``error:N`` is the error allocation with ``Target(measured_widths=N)``: the network's error measured at N widths per
 group, the refit's least-squares error in between. Rows of other models, methods, targets or allocations already in
@@ -34,7 +35,8 @@ from structprune import data, measure
 
 HERE = Path(__file__).resolve().parent
 CHECKPOINTS = {"resnet20": "resnet20-fmnist.pt", "resnet56": "resnet56-fmnist.pt", "vgg16": "vgg16-fmnist.pt"}
-MODELS = [*CHECKPOINTS, "minilm"]
+MODELS = [*CHECKPOINTS, "minilm", "decoder"]
+METRICS = {"minilm": "cosine × 100", "decoder": "perplexity"}
 
 
 def main() -> None:
@@ -52,7 +54,8 @@ def main() -> None:
     earlier = (read_results(args.out_dir, "allocation") or {}).get("rows", []) if args.out_dir else []
     rows = []
     for name in args.models.split(","):
-        case = minilm() if name == "minilm" else cnn(name, args.test_limit)
+        case = {"minilm": minilm, "decoder": decoder}[name]() if name in ("minilm", "decoder") else cnn(
+            name, args.test_limit)
         dense_score = case["evaluate"](case["dense"])
         for method in args.methods.split(","):
             for target in (float(t) for t in args.targets.split(",")):
@@ -121,23 +124,47 @@ def minilm() -> dict:
                                                        "ignored_layers": [] if kind == "uniform" else heads}}
 
 
+def decoder() -> dict:
+    """distill.py's byte-level Llama-style decoder (trained there, or read from its cache): uniform at the target's
+    share of every layer's key/value groups and FFN neurons, the other allocations at the MACs that leaves (heads and
+    FFN in one search); 512 calibration sentences of fortunes; held-out perplexity, negated in the accuracy column
+    (higher is better there)."""
+    from distill import byte_batch, trained_decoder
+
+    from structprune.data import text
+
+    train_text, held_out = text.split(text.read(), seed=0)
+    dense, _ = trained_decoder(train_text)
+    test = [byte_batch(held_out[i:i + 64]) for i in range(0, len(held_out), 64)]
+    calib = [byte_batch(train_text[i:i + 32]) for i in range(0, 512, 32)]
+
+    def budget(target, kind, measured, uniform_macs):
+        if kind == "uniform":
+            return {"*.self_attn": target, "*.mlp": target}
+        return structprune.Target(uniform_macs, allocation=kind, measured_widths=measured)
+
+    return {"dense": dense, "calib": calib, "example": calib[0],
+            "evaluate": lambda model: -measure.perplexity(model, test), "budget": budget, "options": lambda kind: {}}
+
+
 def _key(row: dict) -> tuple:
     return row["model"], row["method"], row["target"], row["allocation"]
 
 
 def report(rows: list[dict], args) -> None:
-    table = ["| model (dense) | method | MACs kept | allocation | uniform | accuracy | gain | seconds uniform / it |",
-             "|---|---|---:|---|---:|---:|---:|---:|"]
+    table = ["| model (dense) | method | target (MACs kept: uniform / it) | allocation | uniform | it | gain | "
+             "chosen | seconds uniform / it |", "|---|---|---:|---|---:|---:|---:|---|---:|"]
     rows = sorted(rows, key=lambda r: (r["model"], r["method"], -r["target"], r["allocation"]))
     for row in rows:
         uniform = next((r for r in rows if r["allocation"] == "uniform" and
                         (r["model"], r["method"], r["target"]) == (row["model"], row["method"], row["target"])), None)
         if row["allocation"] == "uniform" or uniform is None:
             continue
-        table.append(f"| {row['model']} ({row['dense_accuracy']:.2f}) | {row['method']} | {row['target']:.0%} "
-                     f"({uniform['macs_ratio']:.1%} / {row['macs_ratio']:.1%}) | {row['allocation']} | "
-                     f"{uniform['accuracy']:.2f} | {row['accuracy']:.2f} | "
-                     f"{row['accuracy'] - uniform['accuracy']:+.2f} | "
+        metric = METRICS.get(row["model"], "accuracy")  # the decoder's perplexity is stored negated: gain > 0 better
+        table.append(f"| {row['model']} ({metric} {abs(row['dense_accuracy']):.2f}) | {row['method']} | "
+                     f"{row['target']:.0%} ({uniform['macs_ratio']:.1%} / {row['macs_ratio']:.1%}) | "
+                     f"{row['allocation']} | {abs(uniform['accuracy']):.2f} | {abs(row['accuracy']):.2f} | "
+                     f"{row['accuracy'] - uniform['accuracy']:+.2f} | {row.get('chosen') or '–'} | "
                      f"{uniform['seconds']:.0f} / {row['seconds']:.0f} |")
     write_table(args.out_dir, "allocation", "Error-aware allocation vs uniform (issue 36)",
                 "cd benchmarks && ../.venv/bin/python allocation.py --out-dir results --models "

@@ -229,25 +229,32 @@ def _train_lm(model, texts: list[str], epochs: int, lr: float, seed: int = 0) ->
     return time.perf_counter() - start
 
 
-def run_decoder(quick: bool, lrs: list[float]) -> dict:
+def trained_decoder(train_text: list[str], quick: bool = False):
+    """The byte-level decoder trained on ``train_text`` (2 epochs of AdamW at 1e-3; 1 with ``quick``), cached under
+    runs/distill/ (gitignored) and read from there when it exists; and how it was trained."""
     import transformers
+
+    cache = HERE.parent / "runs" / "distill" / ("decoder-quick" if quick else "decoder")
+    torch.manual_seed(0)
+    if (cache / "config.json").exists():
+        return (transformers.LlamaForCausalLM.from_pretrained(cache).eval(),
+                json.loads((cache / "training.json").read_text()))
+    dense = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER))
+    epochs = 1 if quick else 2
+    seconds = _train_lm(dense, train_text, epochs, lr=1e-3)
+    dense.eval().save_pretrained(cache)
+    trained = {"epochs": epochs, "lr": 1e-3, "seconds": seconds}
+    (cache / "training.json").write_text(json.dumps(trained))
+    return dense, trained
+
+
+def run_decoder(quick: bool, lrs: list[float]) -> dict:
 
     train_text, held_out = text.split(text.read(), seed=0)
     if quick:
         train_text, held_out = train_text[:256], held_out[:64]
     test = [byte_batch(held_out[i:i + 64]) for i in range(0, len(held_out), 64)]
-    cache = HERE.parent / "runs" / "distill" / ("decoder-quick" if quick else "decoder")
-    torch.manual_seed(0)
-    if (cache / "config.json").exists():
-        dense = transformers.LlamaForCausalLM.from_pretrained(cache).eval()
-        trained = json.loads((cache / "training.json").read_text())
-    else:
-        dense = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER))
-        epochs = 1 if quick else 2
-        seconds = _train_lm(dense, train_text, epochs, lr=1e-3)
-        dense.eval().save_pretrained(cache)
-        trained = {"epochs": epochs, "lr": 1e-3, "seconds": seconds}
-        (cache / "training.json").write_text(json.dumps(trained))
+    dense, trained = trained_decoder(train_text, quick)
     section = {"model": f"Llama-style, {sum(p.numel() for p in dense.parameters()):,} params, {DECODER}",
                "trained": trained, "train_sentences": len(train_text), "held_out_sentences": len(held_out),
                "dense_perplexity": measure.perplexity(dense, test), "rows": [], "date": date.today().isoformat()}
