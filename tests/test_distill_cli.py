@@ -291,3 +291,26 @@ def test_a_teacher_cache_and_layer_matching_from_the_command_line(pruned, tmp_pa
                  "--out", str(tmp_path / "d.pt")])
     assert code == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "d.json").read_text())["config"]["match"] == ["fc3"]
+
+
+def test_compare_on_a_causal_lm_directory_reports_held_out_perplexity(text_models, tmp_path, capsys):
+    """compare --hf-model: each method and target pruned on the same calibration sentences, judged by held-out
+    perplexity (the same numbers prune --hf-model reports for the same run), distilled as a column of its own."""
+    root = text_models
+    text_args = ["--text", str(root / "text.txt"), "--max-length", "16", "--batch-size", "8", "--no-progress"]
+    assert main(["compare", "--hf-model", str(root / "llama"), "--methods", "ispasp,magnitude", "--targets", "0.6",
+                 "--distill-steps", "2", "--out-dir", str(tmp_path / "cmp"), *text_args]) == 0
+    payload = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert payload["metric_name"] == "perplexity" and [r["method"] for r in payload["rows"]] == ["ispasp", "magnitude"]
+    assert all({"perplexity_pruned", "perplexity_distilled"} <= set(r) for r in payload["rows"])
+    assert "| perplexity pruned | perplexity distilled |" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert main(["prune", "--hf-model", str(root / "llama"), "--target-flops", "0.6", "--out",
+                 str(tmp_path / "pruned"), *text_args]) == 0
+    report = json.loads((tmp_path / "pruned.json").read_text())
+    assert payload["dense_perplexity"] == pytest.approx(report["dense_perplexity"], rel=1e-6)
+    assert payload["rows"][0]["perplexity_pruned"] == pytest.approx(report["perplexity"], rel=1e-6)
+    assert payload["rows"][0]["macs_ratio"] == pytest.approx(report["macs_ratio"])
+    capsys.readouterr()
+    assert main(["compare", "--hf-model", str(root / "llama"), "--finetune-epochs", "1", "--out-dir",
+                 str(tmp_path / "no"), *text_args]) == 2
+    assert "--distill-steps" in capsys.readouterr().err and not (tmp_path / "no" / "compare.json").exists()

@@ -36,38 +36,44 @@ def _latency(row: dict, batch: int) -> str:
     return f"{row[f'latency_median_ms_batch{batch}']:.3f} ± {row[f'latency_iqr_ms_batch{batch}']:.3f}"
 
 
-def compare_table(rows: list[dict], dense_accuracy: float | None) -> str:
-    """A Markdown table of ``structprune compare`` rows (one per method and target)."""
-    head, body = _compare_cells(rows, dense_accuracy)
+def compare_table(rows: list[dict], dense_accuracy: float | None, metric: str = "accuracy") -> str:
+    """A Markdown table of ``structprune compare`` rows (one per method and target); ``metric``: what the rows
+    measured (their ``{metric}_pruned``, ``_finetuned``, ``_distilled``): accuracy, perplexity or
+    embedding_cosine_similarity."""
+    head, body = _compare_cells(rows, dense_accuracy, metric)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     lines += ["|" + "|".join(f" {c} " if c else " " for c in cells) + "|" for cells in body]
     return "\n".join(lines)
 
 
-def _compare_cells(rows: list[dict], dense_accuracy: float | None) -> tuple[list[str], list[list[str]]]:
+def _label(metric: str, stage: str) -> str:
+    return f"accuracy {stage} (%)" if metric == "accuracy" else f"{metric.replace('_', ' ')} {stage}"
+
+
+def _compare_cells(rows: list[dict], dense_value: float | None, metric: str = "accuracy"
+                   ) -> tuple[list[str], list[list[str]]]:
     """The compare table's header and its rows' cells (the dense row first), for Markdown and HTML alike."""
-    extra = [(key, title) for key, title in (("accuracy_finetuned", "accuracy fine-tuned (%)"),
-                                             ("accuracy_distilled", "accuracy distilled (%)"))
-             if any(key in r for r in rows)]
-    head = ["method", "target", "MACs kept", "params kept", "accuracy pruned (%)"]
+    extra = [(f"{metric}_{stage}", _label(metric, stage)) for stage in ("finetuned", "distilled")
+             if any(f"{metric}_{stage}" in r for r in rows)]
+    head = ["method", "target", "MACs kept", "params kept", _label(metric, "pruned")]
     head += [title for _, title in extra]
     head += ["prune time (s)"]
     body = []
-    if dense_accuracy is not None:
-        body.append(["dense", "1.00", "100.0%", "100.0%", f"{dense_accuracy:.2f}"] + [""] * len(extra) + [""])
+    if dense_value is not None:
+        body.append(["dense", "1.00", "100.0%", "100.0%", _num(dense_value, metric)] + [""] * len(extra) + [""])
     for r in rows:
         cells = [r["method"], f"{r['target']:.2f}", f"{r['macs_ratio']:.1%}", f"{r['params_ratio']:.1%}",
-                 _num(r.get("accuracy_pruned"))]
-        cells += [_num(r.get(key)) for key, _ in extra]
+                 _num(r.get(f"{metric}_pruned"), metric)]
+        cells += [_num(r.get(key), metric) for key, _ in extra]
         body.append(cells + [f"{r['prune_seconds']:.2f}"])
     return head, body
 
 
 def compare_html(rows: list[dict], dense_accuracy: float | None, title: str, plot_png: bytes,
-                 details: dict | None = None) -> str:
+                 details: dict | None = None, metric: str = "accuracy") -> str:
     """One self-contained HTML page (no external files, scripts or fonts): the compare table, the plot embedded
     as a data URI, every run's warnings and the options the runs used."""
-    head, body = _compare_cells(rows, dense_accuracy)
+    head, body = _compare_cells(rows, dense_accuracy, metric)
     table = ("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"
              + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
              + "</tbody></table>")
@@ -77,6 +83,7 @@ def compare_html(rows: list[dict], dense_accuracy: float | None, title: str, plo
     options = ("<h2>Options</h2><pre>" + html.escape(json.dumps(details, indent=2, default=str)) + "</pre>"
                if details else "")
     image = base64.b64encode(plot_png).decode("ascii")
+    alt = html.escape(f"{metric.replace('_', ' ')} against the remaining MACs or params, per method")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -91,7 +98,7 @@ pre {{ background: #f7f7f7; padding: 1em; overflow-x: auto; }}
 <body>
 <h1>{html.escape(title)}</h1>
 {table}
-<img alt="accuracy against the remaining MACs or params, per method" src="data:image/png;base64,{image}">
+<img alt="{alt}" src="data:image/png;base64,{image}">
 {notes}
 {options}
 <p><small>structprune compare</small></p>
@@ -99,14 +106,15 @@ pre {{ background: #f7f7f7; padding: 1em; overflow-x: auto; }}
 """
 
 
-def _num(value) -> str:
-    return "–" if value is None else f"{value:.2f}"
+def _num(value, metric: str = "accuracy") -> str:
+    digits = {"accuracy": 2, "perplexity": 3}.get(metric, 4)
+    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def plot_compare(rows: list[dict], path: str | os.PathLike, title: str, dense_accuracy: float | None = None,
-                 x: str = "macs_ratio") -> Path:
-    """Accuracy vs remaining MACs (or params) per method, pruned (solid), fine-tuned (dashed) and distilled
-    (dotted)."""
+                 x: str = "macs_ratio", metric: str = "accuracy") -> Path:
+    """``metric`` (accuracy, perplexity, ...) vs remaining MACs (or params) per method, pruned (solid), fine-tuned
+    (dashed) and distilled (dotted)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,16 +125,16 @@ def plot_compare(rows: list[dict], path: str | os.PathLike, title: str, dense_ac
     for i, method in enumerate(methods):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r[x])
         color = f"C{i % 10}"
-        if any(r.get("accuracy_pruned") is not None for r in mine):
-            ax.plot([r[x] for r in mine], [r["accuracy_pruned"] for r in mine], "o-", color=color, label=method)
-        for key, marker, what in (("accuracy_finetuned", "s--", "fine-tuned"), ("accuracy_distilled", "^:",
-                                                                                "distilled")):
+        if any(r.get(f"{metric}_pruned") is not None for r in mine):
+            ax.plot([r[x] for r in mine], [r[f"{metric}_pruned"] for r in mine], "o-", color=color, label=method)
+        for key, marker, what in ((f"{metric}_finetuned", "s--", "fine-tuned"), (f"{metric}_distilled", "^:",
+                                                                                  "distilled")):
             if any(key in r for r in mine):
                 ax.plot([r[x] for r in mine], [r[key] for r in mine], marker, color=color, label=f"{method} ({what})")
     if dense_accuracy is not None:
         ax.axhline(dense_accuracy, color="black", linestyle=":", label="dense")
     ax.set_xlabel("remaining MACs (fraction of dense)" if x == "macs_ratio" else "remaining params (fraction)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test accuracy (%)" if metric == "accuracy" else f"held-out {metric.replace('_', ' ')}")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))

@@ -48,25 +48,7 @@ def run(args) -> int:
                                "--layers-keep goes with --prune layers (e.g. --prune layers or layers,heads,ffn)")
     device = options.device(args.device)
     budget, method_options = options.budget(args), options.method_options(args)  # checked before any work
-    calib_text, held_out = text.split(text.read(args.text), seed=args.seed)
-    transformers = hf.transformers_module()
-    transformers.utils.logging.disable_progress_bar()  # its per-file loading bars; ours shows the pruning
-    model = common.hf_model(args.hf_model, args.trust_checkpoint, args.dtype).to(device)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(args.hf_model)
-    except Exception as exc:
-        raise StructPruneError(f"--hf-model {args.hf_model}: no usable tokenizer there ({exc})") from None
-    if tokenizer.pad_token is None:  # GPT-2 and Llama tokenizers have none; padded positions are masked out anyway
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    limit = common.max_positions(model)
-    if args.max_length > limit:
-        warnings.warn(f"--max-length {args.max_length}: the model reads at most {limit} tokens; using {limit}",
-                      stacklevel=1)
-        args.max_length = limit
-    calib = text.TokenBatches(calib_text, tokenizer, args.batch_size, args.max_length, device)
-    test = text.TokenBatches(held_out[:args.limit], tokenizer, args.batch_size, args.max_length, device)
-    example = {k: v.to(device) for k, v in tokenizer(calib_text[:1], padding="max_length", truncation=True,
-                                                        max_length=args.max_length, return_tensors="pt").items()}
+    model, tokenizer, calib_text, calib, test, example = load_text_model(args, device)
     metric, judge = common.text_metric(model, test)
     dense = judge(model) if metric == "perplexity" else 1.0
     pruned, summary = _prune(args, model, calib, example, budget, method_options)
@@ -100,6 +82,32 @@ def run(args) -> int:
           f"{before['macs']:,} -> {after['macs']:,} ({report['macs_ratio']:.1%}), {says}{distilled} "
           f"on {len(test.texts)} held-out sentences, pruned in {report['seconds']:.1f}s -> {out}")
     return 0
+
+
+def load_text_model(args, device) -> tuple:
+    """--hf-model's model (in --dtype, on ``device``) and tokenizer, and --text split into calibration and held-out
+    sentences: (model, tokenizer, calibration sentences, their token batches, the held-out ones' (the first --limit),
+    a one-sequence example of --max-length tokens). What prune and compare read."""
+    calib_text, held_out = text.split(text.read(args.text), seed=args.seed)
+    transformers = hf.transformers_module()
+    transformers.utils.logging.disable_progress_bar()  # its per-file loading bars; ours shows the pruning
+    model = common.hf_model(args.hf_model, args.trust_checkpoint, args.dtype).to(device)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.hf_model)
+    except Exception as exc:
+        raise StructPruneError(f"--hf-model {args.hf_model}: no usable tokenizer there ({exc})") from None
+    if tokenizer.pad_token is None:  # GPT-2 and Llama tokenizers have none; padded positions are masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    limit = common.max_positions(model)
+    if args.max_length > limit:
+        warnings.warn(f"--max-length {args.max_length}: the model reads at most {limit} tokens; using {limit}",
+                      stacklevel=1)
+        args.max_length = limit
+    calib = text.TokenBatches(calib_text, tokenizer, args.batch_size, args.max_length, device)
+    test = text.TokenBatches(held_out[:args.limit], tokenizer, args.batch_size, args.max_length, device)
+    example = {k: v.to(device) for k, v in tokenizer(calib_text[:1], padding="max_length", truncation=True,
+                                                        max_length=args.max_length, return_tensors="pt").items()}
+    return model, tokenizer, calib_text, calib, test, example
 
 
 def _prune(args, model, calib, example, budget, method_options: dict) -> tuple:
