@@ -115,8 +115,9 @@ def json_object(text: str) -> dict:
 
 def parts(text: str) -> list[str]:
     chosen = [part.strip() for part in text.split(",") if part.strip()]
-    if not chosen or any(p not in (*PARTS, "layers") for p in chosen):
-        raise argparse.ArgumentTypeError(f"must be heads, ffn, layers or several of them (heads,ffn); got {text!r}")
+    if not chosen or any(p not in (*PARTS, "layers", "hidden") for p in chosen):
+        raise argparse.ArgumentTypeError(f"must be heads, ffn, layers, hidden or several of them (heads,ffn); got "
+                                         f"{text!r}")
     return list(dict.fromkeys(chosen))
 
 

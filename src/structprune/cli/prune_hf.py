@@ -12,9 +12,11 @@ from pathlib import Path
 from .. import measure
 from ..api import prune
 from ..attention import PARTS, layer_sizes
+from ..batches import first_batches
 from ..data import text
 from ..depth import prune_depth
 from ..errors import StructPruneError
+from ..hidden import prune_hidden
 from ..models import hf
 from . import common, distill_text, options
 
@@ -27,14 +29,19 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="a local model directory (config.json, safetensors, tokenizer); --out is then a directory "
                         "written with save_pretrained")
     g.add_argument("--prune", type=options.parts, default=list(PARTS), metavar="PARTS",
-                   help="what to prune, comma-separated: heads, ffn, layers (default: heads,ffn); the groups are the "
-                        "attention and FFN modules, named as in the model (BERT: LAYER.attention, LAYER.intermediate; "
-                        "Llama: LAYER.self_attn, LAYER.mlp; `structprune info --hf-model` lists them) for "
-                        "--layer-ratio; layers: whole transformer layers, the least block influence first, before "
-                        "the heads and FFN neurons of the rest")
+                   help="what to prune, comma-separated: heads, ffn, layers, hidden (default: heads,ffn); the groups "
+                        "are the attention and FFN modules, named as in the model (BERT: LAYER.attention, "
+                        "LAYER.intermediate; Llama: LAYER.self_attn, LAYER.mlp; `structprune info --hf-model` lists "
+                        "them) for --layer-ratio; layers: whole transformer layers, the least block influence first; "
+                        "hidden: channels of the residual stream (embeddings, norms, every projection; causal LMs of "
+                        "the Llama family), the least energy in the norms' outputs first, readers refitted; in that "
+                        "order, before the heads and FFN neurons of the rest")
     options.add_dtype(g)
     g.add_argument("--layers-keep", type=options.layer_count, default=None, metavar="N",
                    help="with --prune layers: the transformer layers kept, a number or a fraction of them (0.75)")
+    g.add_argument("--hidden-keep", type=options.layer_count, default=None, metavar="N",
+                   help="with --prune hidden: the residual stream's channels kept (hidden_size), a number or a "
+                        "fraction of them (0.75); read on the first 512 calibration sentences (--calib-samples)")
     options.add_text(g, "for calibration and the held-out metric (perplexity for a causal language model, else the "
                         "sentence embeddings' cosine similarity)", "80%% calibrates, 20%% is held out")
     g.add_argument("--max-length", type=options.positive, default=128,
@@ -46,6 +53,9 @@ def run(args) -> int:
     if ("layers" in args.prune) != (args.layers_keep is not None):
         raise StructPruneError("--prune layers needs --layers-keep N" if args.layers_keep is None else
                                "--layers-keep goes with --prune layers (e.g. --prune layers or layers,heads,ffn)")
+    if ("hidden" in args.prune) != (args.hidden_keep is not None):
+        raise StructPruneError("--prune hidden needs --hidden-keep N" if args.hidden_keep is None else
+                               "--hidden-keep goes with --prune hidden (e.g. --prune hidden or hidden,heads,ffn)")
     device = options.device(args.device)
     budget, method_options = options.budget(args), options.method_options(args)  # checked before any work
     model, tokenizer, calib_text, calib, test, example = load_text_model(args, device)
@@ -73,9 +83,10 @@ def run(args) -> int:
     common.write_json(report_path, report, args.force)
     says = (f"held-out perplexity {dense:.4f} -> {report[metric]:.4f}" if metric == "perplexity" else
             f"embedding cosine similarity to the dense model {report[metric]:.4f}")
-    depth = report.get("depth")
+    depth, width = report.get("depth"), report.get("hidden")
     layers = "" if depth is None else (f"layers {depth['layers_before']} -> {depth['layers_after']} (dropped "
                                        f"{depth['dropped']}), ")
+    layers += "" if width is None else f"hidden size {width['hidden_before']} -> {width['hidden_after']}, "
     before, after = report["before"], report["after"]
     print(f"{report['method']} ({'+'.join(args.prune)}): {layers}params {before['params']:,} -> "
           f"{after['params']:,} ({report['params_ratio']:.1%}), MACs at {args.max_length} tokens "
@@ -110,27 +121,39 @@ def load_text_model(args, device) -> tuple:
     return model, tokenizer, calib_text, calib, test, example
 
 
+#: calibration sentences the width pruning reads (its importance and refit: two passes)
+HIDDEN_SENTENCES = 512
+
+
 def _prune(args, model, calib, example, budget, method_options: dict) -> tuple:
-    """Layers first (``--prune layers``: block influence on the calibration sentences), then heads and FFN neurons
-    of what is left (when --prune names them); the pruned model and the report's part about it."""
-    depth = None
-    working = model
+    """Layers first (``--prune layers``: block influence on the calibration sentences), then the residual stream's
+    width (``--prune hidden``), then heads and FFN neurons of what is left (when --prune names them); the pruned
+    model and the report's part about it."""
+    stages, working = {}, model
     if "layers" in args.prune:
-        depth = prune_depth(model, calib, args.layers_keep, progress=not args.no_progress)
-        working = depth.model
+        stages["depth"] = prune_depth(working, calib, args.layers_keep, progress=not args.no_progress)
+        working = stages["depth"].model
+    if "hidden" in args.prune:
+        sentences = args.calib_samples or HIDDEN_SENTENCES
+        stages["hidden"] = prune_hidden(working, first_batches(calib, sentences), args.hidden_keep,
+                                        refit=args.refit, progress=not args.no_progress)
+        working = stages["hidden"].model
+    before = measure.count(model, example)
+    reports = {name: stage.to_dict() for name, stage in stages.items()}
+    seconds = sum(stage.seconds for stage in stages.values())
     if not any(part in PARTS for part in args.prune):
-        before, after = measure.count(model, example), measure.count(working, example)
-        return working, {"method": "block influence", "before": before, "after": after, "seconds": depth.seconds,
+        after = measure.count(working, example)
+        method = " + ".join({"depth": "block influence", "hidden": "stream energy"}[name] for name in stages)
+        return working, {"method": method, "before": before, "after": after, "seconds": seconds,
                          "params_ratio": after["params"] / before["params"],
-                         "macs_ratio": after["macs"] / before["macs"], "depth": depth.to_dict()}
+                         "macs_ratio": after["macs"] / before["macs"], **reports}
     ignored = [n for part in PARTS if part not in args.prune for n in hf.part_names(working, part)]
     result = prune(working, calib, args.method, budget, example, **options.recovery(args), round_to=args.round_to,
                    calib_samples=args.calib_samples, ignored_layers=ignored + list(args.ignore), seed=args.seed,
                    stream=args.stream, progress=not args.no_progress, **method_options)
     summary = {**result.to_dict(), "calibration_sentences": result.calib_samples}
-    if depth is not None:
-        before = measure.count(model, example)
-        summary.update(before=before, seconds=result.seconds + depth.seconds, depth=depth.to_dict(),
+    if stages:
+        summary.update(before=before, seconds=result.seconds + seconds, **reports,
                        params_ratio=result.after["params"] / before["params"],
                        macs_ratio=result.after["macs"] / before["macs"])
     return result.model, summary
