@@ -11,7 +11,7 @@ from torch import nn
 
 import structprune
 from conftest import calibration, make_zoo_model
-from structprune import allocate, measure
+from structprune import allocate, measure, widths
 
 
 class _StubSizer:
@@ -38,10 +38,10 @@ def test_greedy_search_finds_the_least_error_allocation_of_convex_curves():
             curves[name] = {w: scale * (channels - w) ** 2 for w in range(1, channels + 1)}
         sizer = _StubSizer(groups, costs)
         target = allocate.Target(float(torch.rand(1, generator=gen)) * 0.6 + 0.3)
-        keeps = allocate._narrow(target, sizer, curves)
+        keeps = widths._narrow(target, sizer, curves)
         fraction = sizer.fraction(keeps, "flops")
         assert fraction <= target.fraction
-        grown = allocate._search_error(target, sizer, curves)  # then widened within the tolerance, never worse
+        grown = widths._search_error(target, sizer, curves)  # then widened within the tolerance, never worse
         assert fraction <= sizer.fraction(grown, "flops") <= target.fraction * (1 + target.tolerance)
         assert sum(curves[n][grown[n]] for n in groups) <= sum(curves[n][keeps[n]] for n in groups)
         # the best allocation at a size no larger than the greedy one's, exhaustively
@@ -151,10 +151,10 @@ def test_info_shows_and_plots_the_widths_a_pruning_chose(tmp_path, capsys):
 def test_measured_widths_measures_the_network_at_that_many_widths_and_follows_the_refit_between(monkeypatch):
     """Target(measured_widths=N): N network evaluations per group, equal to the full curve's at those widths; the
     other widths scaled from the consumers' least-squares error by the measured ratio, log-linearly between."""
-    from structprune import pipeline
+    from structprune import error_allocation
 
     calls, seen = [], []
-    network = pipeline._network_error
+    network = error_allocation._network_error
     search = allocate._search_error
 
     def count(run, name, *args):
@@ -165,7 +165,7 @@ def test_measured_widths_measures_the_network_at_that_many_widths_and_follows_th
         seen.append(curves)
         return search(budget, sizer, curves)
 
-    monkeypatch.setattr(pipeline, "_network_error", count)
+    monkeypatch.setattr(error_allocation, "_network_error", count)
     monkeypatch.setattr(allocate, "_search_error", spy)
     model, calib = _two_convs(), calibration((3, 8, 8), samples=64, batch=32)
     structprune.prune(model, calib, "ispasp", structprune.Target(0.5, allocation="error"), progress=False)
@@ -175,7 +175,7 @@ def test_measured_widths_measures_the_network_at_that_many_widths_and_follows_th
     structprune.prune(model, calib, "ispasp", budget, progress=False)
     assert calls.count("0") == 3 and calls.count("2") == 3
     full, anchored = seen
-    anchors = pipeline._anchors(list(range(1, 16)), 3)
+    anchors = error_allocation._anchors(list(range(1, 16)), 3)
     assert anchors == [4, 8, 11]  # evenly inside 1..15
     for width in anchors:
         assert anchored["0"][width] == pytest.approx(full["0"][width], rel=1e-6)
@@ -183,8 +183,9 @@ def test_measured_widths_measures_the_network_at_that_many_widths_and_follows_th
     assert all(anchored["0"][w] > 0 for w in range(1, 16))
     # the interpolation itself: geometric between two anchors, the nearest one's ratio outside
     network, local = {4: 8.0, 12: 0.5}, {4: 2.0, 8: 1.0, 12: 1.0, 2: 4.0, 14: 0.2}
-    assert pipeline._scale_at(8, network, local) == pytest.approx((4.0 * 0.5) ** 0.5)
-    assert pipeline._scale_at(2, network, local) == 4.0 and pipeline._scale_at(14, network, local) == 0.5
+    assert error_allocation._scale_at(8, network, local) == pytest.approx((4.0 * 0.5) ** 0.5)
+    assert error_allocation._scale_at(2, network, local) == 4.0
+    assert error_allocation._scale_at(14, network, local) == 0.5
     with pytest.raises(structprune.StructPruneError, match="measured_widths goes with"):
         structprune.Target(0.5, measured_widths=4)
     with pytest.raises(structprune.StructPruneError, match="positive integer"):
@@ -197,10 +198,10 @@ def test_candidate_widths_are_about_sixteen_multiples_of_the_groups_multiple():
             return round_to.get(name) if isinstance(round_to, dict) else round_to
 
     sizer = Sizer({"ffn": 1536, "narrow": 16, "odd": 100}, {"ffn": 1.0, "narrow": 1.0, "odd": 1.0})
-    widths = allocate.error_widths(sizer, {"ffn": 16, "narrow": None, "odd": None})
-    assert widths["ffn"] == list(range(96, 1537, 96))  # 16 steps of 6 multiples, not 96 steps of one
-    assert widths["narrow"] == list(range(1, 17)) and widths["odd"] == [*range(6, 100, 6), 100]
-    assert allocate.error_widths(sizer, None)["ffn"] == list(range(96, 1537, 96))
+    candidates = widths.error_widths(sizer, {"ffn": 16, "narrow": None, "odd": None})
+    assert candidates["ffn"] == list(range(96, 1537, 96))  # 16 steps of 6 multiples, not 96 steps of one
+    assert candidates["narrow"] == list(range(1, 17)) and candidates["odd"] == [*range(6, 100, 6), 100]
+    assert widths.error_widths(sizer, None)["ffn"] == list(range(96, 1537, 96))
 
 
 def test_the_candidate_allocations_are_checked_end_to_end_and_the_best_one_kept():

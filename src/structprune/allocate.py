@@ -46,6 +46,7 @@ from .errors import StructPruneError
 from .graph import PruningGraph, build_graph
 from .measure import count, latency_ratio, latency_stats, repeat_batch
 from .sizing import AnalyticSizes, analytic_sizes
+from .widths import _closest, _round_up, _scaled, _search_error, error_widths, keep_count, predicted
 
 METRICS = {"flops": "macs", "params": "params", "latency": "latency_ms"}
 #: pairs of blocks (candidate, dense; :func:`structprune.measure.latency_ratio`) per candidate of a latency search:
@@ -200,16 +201,6 @@ def resolve_round_to(round_to, device, budget=None) -> int | None:
     if round_to is not None and (not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1):
         raise StructPruneError(f"round_to must be a positive integer, 'auto' or None, got {round_to!r}")
     return round_to
-
-
-def keep_count(channels: int, ratio: float, round_to: int | None = None) -> int:
-    """⌈ratio·channels⌉, rounded up to a multiple of ``round_to``, within [1, channels]."""
-    keep = max(1, math.ceil(ratio * channels - 1e-9))
-    return min(channels, _round_up(keep, round_to))
-
-
-def _round_up(keep: int, round_to: int | None) -> int:
-    return keep if not round_to else round_to * math.ceil(keep / round_to)
 
 
 def _check_ratio(value, what: str) -> None:
@@ -425,101 +416,6 @@ def plan(budget: Budget, sizer: Sizer, round_to: int | str | None = None,
     return Allocation(keeps, info)
 
 
-def predicted(curves: dict[str, dict[int, float]], keeps: dict[str, int]) -> dict:
-    """The error curves' values at ``keeps`` (the groups whose width is on their curve) and their sum (None unless
-    every group's is)."""
-    errors = {name: curves[name][keep] for name, keep in keeps.items() if keep in curves.get(name, {})}
-    return {"predicted_error": errors,
-            "predicted_error_total": sum(errors.values()) if len(errors) == len(keeps) else None}
-
-
-def _scaled(base: dict[str, float], budget: Target, sizer: Sizer,
-            round_to: int | dict[str, int | None] | None) -> dict[str, int]:
-    """``base`` (keep counts, not necessarily whole) times the one factor that brings the size closest to the target,
-    whole and in each group's multiple."""
-    groups = sizer.groups
-
-    def keeps_at(factor: float) -> dict[str, int]:
-        return {name: keep_count(c, min(1.0, factor * base[name] / c), sizer.multiple(name, round_to))
-                for name, c in groups.items()}
-
-    low, high = 0.0, max(c / max(base[name], 1e-9) for name, c in groups.items())
-    for _ in range(40):  # the size grows with the factor: bisect for the largest factor at or below the target
-        mid = (low + high) / 2
-        if sizer.fraction(keeps_at(mid), budget.metric) <= budget.fraction:
-            low = mid
-        else:
-            high = mid
-    return _closest([keeps_at(low), keeps_at(high)], budget, sizer)
-
-
-#: candidate widths per group for the error allocation: about this many steps from one channel to all
-ERROR_STEPS = 16
-
-
-def error_widths(sizer: Sizer, round_to: int | dict[str, int | None] | None) -> dict[str, list[int]]:
-    """The candidate keep counts of every group: about :data:`ERROR_STEPS` of them, multiples of a step of about
-    1/16 of its channels (itself a multiple of the group's ``round_to`` multiple), and all of its channels."""
-    widths = {}
-    for name, channels in sizer.groups.items():
-        multiple = sizer.multiple(name, round_to) or 1
-        step = multiple * max(1, round(channels / ERROR_STEPS / multiple))
-        widths[name] = sorted({*range(step, channels, step), channels})
-    return widths
-
-
-def _search_error(budget: Target, sizer: Sizer, curves: dict[str, dict[int, float]]) -> dict[str, int]:
-    """The allocation of least summed error (errors of the same network output: comparable across groups) whose size
-    meets the target: :func:`_narrow` to it, then :func:`_grow_back` within the tolerance."""
-    return _grow_back(_narrow(budget, sizer, curves), budget, sizer, curves)
-
-
-def _narrow(budget: Target, sizer: Sizer, curves: dict[str, dict[int, float]]) -> dict[str, int]:
-    """From every group whole, narrow one group a step at a time, always the one whose next candidate width adds
-    the least error per unit of the target's metric it removes, until the size is at or below the target (with
-    costs that add up and convex curves, each allocation on the way is the least error at its size)."""
-    keeps = {name: channels for name, channels in sizer.groups.items()}
-    current = sizer.fraction(keeps, budget.metric)
-    while current > budget.fraction:
-        best = None
-        for name, curve in curves.items():
-            narrower = [w for w in curve if w < keeps[name]]
-            if not narrower:
-                continue
-            width = max(narrower)
-            trial = {**keeps, name: width}
-            fraction = sizer.fraction(trial, budget.metric)
-            saved = current - fraction
-            if saved <= 0:
-                continue
-            cost = (curve[width] - curve[keeps[name]]) / saved
-            if best is None or cost < best[0]:
-                best = (cost, trial, fraction)
-        if best is None:
-            break
-        _, keeps, current = best
-    return keeps
-
-
-def _grow_back(keeps: dict[str, int], budget: Target, sizer: Sizer, curves: dict[str, dict[int, float]]):
-    """The last step of the search may land below the target by more than one group's step: widen, one step at a
-    time, the group whose next width removes the most error while the size stays within the tolerance."""
-    ceiling = budget.fraction * (1 + budget.tolerance)
-    while True:
-        best = None
-        for name, curve in curves.items():
-            wider = [w for w in curve if w > keeps[name]]
-            if not wider:
-                continue
-            trial = {**keeps, name: min(wider)}
-            gain = curve[keeps[name]] - curve[min(wider)]
-            if sizer.fraction(trial, budget.metric) <= ceiling and (best is None or gain > best[0]):
-                best = (gain, trial)
-        if best is None:
-            return keeps
-        keeps = best[1]
-
-
 def _per_layer(budget: PerLayer, sizer: Sizer, round_to: int | None) -> dict[str, int]:
     names = sizer.layer_names
     used = set()
@@ -537,10 +433,6 @@ def _per_layer(budget: PerLayer, sizer: Sizer, round_to: int | None) -> dict[str
         raise StructPruneError(f"per-layer budget: {', '.join(map(repr, unused))} matches no prunable group; "
                                f"the groups are: {', '.join(sizer.groups)}")
     return keeps
-
-
-def _closest(candidates: list[dict[str, int]], budget: Target, sizer: Sizer) -> dict[str, int]:
-    return min(candidates, key=lambda k: abs(sizer.fraction(k, budget.metric) - budget.fraction))
 
 
 def _within(keeps: dict[str, int], budget: Target, sizer: Sizer) -> bool:

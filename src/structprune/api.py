@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from torch import nn
 
-from . import allocate, pipeline
+from . import allocate, error_allocation, pipeline
 from .capture import DEFAULT_MEMORY_BYTES
 from .errors import StructPruneError
 from .methods.base import Method
@@ -99,12 +99,13 @@ def _prune(model, calib_loader, method, budget, example_inputs, options: Options
     """The stages in order: set up → allocate → each group (capture → select → refit → apply) → recover → report;
     for the error allocation, each group and the recovery once per candidate allocation, the best one reported."""
     run = pipeline.set_up(model, calib_loader, method, budget, example_inputs, options, method_kwargs)
+    run.curves = error_allocation.curves
     allocation = pipeline.allocate(run)
     candidates = allocation.candidates or {"": allocation.keeps}  # the error allocation's: checked end to end
     best = None
     for i, (name, keeps) in enumerate(candidates.items()):
         if i:
-            pipeline.restart(run)
+            error_allocation.restart(run)
         bar = progress_bar(total=len(run.graph), desc=f"pruning ({run.method.name}{', ' + name if name else ''})",
                            unit="groups", enabled=options.progress)
         for group in run.graph.groups():
@@ -114,7 +115,8 @@ def _prune(model, calib_loader, method, budget, example_inputs, options: Options
         bar.close()
         recovery = pipeline.recover(run)
         if len(candidates) > 1:
-            best = pipeline.keep_best(run, allocation, name, recovery, best)
+            best = error_allocation.keep_best(run, allocation, name, recovery, best)
     if best is not None:
-        recovery = pipeline.restore(run, allocation, best)
+        recovery = error_allocation.restore(run, allocation, best)
+    error_allocation.measure(run, allocation)
     return pipeline.report(run, allocation, recovery)
