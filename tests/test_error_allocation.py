@@ -212,14 +212,14 @@ def test_the_candidate_allocations_are_checked_end_to_end_and_the_best_one_kept(
     candidates = result.budget["candidates"]
     assert set(candidates) == {"error", "uniform", "blend"}
     chosen = result.budget["chosen"]
-    assert candidates[chosen]["validation_error"] == min(c["validation_error"] for c in candidates.values())
+    eligible = [c for name, c in candidates.items() if c["within_target"] or name == "error"]
+    assert candidates[chosen]["validation_error"] == min(c["validation_error"] for c in eligible)
+    assert all(c["within_target"] == (abs(c["achieved"] - 0.4) <= 0.004) for c in candidates.values())
     held_out = calib[2][0]  # the probe reads the first 256 samples
     with torch.no_grad():
         dense, pruned = model(held_out), result.model(held_out)
     assert candidates[chosen]["validation_error"] == pytest.approx(
         float((pruned - dense).square().sum() / dense.square().sum()), rel=1e-4)
-    for candidate in candidates.values():  # each meets the target
-        assert abs(candidate["achieved"] - 0.4) <= 0.4 * 0.01 or candidate is candidates["uniform"]
     kept = {layer["group"]: layer["kept"] for layer in result.layers}
     assert kept == candidates[chosen]["keeps"] and candidates["uniform"]["keeps"] == result.budget["uniform_keeps"]
     # a callback between groups runs once per group: the error allocation's own widths, no candidates

@@ -152,16 +152,20 @@ class Candidate:
 def keep_best(run: Run, allocation: budgets.Allocation, name: str, recovery: Recovery,
               best: Candidate | None) -> Candidate:
     """The run's model, pruned with candidate ``name``, measured against the dense model on the validation samples
-    (the report's ``budget["candidates"]``); the better of it and ``best``."""
+    (the report's ``budget["candidates"]``); the better of it and ``best``. A candidate whose size misses the target
+    by more than its tolerance (one ratio, or a blend, in whole channels and multiples) is measured but not taken,
+    unless it is the first (the curves' own)."""
     if run.validation is None:
         batches = [inputs for inputs, _ in first_batches(run.calib, PROBE_SAMPLES + VALIDATION_SAMPLES)]
         held_out = batches[len(run.probe[0]):] if run.probe is not None else []
         run.validation = _outputs(run, held_out) if held_out else run.probe
     error = output_error(run.pruned, run.validation)
+    budget = run.budget
+    achieved = run.sizer.fraction(allocation.candidates[name], budget.metric)
+    within = abs(achieved - budget.fraction) <= budget.tolerance * budget.fraction
     allocation.info.setdefault("candidates", {})[name] = {
-        "validation_error": error, "achieved": run.sizer.fraction(allocation.candidates[name], run.budget.metric),
-        "keeps": allocation.candidates[name]}
-    if best is not None and best.error <= error:
+        "validation_error": error, "achieved": achieved, "within_target": within, "keeps": allocation.candidates[name]}
+    if best is not None and (best.error <= error or not within):
         return best
     return Candidate(name, error, recovery, run.pruned, run.graph, run.sizer, run.layers)
 
