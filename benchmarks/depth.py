@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import json
 from pathlib import Path
 
-import torch
-from distill import DECODER, _train_lm, byte_batch
+from distill import byte_batch, trained_decoder
 from results_io import write_table
 
 import structprune
@@ -29,17 +27,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def decoder():
-    import transformers
-
-    cache = HERE.parent / "runs" / "distill" / "decoder"
     train_text, held_out = text.split(text.read(), seed=0)
-    if not (cache / "config.json").exists():
-        torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER))
-        seconds = _train_lm(model, train_text, 2, lr=1e-3)
-        model.eval().save_pretrained(cache)
-        (cache / "training.json").write_text(json.dumps({"epochs": 2, "lr": 1e-3, "seconds": seconds}))
-    return transformers.LlamaForCausalLM.from_pretrained(cache).eval(), train_text, held_out
+    return trained_decoder(train_text)[0], train_text, held_out
 
 
 def main() -> None:
