@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 from fmnist import _tp_version, torch_pruning
-from results_io import pyplot, read_results, write_results
+from results_io import pyplot, read_results, save_figure, write_results
 from torch.utils.data import DataLoader, TensorDataset
 
 import structprune
@@ -388,9 +388,7 @@ def plot(payload: dict, path: Path) -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

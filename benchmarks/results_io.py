@@ -58,3 +58,13 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path, dpi: int = 110) -> None:
+    """Lay ``fig`` out, write it to ``path`` and close it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    fig.clf()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

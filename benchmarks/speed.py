@@ -41,7 +41,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from results_io import pyplot, write_results
+from results_io import pyplot, save_figure, write_results
 
 import structprune
 from structprune.batches import run_forward, take_samples
@@ -280,9 +280,7 @@ def plot_time(rows: list[dict], path: Path, where: str = "CPU") -> None:
     ax.set_title(f"Pruning time, {CALIB_SAMPLES:,} calibration samples ({where})")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_latency(rows: list[dict], path: Path, where: str = "CPU") -> None:
@@ -303,9 +301,7 @@ def plot_latency(rows: list[dict], path: Path, where: str = "CPU") -> None:
     ax.set_ylabel(f"measured speed-up at batch 64 ({where})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
