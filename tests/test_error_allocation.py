@@ -215,6 +215,7 @@ def test_the_candidate_allocations_are_checked_end_to_end_and_the_best_one_kept(
     eligible = [c for name, c in candidates.items() if c["within_target"] or name == "error"]
     assert candidates[chosen]["validation_error"] == min(c["validation_error"] for c in eligible)
     assert all(c["within_target"] == (abs(c["achieved"] - 0.4) <= 0.004) for c in candidates.values())
+    assert candidates["blend"]["within_target"]  # scaled to the target, then grown group by group towards it
     held_out = calib[2][0]  # the probe reads the first 256 samples
     with torch.no_grad():
         dense, pruned = model(held_out), result.model(held_out)

@@ -46,7 +46,7 @@ from .errors import StructPruneError
 from .graph import PruningGraph, build_graph
 from .measure import count, latency_ratio, latency_stats, repeat_batch
 from .sizing import AnalyticSizes, analytic_sizes
-from .widths import _closest, _round_up, _scaled, _search_error, error_widths, keep_count, predicted
+from .widths import _round_up, _scaled, _search_error, error_widths, keep_count, predicted
 
 METRICS = {"flops": "macs", "params": "params", "latency": "latency_ms"}
 #: pairs of blocks (candidate, dense; :func:`structprune.measure.latency_ratio`) per candidate of a latency search:
@@ -411,7 +411,8 @@ def plan(budget: Budget, sizer: Sizer, round_to: int | str | None = None,
         uniform = _search_uniform(budget, sizer, final)
         info["uniform_keeps"] = uniform
         blend = {name: (keeps[name] + uniform[name]) / 2 for name in keeps}
-        candidates = {"error": keeps, "uniform": uniform, "blend": _scaled(blend, budget, sizer, final)}
+        blend = _refine(*_scaled(blend, budget, sizer, final), budget, sizer, final)  # the target, as near as it gets
+        candidates = {"error": keeps, "uniform": uniform, "blend": blend}
         return Allocation(keeps, info, candidates, measured["curves"])
     return Allocation(keeps, info)
 
@@ -433,6 +434,10 @@ def _per_layer(budget: PerLayer, sizer: Sizer, round_to: int | None) -> dict[str
         raise StructPruneError(f"per-layer budget: {', '.join(map(repr, unused))} matches no prunable group; "
                                f"the groups are: {', '.join(sizer.groups)}")
     return keeps
+
+
+def _closest(candidates: list[dict[str, int]], budget: Target, sizer: Sizer) -> dict[str, int]:
+    return min(candidates, key=lambda k: abs(sizer.fraction(k, budget.metric) - budget.fraction))
 
 
 def _within(keeps: dict[str, int], budget: Target, sizer: Sizer) -> bool:

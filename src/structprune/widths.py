@@ -19,10 +19,6 @@ def _round_up(keep: int, round_to: int | None) -> int:
     return keep if not round_to else round_to * math.ceil(keep / round_to)
 
 
-def _closest(candidates: list[dict[str, int]], budget, sizer) -> dict[str, int]:
-    return min(candidates, key=lambda k: abs(sizer.fraction(k, budget.metric) - budget.fraction))
-
-
 def predicted(curves: dict[str, dict[int, float]], keeps: dict[str, int]) -> dict:
     """The error curves' values at ``keeps`` (the groups whose width is on their curve) and their sum (None unless
     every group's is)."""
@@ -32,9 +28,9 @@ def predicted(curves: dict[str, dict[int, float]], keeps: dict[str, int]) -> dic
 
 
 def _scaled(base: dict[str, float], budget, sizer,
-            round_to: int | dict[str, int | None] | None) -> dict[str, int]:
-    """``base`` (keep counts, not necessarily whole) times the one factor that brings the size closest to the target,
-    whole and in each group's multiple."""
+            round_to: int | dict[str, int | None] | None) -> tuple[dict[str, int], dict[str, int]]:
+    """``base`` (keep counts, not necessarily whole) times one factor, whole and in each group's multiple: the
+    allocations at the largest factor whose size is at or below the target and at the next one above it."""
     groups = sizer.groups
 
     def keeps_at(factor: float) -> dict[str, int]:
@@ -48,7 +44,7 @@ def _scaled(base: dict[str, float], budget, sizer,
             low = mid
         else:
             high = mid
-    return _closest([keeps_at(low), keeps_at(high)], budget, sizer)
+    return keeps_at(low), keeps_at(high)
 
 
 #: candidate widths per group for the error allocation: about this many steps from one channel to all
