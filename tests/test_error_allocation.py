@@ -273,3 +273,10 @@ def test_heads_and_ffn_neurons_share_one_search_and_the_result_reloads(tmp_path,
     back = hf.load_pretrained(tmp_path / "pruned")
     with torch.no_grad():
         assert torch.equal(back(**batches[0]).last_hidden_state, result.model(**batches[0]).last_hidden_state)
+
+
+def test_a_data_free_selection_without_recovery_still_reads_the_calibration_data_for_the_curves():
+    model, calib = _two_convs(), calibration((3, 8, 8), samples=64, batch=32)
+    result = structprune.prune(model, calib, "magnitude", structprune.Target(0.5, allocation="error"), refit=False,
+                               recalibrate=False, progress=False)
+    assert result.budget["allocation"] == "error" and result.budget["predicted_error"]

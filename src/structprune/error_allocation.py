@@ -129,16 +129,13 @@ def _network_error(run: Run, name: str, selection: Selection, probe: list, dense
                    for inputs, out in zip(probe, dense, strict=True))
 
 
-
-
-
 #: samples the candidate allocations are compared on (those after the probe's, where the calibration set has them)
 VALIDATION_SAMPLES = 256
 
 
 @dataclass
 class Candidate:
-    """One candidate allocation pruned and recovered: what :func:`report` needs of it."""
+    """One candidate allocation pruned and recovered: what :func:`structprune.pipeline.report` needs of it."""
 
     name: str
     error: float
@@ -188,7 +185,6 @@ def restore(run: Run, allocation: budgets.Allocation, best: Candidate) -> Recove
                            relative_error=abs(achieved - run.budget.fraction) / run.budget.fraction,
                            **predicted(allocation.curves, allocation.keeps))
     return best.recovery
-
 
 
 def measure(run: Run, allocation: budgets.Allocation) -> None:

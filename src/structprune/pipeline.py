@@ -172,7 +172,8 @@ def set_up(model: nn.Module, calib_loader, method: str | Method, budget, example
     recovering = options.refit or options.recalibrate
     recovery_samples = options.recovery_samples or (
         max(calib_samples, RECOVERY_SAMPLES) if recovering else calib_samples)
-    reads_data = (recovering or method.needs.activations or getattr(budget, "allocation", "uniform") == "pfp")
+    reads_data = (recovering or method.needs.activations
+                  or getattr(budget, "allocation", "uniform") in ("pfp", "error"))
     if reads_data:
         calib.read(max(calib_samples, recovery_samples))
         if method.needs.labels and not calib.labelled:
