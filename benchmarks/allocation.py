@@ -10,9 +10,10 @@ test images; seconds to prune (curves and candidates included). ``--models minil
 neurons, embedding cosine × 100 in the accuracy column (:func:`minilm`); ``--models decoder``: the byte-level decoder
 of distill.py, key/value groups and FFN neurons, minus the held-out perplexity there (:func:`decoder`).
 
-``error:N`` is the error allocation with ``Target(measured_widths=N)``: the network's error measured at N widths per
-group, the refit's least-squares error in between. Rows of other models, methods, targets or allocations already in
-``--out-dir``'s allocation.json are kept (a run adds or replaces its own).
+``uniform@all``: one ratio with ``scope="all"`` (every group, residual streams included) instead of the default
+"auto". ``error:N`` is the error allocation with ``Target(measured_widths=N)``: the network's error measured at N
+widths per group, the refit's least-squares error in between. Rows of other models, methods, targets or
+allocations already in ``--out-dir``'s allocation.json are kept (a run adds or replaces its own).
 
     cd benchmarks && ../.venv/bin/python allocation.py --out-dir results --methods ispasp,pfp,magnitude
     cd benchmarks && ../.venv/bin/python allocation.py --out-dir results --models resnet56 --allocations uniform,error:2
@@ -48,7 +49,8 @@ def main() -> None:
                         help="fractions of the dense MACs kept (minilm: of the FFN neurons; the error allocation at "
                              "the MACs that leaves)")
     parser.add_argument("--allocations", default="uniform,error",
-                        help="comma-separated: uniform, error, error:N (N measured widths per group)")
+                        help="comma-separated: uniform, error, error:N (N measured widths per group); @SCOPE after "
+                             "one (uniform@all) prunes with that scope")
     parser.add_argument("--test-limit", type=int, default=None, help="test images (default: all 10,000)")
     args = parser.parse_args()
     earlier = (read_results(args.out_dir, "allocation") or {}).get("rows", []) if args.out_dir else []
@@ -61,16 +63,18 @@ def main() -> None:
             for target in (float(t) for t in args.targets.split(",")):
                 uniform_macs = None
                 for allocation in args.allocations.split(","):
-                    kind, _, measured = allocation.partition(":")
+                    spec, _, scope = allocation.partition("@")
+                    kind, _, measured = spec.partition(":")
                     start = time.perf_counter()
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         budget = case["budget"](target, kind, int(measured) if measured else None, uniform_macs)
                         result = structprune.prune(case["dense"], case["calib"], method, budget, case["example"],
-                                                   progress=False, **case["options"](kind))
+                                                   progress=False, **case["options"](kind),
+                                                   **({"scope": scope} if scope else {}))
                     seconds = time.perf_counter() - start
                     macs = result.after["macs"] / result.before["macs"]
-                    uniform_macs = macs if kind == "uniform" else uniform_macs
+                    uniform_macs = macs if allocation == "uniform" else uniform_macs
                     rows.append({"model": name, "dense_accuracy": dense_score, "method": method, "target": target,
                                  "allocation": allocation, "scope": result.scope, "macs_ratio": macs,
                                  "accuracy": case["evaluate"](result.model), "seconds": seconds,
