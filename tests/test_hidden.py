@@ -96,10 +96,11 @@ def test_the_refit_solves_each_readers_least_squares_on_the_pruned_norms_output(
     real = batches[0]["attention_mask"].bool()
     h = seen["h"][real].double()[:, kept]
     norm = layer.input_layernorm
-    x = norm.weight.double()[kept] * h / torch.sqrt(h.square().mean(1, keepdim=True) + norm.variance_epsilon)
-    y = (seen["y"][real].double() @ layer.self_attn.q_proj.weight.double().T)
-    solution = torch.linalg.lstsq(x, y).solution.T
-    fitted = result.model.model.layers[0].self_attn.q_proj.weight.double()
+    with torch.no_grad():
+        x = norm.weight.double()[kept] * h / torch.sqrt(h.square().mean(1, keepdim=True) + norm.variance_epsilon)
+        y = (seen["y"][real].double() @ layer.self_attn.q_proj.weight.double().T)
+        solution = torch.linalg.lstsq(x, y).solution.T
+        fitted = result.model.model.layers[0].self_attn.q_proj.weight.double()
     assert result.refit["model.layers.0.self_attn.q_proj"]["applied"]
     assert torch.allclose(fitted, solution, rtol=0, atol=2e-3 * float(solution.abs().max()))
     unfitted = prune_hidden(model, batches, 20, refit=False, progress=False).model
@@ -127,7 +128,7 @@ def test_what_is_not_a_causal_lm_or_a_bad_count_is_refused():
 
     with pytest.raises(structprune.StructPruneError, match="no LM head"):
         prune_hidden(tiny_bert(), [{"input_ids": torch.ones(1, 4, dtype=torch.long)}], 16, progress=False)
-    for keep in (0, 33, 1.5, True):
+    for keep in (0, 33, 1.5, True, "0.75", None):
         with pytest.raises(structprune.StructPruneError, match="keep must be"):
             prune_hidden(_llama(), _batches(), keep, progress=False)
 

@@ -109,8 +109,9 @@ def prune_hidden(model: nn.Module, calib: Iterable, keep: int | float, refit: bo
     chosen and refitted on the calibration batches (dicts of ``input_ids`` and ``attention_mask``)."""
     start = time.perf_counter()
     stream = stream_of(model)
-    count = keep if isinstance(keep, int) else round(keep * stream.width)
-    if isinstance(keep, bool) or not (isinstance(keep, int) or 0 < keep < 1) or not 1 <= count <= stream.width:
+    number = isinstance(keep, (int, float)) and not isinstance(keep, bool)
+    count = (keep if isinstance(keep, int) else round(keep * stream.width)) if number else 0
+    if not number or not (isinstance(keep, int) or 0 < keep < 1) or not 1 <= count <= stream.width:
         raise StructPruneError(f"hidden: keep must be a channel count in [1, {stream.width}] or a fraction in "
                                f"(0, 1), got {keep!r}")
     batches = list(calib)
