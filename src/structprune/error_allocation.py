@@ -43,7 +43,6 @@ def curves(run: Run, widths: dict[str, list[int]]) -> dict[str, dict[int, float]
     groups = [g for g in run.graph.all_groups() if g.name in widths]
     if run.probe is None:
         run.probe = _outputs(run, [inputs for inputs, _ in first_batches(run.calib, PROBE_SAMPLES)])
-    probe, dense, energy = run.probe
     measured = getattr(run.budget, "measured_widths", None)
     for group in bar(groups, desc="error curves", unit="group", enabled=run.options.progress):
         view = _capture(run, group)
@@ -53,7 +52,7 @@ def curves(run: Run, widths: dict[str, list[int]]) -> dict[str, dict[int, float]
                 selection = run.method.select(view.restrict(run.selection_samples), width)
                 selections[width] = refit_selection(view, selection) if run.options.refit else selection
         anchors = _anchors(sorted(selections), measured)
-        network = {w: _network_error(run, group.name, selections[w], probe, dense) / energy for w in anchors}
+        network = {w: _network_error(run, group.name, selections[w]) for w in anchors}
         local = {} if len(anchors) == len(selections) else {w: _local_error(view, s) for w, s in selections.items()}
         curves[group.name] = {w: 0.0 for w in widths[group.name] if w >= group.channels} | {
             w: network[w] if w in network else local[w] * _scale_at(w, network, local) for w in selections}
@@ -117,16 +116,14 @@ def _scale_at(width: int, network: dict[int, float], local: dict[int, float]) ->
     return ratios[low] ** (1 - t) * ratios[high] ** t
 
 
-def _network_error(run: Run, name: str, selection: Selection, probe: list, dense: list[Tensor]) -> float:
-    """Squared error of the network's output on ``probe`` (against ``dense``) with group ``name`` alone pruned as
+def _network_error(run: Run, name: str, selection: Selection) -> float:
+    """The network's output error on the probe (:func:`output_error`) with group ``name`` alone pruned as
     ``selection`` says (on a copy)."""
     trial = copy.deepcopy(run.pruned).eval()
     graph = build_graph(trial, run.example_inputs, [trial.get_submodule(n) for n in run.ignored_names], run.scope)
     group = next(g for g in graph.all_groups() if g.name == name)
     graph.apply(group, selection.keep_idx, selection.consumer_weights, selection.consumer_biases)
-    with torch.no_grad():
-        return sum(float((output_vector(trial, inputs) - out).square().sum())
-                   for inputs, out in zip(probe, dense, strict=True))
+    return output_error(trial, run.probe)
 
 
 #: samples the candidate allocations are compared on (those after the probe's, where the calibration set has them)
