@@ -61,6 +61,22 @@ def load(path, args):
     return model.eval()
 
 
+def recorded_report(path, args=None) -> dict:
+    """The report ``structprune prune`` (or distill) stored with a model: a checkpoint file's (read once per command,
+    :func:`read`; ``args`` for its --trust-checkpoint), a model directory's structprune.json; {} where there is
+    none."""
+    path = Path(path)
+    if path.is_dir():
+        try:
+            extra = json.loads((path / "structprune.json").read_text())
+        except (OSError, ValueError):
+            return {}
+    else:
+        extra = read(path, args).get("extra") or {}
+    report = extra.get("report") if isinstance(extra, dict) else None
+    return report if isinstance(report, dict) else {}
+
+
 def use_recorded_data(args, path) -> None:
     """Without --data, the data the checkpoint records (what it was trained or pruned on: the dataset, its folder,
     image size and normalisation) is this command's, each of those options the command line gives kept."""

@@ -6,7 +6,6 @@ token) and is judged by the cosine similarity of its sentence embeddings to the 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -89,10 +88,7 @@ def on_text(student, teacher, texts: list[str], tokenizer, max_length: int, args
 
 def _recorded_teacher(directory: Path) -> str:
     """The dense model directory a pruned one records (its structprune.json), or an error naming --teacher."""
-    try:
-        report = json.loads((directory / "structprune.json").read_text()).get("report") or {}
-    except (OSError, ValueError, AttributeError):
-        report = {}
+    report = common.recorded_report(directory)
     recorded = report.get("teacher") or report.get("hf_model")
     if report.get("command") not in ("prune", "distill") or not recorded:
         raise StructPruneError(f"{directory} records no model it was pruned from; give the dense model with "

@@ -3,7 +3,6 @@ whole and why; for a model structprune pruned, the widths its pruning chose per 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -33,8 +32,9 @@ def register(p) -> None:
 
 
 def run(args) -> int:
-    pruning = _pruning_report(args)
-    table = None if pruning is None else report.allocation_table(pruning)
+    source = args.checkpoint or args.hf_model
+    pruning = common.recorded_report(source, args) if source else {}
+    table = report.allocation_table(pruning)
     if args.plot is not None:  # refused before any work
         if table is None:
             raise StructPruneError("--plot: this model records no pruning report with per-group widths (a checkpoint "
@@ -62,22 +62,6 @@ def run(args) -> int:
         report.plot_allocation(pruning, args.plot, f"{title}: channels kept per group")
         print(f"plot -> {args.plot}")
     return 0
-
-
-def _pruning_report(args) -> dict | None:
-    """The report ``structprune prune`` stored with the model (a checkpoint's extra, a model directory's
-    structprune.json), or None."""
-    if args.checkpoint:
-        extra = checkpoint.read(args.checkpoint, args.trust_checkpoint).get("extra") or {}
-    elif args.hf_model and (Path(args.hf_model) / "structprune.json").is_file():
-        try:
-            extra = json.loads((Path(args.hf_model) / "structprune.json").read_text())
-        except (OSError, ValueError):
-            return None
-    else:
-        return None
-    found = extra.get("report") if isinstance(extra, dict) else None
-    return found if isinstance(found, dict) else None
 
 
 def _model(args):
