@@ -115,11 +115,7 @@ def plot_compare(rows: list[dict], path: str | os.PathLike, title: str, dense_ac
                  x: str = "macs_ratio", metric: str = "accuracy") -> Path:
     """``metric`` (accuracy, perplexity, ...) vs remaining MACs (or params) per method, pruned (solid), fine-tuned
     (dashed) and distilled (dotted)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
     methods: Sequence[str] = list(dict.fromkeys(r["method"] for r in rows))
     for i, method in enumerate(methods):
@@ -138,11 +134,7 @@ def plot_compare(rows: list[dict], path: str | os.PathLike, title: str, dense_ac
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return _save_png(plt, fig, path)
 
 
 def allocation_table(report: dict) -> str | None:
@@ -150,7 +142,7 @@ def allocation_table(report: dict) -> str | None:
     kept, the share kept and, for ``Target(allocation="error")``, the width one ratio for every group would have
     kept at the same target and the predicted error of each group's width (its network output error alone), with
     the predicted total (the groups' sum) against the measured one (all pruned together). None without layers."""
-    layers = [layer for layer in report.get("layers") or [] if "group" in layer]
+    layers = _groups(report)
     if not layers:
         return None
     budget = report.get("budget") or {}
@@ -185,12 +177,8 @@ def allocation_table(report: dict) -> str | None:
 def plot_allocation(report: dict, path: str | os.PathLike, title: str) -> Path:
     """Per-group keep ratios of a pruning report, shallow to deep: the chosen ones (bars) and, for the error
     allocation, the uniform allocation's at the same target (markers)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = [layer for layer in report.get("layers") or [] if "group" in layer]
+    plt = _pyplot()
+    layers = _groups(report)
     if not layers:
         raise ValueError("the report records no per-group widths")
     uniform = (report.get("budget") or {}).get("uniform_keeps") or {}
@@ -209,6 +197,25 @@ def plot_allocation(report: dict, path: str | os.PathLike, title: str) -> Path:
     ax.set_ylim(0, 1.05)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
+    return _save_png(plt, fig, path)
+
+
+def _groups(report: dict) -> list[dict]:
+    """A pruning report's per-group entries (its ``layers`` that name a group), shallow to deep."""
+    return [layer for layer in report.get("layers") or [] if "group" in layer]
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (files only; no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_png(plt, fig, path: str | os.PathLike) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120, format="png")
