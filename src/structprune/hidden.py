@@ -165,15 +165,7 @@ def _refit_equations(model: nn.Module, stream: Stream, batches: list, kept: Tens
                      ) -> dict[str, NormalEquations]:
     """Per reader, the least-squares system of its dense output (on the dense stream) from the pruned norm's output
     on the kept channels of the same stream: Σ [X' 1]ᵀ[X' 1], [X' 1]ᵀ·Y, Y², float64."""
-    sliced = {}
-    for norm in stream.norms:  # the norm as it will be: its weight (and bias) on the kept channels
-        small = copy.deepcopy(norm)
-        small.weight = nn.Parameter(norm.weight.detach()[kept].clone())
-        if getattr(small, "bias", None) is not None:
-            small.bias = nn.Parameter(norm.bias.detach()[kept].clone())
-        if isinstance(small, nn.LayerNorm):
-            small.normalized_shape = (len(kept),)
-        sliced[norm] = small
+    sliced = {norm: _keep_norm_channels(copy.deepcopy(norm), kept) for norm in stream.norms}  # as it will be
     readers = set(stream.readers)
     pruned_inputs: dict[tuple, Tensor] = {}  # a norm's output (its storage and shape) -> the pruned norm's output
     equations: dict[str, NormalEquations] = {}
@@ -241,7 +233,7 @@ def _slice(model: nn.Module, stream: Stream, kept: Tensor, fits: dict) -> dict[s
             embedding.weight = nn.Parameter(embedding.weight[:, kept].contiguous())
             embedding.embedding_dim = len(kept)
         for reader in stream.readers:  # a head tied to the embeddings shares its new weight
-            if id(reader.weight) in tied or reader.weight.shape[1] != len(kept):
+            if id(reader.weight) in tied:
                 source = next(e for e in stream.embeddings if e.weight.shape[0] == reader.out_features)
                 reader.weight = source.weight
                 reader.in_features = len(kept)
@@ -251,15 +243,22 @@ def _slice(model: nn.Module, stream: Stream, kept: Tensor, fits: dict) -> dict[s
                 writer.bias = nn.Parameter(writer.bias[kept].contiguous())
             writer.out_features = len(kept)
         for norm in stream.norms:
-            norm.weight = nn.Parameter(norm.weight[kept].contiguous())
-            if getattr(norm, "bias", None) is not None:
-                norm.bias = nn.Parameter(norm.bias[kept].contiguous())
-            if isinstance(norm, nn.LayerNorm):
-                norm.normalized_shape = (len(kept),)
+            _keep_norm_channels(norm, kept)
     model.config.hidden_size = len(kept)
     sync_config(model)
     _check_rebuilds(model)
     return report
+
+
+def _keep_norm_channels(norm: nn.Module, kept: Tensor) -> nn.Module:
+    """``norm`` (in place) normalising the ``kept`` channels only: its weight and bias sliced."""
+    with torch.no_grad():
+        norm.weight = nn.Parameter(norm.weight[kept].contiguous())
+        if getattr(norm, "bias", None) is not None:
+            norm.bias = nn.Parameter(norm.bias[kept].contiguous())
+    if isinstance(norm, nn.LayerNorm):
+        norm.normalized_shape = (len(kept),)
+    return norm
 
 
 def _check_rebuilds(model: nn.Module) -> None:
