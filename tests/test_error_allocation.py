@@ -188,8 +188,9 @@ def test_measured_widths_measures_the_network_at_that_many_widths_and_follows_th
     assert error_allocation._scale_at(14, network, local) == 0.5
     with pytest.raises(structprune.StructPruneError, match="measured_widths goes with"):
         structprune.Target(0.5, measured_widths=4)
-    with pytest.raises(structprune.StructPruneError, match="positive integer"):
-        structprune.Target(0.5, allocation="error", measured_widths=0)
+    for bad in (0, True, 2.0):
+        with pytest.raises(structprune.StructPruneError, match="measured_widths must be a positive integer"):
+            structprune.Target(0.5, allocation="error", measured_widths=bad)
 
 
 def test_candidate_widths_are_about_sixteen_multiples_of_the_groups_multiple():

@@ -155,3 +155,13 @@ def test_first_line_keeps_the_line_a_colon_announces():
     error = RuntimeError("Error(s) in loading state_dict for Net:\n\tsize mismatch for fc.weight: (2, 3) vs (4, 3).")
     assert first_line(error) == "Error(s) in loading state_dict for Net: size mismatch for fc.weight: (2, 3) vs (4, 3)."
     assert first_line(ValueError("one line\nsecond")) == "one line"
+
+
+def test_a_count_is_an_integer_not_a_bool():
+    """check_positive_int, shared by the counts of prune, Target and the methods, refuses True (an int to Python)."""
+    from structprune.errors import StructPruneError, check_positive_int
+
+    for bad in (True, 0, -1, 1.0, "3"):
+        with pytest.raises(StructPruneError, match="calib_samples must be a positive integer"):
+            check_positive_int(bad, "calib_samples")
+    check_positive_int(3, "calib_samples")

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .errors import StructPruneError
+from .errors import StructPruneError, check_positive_int
 from .graph import PruningGraph, build_graph
 from .measure import count, latency_ratio, latency_stats, repeat_batch
 from .sizing import AnalyticSizes, analytic_sizes
@@ -121,8 +121,7 @@ class Target:
     def __post_init__(self):
         if self.tolerance is None:
             object.__setattr__(self, "tolerance", LATENCY_TOLERANCE if self.metric == "latency" else 0.01)
-        if not isinstance(self.batch, int) or isinstance(self.batch, bool) or self.batch < 1:
-            raise StructPruneError(f"batch must be a positive integer, got {self.batch!r}")
+        check_positive_int(self.batch, "batch")
         _check_ratio(self.fraction, f"target {self.metric} fraction")
         if self.metric not in METRICS:
             raise StructPruneError(f"target metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
@@ -134,9 +133,7 @@ class Target:
         if self.measured_widths is not None:
             if self.allocation != "error":
                 raise StructPruneError("measured_widths goes with allocation='error'")
-            if not isinstance(self.measured_widths, int) or isinstance(self.measured_widths, bool) or \
-                    self.measured_widths < 1:
-                raise StructPruneError(f"measured_widths must be a positive integer, got {self.measured_widths!r}")
+            check_positive_int(self.measured_widths, "measured_widths")
         if not 0 < self.delta < 1:
             raise StructPruneError(f"delta must be in (0, 1), got {self.delta!r}")
         if not 0 < self.tolerance < 1:

@@ -11,8 +11,8 @@ class StructPruneError(ValueError):
 
 
 def check_positive_int(value, name: str) -> None:
-    """Raise :class:`StructPruneError` naming ``name`` unless ``value`` is an integer >= 1."""
-    if not isinstance(value, int) or value < 1:
+    """Raise :class:`StructPruneError` naming ``name`` unless ``value`` is an integer >= 1 (not a bool)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise StructPruneError(f"{name} must be a positive integer, got {value!r}")
 
 
