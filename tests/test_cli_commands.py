@@ -110,3 +110,13 @@ def test_model_options_without_model_are_refused_not_ignored(command, tmp_path, 
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--weights" in err and "--model SPEC" in err
     assert not any(Path(p).exists() for p in ("a.onnx", "cmp", "b.pt"))
+
+
+@pytest.mark.parametrize("command", ["prune", "compare"])
+def test_measured_widths_without_the_error_allocation_is_refused(command, tmp_path, capsys):
+    out = ["--out", str(tmp_path / "p.pt")] if command == "prune" else ["--out-dir", str(tmp_path / "c")]
+    code = main([command, str(tmp_path / "model.pt"), "--target-flops" if command == "prune" else "--targets", "0.5",
+                 "--measured-widths", "2", *out])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--measured-widths goes with --allocation error" in err
+    assert not any(tmp_path.iterdir())

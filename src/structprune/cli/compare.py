@@ -85,8 +85,7 @@ def run(args) -> int:
         if args.finetune_epochs:
             raise StructPruneError("--finetune-epochs: labelled fine-tuning is for classifiers; a Hugging Face model "
                                    "trains with --distill-steps N (on the calibration sentences, no labels)")
-    if args.measured_widths is not None and args.allocation != "error":
-        raise StructPruneError("--measured-widths goes with --allocation error")
+    options.measured_widths(args)
     for flag in ("finetune_epochs", "distill_steps"):
         if getattr(args, flag) < 0:
             raise StructPruneError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")

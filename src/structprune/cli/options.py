@@ -353,6 +353,13 @@ def add_measured_widths(g) -> None:
                         "least-squares error between them: about 16/N times faster (default: every width)")
 
 
+def measured_widths(args) -> int | None:
+    """--measured-widths, refused (before any work) without --allocation error."""
+    if args.measured_widths is not None and args.allocation != "error":
+        raise StructPruneError("--measured-widths goes with --allocation error")
+    return args.measured_widths
+
+
 def budget(args) -> Budget:
     targets = [(m, v) for m, v in (("flops", args.target_flops), ("params", args.target_params),
                                    ("latency", args.target_latency)) if v is not None]
@@ -363,10 +370,8 @@ def budget(args) -> Budget:
             raise StructPruneError("--ratio/--layer-ratio and --target-flops/--target-params/--target-latency "
                                    "exclude each other")
         metric, fraction = targets[0]
-        if args.measured_widths is not None and args.allocation != "error":
-            raise StructPruneError("--measured-widths goes with --allocation error")
         return Target(fraction, metric, args.allocation, delta=args.delta, batch=args.latency_batch,
-                      measured_widths=args.measured_widths)
+                      measured_widths=measured_widths(args))
     if args.allocation != "uniform":
         raise StructPruneError(f"--allocation {args.allocation} needs --target-flops, --target-params or "
                                f"--target-latency")

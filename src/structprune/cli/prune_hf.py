@@ -138,9 +138,9 @@ def _prune(args, model, calib, example, budget, method_options: dict) -> tuple:
         stages["hidden"] = prune_hidden(working, first_batches(calib, sentences), args.hidden_keep,
                                         refit=args.refit, progress=not args.no_progress)
         working = stages["hidden"].model
-    before = measure.count(model, example)
     reports = {name: stage.to_dict() for name, stage in stages.items()}
     seconds = sum(stage.seconds for stage in stages.values())
+    before = measure.count(model, example) if stages else None  # else prune's own report counts it
     if not any(part in PARTS for part in args.prune):
         after = measure.count(working, example)
         method = " + ".join({"depth": "block influence", "hidden": "stream energy"}[name] for name in stages)
