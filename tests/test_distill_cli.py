@@ -314,3 +314,6 @@ def test_compare_on_a_causal_lm_directory_reports_held_out_perplexity(text_model
     assert main(["compare", "--hf-model", str(root / "llama"), "--finetune-epochs", "1", "--out-dir",
                  str(tmp_path / "no"), *text_args]) == 2
     assert "--distill-steps" in capsys.readouterr().err and not (tmp_path / "no" / "compare.json").exists()
+    assert main(["compare", str(tmp_path / "pruned.json"), "--hf-model", str(root / "llama"), "--out-dir",
+                 str(tmp_path / "no"), *text_args]) == 2
+    assert "give either a checkpoint, --model SPEC or --hf-model DIR" in capsys.readouterr().err

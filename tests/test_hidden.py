@@ -152,3 +152,5 @@ def test_prune_hf_model_prunes_the_width_then_heads_and_ffn(tmp_path, capsys):
     assert back.config.hidden_size == 24 and back.model.layers[0].mlp.up_proj.weight.shape == (32, 24)
     assert main([*argv, "--hidden-keep", "24", "--out", str(tmp_path / "no")]) == 2
     assert "--hidden-keep goes with --prune hidden" in capsys.readouterr().err
+    assert main([*argv, "--prune", "hidden", "--out", str(tmp_path / "no")]) == 2
+    assert "--prune hidden needs --hidden-keep N" in capsys.readouterr().err and not (tmp_path / "no").exists()
