@@ -15,6 +15,7 @@ save and load.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -22,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -152,20 +154,33 @@ def load_pretrained(path: str | os.PathLike, model_class=None, *, trust_checkpoi
         if not (isinstance(model_class, type) and (issubclass(model_class, transformers.PreTrainedModel)
                                                    or model_class is transformers.AutoModel)):
             raise StructPruneError(f"{path}: transformers has no model class {names[0]!r}; pass model_class")
-    state = _read_weights(path, trust_checkpoint)  # read here, never by transformers' own (pickle) loader
-    if hasattr(model_class, "_from_config"):
-        model = model_class._from_config(config, **({} if dtype is None else {"dtype": dtype}))
-    else:
-        model = model_class(config)
-        if dtype is not None:
-            model.to(dtype)
-    if sizes:
-        resize(model, sizes)
-    _load_weights(model, state, path)
+    with contextlib.ExitStack() as files:
+        # read here, never by transformers' own (pickle) loader; safetensors one tensor at a time, each copied into
+        # the model as it is read: the weights are held once (a 7B model in bfloat16 needs 14 GB, not 28)
+        state = _weight_sources(path, trust_checkpoint, files)
+        with _no_init(transformers):  # every weight is overwritten: no random initialisation (minutes at 1B)
+            if hasattr(model_class, "_from_config"):
+                model = model_class._from_config(config, **({} if dtype is None else {"dtype": dtype}))
+            else:
+                model = model_class(config)
+                if dtype is not None:
+                    model.to(dtype)
+            if sizes:
+                resize(model, sizes)
+        _load_weights(model, state, path)
     return model.eval()
 
 
-def _model_names(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+def _no_init(transformers):
+    """transformers' own context that skips weight initialisation (as its ``from_pretrained`` does)."""
+    for where in ("initialization", "modeling_utils"):  # transformers 5, 4
+        skip = getattr(getattr(transformers, where, None), "no_init_weights", None)
+        if skip is not None:
+            return skip()
+    return contextlib.nullcontext()
+
+
+def _model_names(model: nn.Module, state: dict[str, object]) -> dict[str, object]:
     """The checkpoint's weights under the model's own names: transformers 5 renames the older layouts of some
     families (ViT's ``encoder.layer.N.attention.attention.query`` is now ``layers.N.attention.q_proj``) and a
     base-model prefix as it loads them; the same renamings (its own tables) are applied here. Conversions that
@@ -183,12 +198,19 @@ def _model_names(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor
     return {rename_source_key(key, renamings, [], prefix, expected)[0]: tensor for key, tensor in state.items()}
 
 
-def _load_weights(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+def _load_weights(model: nn.Module, state: dict[str, Callable[[], Tensor]], path: Path) -> None:
+    """Copy each checkpoint tensor (``state``: name → its reader) into the model's own, one at a time."""
     state = _model_names(model, state)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
-        raise StructPruneError(f"{path}: weights do not fit the model: {first_line(exc)}") from None
+    expected = model.state_dict()
+    unexpected = [k for k in state if k not in expected]
+    with torch.no_grad():
+        for key in [k for k in state if k in expected]:
+            tensor, target = state[key](), expected[key]
+            if tensor.shape != target.shape:
+                raise StructPruneError(f"{path}: weights do not fit the model: {key} is {list(tensor.shape)} in "
+                                       f"the checkpoint, {list(target.shape)} in the model")
+            target.copy_(tensor)
+    missing = [k for k in expected if k not in state]
     buffers = {name for name, _ in model.named_buffers()}  # e.g. position_ids: persistent in older checkpoints
     ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
     unexpected = [k for k in unexpected if k not in buffers and not any(p.search(k) for p in ignored)]
@@ -203,25 +225,41 @@ def _load_weights(model: nn.Module, state: dict[str, Tensor], path: Path) -> Non
             raise StructPruneError(f"{path}: weights missing from the checkpoint: {', '.join(untied[:5])}")
 
 
-def _read_weights(path: Path, trust_checkpoint: bool = False) -> dict[str, Tensor]:
+def _weight_sources(path: Path, trust_checkpoint: bool, files: contextlib.ExitStack
+                    ) -> dict[str, Callable[[], Tensor]]:
+    """Every weight of the checkpoint by name, each as a function that reads it: from the safetensors files
+    (opened on ``files``, read lazily) or, for a ``pytorch_model.bin``, from the tensors read at once."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
+        names = ["model.safetensors"]
     elif (path / "pytorch_model.bin").is_file():
-        return _read_pickled_weights(path / "pytorch_model.bin", trust_checkpoint)
+        state = _read_pickled_weights(path / "pytorch_model.bin", trust_checkpoint)
+        return {key: (lambda tensor=tensor: tensor) for key, tensor in state.items()}
     else:
         raise StructPruneError(f"{path}: no model.safetensors (save with save_pretrained's safetensors format)")
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    state = {}
-    for name in files:
+    sources = {}
+    for name in names:
         try:
-            state.update(load_file(path / name))
+            handle = files.enter_context(safe_open(path / name, framework="pt"))
+            sources.update({key: _reader(handle, key, path / name) for key in handle.keys()})
+        except StructPruneError:
+            raise
         except Exception as exc:
             raise StructPruneError(f"{path / name} is not readable (truncated or corrupted?): {exc}") from None
-    return state
+    return sources
+
+
+def _reader(handle, key: str, file: Path) -> Callable[[], Tensor]:
+    def read() -> Tensor:
+        try:
+            return handle.get_tensor(key)
+        except Exception as exc:
+            raise StructPruneError(f"{file} is not readable (truncated or corrupted?): {exc}") from None
+    return read
 
 
 def _read_pickled_weights(file: Path, trust_checkpoint: bool) -> dict[str, Tensor]:
