@@ -23,7 +23,7 @@ def prune(model: nn.Module, calib_loader: Iterable, method: str | Method = "ispa
           recalibration_samples: int | None = None, ignored_layers: Sequence[str | nn.Module] = (),
           memory_bytes: int = DEFAULT_MEMORY_BYTES, stream: bool = False, seed: int = 0, progress: bool = True,
           after_group: Callable[[nn.Module, str], None] | None = None, loss_fn: Callable | None = None,
-          **method_kwargs) -> PruneResult:
+          in_place: bool = False, **method_kwargs) -> PruneResult:
     """Prune the prunable groups of ``model`` to a budget, shallow to deep, in one pass, and recover.
 
     Each group's hidden representation is captured from the network as already pruned upstream. The default
@@ -32,7 +32,7 @@ def prune(model: nn.Module, calib_loader: Iterable, method: str | Method = "ispa
 
     Parameters
     ----------
-    model: a trained ``nn.Module``; it is copied, never modified.
+    model: a trained ``nn.Module``; it is copied, never modified (unless ``in_place``).
     calib_loader: calibration batches: ``x``, ``(x, y)`` or dicts of keyword inputs; read once (see ``stream``).
     method: a name from :func:`structprune.methods.available` or a :class:`~structprune.methods.Method`.
     budget: a keep ratio in (0, 1] for every group, a dict of group patterns to ratios, or
@@ -59,6 +59,11 @@ def prune(model: nn.Module, calib_loader: Iterable, method: str | Method = "ispa
     progress: a progress bar on a terminal, a log line every few seconds elsewhere (:mod:`structprune.progress`).
     after_group: ``after_group(model, group_name)`` after each group, e.g. to fine-tune (:mod:`structprune.schedule`).
     loss_fn: ``loss_fn(outputs, targets)`` for methods that need loss gradients (taylor); default cross-entropy.
+    in_place: prune ``model`` itself, no copy: half the memory, for models too large to hold twice. The refit then
+        reconstructs each layer's own output (``reconstruct="layer"``; "original" and ``allocation="error"``, which
+        need the original, are refused), the forward pass is checked after every group, and a run that fails
+        leaves the model partly pruned. A Target whose sizes cannot be read off the dense model (transformers)
+        still counts pruned trial copies while it searches: keep ratios need none.
     method_kwargs: options of the method, e.g. ``iterations=20`` for i-SpaSP.
 
     Returns a :class:`~structprune.result.PruneResult`: the pruned model and the report.
@@ -76,7 +81,7 @@ def prune(model: nn.Module, calib_loader: Iterable, method: str | Method = "ispa
                       calib_samples=calib_samples, recovery_samples=recovery_samples,
                       recalibration_samples=recalibration_samples, ignored_layers=ignored_layers,
                       memory_bytes=memory_bytes, stream=stream, seed=seed, progress=progress, after_group=after_group,
-                      loss_fn=loss_fn)
+                      loss_fn=loss_fn, in_place=in_place)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

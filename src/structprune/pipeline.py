@@ -78,6 +78,7 @@ class Options:
     progress: bool = True
     after_group: Callable[[nn.Module, str], None] | None = None
     loss_fn: Callable | None = None
+    in_place: bool = False
     #: check the forward pass after every removal (to name the group that broke it)
     check_each_group: bool = False
 
@@ -92,13 +93,19 @@ class Options:
             raise StructPruneError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         if self.memory_bytes < 1:
             raise StructPruneError(f"memory_bytes must be positive, got {self.memory_bytes!r}")
+        if self.in_place and self.reconstruct == "original":
+            raise StructPruneError('in_place=True leaves no original model to refit to: reconstruct="original" needs '
+                                   'a copy (use reconstruct="layer", or in_place=False)')
+        if self.in_place and getattr(budget, "allocation", "uniform") == "error":
+            raise StructPruneError('in_place=True: allocation="error" prunes each candidate allocation from a fresh '
+                                   'copy of the model (use in_place=False)')
 
 
 @dataclass
 class Run:
     """One pruning run as it goes through the stages."""
 
-    model: nn.Module  # the caller's: read (the original outputs, the dense size), never modified
+    model: nn.Module  # the caller's: read (the original outputs, the dense size), never modified; in place: pruned
     pruned: nn.Module
     method: Method
     budget: budgets.Budget
@@ -135,7 +142,7 @@ class Run:
     def checked(self) -> bool:
         """Whether the forward pass is checked after every removal: with a callback between groups (it would fail
         obscurely), or asked for. Else once, at the end (and a capture that fails after a removal reports it)."""
-        return self.options.after_group is not None or self.options.check_each_group
+        return self.options.after_group is not None or self.options.check_each_group or self.options.in_place
 
     @property
     def pruned_any(self) -> bool:
@@ -160,7 +167,7 @@ def set_up(model: nn.Module, calib_loader, method: str | Method, budget, example
     names = {module: name for name, module in model.named_modules()}
     ignored_names = [_layer_name(layer, names) for layer in options.ignored_layers]
     start = time.perf_counter()
-    pruned = copy.deepcopy(model).eval()
+    pruned = model.eval() if options.in_place else copy.deepcopy(model).eval()
     first = next(pruned.parameters(), torch.empty(0))
     device, dtype = first.device, first.dtype  # calibration data is moved and cast to the model's
     calib = Calibration(calib_loader, None, device, dtype, stream=options.stream)
@@ -223,7 +230,9 @@ def allocate(run: Run) -> budgets.Allocation:
     run.scope = ("all" if error_allocation else _auto_scope(run)) if auto_scope else run.options.scope
     _scoped(run)
     reconstruct = run.options.reconstruct
-    run.reconstruct = ("layer" if run.graph.residual_layers else "original") if reconstruct == "auto" else reconstruct
+    if reconstruct == "auto":  # in place, no original model is left to refit to
+        reconstruct = "layer" if run.graph.residual_layers or run.options.in_place else "original"
+    run.reconstruct = reconstruct
     pfp_allocation = getattr(run.budget, "allocation", "uniform") == "pfp"
     wanted = (run.captures or pfp_allocation) and not run.options.stream and not run.method.needs.gradients
     run.cache, run.reference_cache = _caches(run, wanted, run.options.refit and run.reconstruct == "original")
@@ -286,7 +295,7 @@ def _auto_scope(run: Run) -> str:
     the inner groups reached)."""
     if not isinstance(run.budget, budgets.Target):
         return "all"
-    trial = copy.deepcopy(run.model).eval()
+    trial = run.model if run.options.in_place else copy.deepcopy(run.model).eval()  # nothing pruned yet
     graph = build_graph(trial, run.example_inputs, [trial.get_submodule(n) for n in run.ignored_names], "inner")
     if not graph.out_of_scope:
         return "all"  # no residual stream: both scopes are the same
@@ -478,7 +487,8 @@ def recover(run: Run) -> Recovery:
     pruned_any = run.pruned_any
     stages = StageAccuracy(run.calib) if pruned_any and run.reads_data else None
     if stages is not None:
-        stages.score("dense", run.model)
+        if run.model is not run.pruned:  # in place, the dense model is gone
+            stages.score("dense", run.model)
         stages.score("pruned" if run.options.refit else "selected", run.pruned)
     recalibration = None
     if pruned_any and run.options.recalibrate:

@@ -121,6 +121,13 @@ def load_text_model(args, device) -> tuple:
     return model, tokenizer, calib_text, calib, test, example
 
 
+def _in_place(args, budget) -> bool:
+    """The model is held once (pruned in place) unless something reads the dense model after the pruning starts:
+    the distillation's teacher, the error allocation's candidates, a refit to the original outputs."""
+    return not args.distill_steps and getattr(budget, "allocation", "uniform") != "error" and (
+        args.reconstruct != "original")
+
+
 #: calibration sentences the width pruning reads (its importance and refit: two passes)
 HIDDEN_SENTENCES = 512
 
@@ -150,7 +157,8 @@ def _prune(args, model, calib, example, budget, method_options: dict) -> tuple:
     ignored = [n for part in PARTS if part not in args.prune for n in hf.part_names(working, part)]
     result = prune(working, calib, args.method, budget, example, **options.recovery(args), round_to=args.round_to,
                    calib_samples=args.calib_samples, ignored_layers=ignored + list(args.ignore), seed=args.seed,
-                   stream=args.stream, progress=not args.no_progress, **method_options)
+                   stream=args.stream, progress=not args.no_progress, in_place=_in_place(args, budget),
+                   **method_options)
     summary = {**result.to_dict(), "calibration_sentences": result.calib_samples}
     if stages:
         summary.update(before=before, seconds=result.seconds + seconds, **reports,
