@@ -16,6 +16,7 @@ What a method needs (activations, gradients, sensitivities, labels) is read from
 from __future__ import annotations
 
 import copy
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -288,11 +289,17 @@ def _pfp_statistics(run: Run) -> list[budgets.LayerSensitivity]:
     return layers
 
 
+#: scope "auto" keeps to the inner groups while they can meet a size target keeping at least this share of their
+#: channels; a smaller share prunes every group (measured: benchmarks/README.md, "Which groups a target prunes")
+INNER_FLOOR = 1 / 2
+
+
 def _auto_scope(run: Run) -> str:
-    """"inner" for a size target that the groups no residual stream shares can meet on their own (measured better:
-    benchmarks/README.md), else "all"; "all" for keep ratios. A latency target whose search then misses with the
-    inner groups is searched again over every group (:func:`allocate`; ``budget["inner_scope_achieved"]`` says what
-    the inner groups reached)."""
+    """"inner" for a size target that the groups no residual stream shares can meet on their own keeping at least
+    :data:`INNER_FLOOR` of their channels (measured better down to there; below it, thin blocks beside a whole
+    residual stream lose more than cutting the streams too: benchmarks/README.md), else "all"; "all" for keep
+    ratios. A latency target whose search then misses with the inner groups is searched again over every group
+    (:func:`allocate`; ``budget["inner_scope_achieved"]`` says what the inner groups reached)."""
     if not isinstance(run.budget, budgets.Target):
         return "all"
     trial = run.model if run.options.in_place else copy.deepcopy(run.model).eval()  # nothing pruned yet
@@ -303,8 +310,8 @@ def _auto_scope(run: Run) -> str:
                           latency_batch=_latency_batch(run.budget))
     if not sizer.groups:
         return "all"
-    smallest = sizer.fraction({name: 1 for name in sizer.groups}, run.budget.metric)
-    return "inner" if smallest <= run.budget.fraction * (1 + run.budget.tolerance) else "all"
+    floor = {name: max(1, math.ceil(INNER_FLOOR * channels)) for name, channels in sizer.groups.items()}
+    return "inner" if sizer.fraction(floor, run.budget.metric) <= run.budget.fraction else "all"
 
 
 def _latency_batch(budget) -> int | None:
