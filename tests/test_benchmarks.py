@@ -83,3 +83,33 @@ def test_speed_benchmark_times_on_the_device_it_is_given(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["speed.py", "--device", "cuda", "--part", "latency"])
     with pytest.raises(SystemExit, match="CUDA is not available"):
         speed.main()
+
+
+def test_lm_baselines_wanda_sp_and_flap_follow_their_definitions():
+    """benchmarks/lm.py's no-update baselines, re-derived here on one FFN: Wanda-sp keeps the neurons of largest
+    Σ|W_ij|·‖X_j‖₂, FLAP those of largest Var(X_j)·‖W_:,j‖², and FLAP's bias keeps the reader's mean output on the
+    calibration tokens exactly (the removed neurons' mean contribution moved into it)."""
+    transformers = pytest.importorskip("transformers")
+    import lm
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=32)
+    dense = lm.with_zero_biases(transformers.LlamaForCausalLM(config).eval())
+    calib = [{"input_ids": torch.randint(1, 50, (4, 10), generator=torch.Generator().manual_seed(1))}]
+    down = dense.model.layers[0].mlp.down_proj
+    inputs = []
+    handle = down.register_forward_hook(lambda m, a, o: inputs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        dense(**calib[0])
+    handle.remove()
+    x, w = inputs[0].double(), down.weight.double()
+    expected = {"wanda-sp": (w.abs() * x.norm(dim=0)).sum(0), "flap": x.var(0) * w.square().sum(0)}
+    for method in (lm.WandaSP(), lm.FLAP()):
+        result = structprune.prune(dense, calib, method, {"*.mlp": 0.5}, calib[0], refit=False, progress=False)
+        kept = result.model.model.layers[0].mlp.down_proj
+        top = expected[method.name].topk(16).indices.sort().values
+        torch.testing.assert_close(kept.weight.double(), w[:, top], rtol=0, atol=1e-6)
+        if method.name == "flap":
+            mean_pruned = (x[:, top] @ kept.weight.double().T).mean(0) + kept.bias.double()
+            torch.testing.assert_close(mean_pruned, (x @ w.T).mean(0), rtol=0, atol=1e-5)

@@ -44,7 +44,8 @@ def prune(model: nn.Module, calib_loader: Iterable, method: str | Method = "ispa
         the upstream error around the layers (measured better there), else "original".
     recalibrate: recompute the BatchNorm statistics on the recovery samples; default: when there is BatchNorm.
     scope: "all" groups, or "inner" (channels no residual stream shares, as i-SpaSP's paper prunes); "auto": for a
-        Target, "inner" where those groups alone can meet it, else "all" (:func:`structprune.pipeline.allocate`).
+        Target, "inner" where those groups alone can meet it keeping at least half their channels, else "all"
+        (:func:`structprune.pipeline.allocate`).
     round_to: keep counts rounded up to multiples of this; None: as they fall; "auto": for a MACs or params
         Target, the device's channel block (16 on AVX-512 CPUs, else 8) for groups of at least 4 blocks
         (:func:`structprune.allocate.plan`); ``budget["round_to"]`` in the report says what was used.
