@@ -59,6 +59,13 @@ def test_a_removal_that_breaks_the_forward_pass_is_named(method, options, later_
     assert result.model(torch.randn(2, 10)).shape == (2, 5)
 
 
+def test_a_removal_that_breaks_the_forward_pass_in_place_says_the_model_is_left_partly_pruned():
+    net = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), Fold(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 5))
+    with pytest.raises(StructPruneError, match=r"forward pass fails .*left partly pruned: prune a copy"):
+        structprune.prune(net, calib(), "ispasp", 0.5, in_place=True, progress=False)
+    assert net[0].out_features < 20  # what the caller holds now, as the error says
+
+
 @pytest.mark.parametrize("model_dtype, data_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float32)])
 def test_calibration_data_of_another_dtype_is_cast_to_the_model(model_dtype, data_dtype):
     torch.manual_seed(0)

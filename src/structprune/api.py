@@ -62,9 +62,10 @@ def prune(model: nn.Module, calib_loader: Iterable, method: str | Method = "ispa
     loss_fn: ``loss_fn(outputs, targets)`` for methods that need loss gradients (taylor); default cross-entropy.
     in_place: prune ``model`` itself, no copy: half the memory, for models too large to hold twice. The refit then
         reconstructs each layer's own output (``reconstruct="layer"``; "original" and ``allocation="error"``, which
-        need the original, are refused), the forward pass is checked after every group, and a run that fails
-        leaves the model partly pruned. A Target whose sizes cannot be read off the dense model (transformers)
-        still counts pruned trial copies while it searches: keep ratios need none.
+        need the original, are refused), and a run that fails leaves the model partly pruned (a forward pass
+        broken by a removal is reported without the group's name: prune a copy to find it). A Target whose sizes
+        cannot be read off the dense model (transformers) still counts pruned trial copies while it searches;
+        keep ratios need none.
     method_kwargs: options of the method, e.g. ``iterations=20`` for i-SpaSP.
 
     Returns a :class:`~structprune.result.PruneResult`: the pruned model and the report.
@@ -89,6 +90,10 @@ def prune(model: nn.Module, calib_loader: Iterable, method: str | Method = "ispa
             try:
                 result = _prune(model, calib_loader, method, budget, example_inputs, options, method_kwargs)
             except BrokenForward as broken:  # pruned again, checking after every group, to name the one
+                if options.in_place:  # the caller's model is what broke: nothing to prune again
+                    raise StructPruneError(f"the pruned model's forward pass fails ({broken}); pruned in place, the "
+                                           f"model is left partly pruned: prune a copy (in_place=False) to find the "
+                                           f"group whose removal breaks it") from None
                 again = Options(**{**vars(options), "progress": False, "check_each_group": True})
                 _prune(model, calib_loader, method, budget, example_inputs, again, method_kwargs)
                 raise StructPruneError(f"the pruned model's forward pass fails ({broken}); no single group's "

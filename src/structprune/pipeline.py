@@ -143,7 +143,7 @@ class Run:
     def checked(self) -> bool:
         """Whether the forward pass is checked after every removal: with a callback between groups (it would fail
         obscurely), or asked for. Else once, at the end (and a capture that fails after a removal reports it)."""
-        return self.options.after_group is not None or self.options.check_each_group or self.options.in_place
+        return self.options.after_group is not None or self.options.check_each_group
 
     @property
     def pruned_any(self) -> bool:

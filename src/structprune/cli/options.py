@@ -303,8 +303,8 @@ def add_recovery(p: argparse.ArgumentParser) -> None:
                         f"{RECALIBRATION_SAMPLES}, measured as good as 2048)")
     g.add_argument("--scope", default="auto", choices=SCOPES,
                    help="all: every group; inner: only channels no residual stream shares (block-internal, as "
-                        "i-SpaSP's paper prunes); auto: inner for a --target-* the inner groups can meet keeping at least "
-                        "half their channels, else all (default: auto)")
+                        "i-SpaSP's paper prunes); auto: inner for a --target-* the inner groups can meet keeping at "
+                        "least half their channels, else all (default: auto)")
 
 
 def add_trust(p: argparse.ArgumentParser) -> None:
