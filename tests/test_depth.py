@@ -3,7 +3,9 @@ model of that depth built by transformers itself, reloading, generation with a k
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 
 import pytest
 import torch
@@ -52,6 +54,33 @@ def test_choose_drops_the_least_influential_the_last_or_random_layers():
     for bad in (0, 6):
         with pytest.raises(structprune.StructPruneError, match="keep must be between 1 and the 5 layers"):
             depth.choose(5, bad, "last")
+
+
+@pytest.mark.parametrize("kind", ["causal", "encoder"])
+def test_the_loss_criterion_drops_greedily_what_leaves_the_least_measured_loss(kind):
+    """Each round's choice against the model with those layers really removed (drop_layers on a copy): a causal
+    LM's log perplexity, an encoder's 1 − cosine of its sentence embeddings to the dense model's."""
+    model = _llama(layers=4) if kind == "causal" else tiny_bert(layers=4)
+    batches = _batches()
+    dense = None if kind == "causal" else structprune.measure.sentence_embeddings(model, batches)
+
+    def measured(drop):
+        pruned = copy.deepcopy(model)
+        depth.drop_layers(pruned, drop)
+        if kind == "causal":
+            return math.log(structprune.measure.perplexity(pruned, batches))
+        return 1 - structprune.measure.embedding_similarity(dense, structprune.measure.sentence_embeddings(pruned,
+                                                                                                            batches))
+    alone = [measured([i]) for i in range(4)]
+    first = min(range(4), key=lambda i: alone[i])
+    second = min((i for i in range(4) if i != first), key=lambda i: measured(sorted([first, i])))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = depth.prune_depth(model, batches, 2, criterion="loss", progress=False)
+    assert result.losses == pytest.approx(alone, abs=1e-5)
+    assert result.dropped == sorted([first, second]) and result.kept == [i for i in range(4) if i not in result.dropped]
+    assert result.to_dict()["losses"] == result.losses and result.model.config.num_hidden_layers == 2
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not any(layer._forward_hooks for layer in depth.layer_stack(model)[1])  # the skipping hooks are gone
 
 
 def _fresh_without(model, drop: list[int]):
@@ -145,6 +174,15 @@ def test_cli_prunes_layers_then_heads_and_ffn_of_the_rest(llama_dir, tmp_path, c
     assert "--layers-keep goes with --prune layers" in capsys.readouterr().err
     assert main([*argv, "--prune", "layers", "--out", str(tmp_path / "c")]) == 2
     assert "--prune layers needs --layers-keep N" in capsys.readouterr().err
+    assert main([*argv, "--prune", "ffn", "--layers-criterion", "loss", "--out", str(tmp_path / "c")]) == 2
+    assert "--layers-criterion goes with --prune layers" in capsys.readouterr().err
+    assert main([*argv, "--prune", "layers", "--layers-keep", "3", "--layers-criterion", "loss",
+                 "--out", str(tmp_path / "d")]) == 0
+    report = json.loads((tmp_path / "d.json").read_text())
+    losses = report["depth"]["losses"]
+    assert report["depth"]["criterion"] == "loss" and report["method"] == "measured loss"
+    assert report["depth"]["dropped"] == [min(range(4), key=lambda i: losses[i])]  # one layer: the first round's
+    assert "layers 4 -> 3" in capsys.readouterr().out
 
 
 def test_cli_prunes_and_evaluates_in_bfloat16(llama_dir, tmp_path, capsys):

@@ -1,10 +1,15 @@
-"""Depth pruning: whole transformer layers removed, chosen on calibration data by their block influence.
+"""Depth pruning: whole transformer layers removed, chosen on calibration data by their block influence or by the
+measured loss of removing them.
 
 The block influence of layer i (ShortGPT, Men et al. 2024; Minitron's depth ranking) is how much the layer changes
 the residual stream it reads: BI_i = 1 − mean over the real tokens t of cos(x_i[t], x_{i+1}[t]), x_i the layer's
 input hidden state and x_{i+1} its output, on the calibration batches (padding left out by their attention mask).
 A layer that hardly turns its input (BI near 0) is the one whose removal costs least; the ``keep`` layers of
-largest influence stay.
+largest influence stay. The ``"loss"`` criterion measures instead (as Shortened LLaMA's perplexity criterion, Kim
+et al. 2024): greedily, one layer at a time, the layer whose removal (with those already chosen) leaves the least
+loss on the first :data:`LOSS_SAMPLES` calibration sequences goes — a causal language model's next-token loss, any
+other model's 1 − cosine similarity of its sentence embeddings to the dense model's. It costs a forward pass over
+those sequences per layer and per dropped layer.
 
 Removal keeps the model a model of its family: the stack (the ``nn.ModuleList`` holding the layers) keeps the
 survivors in order, every ``layer_idx`` attribute inside them (a decoder's key/value cache index) is renumbered,
@@ -16,6 +21,7 @@ has the same sizes, transformers' own ``from_pretrained`` read it back.
 from __future__ import annotations
 
 import copy
+import math
 import random
 import time
 from collections.abc import Iterable, Sequence
@@ -25,17 +31,20 @@ import torch
 from torch import Tensor, nn
 
 from .attention import find_blocks, sync_config
-from .batches import batch_inputs, run_forward
+from .batches import batch_inputs, first_batches, run_forward
 from .errors import StructPruneError
+from .measure import embedding_similarity, is_causal_lm, perplexity, sentence_embeddings
 from .progress import bar
 
-CRITERIA = ("influence", "last", "random")
+CRITERIA = ("influence", "loss", "last", "random")
+#: calibration sequences the loss criterion measures every candidate removal on
+LOSS_SAMPLES = 128
 
 
 @dataclass
 class DepthResult:
     """The model without the dropped layers (a copy), which layers went (indices into the original stack), every
-    layer's block influence (None for a criterion that reads no data), and the seconds it took."""
+    layer's block influence (None for the other criteria), and the seconds it took."""
 
     model: nn.Module
     stack: str
@@ -44,11 +53,13 @@ class DepthResult:
     seconds: float
     criterion: str = "influence"
     kept: list[int] = field(default_factory=list)
+    #: the loss criterion's: the loss with each layer removed alone (None for the other criteria)
+    losses: list[float] | None = None
 
     def to_dict(self) -> dict:
         return {"stack": self.stack, "criterion": self.criterion, "layers_before": len(self.kept) + len(self.dropped),
                 "layers_after": len(self.kept), "dropped": self.dropped, "kept": self.kept,
-                "influence": self.influence, "seconds": self.seconds}
+                "influence": self.influence, "losses": self.losses, "seconds": self.seconds}
 
 
 def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -135,6 +146,8 @@ def choose(layers: int, keep: int, criterion: str = "influence", influence: Sequ
         return list(range(keep, layers))
     if criterion == "random":
         return sorted(random.Random(seed).sample(range(layers), layers - keep))
+    if criterion == "loss":
+        raise StructPruneError("depth: the loss criterion measures removals on the model: use prune_depth")
     if influence is None or len(influence) != layers:
         raise StructPruneError("depth: the influence criterion needs every layer's block influence")
     order = sorted(range(layers), key=lambda i: (influence[i], i))
@@ -169,8 +182,9 @@ def drop_layers(model: nn.Module, drop: Sequence[int]) -> None:
 def prune_depth(model: nn.Module, batches: Iterable, keep: int | float, criterion: str = "influence", seed: int = 0,
                 progress: bool = True) -> DepthResult:
     """A copy of ``model`` with ``keep`` of its transformer layers (a number, or a fraction of them in (0, 1)),
-    the others dropped by ``criterion``: ``"influence"`` (the least block influence on ``batches``), ``"last"``
-    or ``"random"``. ``model`` itself is left as it is."""
+    the others dropped by ``criterion``: ``"influence"`` (the least block influence on ``batches``), ``"loss"``
+    (the least measured loss of removing them, greedily: :func:`removal_losses`), ``"last"`` or ``"random"``.
+    ``model`` itself is left as it is."""
     start = time.perf_counter()
     name, layers = layer_stack(model)
     if isinstance(keep, bool) or not isinstance(keep, (int, float)):
@@ -179,12 +193,67 @@ def prune_depth(model: nn.Module, batches: Iterable, keep: int | float, criterio
     if isinstance(keep, float) and not 0 < keep <= 1:
         raise StructPruneError(f"depth: a fraction of the layers must be in (0, 1], got {keep}")
     influence = block_influence(model, batches, progress) if criterion == "influence" else None
-    drop = choose(len(layers), count, criterion, influence, seed)
+    if criterion == "loss":
+        if not 1 <= count <= len(layers):
+            raise StructPruneError(f"depth: keep must be between 1 and the {len(layers)} layers, got {count}")
+        drop, losses = removal_losses(model, batches, len(layers) - count, progress)
+    else:
+        drop, losses = choose(len(layers), count, criterion, influence, seed), None
     pruned = copy.deepcopy(model)
     if drop:
         drop_layers(pruned, drop)
     return DepthResult(pruned, name, drop, influence, time.perf_counter() - start, criterion,
-                       [i for i in range(len(layers)) if i not in drop])
+                       [i for i in range(len(layers)) if i not in drop], losses)
+
+
+@torch.no_grad()
+def removal_losses(model: nn.Module, batches: Iterable, count: int, progress: bool = True
+                   ) -> tuple[list[int], list[float]]:
+    """The ``count`` layers to drop, chosen greedily by the loss their removal leaves on the first
+    :data:`LOSS_SAMPLES` sequences of ``batches`` (see the module doc), and the loss after each layer's removal
+    alone (the first round's measurements; a record like the block influence). ``model`` is left as it is: a
+    removed layer is skipped (its output replaced by its input) while the loss is measured."""
+    _, layers = layer_stack(model)
+    batches = list(first_batches(batches, LOSS_SAMPLES))
+    if is_causal_lm(model):
+        def loss() -> float:
+            return math.log(perplexity(model, batches))
+    else:
+        reference = sentence_embeddings(model, batches)
+
+        def loss() -> float:
+            return 1 - embedding_similarity(reference, sentence_embeddings(model, batches))
+    skipped: set[int] = set()
+
+    def skip(i: int):
+        def hook(_module, args, kwargs, output):
+            if i not in skipped:
+                return output
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return (hidden, *output[1:]) if isinstance(output, (tuple, list)) else hidden
+        return hook
+
+    handles = [layer.register_forward_hook(skip(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    dropped, alone = [], []
+    done = bar(total=sum(len(layers) - k for k in range(count)), desc="layer removals", unit="pass",
+               enabled=progress)
+    try:
+        for _ in range(count):
+            losses = {}
+            for i in (i for i in range(len(layers)) if i not in dropped):
+                skipped.clear()
+                skipped.update([*dropped, i])
+                losses[i] = loss()
+                done.update(1)
+            if not alone:
+                alone = [losses[i] for i in range(len(layers))]
+            dropped.append(min(losses, key=lambda i: (losses[i], i)))
+    finally:
+        done.close()
+        skipped.clear()
+        for handle in handles:
+            handle.remove()
+    return sorted(dropped), alone
 
 
 def hidden_states_of(output) -> Tensor:

@@ -284,6 +284,11 @@ def embedding_similarity(reference: torch.Tensor, embeddings: torch.Tensor) -> f
     return float((reference * embeddings).sum(dim=1).mean())
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """A Hugging Face causal language model (``…ForCausalLM``): judged by perplexity, distilled on its tokens."""
+    return any(cls.__name__.endswith("ForCausalLM") for cls in type(model).__mro__)
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, batches: Iterable[dict]) -> float:
     """exp of the mean negative log-likelihood of every real next token (``attention_mask`` 1 at a token and the

@@ -39,6 +39,11 @@ def add_options(p: argparse.ArgumentParser) -> None:
     options.add_dtype(g)
     g.add_argument("--layers-keep", type=options.layer_count, default=None, metavar="N",
                    help="with --prune layers: the transformer layers kept, a number or a fraction of them (0.75)")
+    g.add_argument("--layers-criterion", choices=("influence", "loss"), default=None,
+                   help="with --prune layers: which layers go; influence: the least block influence (1 - cosine of "
+                        "each layer's input and output), one pass; loss: greedily, the layer whose removal leaves the "
+                        "least loss (perplexity; else the embeddings' distance to the dense model's) on the first 128 "
+                        "calibration sentences, a pass per layer and dropped layer (default: influence)")
     g.add_argument("--hidden-keep", type=options.layer_count, default=None, metavar="N",
                    help="with --prune hidden: the residual stream's channels kept (hidden_size), a number or a "
                         "fraction of them (0.75); read on the first 512 calibration sentences (--calib-samples)")
@@ -53,6 +58,8 @@ def run(args) -> int:
     if ("layers" in args.prune) != (args.layers_keep is not None):
         raise StructPruneError("--prune layers needs --layers-keep N" if args.layers_keep is None else
                                "--layers-keep goes with --prune layers (e.g. --prune layers or layers,heads,ffn)")
+    if args.layers_criterion is not None and "layers" not in args.prune:
+        raise StructPruneError("--layers-criterion goes with --prune layers and --layers-keep N")
     if ("hidden" in args.prune) != (args.hidden_keep is not None):
         raise StructPruneError("--prune hidden needs --hidden-keep N" if args.hidden_keep is None else
                                "--hidden-keep goes with --prune hidden (e.g. --prune hidden or hidden,heads,ffn)")
@@ -138,7 +145,8 @@ def _prune(args, model, calib, example, budget, method_options: dict) -> tuple:
     model and the report's part about it."""
     stages, working = {}, model
     if "layers" in args.prune:
-        stages["depth"] = prune_depth(working, calib, args.layers_keep, progress=not args.no_progress)
+        stages["depth"] = prune_depth(working, calib, args.layers_keep, criterion=args.layers_criterion or "influence",
+                                      progress=not args.no_progress)
         working = stages["depth"].model
     if "hidden" in args.prune:
         sentences = args.calib_samples or HIDDEN_SENTENCES
@@ -150,7 +158,10 @@ def _prune(args, model, calib, example, budget, method_options: dict) -> tuple:
     before = measure.count(model, example) if stages else None  # else prune's own report counts it
     if not any(part in PARTS for part in args.prune):
         after = measure.count(working, example)
-        method = " + ".join({"depth": "block influence", "hidden": "stream energy"}[name] for name in stages)
+        labels = {"depth": {"influence": "block influence", "loss": "measured loss"}.get(args.layers_criterion,
+                                                                                         "block influence"),
+                  "hidden": "stream energy"}
+        method = " + ".join(labels[name] for name in stages)
         return working, {"method": method, "before": before, "after": after, "seconds": seconds,
                          "params_ratio": after["params"] / before["params"],
                          "macs_ratio": after["macs"] / before["macs"], **reports}

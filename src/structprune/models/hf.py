@@ -38,6 +38,7 @@ from ..attention import (  # noqa: F401  (is_supported, part_names, sync_config:
     sync_config,
 )
 from ..errors import StructPruneError, first_line
+from ..measure import is_causal_lm  # noqa: F401  (this module's API too)
 from ..safe_io import as_umask_allows, load_tensors, refuse_non_model_directory
 
 PARTS = attention.PARTS
@@ -55,11 +56,6 @@ def resize(model: nn.Module, sizes) -> None:
     if not isinstance(sizes, dict):
         raise StructPruneError(f"{CONFIG_KEY} must map block names to sizes, got {type(sizes).__name__}")
     attention.resize(model, sizes)
-
-
-def is_causal_lm(model: nn.Module) -> bool:
-    """A Hugging Face causal language model (``…ForCausalLM``): judged by perplexity, distilled on its tokens."""
-    return any(cls.__name__.endswith("ForCausalLM") for cls in type(model).__mro__)
 
 
 def transformers_module():
