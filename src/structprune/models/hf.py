@@ -150,20 +150,19 @@ def load_pretrained(path: str | os.PathLike, model_class=None, *, trust_checkpoi
         if not (isinstance(model_class, type) and (issubclass(model_class, transformers.PreTrainedModel)
                                                    or model_class is transformers.AutoModel)):
             raise StructPruneError(f"{path}: transformers has no model class {names[0]!r}; pass model_class")
-    with contextlib.ExitStack() as files:
-        # read here, never by transformers' own (pickle) loader; safetensors one tensor at a time, each copied into
-        # the model as it is read: the weights are held once (a 7B model in bfloat16 needs 14 GB, not 28)
-        state = _weight_sources(path, trust_checkpoint, files)
-        with _no_init(transformers):  # every weight is overwritten: no random initialisation (minutes at 1B)
-            if hasattr(model_class, "_from_config"):
-                model = model_class._from_config(config, **({} if dtype is None else {"dtype": dtype}))
-            else:
-                model = model_class(config)
-                if dtype is not None:
-                    model.to(dtype)
-            if sizes:
-                resize(model, sizes)
-        _load_weights(model, state, path)
+    # read here, never by transformers' own (pickle) loader; safetensors one tensor at a time, each copied into the
+    # model as it is read: the weights are held once (a 7B model in bfloat16 needs 14 GB, not 28)
+    state = _weight_sources(path, trust_checkpoint)
+    with _no_init(transformers):  # every weight is overwritten: no random initialisation (minutes at 1B)
+        if hasattr(model_class, "_from_config"):
+            model = model_class._from_config(config, **({} if dtype is None else {"dtype": dtype}))
+        else:
+            model = model_class(config)
+            if dtype is not None:
+                model.to(dtype)
+        if sizes:
+            resize(model, sizes)
+    _load_weights(model, state, path)
     return model.eval()
 
 
@@ -221,10 +220,9 @@ def _load_weights(model: nn.Module, state: dict[str, Callable[[], Tensor]], path
             raise StructPruneError(f"{path}: weights missing from the checkpoint: {', '.join(untied[:5])}")
 
 
-def _weight_sources(path: Path, trust_checkpoint: bool, files: contextlib.ExitStack
-                    ) -> dict[str, Callable[[], Tensor]]:
-    """Every weight of the checkpoint by name, each as a function that reads it: from the safetensors files
-    (opened on ``files``, read lazily) or, for a ``pytorch_model.bin``, from the tensors read at once."""
+def _weight_sources(path: Path, trust_checkpoint: bool) -> dict[str, Callable[[], Tensor]]:
+    """Every weight of the checkpoint by name, each as a function that reads it: from the safetensors files or, for
+    a ``pytorch_model.bin``, from the tensors read at once."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -235,26 +233,35 @@ def _weight_sources(path: Path, trust_checkpoint: bool, files: contextlib.ExitSt
         return {key: (lambda tensor=tensor: tensor) for key, tensor in state.items()}
     else:
         raise StructPruneError(f"{path}: no model.safetensors (save with save_pretrained's safetensors format)")
-    from safetensors import safe_open
-
     sources = {}
     for name in names:
-        try:
-            handle = files.enter_context(safe_open(path / name, framework="pt"))
-            sources.update({key: _reader(handle, key, path / name) for key in handle.keys()})
-        except StructPruneError:
-            raise
-        except Exception as exc:
-            raise StructPruneError(f"{path / name} is not readable (truncated or corrupted?): {exc}") from None
+        with _opened(path / name) as handle:
+            sources.update({key: _reader(path / name, key) for key in handle.keys()})
     return sources
 
 
-def _reader(handle, key: str, file: Path) -> Callable[[], Tensor]:
+@contextlib.contextmanager
+def _opened(file: Path):
+    """A safetensors file opened (memory-mapped) for as long as the block runs."""
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(file, framework="pt")
+    except Exception as exc:
+        raise StructPruneError(f"{file} is not readable (truncated or corrupted?): {exc}") from None
+    with handle:
+        yield handle
+
+
+def _reader(file: Path, key: str) -> Callable[[], Tensor]:
+    """Reads tensor ``key`` of ``file``, the file mapped only while it does: the pages read stay no longer in the
+    process's memory than the copy made of them."""
     def read() -> Tensor:
-        try:
-            return handle.get_tensor(key)
-        except Exception as exc:
-            raise StructPruneError(f"{file} is not readable (truncated or corrupted?): {exc}") from None
+        with _opened(file) as handle:
+            try:
+                return handle.get_tensor(key)
+            except Exception as exc:
+                raise StructPruneError(f"{file} is not readable (truncated or corrupted?): {exc}") from None
     return read
 
 
