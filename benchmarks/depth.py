@@ -18,7 +18,7 @@ import argparse
 import copy
 import itertools
 
-from distill import byte_batch, trained_decoder
+from distill import decoder_benchmark
 from results_io import write_table
 
 import structprune
@@ -27,10 +27,9 @@ from structprune.data import text
 
 
 def decoder() -> dict:
-    train_text, held_out = text.split(text.read(), seed=0)
-    model = trained_decoder(train_text)[0]
-    test = [byte_batch(held_out[i:i + 64]) for i in range(0, len(held_out), 64)]
-    return {"model": model, "calib": [byte_batch(train_text[i:i + 32]) for i in range(0, 256, 32)],
+    case = decoder_benchmark(256)
+    model, test = case["model"], case["test"]
+    return {"model": model, "calib": case["calib"],
             "metric": "perplexity", "lower": True, "evaluate": lambda m: measure.perplexity(m, test)}
 
 

@@ -248,6 +248,18 @@ def trained_decoder(train_text: list[str], quick: bool = False):
     return dense, trained
 
 
+def decoder_benchmark(calib_sentences: int) -> dict:
+    """What the decoder benchmarks read: the trained decoder ("model"), batches of its first ``calib_sentences``
+    training fortunes (32 a batch, "calib"), every held-out one (64 a batch, "test"; the texts: "held_out"), its
+    held-out perplexity ("dense") and its parameter count ("params")."""
+    train_text, held_out = text.split(text.read(), seed=0)
+    model = trained_decoder(train_text)[0]
+    test = [byte_batch(held_out[i:i + 64]) for i in range(0, len(held_out), 64)]
+    return {"model": model, "calib": [byte_batch(train_text[i:i + 32]) for i in range(0, calib_sentences, 32)],
+            "test": test, "held_out": held_out, "dense": measure.perplexity(model, test),
+            "params": sum(p.numel() for p in model.parameters())}
+
+
 def run_decoder(quick: bool, lrs: list[float]) -> dict:
 
     train_text, held_out = text.split(text.read(), seed=0)

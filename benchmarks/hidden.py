@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from distill import byte_batch, trained_decoder
+from distill import decoder_benchmark
 from results_io import write_table
 
 from structprune import measure
-from structprune.data import text
 from structprune.hidden import prune_hidden
 
 
@@ -27,12 +26,8 @@ def main() -> None:
     parser.add_argument("--out-dir", default=None, help="write hidden.json/.md here")
     parser.add_argument("--keeps", default="0.75,0.5", help="fractions of the hidden size kept")
     args = parser.parse_args()
-    train_text, held_out = text.split(text.read(), seed=0)
-    model = trained_decoder(train_text)[0]
-    calib = [byte_batch(train_text[i:i + 32]) for i in range(0, 512, 32)]
-    test = [byte_batch(held_out[i:i + 64]) for i in range(0, len(held_out), 64)]
-    dense = measure.perplexity(model, test)
-    params = sum(p.numel() for p in model.parameters())
+    case = decoder_benchmark(512)
+    model, calib, test, dense, params = (case[k] for k in ("model", "calib", "test", "dense", "params"))
     rows = [{"keep": 1.0, "hidden": model.config.hidden_size, "refit": None, "perplexity": dense, "params": params,
              "seconds": 0.0}]
     print(f"dense: perplexity {dense:.3f}, {params:,} params", flush=True)

@@ -29,13 +29,12 @@ import copy
 import time
 
 import torch
-from distill import byte_batch, trained_decoder
+from distill import decoder_benchmark
 from results_io import write_table
 from torch import nn
 
 import structprune
 from structprune import measure
-from structprune.data import text
 from structprune.methods.base import GroupView, MethodBase, Needs, Selection, top_k_sorted
 
 
@@ -97,12 +96,9 @@ def main() -> None:
     parser.add_argument("--out-dir", default=None, help="write lm.json/.md here")
     parser.add_argument("--keeps", default="0.5,0.75", help="shares of every layer's KV groups and FFN neurons kept")
     args = parser.parse_args()
-    train_text, held_out = text.split(text.read(), seed=0)
-    model = trained_decoder(train_text)[0]
-    calib = [byte_batch(train_text[i:i + 32]) for i in range(0, 256, 32)]
-    test = [byte_batch(held_out[i:i + 64]) for i in range(0, len(held_out), 64)]
-    dense = measure.perplexity(model, test)
-    params = sum(p.numel() for p in model.parameters())
+    case = decoder_benchmark(256)
+    model, calib, test, held_out, dense, params = (case[k] for k in ("model", "calib", "test", "held_out", "dense",
+                                                                      "params"))
     print(f"dense: perplexity {dense:.3f}, {params:,} params", flush=True)
     rows = []
     for keep in (float(k) for k in args.keeps.split(",")):
