@@ -21,7 +21,7 @@ CHECKPOINT_ONLY = {
     "--std": "0.5",
 }
 HF_ONLY = {"--hf-model": "DIR", "--prune": "heads", "--text": "t.txt", "--max-length": "16", "--layers-keep": "2",
-           "--dtype": "bfloat16", "--hidden-keep": "0.75"}
+           "--dtype": "bfloat16", "--hidden-keep": "0.75", "--layers-criterion": "loss"}
 
 
 def _option_strings(parser) -> set[str]:

@@ -187,13 +187,14 @@ def test_onnx_export_warns_only_where_unaligned_widths_hold_a_share_of_the_macs(
     torch.manual_seed(0)
     model = structprune.models.create("resnet20", num_classes=10, in_channels=1).eval()
     calib = calibration((1, 28, 28), samples=32)
-    defaults = structprune.prune(model, calib, "magnitude", structprune.Target(0.5), refit=False, progress=False)
+    defaults = structprune.prune(model, calib, "magnitude", structprune.Target(0.5), refit=False, scope="inner",
+                                 progress=False)
     narrow = [m.out_channels for m in defaults.model.modules() if isinstance(m, nn.Conv2d) and m.out_channels % 8]
     assert narrow  # a 16-channel group left as it falls by the default rounding: one convolution, a few % of MACs
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         export(defaults, tmp_path / "defaults.onnx")
     fallen = structprune.prune(model, calib, "magnitude", structprune.Target(0.5), refit=False, round_to=None,
-                               progress=False)
+                               scope="inner", progress=False)
     with pytest.warns(UserWarning, match=r"convolutions \(1[0-9]% of their MACs\).*round_to=8"):
         export(fallen, tmp_path / "fallen.onnx")

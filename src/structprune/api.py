@@ -87,22 +87,30 @@ def prune(model: nn.Module, calib_loader: Iterable, method: str | Method = "ispa
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            try:
-                result = _prune(model, calib_loader, method, budget, example_inputs, options, method_kwargs)
-            except BrokenForward as broken:  # pruned again, checking after every group, to name the one
-                if options.in_place:  # the caller's model is what broke: nothing to prune again
-                    raise StructPruneError(f"the pruned model's forward pass fails ({broken}); pruned in place, the "
-                                           f"model is left partly pruned: prune a copy (in_place=False) to find the "
-                                           f"group whose removal breaks it") from None
-                again = Options(**{**vars(options), "progress": False, "check_each_group": True})
-                _prune(model, calib_loader, method, budget, example_inputs, again, method_kwargs)
-                raise StructPruneError(f"the pruned model's forward pass fails ({broken}); no single group's "
-                                       f"removal was found to cause it") from None
+            result = _prune_or_name_the_breaking_group(model, calib_loader, method, budget, example_inputs, options,
+                                                       method_kwargs)
     finally:
         for w in caught:  # shown to the caller as usual, and ours kept for the report
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
     result.warnings = list(dict.fromkeys(str(w.message) for w in caught if str(w.message).startswith("structprune")))
     return result
+
+
+def _prune_or_name_the_breaking_group(model, calib_loader, method, budget, example_inputs, options: Options,
+                                      method_kwargs: dict) -> PruneResult:
+    """:func:`_prune`; where the pruned model's forward pass fails, pruned again with a check after every group to
+    name the one whose removal breaks it (in place, the caller's model is what broke: it is said so instead)."""
+    try:
+        return _prune(model, calib_loader, method, budget, example_inputs, options, method_kwargs)
+    except BrokenForward as broken:
+        if options.in_place:
+            raise StructPruneError(f"the pruned model's forward pass fails ({broken}); pruned in place, the model is "
+                                   f"left partly pruned: prune a copy (in_place=False) to find the group whose "
+                                   f"removal breaks it") from None
+        again = Options(**{**vars(options), "progress": False, "check_each_group": True})
+        _prune(model, calib_loader, method, budget, example_inputs, again, method_kwargs)
+        raise StructPruneError(f"the pruned model's forward pass fails ({broken}); no single group's removal was "
+                               f"found to cause it") from None
 
 
 def _prune(model, calib_loader, method, budget, example_inputs, options: Options, method_kwargs: dict

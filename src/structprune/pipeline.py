@@ -311,6 +311,7 @@ def _auto_scope(run: Run) -> str:
     if not sizer.groups:
         return "all"
     floor = {name: max(1, math.ceil(INNER_FLOOR * channels)) for name, channels in sizer.groups.items()}
+    sizer.confirm(floor)  # a size read off the dense model that a pruned copy contradicts is not used
     return "inner" if sizer.fraction(floor, run.budget.metric) <= run.budget.fraction else "all"
 
 
