@@ -140,8 +140,7 @@ def choose(layers: int, keep: int, criterion: str = "influence", influence: Sequ
     random ones (``seed``)."""
     if criterion not in CRITERIA:
         raise StructPruneError(f"depth: criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
-    if not 1 <= keep <= layers:
-        raise StructPruneError(f"depth: keep must be between 1 and the {layers} layers, got {keep}")
+    _check_keep(layers, keep)
     if criterion == "last":
         return list(range(keep, layers))
     if criterion == "random":
@@ -152,6 +151,11 @@ def choose(layers: int, keep: int, criterion: str = "influence", influence: Sequ
         raise StructPruneError("depth: the influence criterion needs every layer's block influence")
     order = sorted(range(layers), key=lambda i: (influence[i], i))
     return sorted(order[:layers - keep])
+
+
+def _check_keep(layers: int, keep: int) -> None:
+    if not 1 <= keep <= layers:
+        raise StructPruneError(f"depth: keep must be between 1 and the {layers} layers, got {keep}")
 
 
 def drop_layers(model: nn.Module, drop: Sequence[int]) -> None:
@@ -194,8 +198,7 @@ def prune_depth(model: nn.Module, batches: Iterable, keep: int | float, criterio
         raise StructPruneError(f"depth: a fraction of the layers must be in (0, 1], got {keep}")
     influence = block_influence(model, batches, progress) if criterion == "influence" else None
     if criterion == "loss":
-        if not 1 <= count <= len(layers):
-            raise StructPruneError(f"depth: keep must be between 1 and the {len(layers)} layers, got {count}")
+        _check_keep(len(layers), count)
         drop, losses = removal_losses(model, batches, len(layers) - count, progress)
     else:
         drop, losses = choose(len(layers), count, criterion, influence, seed), None

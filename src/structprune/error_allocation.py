@@ -154,9 +154,8 @@ def keep_best(run: Run, allocation: budgets.Allocation, name: str, recovery: Rec
         held_out = batches[len(run.probe[0]):] if run.probe is not None else []
         run.validation = _outputs(run, held_out) if held_out else run.probe
     error = output_error(run.pruned, run.validation)
-    budget = run.budget
-    achieved = run.sizer.fraction(allocation.candidates[name], budget.metric)
-    within = abs(achieved - budget.fraction) <= budget.tolerance * budget.fraction
+    achieved = run.sizer.fraction(allocation.candidates[name], run.budget.metric)
+    within = budgets._within(allocation.candidates[name], run.budget, run.sizer)
     allocation.info.setdefault("candidates", {})[name] = {
         "validation_error": error, "achieved": achieved, "within_target": within, "keeps": allocation.candidates[name]}
     if best is not None and (best.error <= error or not within):

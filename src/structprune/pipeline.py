@@ -302,8 +302,8 @@ def _auto_scope(run: Run) -> str:
     (:func:`allocate`; ``budget["inner_scope_achieved"]`` says what the inner groups reached)."""
     if not isinstance(run.budget, budgets.Target):
         return "all"
-    trial = run.model if run.options.in_place else copy.deepcopy(run.model).eval()  # nothing pruned yet
-    graph = build_graph(trial, run.example_inputs, [trial.get_submodule(n) for n in run.ignored_names], "inner")
+    pruned = run.pruned  # the model the run prunes, nothing pruned yet (a copy, or the caller's in place)
+    graph = build_graph(pruned, run.example_inputs, [pruned.get_submodule(n) for n in run.ignored_names], "inner")
     if not graph.out_of_scope:
         return "all"  # no residual stream: both scopes are the same
     sizer = budgets.Sizer(run.model, run.example_inputs, run.ignored_names, graph, "inner",

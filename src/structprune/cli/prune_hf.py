@@ -135,6 +135,9 @@ def _in_place(args, budget) -> bool:
         args.reconstruct != "original")
 
 
+#: what chose the channels of a structural stage alone (the report's "method"): depth by its criterion, width
+STAGE_METHODS = {"influence": "block influence", "loss": "measured loss", "hidden": "stream energy"}
+
 #: calibration sentences the width pruning reads (its importance and refit: two passes)
 HIDDEN_SENTENCES = 512
 
@@ -158,10 +161,8 @@ def _prune(args, model, calib, example, budget, method_options: dict) -> tuple:
     before = measure.count(model, example) if stages else None  # else prune's own report counts it
     if not any(part in PARTS for part in args.prune):
         after = measure.count(working, example)
-        labels = {"depth": {"influence": "block influence", "loss": "measured loss"}.get(args.layers_criterion,
-                                                                                         "block influence"),
-                  "hidden": "stream energy"}
-        method = " + ".join(labels[name] for name in stages)
+        method = " + ".join(STAGE_METHODS[stage.criterion if name == "depth" else name]
+                            for name, stage in stages.items())
         return working, {"method": method, "before": before, "after": after, "seconds": seconds,
                          "params_ratio": after["params"] / before["params"],
                          "macs_ratio": after["macs"] / before["macs"], **reports}
